@@ -1,0 +1,1 @@
+"""The `salt` command line (click)."""

@@ -1,0 +1,77 @@
+"""Entry point of the ``salt`` command.
+
+Subcommands live in their own modules and are imported lazily, so ``salt --help``
+stays fast and one broken optional dependency does not take the whole CLI down.
+To add a command, add its ``"name": "module:attribute"`` to ``COMMANDS``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+COMMANDS = {
+    "data": ("salt.cli.data", "data", "Prepare the corpus, tokenizer and token store."),
+    "golden": ("salt.cli.golden", "golden", "Generate or check the reference golden values."),
+    "train": ("salt.cli.train", "train", "Train a model (BASELINE / RKD / SALT / SALT_DS)."),
+    "score": ("salt.cli.score", "score", "Score training windows with a teacher (eq. 11)."),
+    "select": ("salt.cli.score", "select", "Select the top-m scored windows."),
+    "eval": ("salt.cli.evaluate", "evaluate", "Held-out accuracy and log-perplexity, by bucket."),
+    "reproduce": ("salt.cli.reproduce", "reproduce", "Run the paper's comparison end to end."),
+    "bench": ("salt.cli.bench", "bench", "Benchmarks (kd-loss, step, score, data)."),
+    "presets": ("salt.cli.presets", "presets", "List model presets with exact parameter counts."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def __init__(self, *args, lazy_commands: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands or {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy_commands:
+            module_name, attr, _ = self.lazy_commands[name]
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as e:
+                if e.name == module_name:
+                    return None  # not implemented yet
+                raise
+            return getattr(module, attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, self.lazy_commands[n][2]) for n in self.list_commands(ctx)
+                if n in self.lazy_commands and _module_exists(self.lazy_commands[n][0])]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _module_exists(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="salt")
+def cli():
+    """SALT: a small LM helps pre-train a large one (KD early, then standard training)."""
+
+
+def main(argv=None):
+    try:
+        return cli.main(args=argv, prog_name="salt", standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""The reference Transformer in NumPy: initialisation, forward and a hand-written backward.
+
+The architecture and the parameter layout are the ones fixed in ``salt.reference.config``
+(read its module docstring); this file implements them op by op, readable first.
+Every op runs in the dtype of the parameters, so casting the parameters to float64
+gives the float64 reference that defines the golden values.
+
+Initialisation (``init_params``), deterministic for a given seed: one
+``numpy.random.default_rng(seed)`` draws a float64 standard normal tensor for every
+parameter in the order of ``flatten_params(param_shapes(config))`` (sorted flattened
+names: ``embed``, ``final_norm``, ``layers/attn_norm``, ``layers/mlp_norm``,
+``layers/w_down``, ``layers/w_gate``, ``layers/w_up``, ``layers/wk``, ``layers/wo``,
+``layers/wq``, ``layers/wv``), even for the norms (drawn then discarded), then scales it:
+
+* ``embed``: std ``1/sqrt(d_model)`` (so ``embed[x] * sqrt(d_model)`` has unit scale);
+* matrices ``wq, wk, wv, w_gate, w_up``: std ``1/sqrt(fan_in)`` (fan_in = the ``D`` or
+  ``F`` input axis);
+* output projections ``wo, w_down``: std ``1/sqrt(fan_in) / sqrt(2 * n_layers)``;
+* norm scales ``attn_norm, mlp_norm, final_norm``: ones.
+
+and finally casts to ``dtype``. The JAX runtime loads these exact arrays.
+
+Forward/backward entry points:
+
+* ``forward(params, tokens_BxT, config, prefix_len_B=None, return_cache=False)``
+  -> ``logits_BxTxV`` (or ``(logits_BxTxV, cache)``; ``cache["hidden_BxTxD"]`` is the
+  final normed hidden state, the input of the tied LM head);
+* ``hidden_states(...)`` -> the final normed hidden state alone;
+* ``backward(params, cache, dlogits_BxTxV, config)`` -> gradients, same nested structure;
+* ``loss_and_grad(params, tokens_BxT1, config, teacher_logits=None, omega=0.0, rho=1.0,
+  mask=None, prefix_len=None)`` -> ``(loss, grads, metrics)`` with the DESIGN.md §2
+  loss averaged over valid target positions.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from salt.reference.config import ModelConfig, flatten_params, param_shapes, unflatten_params
+
+GELU_K = math.sqrt(2.0 / math.pi)
+GELU_C = 0.044715
+
+
+# ----------------------------------------------------------------------------- init
+
+def init_params(config: ModelConfig, seed: int, dtype=np.float32) -> dict:
+    """Deterministic initial parameters (see the module docstring for the scheme)."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    rng = np.random.default_rng(int(seed))
+    out = {}
+    two_l = 2.0 * config.n_layers
+    for name, shape in flatten_params(param_shapes(config)).items():
+        draw = rng.standard_normal(shape)
+        leaf = name.split("/")[-1]
+        if leaf.endswith("norm"):
+            value = np.ones(shape)
+        elif leaf == "embed":
+            value = draw / math.sqrt(config.d_model)
+        else:
+            fan_in = shape[-2]
+            std = 1.0 / math.sqrt(fan_in)
+            if leaf in ("wo", "w_down"):
+                std /= math.sqrt(two_l)
+            value = draw * std
+        out[name] = value.astype(dtype)
+    return unflatten_params(out)
+
+
+def cast_params(params: dict, dtype) -> dict:
+    """A copy of the nested params with every leaf cast to ``dtype``."""
+    return unflatten_params({k: np.asarray(v, dtype=dtype) for k, v in flatten_params(params).items()})
+
+
+def check_params(params: dict, config: ModelConfig) -> None:
+    """ValueError naming the first parameter whose name or shape differs from the layout."""
+    want = flatten_params(param_shapes(config))
+    have = flatten_params(params)
+    if set(want) != set(have):
+        raise ValueError(f"params: names {sorted(have)} do not match the layout {sorted(want)}")
+    for name, shape in want.items():
+        if tuple(np.shape(have[name])) != tuple(shape):
+            raise ValueError(f"params[{name!r}] has shape {np.shape(have[name])}, expected {shape}")
+
+
+# ----------------------------------------------------------------------------- ops
+
+def rmsnorm(x, scale, eps):
+    """Returns (y, rinv) with y = x * rinv * scale, rinv = 1/sqrt(mean(x^2) + eps)."""
+    rinv = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x * rinv * scale, rinv
+
+
+def rmsnorm_backward(dy, x, rinv, scale):
+    """Gradients (dx, dscale) of y = x * rinv(x) * scale; dscale summed over leading axes."""
+    dscale = np.sum((dy * x * rinv).reshape(-1, x.shape[-1]), axis=0)
+    dxhat = dy * scale
+    dx = rinv * dxhat - x * rinv ** 3 * np.mean(dxhat * x, axis=-1, keepdims=True)
+    return dx, dscale
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(GELU_K * (x + GELU_C * x ** 3)))
+
+
+def gelu_tanh_grad(x):
+    th = np.tanh(GELU_K * (x + GELU_C * x ** 3))
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, dtype):
+    """cos/sin tables [T, head_dim/2]: angle[t, i] = t * base ** (-2 i / head_dim)."""
+    half = head_dim // 2
+    inv_freq = base ** (-2.0 * np.arange(half, dtype=np.float64) / head_dim)
+    angle_TxH = np.arange(seq_len, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angle_TxH).astype(dtype), np.sin(angle_TxH).astype(dtype)
+
+
+def rope(x_BxTxNxd, cos_TxH, sin_TxH, inverse=False):
+    """Half-split rotary embedding; ``inverse=True`` rotates back (= the transpose)."""
+    half = x_BxTxNxd.shape[-1] // 2
+    x1, x2 = x_BxTxNxd[..., :half], x_BxTxNxd[..., half:]
+    c = cos_TxH[None, :, None, :]
+    s = sin_TxH[None, :, None, :]
+    if inverse:
+        s = -s
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def attention_mask(seq_len: int, prefix_len_B) -> np.ndarray:
+    """Boolean [B, T(query), S(key)]: key s visible from query t iff s <= t or s < prefix_len[b]."""
+    t = np.arange(seq_len)
+    causal_TxS = t[None, :] <= t[:, None]
+    prefix_BxS = t[None, :] < np.asarray(prefix_len_B)[:, None]
+    return causal_TxS[None] | prefix_BxS[:, None, :]
+
+
+def _check_tokens(tokens_BxT, config):
+    tokens_BxT = np.asarray(tokens_BxT)
+    if tokens_BxT.ndim != 2 or not np.issubdtype(tokens_BxT.dtype, np.integer):
+        raise ValueError(f"tokens must be an integer array [B, T], got dtype {tokens_BxT.dtype} "
+                         f"shape {tokens_BxT.shape}")
+    if tokens_BxT.size and (tokens_BxT.min() < 0 or tokens_BxT.max() >= config.vocab_size):
+        bad = tokens_BxT[(tokens_BxT < 0) | (tokens_BxT >= config.vocab_size)][0]
+        raise ValueError(f"tokens: id {int(bad)} outside the vocabulary [0, {config.vocab_size})")
+    return tokens_BxT
+
+
+def _check_prefix(prefix_len_B, batch, seq_len):
+    if prefix_len_B is None:
+        return np.zeros(batch, dtype=np.int64)
+    prefix_len_B = np.asarray(prefix_len_B)
+    if prefix_len_B.ndim == 0:
+        prefix_len_B = np.full(batch, prefix_len_B)
+    if prefix_len_B.shape != (batch,) or not np.issubdtype(prefix_len_B.dtype, np.integer):
+        raise ValueError(f"prefix_len must be an integer array of shape ({batch},), got "
+                         f"{prefix_len_B.dtype} {prefix_len_B.shape}")
+    if prefix_len_B.min() < 0 or prefix_len_B.max() > seq_len:
+        raise ValueError(f"prefix_len values must lie in [0, {seq_len}], got {prefix_len_B.tolist()}")
+    return prefix_len_B.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
+            return_cache: bool = False):
+    """Logits [B, T, V] (and the cache that ``backward`` needs when ``return_cache``)."""
+    tokens_BxT = _check_tokens(tokens_BxT, config)
+    B, T = tokens_BxT.shape
+    prefix_len_B = _check_prefix(prefix_len_B, B, T)
+    embed = params["embed"]
+    dtype = embed.dtype
+    c = config
+    D, H, K, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    G = H // K
+    cos_TxH, sin_TxH = rope_tables(T, hd, c.rope_base, dtype)
+    mask_Bx1x1xTxS = attention_mask(T, prefix_len_B)[:, None, None]
+    scale = 1.0 / math.sqrt(hd)
+
+    h_BxTxD = embed[tokens_BxT] * dtype.type(math.sqrt(D))
+    layers = []
+    for l in range(c.n_layers):
+        p = {k: v[l] for k, v in params["layers"].items()}
+        lc = {"h_in": h_BxTxD}
+        a_BxTxD, lc["attn_rinv"] = rmsnorm(h_BxTxD, p["attn_norm"], c.norm_eps)
+        q = (a_BxTxD @ p["wq"]).reshape(B, T, H, hd)
+        k = (a_BxTxD @ p["wk"]).reshape(B, T, K, hd)
+        v_BxTxKxd = (a_BxTxD @ p["wv"]).reshape(B, T, K, hd)
+        qr = rope(q, cos_TxH, sin_TxH)
+        kr = rope(k, cos_TxH, sin_TxH)
+        # query head j = kv * G + g uses key/value head kv = j // G
+        q_BxKxGxTxd = qr.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
+        k_BxKx1xSxd = kr.transpose(0, 2, 1, 3)[:, :, None]
+        v_BxKx1xSxd = v_BxTxKxd.transpose(0, 2, 1, 3)[:, :, None]
+        scores = (q_BxKxGxTxd @ k_BxKx1xSxd.swapaxes(-1, -2)) * dtype.type(scale)
+        scores = np.where(mask_Bx1x1xTxS, scores, -np.inf)
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        probs_BxKxGxTxS = np.exp(scores)
+        probs_BxKxGxTxS /= probs_BxKxGxTxS.sum(axis=-1, keepdims=True)
+        o_BxKxGxTxd = probs_BxKxGxTxS @ v_BxKx1xSxd
+        o_BxTxHd = o_BxKxGxTxd.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+        h_BxTxD = h_BxTxD + o_BxTxHd @ p["wo"]
+        lc.update(a=a_BxTxD, q=q_BxKxGxTxd, k=k_BxKx1xSxd, v=v_BxKx1xSxd,
+                  probs=probs_BxKxGxTxS, o=o_BxTxHd, h_mid=h_BxTxD)
+        m_BxTxD, lc["mlp_rinv"] = rmsnorm(h_BxTxD, p["mlp_norm"], c.norm_eps)
+        gate_BxTxF = m_BxTxD @ p["w_gate"]
+        up_BxTxF = m_BxTxD @ p["w_up"]
+        z_BxTxF = gelu_tanh(gate_BxTxF) * up_BxTxF
+        h_BxTxD = h_BxTxD + z_BxTxF @ p["w_down"]
+        lc.update(m=m_BxTxD, gate=gate_BxTxF, up=up_BxTxF, z=z_BxTxF)
+        layers.append(lc)
+    hidden_BxTxD, final_rinv = rmsnorm(h_BxTxD, params["final_norm"], c.norm_eps)
+    logits_BxTxV = hidden_BxTxD @ embed.T
+    if not return_cache:
+        return logits_BxTxV
+    cache = {"tokens": tokens_BxT, "prefix_len": prefix_len_B, "layers": layers,
+             "h_final": h_BxTxD, "final_rinv": final_rinv, "hidden_BxTxD": hidden_BxTxD,
+             "cos": cos_TxH, "sin": sin_TxH}
+    return logits_BxTxV, cache
+
+
+def hidden_states(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None):
+    """The final normed hidden state [B, T, D] (the input of the tied LM head)."""
+    return forward(params, tokens_BxT, config, prefix_len_B, return_cache=True)[1]["hidden_BxTxD"]
+
+
+# ----------------------------------------------------------------------------- backward
+
+def backward(params: dict, cache: dict, dlogits_BxTxV, config: ModelConfig) -> dict:
+    """Gradients of ``sum(dlogits * logits)`` w.r.t. every parameter (nested like params)."""
+    c = config
+    embed = params["embed"]
+    dtype = embed.dtype
+    tokens_BxT = cache["tokens"]
+    B, T = tokens_BxT.shape
+    D, H, K, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    G = H // K
+    dlogits_BxTxV = np.asarray(dlogits_BxTxV, dtype=dtype)
+    if dlogits_BxTxV.shape != (B, T, c.vocab_size):
+        raise ValueError(f"dlogits has shape {dlogits_BxTxV.shape}, expected {(B, T, c.vocab_size)}")
+    scale = dtype.type(1.0 / math.sqrt(hd))
+    cos_TxH, sin_TxH = cache["cos"], cache["sin"]
+
+    # tied LM head: logits = hidden @ embed.T
+    hidden_NxD = cache["hidden_BxTxD"].reshape(-1, D)
+    dlogits_NxV = dlogits_BxTxV.reshape(-1, c.vocab_size)
+    d_embed = dlogits_NxV.T @ hidden_NxD
+    dhidden_BxTxD = (dlogits_NxV @ embed).reshape(B, T, D)
+    dh, d_final_norm = rmsnorm_backward(dhidden_BxTxD, cache["h_final"], cache["final_rinv"],
+                                        params["final_norm"])
+
+    dlayers = {k: np.zeros_like(v) for k, v in params["layers"].items()}
+    for l in reversed(range(c.n_layers)):
+        p = {k: v[l] for k, v in params["layers"].items()}
+        lc = cache["layers"][l]
+        # MLP: h = h_mid + z @ w_down
+        m_NxD = lc["m"].reshape(-1, D)
+        dh_NxD = dh.reshape(-1, D)
+        dlayers["w_down"][l] = lc["z"].reshape(-1, c.d_ff).T @ dh_NxD
+        dz = dh @ p["w_down"].T
+        gate, up = lc["gate"], lc["up"]
+        dup = dz * gelu_tanh(gate)
+        dgate = dz * up * gelu_tanh_grad(gate)
+        dlayers["w_gate"][l] = m_NxD.T @ dgate.reshape(-1, c.d_ff)
+        dlayers["w_up"][l] = m_NxD.T @ dup.reshape(-1, c.d_ff)
+        dm = dgate @ p["w_gate"].T + dup @ p["w_up"].T
+        dx, dlayers["mlp_norm"][l] = rmsnorm_backward(dm, lc["h_mid"], lc["mlp_rinv"], p["mlp_norm"])
+        dh = dh + dx
+        # attention: h_mid = h_in + o @ wo
+        dlayers["wo"][l] = lc["o"].reshape(-1, H * hd).T @ dh.reshape(-1, D)
+        do_BxKxGxTxd = (dh @ p["wo"].T).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
+        probs = lc["probs"]
+        dprobs = do_BxKxGxTxd @ lc["v"].swapaxes(-1, -2)
+        dv_BxKxSxd = (probs.swapaxes(-1, -2) @ do_BxKxGxTxd).sum(axis=2)
+        dscores = probs * (dprobs - np.sum(dprobs * probs, axis=-1, keepdims=True)) * scale
+        dq_BxKxGxTxd = dscores @ lc["k"]
+        dk_BxKxSxd = (dscores.swapaxes(-1, -2) @ lc["q"]).sum(axis=2)
+        dqr = dq_BxKxGxTxd.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+        dkr = dk_BxKxSxd.transpose(0, 2, 1, 3)
+        dq = rope(dqr, cos_TxH, sin_TxH, inverse=True).reshape(-1, H * hd)
+        dk = rope(dkr, cos_TxH, sin_TxH, inverse=True).reshape(-1, K * hd)
+        dv = dv_BxKxSxd.transpose(0, 2, 1, 3).reshape(-1, K * hd)
+        a_NxD = lc["a"].reshape(-1, D)
+        dlayers["wq"][l] = a_NxD.T @ dq
+        dlayers["wk"][l] = a_NxD.T @ dk
+        dlayers["wv"][l] = a_NxD.T @ dv
+        da = (dq @ p["wq"].T + dk @ p["wk"].T + dv @ p["wv"].T).reshape(B, T, D)
+        dx, dlayers["attn_norm"][l] = rmsnorm_backward(da, lc["h_in"], lc["attn_rinv"], p["attn_norm"])
+        dh = dh + dx
+
+    # embedding gather: h0 = embed[tokens] * sqrt(D)  -> scatter-add
+    np.add.at(d_embed, tokens_BxT.reshape(-1), dh.reshape(-1, D) * dtype.type(math.sqrt(D)))
+    return {"embed": d_embed, "layers": dlayers, "final_norm": d_final_norm}
+
+
+# ----------------------------------------------------------------------------- loss
+
+def split_window(tokens_BxT1):
+    """Training window [B, T+1] -> (inputs [B, T], labels [B, T])."""
+    tokens_BxT1 = np.asarray(tokens_BxT1)
+    if tokens_BxT1.ndim != 2 or tokens_BxT1.shape[1] < 2:
+        raise ValueError(f"tokens must be a [B, T+1] window with T >= 1, got shape {tokens_BxT1.shape}")
+    return tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+
+
+def loss_and_grad(params: dict, tokens_BxT1, config: ModelConfig, teacher_logits=None,
+                  omega: float = 0.0, rho: float = 1.0, mask=None, prefix_len=None):
+    """Mean DESIGN.md §2 loss over valid target positions, its gradients and metrics.
+
+    ``tokens_BxT1``: windows [B, T+1] (inputs ``w[:, :-1]``, labels ``w[:, 1:]``).
+    ``teacher_logits``: [B, T, V] for the KD phase, or None (then ``omega`` must be 0 and the
+    loss is plain CE). ``mask``: optional [B, T] (bool or 0/1) of valid target positions.
+    Metrics (means over valid positions, floats): ``loss``, ``ce``, ``accuracy``, ``n_valid``,
+    and with a teacher ``kd`` (soft CE) and ``kl`` (KL(Q||P)).
+    """
+    from salt.reference import losses  # noqa: PLC0415 (written in parallel; imported on use)
+
+    inputs_BxT, labels_BxT = split_window(tokens_BxT1)
+    B, T = inputs_BxT.shape
+    if mask is None:
+        mask_BxT = np.ones((B, T), dtype=bool)
+    else:
+        mask_BxT = np.asarray(mask)
+        if mask_BxT.shape != (B, T):
+            raise ValueError(f"mask has shape {mask_BxT.shape}, expected {(B, T)}")
+        mask_BxT = mask_BxT.astype(bool)
+    n_valid = int(mask_BxT.sum())
+    if n_valid == 0:
+        raise ValueError("mask selects no target position; the mean loss is undefined")
+    if teacher_logits is None and omega != 0:
+        raise ValueError(f"omega={omega!r} needs teacher_logits (got None)")
+    logits_BxTxV, cache = forward(params, inputs_BxT, config, prefix_len, return_cache=True)
+    dtype = logits_BxTxV.dtype
+
+    ce_BxT = losses.ce_loss(logits_BxTxV, labels_BxT, mask=mask_BxT)
+    metrics = {"ce": float(np.sum(np.where(mask_BxT, ce_BxT, 0.0)) / n_valid)}
+    if teacher_logits is None:
+        loss_BxT = ce_BxT
+        dloss_BxTxV = losses.ce_loss_grad(logits_BxTxV, labels_BxT, mask=mask_BxT)
+    else:
+        teacher_logits = np.asarray(teacher_logits, dtype=dtype)
+        if teacher_logits.shape != logits_BxTxV.shape:
+            raise ValueError(f"teacher_logits has shape {teacher_logits.shape}, "
+                             f"expected {logits_BxTxV.shape}")
+        loss_BxT = losses.kd_loss(logits_BxTxV, teacher_logits, labels_BxT, omega, rho, mask=mask_BxT)
+        dloss_BxTxV = losses.kd_loss_grad(logits_BxTxV, teacher_logits, labels_BxT, omega, rho,
+                                          mask=mask_BxT)
+        kd_BxT = losses.kd_loss(logits_BxTxV, teacher_logits, labels_BxT, 1.0, rho, mask=mask_BxT)
+        kl_BxT = losses.kl_monitor(logits_BxTxV, teacher_logits, rho, mask=mask_BxT)
+        metrics["kd"] = float(np.sum(np.where(mask_BxT, kd_BxT, 0.0)) / n_valid)
+        metrics["kl"] = float(np.sum(np.where(mask_BxT, kl_BxT, 0.0)) / n_valid)
+    loss = np.sum(np.where(mask_BxT, loss_BxT, 0.0)) / n_valid
+    dlogits = np.where(mask_BxT[..., None], dloss_BxTxV, 0.0) / dtype.type(n_valid)
+    grads = backward(params, cache, dlogits.astype(dtype), config)
+    correct = (logits_BxTxV.argmax(axis=-1) == labels_BxT) & mask_BxT
+    metrics.update(loss=float(loss), accuracy=float(correct.sum()) / n_valid, n_valid=n_valid)
+    return float(loss), grads, metrics

@@ -37,6 +37,7 @@ import math
 
 import numpy as np
 
+from salt.reference import losses
 from salt.reference.config import ModelConfig, flatten_params, param_shapes, unflatten_params
 
 GELU_K = math.sqrt(2.0 / math.pi)
@@ -315,8 +316,6 @@ def loss_and_grad(params: dict, tokens_BxT1, config: ModelConfig, teacher_logits
     Metrics (means over valid positions, floats): ``loss``, ``ce``, ``accuracy``, ``n_valid``,
     and with a teacher ``kd`` (soft CE) and ``kl`` (KL(Q||P)).
     """
-    from salt.reference import losses  # noqa: PLC0415 (written in parallel; imported on use)
-
     inputs_BxT, labels_BxT = split_window(tokens_BxT1)
     B, T = inputs_BxT.shape
     if mask is None:
@@ -334,26 +333,25 @@ def loss_and_grad(params: dict, tokens_BxT1, config: ModelConfig, teacher_logits
     logits_BxTxV, cache = forward(params, inputs_BxT, config, prefix_len, return_cache=True)
     dtype = logits_BxTxV.dtype
 
-    ce_BxT = losses.ce_loss(logits_BxTxV, labels_BxT, mask=mask_BxT)
-    metrics = {"ce": float(np.sum(np.where(mask_BxT, ce_BxT, 0.0)) / n_valid)}
+    metrics = {}
     if teacher_logits is None:
-        loss_BxT = ce_BxT
+        parts = {"ce": losses.ce_loss(logits_BxTxV, labels_BxT, mask=mask_BxT)}
+        parts["loss"] = parts["ce"]
         dloss_BxTxV = losses.ce_loss_grad(logits_BxTxV, labels_BxT, mask=mask_BxT)
     else:
-        teacher_logits = np.asarray(teacher_logits, dtype=dtype)
-        if teacher_logits.shape != logits_BxTxV.shape:
-            raise ValueError(f"teacher_logits has shape {teacher_logits.shape}, "
+        if np.shape(teacher_logits) != logits_BxTxV.shape:
+            raise ValueError(f"teacher_logits has shape {np.shape(teacher_logits)}, "
                              f"expected {logits_BxTxV.shape}")
-        loss_BxT = losses.kd_loss(logits_BxTxV, teacher_logits, labels_BxT, omega, rho, mask=mask_BxT)
+        parts = losses.loss_parts(logits_BxTxV, teacher_logits, labels_BxT, omega, rho, mask=mask_BxT)
         dloss_BxTxV = losses.kd_loss_grad(logits_BxTxV, teacher_logits, labels_BxT, omega, rho,
                                           mask=mask_BxT)
-        kd_BxT = losses.kd_loss(logits_BxTxV, teacher_logits, labels_BxT, 1.0, rho, mask=mask_BxT)
-        kl_BxT = losses.kl_monitor(logits_BxTxV, teacher_logits, rho, mask=mask_BxT)
-        metrics["kd"] = float(np.sum(np.where(mask_BxT, kd_BxT, 0.0)) / n_valid)
-        metrics["kl"] = float(np.sum(np.where(mask_BxT, kl_BxT, 0.0)) / n_valid)
-    loss = np.sum(np.where(mask_BxT, loss_BxT, 0.0)) / n_valid
-    dlogits = np.where(mask_BxT[..., None], dloss_BxTxV, 0.0) / dtype.type(n_valid)
-    grads = backward(params, cache, dlogits.astype(dtype), config)
+        metrics["kd"] = losses.mean_over_mask(parts["kd"], mask_BxT)
+        metrics["kl"] = losses.mean_over_mask(parts["kl"], mask_BxT)
+    metrics["ce"] = losses.mean_over_mask(parts["ce"], mask_BxT)
+    loss = losses.mean_over_mask(parts["loss"], mask_BxT)
+    # losses are float64; the gradient of the mean goes back in the parameters' dtype
+    dlogits_BxTxV = (dloss_BxTxV / n_valid).astype(dtype)
+    grads = backward(params, cache, dlogits_BxTxV, config)
     correct = (logits_BxTxV.argmax(axis=-1) == labels_BxT) & mask_BxT
     metrics.update(loss=float(loss), accuracy=float(correct.sum()) / n_valid, n_valid=n_valid)
     return float(loss), grads, metrics

@@ -1,0 +1,442 @@
+"""Fused KD loss from student and teacher logits (DESIGN.md §2).
+
+Per target position, with student logits ``s``, teacher logits ``t``, label ``y``, weight ``ω``
+and teacher temperature ``ρ``::
+
+    lse(s) = log Σ_v exp(s_v)           P = softmax(s)          Q = softmax(ρ·t)
+    ce   = lse(s) − s_y                 kd = lse(s) − Σ_v Q_v s_v
+    loss = (1−ω)·ce + ω·kd              KL(Q‖P) = kd − H(Q),  H(Q) = lse(ρ·t) − Σ_v Q_v ρ t_v
+    ∂loss/∂s = P − (1−ω)·onehot(y) − ω·Q          (no gradient flows to the teacher)
+
+Every implementation first reduces each row to five *row statistics*
+``(lse_s, s_y, qs, lse_t, qrt) = (lse(s), s_y, Σ Q·s, lse(ρt), Σ Q·ρt)`` and the loss and its
+monitoring parts are cheap combinations of them.  The statistics carry a ``custom_vjp``: their
+gradient w.r.t. ``s`` is ``g_lse·P + g_sy·onehot(y) + g_qs·Q`` (so the loss gets exactly the
+formula above) and the teacher gets a zero cotangent by definition (the teacher is a fixed
+target; ``lse_t``/``qrt`` are monitoring quantities only).
+
+Implementations (``impl=``):
+
+* ``"pallas"``: Pallas TPU (Mosaic) kernels.  Forward grid (token blocks, vocab blocks) with the
+  vocab axis ``"arbitrary"`` and VMEM scratch holding, per row, the running max and sum-exp of both
+  distributions and the running ``Q``-weighted sums (online softmax, rescaled whenever a max
+  grows); no row of probabilities is ever stored.  Backward grid (token blocks, vocab blocks), both
+  ``"parallel"``, recomputes ``P`` and ``Q`` tile by tile from the saved ``lse``.  Ragged token and
+  vocab counts are handled by masking (invalid columns get ``-inf``; invalid rows are dropped).
+  ``interpret=True`` (or a ``pltpu.InterpretParams``) runs them on the CPU.
+* ``"xla"``: pure JAX; a ``lax.scan`` over vocabulary chunks with the same online maths (the last
+  chunk is shifted left to end at ``V`` and its already-counted columns are masked, so nothing is
+  padded or copied); the backward is one fused elementwise pass.
+* ``"naive"``: the textbook formulas with full ``[N, V]`` softmaxes and autodiff.  For tests/benches.
+
+``omega`` may be a traced scalar (the trainer changes ω per step inside one compiled step);
+``rho`` must be a Python number (static: it is baked into the kernels).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+IMPLS = ("pallas", "xla", "naive")
+_NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class KDBlockSizes:
+    """Tile sizes.  ``block_tokens``: rows per Pallas block (multiple of 8; 16 for bf16 is best);
+    ``block_vocab``: vocab columns per Pallas block (multiple of 128); ``chunk_vocab``: vocab
+    columns per step of the ``xla`` scan."""
+
+    block_tokens: int = 256
+    block_vocab: int = 512
+    chunk_vocab: int = 2048
+
+    def __post_init__(self):
+        if not (isinstance(self.block_tokens, int) and self.block_tokens > 0 and self.block_tokens % 8 == 0):
+            raise ValueError(f"block_tokens must be a positive multiple of 8, got {self.block_tokens!r}")
+        if not (isinstance(self.block_vocab, int) and self.block_vocab > 0 and self.block_vocab % 128 == 0):
+            raise ValueError(f"block_vocab must be a positive multiple of 128, got {self.block_vocab!r}")
+        if not (isinstance(self.chunk_vocab, int) and self.chunk_vocab > 0):
+            raise ValueError(f"chunk_vocab must be a positive integer, got {self.chunk_vocab!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Online row statistics (shared by the Pallas kernels, the xla scans and fused_linear_kd).
+# ----------------------------------------------------------------------------------------------
+
+def stats_init(shape):
+    """Initial carry ``(m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y)`` for rows of ``shape``."""
+    neg = jnp.full(shape, _NEG_INF, jnp.float32)
+    zero = jnp.zeros(shape, jnp.float32)
+    return (neg, zero, neg, zero, zero, zero, zero)
+
+
+def stats_update(carry, s_f32, rt_f32, valid, onehot):
+    """Fold one tile into the running statistics.
+
+    ``s_f32``/``rt_f32``: ``[n, c]`` student logits and ρ·teacher logits (float32, may hold garbage
+    where not ``valid``); ``valid``: broadcastable to ``[n, c]`` (column inside the vocabulary and
+    not yet counted); ``onehot``: ``[n, c]`` bool, column == label.  Carry entries are ``[n, 1]``.
+    """
+    m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y = carry
+    s_valid = jnp.where(valid, s_f32, _NEG_INF)
+    rt_valid = jnp.where(valid, rt_f32, _NEG_INF)
+    m_s_new = jnp.maximum(m_s, jnp.max(s_valid, axis=1, keepdims=True))
+    l_s = l_s * jnp.exp(m_s - m_s_new) + jnp.sum(jnp.exp(s_valid - m_s_new), axis=1, keepdims=True)
+    m_t_new = jnp.maximum(m_t, jnp.max(rt_valid, axis=1, keepdims=True))
+    alpha_t = jnp.exp(m_t - m_t_new)
+    p_t = jnp.exp(rt_valid - m_t_new)  # unnormalised teacher probabilities of the tile, 0 if invalid
+    s_zero = jnp.where(valid, s_f32, 0.0)
+    rt_zero = jnp.where(valid, rt_f32, 0.0)
+    l_t = l_t * alpha_t + jnp.sum(p_t, axis=1, keepdims=True)
+    a_qs = a_qs * alpha_t + jnp.sum(p_t * s_zero, axis=1, keepdims=True)
+    a_qrt = a_qrt * alpha_t + jnp.sum(p_t * rt_zero, axis=1, keepdims=True)
+    s_y = s_y + jnp.sum(jnp.where(jnp.logical_and(onehot, valid), s_f32, 0.0), axis=1, keepdims=True)
+    return (m_s_new, l_s, m_t_new, l_t, a_qs, a_qrt, s_y)
+
+
+def stats_finish(carry):
+    """Carry -> ``(lse_s, s_y, qs, lse_t, qrt)``."""
+    m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y = carry
+    lse_s = m_s + jnp.log(l_s)
+    lse_t = m_t + jnp.log(l_t)
+    return (lse_s, s_y, a_qs / l_t, lse_t, a_qrt / l_t)
+
+
+def grad_tile(s_f32, rt_f32, onehot, lse_s, lse_t, g_lse, g_sy, g_qs):
+    """``g_lse·P + g_sy·onehot + g_qs·Q`` for one tile (row vectors ``[n, 1]``)."""
+    p = jnp.exp(s_f32 - lse_s)
+    q = jnp.exp(rt_f32 - lse_t)
+    return g_lse * p + g_qs * q + jnp.where(onehot, g_sy, 0.0)
+
+
+def combine(stats, omega, valid_rows, return_parts):
+    """Row statistics -> per-row loss (0 where not ``valid_rows``) and optional parts."""
+    lse_s, s_y, qs, lse_t, qrt = stats
+    omega = jnp.asarray(omega, jnp.float32)
+    loss = lse_s - (1.0 - omega) * s_y - omega * qs
+    loss = jnp.where(valid_rows, loss, 0.0)
+    if not return_parts:
+        return loss
+    ce = jnp.where(valid_rows, lse_s - s_y, 0.0)
+    kd = jnp.where(valid_rows, lse_s - qs, 0.0)
+    entropy_q = lse_t - qrt
+    kl = jnp.where(valid_rows, lse_s - qs - entropy_q, 0.0)
+    parts = {"ce": lax.stop_gradient(ce), "kd": lax.stop_gradient(kd), "kl": lax.stop_gradient(kl)}
+    return loss, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checking shared with fused_linear_kd.
+# ----------------------------------------------------------------------------------------------
+
+def default_impl() -> str:
+    return "pallas" if jax.default_backend() == "tpu" else "xla"
+
+
+def check_impl(impl):
+    if impl is None:
+        return default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    return impl
+
+
+def check_rho(rho) -> float:
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
+        raise ValueError(f"rho must be a Python number (it is static), got {type(rho).__name__} {rho!r}")
+    rho = float(rho)
+    if not (rho > 0.0 and math.isfinite(rho)):
+        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+    return rho
+
+
+def check_omega(omega):
+    if isinstance(omega, numbers.Real) and not isinstance(omega, bool):
+        if not 0.0 <= float(omega) <= 1.0:
+            raise ValueError(f"omega must be in [0, 1], got {omega!r}")
+        return float(omega)
+    omega = jnp.asarray(omega)
+    if omega.ndim != 0:
+        raise ValueError(f"omega must be a scalar, got shape {omega.shape}")
+    return omega
+
+
+def check_labels_mask(labels, mask, n_expected_shape):
+    labels = jnp.asarray(labels)
+    if tuple(labels.shape) != tuple(n_expected_shape):
+        raise ValueError(f"labels shape {labels.shape} must equal {tuple(n_expected_shape)}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if mask is None:
+        valid = jnp.ones(labels.shape, bool)
+    else:
+        mask = jnp.asarray(mask)
+        if tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(f"mask shape {mask.shape} must equal labels shape {labels.shape}")
+        valid = mask.astype(bool) if mask.dtype == bool else mask != 0
+    return labels.astype(jnp.int32), valid
+
+
+def _float_input(name, x):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating array, got dtype {x.dtype}")
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# naive
+# ----------------------------------------------------------------------------------------------
+
+def _stats_naive(s_NxV, t_NxV, y_N, rho):
+    s = s_NxV.astype(jnp.float32)
+    rt = rho * lax.stop_gradient(t_NxV).astype(jnp.float32)
+    lse_s = jax.nn.logsumexp(s, axis=-1)
+    lse_t = jax.nn.logsumexp(rt, axis=-1)
+    q = jnp.exp(rt - lse_t[:, None])
+    onehot = jnp.arange(s.shape[1])[None, :] == y_N[:, None]
+    s_y = jnp.sum(jnp.where(onehot, s, 0.0), axis=-1)
+    return (lse_s, s_y, jnp.sum(q * s, axis=-1), lse_t, jnp.sum(q * rt, axis=-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# xla: scan over vocab chunks
+# ----------------------------------------------------------------------------------------------
+
+def chunk_plan(vocab, chunk):
+    """(chunk size, number of chunks); chunk ``j`` covers ``[min(j·c, V−c), +c)`` and counts
+    only columns ``>= j·c`` (the last chunk is shifted left instead of padded)."""
+    chunk = min(chunk, vocab)
+    return chunk, -(-vocab // chunk)
+
+
+def _stats_xla_fwd_impl(s_NxV, t_NxV, y_N, rho, chunk):
+    n, vocab = s_NxV.shape
+    chunk, n_chunks = chunk_plan(vocab, chunk)
+    y_Nx1 = y_N[:, None]
+
+    def body(carry, j):
+        start = jnp.minimum(j * chunk, vocab - chunk)
+        s_c = lax.dynamic_slice_in_dim(s_NxV, start, chunk, axis=1).astype(jnp.float32)
+        rt_c = rho * lax.dynamic_slice_in_dim(t_NxV, start, chunk, axis=1).astype(jnp.float32)
+        cols_1xC = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+        valid = cols_1xC >= j * chunk
+        return stats_update(carry, s_c, rt_c, valid, cols_1xC == y_Nx1), None
+
+    carry, _ = lax.scan(body, stats_init((n, 1)), jnp.arange(n_chunks))
+    return tuple(x[:, 0] for x in stats_finish(carry))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _stats_xla(s_NxV, t_NxV, y_N, rho, chunk):
+    return _stats_xla_fwd_impl(s_NxV, t_NxV, y_N, rho, chunk)
+
+
+def _stats_xla_fwd(s_NxV, t_NxV, y_N, rho, chunk):
+    stats = _stats_xla_fwd_impl(s_NxV, t_NxV, y_N, rho, chunk)
+    return stats, (s_NxV, t_NxV, y_N, stats[0], stats[3])
+
+
+def _stats_xla_bwd(rho, chunk, res, cotangents):
+    s_NxV, t_NxV, y_N, lse_s, lse_t = res
+    g_lse, g_sy, g_qs, _, _ = cotangents  # lse_t / qrt: teacher-only, no gradient to the teacher
+    onehot = jnp.arange(s_NxV.shape[1])[None, :] == y_N[:, None]
+    ds = grad_tile(s_NxV.astype(jnp.float32), rho * t_NxV.astype(jnp.float32), onehot,
+                   lse_s[:, None], lse_t[:, None], g_lse[:, None], g_sy[:, None], g_qs[:, None])
+    return ds.astype(s_NxV.dtype), jnp.zeros_like(t_NxV), None
+
+
+_stats_xla.defvjp(_stats_xla_fwd, _stats_xla_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas (TPU / Mosaic)
+# ----------------------------------------------------------------------------------------------
+
+def _row_spec(block_tokens):
+    return pl.BlockSpec((block_tokens, 1), lambda i, j: (i, 0))
+
+
+def _fwd_kernel(s_ref, t_ref, y_ref, lse_s_ref, s_y_ref, qs_ref, lse_t_ref, qrt_ref,
+                m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y, *, rho, vocab, block_vocab):
+    j = pl.program_id(1)
+    scratch = (m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y)
+
+    @pl.when(j == 0)
+    def _init():
+        for ref, value in zip(scratch, stats_init(m_s.shape)):
+            ref[...] = value
+
+    s = s_ref[...].astype(jnp.float32)
+    rt = rho * t_ref[...].astype(jnp.float32)
+    cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    carry = stats_update(tuple(r[...] for r in scratch), s, rt, cols < vocab, cols == y_ref[...])
+    for ref, value in zip(scratch, carry):
+        ref[...] = value
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _finish():
+        outs = stats_finish(tuple(r[...] for r in scratch))
+        for ref, value in zip((lse_s_ref, s_y_ref, qs_ref, lse_t_ref, qrt_ref), outs):
+            ref[...] = value
+
+
+def _bwd_kernel(s_ref, t_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref, g_qs_ref, ds_ref,
+                *, rho, vocab, n_tokens, block_tokens, block_vocab):
+    i, j = pl.program_id(0), pl.program_id(1)
+    s = s_ref[...].astype(jnp.float32)
+    rt = rho * t_ref[...].astype(jnp.float32)
+    cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    ds = grad_tile(s, rt, cols == y_ref[...], lse_s_ref[...], lse_t_ref[...],
+                   g_lse_ref[...], g_sy_ref[...], g_qs_ref[...])
+    ds_ref[...] = jnp.where((cols < vocab) & (rows < n_tokens), ds, 0.0).astype(ds_ref.dtype)
+
+
+def _blocks(n, vocab, bs: KDBlockSizes):
+    block_tokens = min(bs.block_tokens, -(-n // 8) * 8)
+    block_vocab = min(bs.block_vocab, -(-vocab // 128) * 128)
+    return block_tokens, block_vocab
+
+
+def _stats_pallas_fwd_impl(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
+    n, vocab = s_NxV.shape
+    bt, bv = _blocks(n, vocab, block_sizes)
+    grid = (pl.cdiv(n, bt), pl.cdiv(vocab, bv))
+    tile_spec = pl.BlockSpec((bt, bv), lambda i, j: (i, j))
+    row = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+    in_bytes = s_NxV.size * s_NxV.dtype.itemsize + t_NxV.size * t_NxV.dtype.itemsize
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, rho=rho, vocab=vocab, block_vocab=bv),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0, grid=grid,
+            in_specs=[tile_spec, tile_spec, _row_spec(bt)],
+            out_specs=[_row_spec(bt)] * 5,
+            scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * 7),
+        out_shape=[row] * 5,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(flops=int(fwd_flops(n, vocab)), transcendentals=int(2 * n * vocab),
+                                      bytes_accessed=int(in_bytes + 4 * n + 20 * n)),
+        interpret=interpret,
+        name="kd_loss_fwd",
+    )(s_NxV, t_NxV, y_N[:, None])
+    return tuple(o[:, 0] for o in outs)
+
+
+def fwd_flops(n, vocab):
+    """Analytic flop count of the forward statistics (elementwise ops per logit pair, ~16)."""
+    return 16 * n * vocab
+
+
+def bwd_flops(n, vocab):
+    """Analytic flop count of the backward tile (elementwise ops per logit pair, ~10)."""
+    return 10 * n * vocab
+
+
+def _stats_pallas_bwd_impl(s_NxV, t_NxV, y_N, lse_s, lse_t, g_lse, g_sy, g_qs, rho, block_sizes, interpret):
+    n, vocab = s_NxV.shape
+    bt, bv = _blocks(n, vocab, block_sizes)
+    grid = (pl.cdiv(n, bt), pl.cdiv(vocab, bv))
+    tile_spec = pl.BlockSpec((bt, bv), lambda i, j: (i, j))
+    nbytes = 2 * s_NxV.size * s_NxV.dtype.itemsize + t_NxV.size * t_NxV.dtype.itemsize
+    col = lambda x: x.astype(jnp.float32)[:, None]
+    return pl.pallas_call(
+        functools.partial(_bwd_kernel, rho=rho, vocab=vocab, n_tokens=n, block_tokens=bt, block_vocab=bv),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0, grid=grid,
+            in_specs=[tile_spec, tile_spec] + [_row_spec(bt)] * 6,
+            out_specs=tile_spec),
+        out_shape=jax.ShapeDtypeStruct(s_NxV.shape, s_NxV.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        cost_estimate=pl.CostEstimate(flops=int(bwd_flops(n, vocab)), transcendentals=int(2 * n * vocab),
+                                      bytes_accessed=int(nbytes + 24 * n)),
+        interpret=interpret,
+        name="kd_loss_bwd",
+    )(s_NxV, t_NxV, y_N[:, None], col(lse_s), col(lse_t), col(g_lse), col(g_sy), col(g_qs))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
+    return _stats_pallas_fwd_impl(s_NxV, t_NxV, y_N, rho, block_sizes, interpret)
+
+
+def _stats_pallas_fwd(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
+    stats = _stats_pallas_fwd_impl(s_NxV, t_NxV, y_N, rho, block_sizes, interpret)
+    return stats, (s_NxV, t_NxV, y_N, stats[0], stats[3])
+
+
+def _stats_pallas_bwd(rho, block_sizes, interpret, res, cotangents):
+    s_NxV, t_NxV, y_N, lse_s, lse_t = res
+    g_lse, g_sy, g_qs, _, _ = cotangents
+    ds = _stats_pallas_bwd_impl(s_NxV, t_NxV, y_N, lse_s, lse_t, g_lse, g_sy, g_qs, rho, block_sizes, interpret)
+    return ds, jnp.zeros_like(t_NxV), None
+
+
+_stats_pallas.defvjp(_stats_pallas_fwd, _stats_pallas_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------
+
+def kd_loss_stats(student_logits_NxV, teacher_logits_NxV, labels_N, rho, *, impl=None, interpret=False,
+                  block_sizes=None):
+    """Row statistics ``(lse_s, s_y, qs, lse_t, qrt)`` (each ``[N]`` float32) of 2-D logits."""
+    impl = check_impl(impl)
+    rho = check_rho(rho)
+    block_sizes = block_sizes or KDBlockSizes()
+    if impl == "naive":
+        return _stats_naive(student_logits_NxV, teacher_logits_NxV, labels_N, rho)
+    if impl == "xla":
+        return _stats_xla(student_logits_NxV, teacher_logits_NxV, labels_N, rho, block_sizes.chunk_vocab)
+    return _stats_pallas(student_logits_NxV, teacher_logits_NxV, labels_N, rho, block_sizes, interpret)
+
+
+def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, impl=None, interpret=False,
+            block_sizes=None, return_parts=False):
+    """Per-position KD loss ``(1−ω)·ce + ω·kd`` (DESIGN.md §2), float32, shape of ``labels``.
+
+    Args:
+      student_logits, teacher_logits: ``[..., V]`` floating arrays (float32 or bfloat16; math is f32).
+      labels: integer ``[...]``; must be in ``[0, V)`` wherever ``mask`` is true.
+      omega: distillation weight in [0, 1]; a Python number or a (possibly traced) scalar.
+      rho: teacher temperature multiplier (``Q = softmax(ρ·t)``), a Python number > 0 (static).
+      mask: optional ``[...]`` bool/0-1 array; masked positions give loss 0 and zero gradient.
+      impl: "pallas" | "xla" | "naive"; None = "pallas" on TPU, "xla" elsewhere.
+      interpret: for "pallas": False, True or a ``pltpu.InterpretParams`` (run on the CPU).
+      block_sizes: a :class:`KDBlockSizes`.
+      return_parts: also return ``{"ce", "kd", "kl"}`` per position (monitoring; no gradient).
+
+    Gradient (``jax.grad``): w.r.t. ``student_logits`` ``(P − (1−ω)·onehot − ω·Q)·cotangent``;
+    w.r.t. ``omega`` ``(s_y − Σ Q·s)·cotangent``; the teacher logits get a ZERO cotangent (no
+    gradient flows to the teacher).  Reduce with a mean over valid positions yourself
+    (``loss.sum() / mask.sum()``).
+    """
+    student_logits = _float_input("student_logits", student_logits)
+    teacher_logits = _float_input("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits shape {student_logits.shape} != teacher_logits shape "
+                         f"{teacher_logits.shape}")
+    if student_logits.ndim < 1 or student_logits.shape[-1] < 1:
+        raise ValueError(f"logits need a non-empty vocabulary axis, got shape {student_logits.shape}")
+    lead_shape = student_logits.shape[:-1]
+    labels, valid = check_labels_mask(labels, mask, lead_shape)
+    omega = check_omega(omega)
+    vocab = student_logits.shape[-1]
+    n = math.prod(lead_shape)
+    stats = kd_loss_stats(student_logits.reshape(n, vocab), teacher_logits.reshape(n, vocab),
+                          labels.reshape(n), rho, impl=impl, interpret=interpret, block_sizes=block_sizes)
+    out = combine(stats, omega, valid.reshape(n), return_parts)
+    if return_parts:
+        loss, parts = out
+        return loss.reshape(lead_shape), {k: v.reshape(lead_shape) for k, v in parts.items()}
+    return out.reshape(lead_shape)

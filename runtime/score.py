@@ -1,0 +1,412 @@
+"""Data-selection score (paper eq. 11, DESIGN.md §4) computed with a JAX teacher.
+
+For each candidate training window ``w`` (``T + 1`` tokens: inputs ``w[:-1]``, targets ``w[1:]``)
+the teacher's per-position cost is
+
+    c_i = -log P(y_i | x_<i)   if y_i is in the teacher's top-k at position i, else 0,
+
+where ``y_i`` is in the top-k iff fewer than ``k`` logits are *strictly* larger than its own
+(ties count in favour of membership; one pass over the vocabulary, no sort).  The window's
+score is numpy's median of the ``c_i`` (mean of the two middle values for an even count).
+With ``mode="exclude"`` the positions outside the top-k are dropped instead of counted as 0;
+a window with no top-k position at all then has no median and scores ``-inf`` (never selected
+ahead of a window that has one).
+
+The per-token terms (cross-entropy and top-k membership) run in JAX, batched and sharded over
+the data axis of all local devices; the median runs on the host in float64 with numpy.
+
+Scoring is resumable: results are written in chunks under ``<out>.partial/`` (each chunk file
+written atomically) together with a fingerprint of the job; a re-run with the same settings
+continues after the last finished chunk.  The final ``.npz`` (``window_ids`` int64, ``scores``
+float64, ``k``, ``mode``, teacher identity, tokenizer sha256, ``seq_len``) is written atomically
+and loads with ``allow_pickle=False``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+TOPK_MODES = ("zero", "exclude")
+SCORES_FORMAT = "salt-scores-v1"
+
+
+# --------------------------------------------------------------------------- per-token terms
+
+def token_terms(logits_BxTxV, targets_BxT, k: int):
+    """Per-position teacher cross-entropy and top-k membership (JAX).
+
+    Returns ``(ce_BxT float32, in_topk_BxT bool)`` where ``in_topk`` holds iff fewer than ``k``
+    vocabulary entries have a logit strictly greater than the target's.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    target_logit_BxT = jnp.take_along_axis(
+        logits_BxTxV, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    ce_BxT = lse_BxT - target_logit_BxT
+    n_greater_BxT = jnp.sum(logits_BxTxV > target_logit_BxT[..., None], axis=-1, dtype=jnp.int32)
+    return ce_BxT, n_greater_BxT < k
+
+
+def window_medians(ce_NxT: np.ndarray, in_topk_NxT: np.ndarray, mode: str = "zero") -> np.ndarray:
+    """Median per window of the eq. 11 costs (numpy median semantics), float64.
+
+    ``mode="zero"``: positions outside the top-k count as 0.  ``mode="exclude"``: they are dropped;
+    a window without any top-k position scores ``-inf``.
+    """
+    _check_mode(mode)
+    ce_NxT = np.asarray(ce_NxT, dtype=np.float64)
+    in_topk_NxT = np.asarray(in_topk_NxT, dtype=bool)
+    if ce_NxT.shape != in_topk_NxT.shape or ce_NxT.ndim != 2:
+        raise ValueError(f"ce and in_topk must be equal-shape 2-D arrays, got {ce_NxT.shape} "
+                         f"and {in_topk_NxT.shape}")
+    if mode == "zero":
+        return np.median(np.where(in_topk_NxT, ce_NxT, 0.0), axis=1)
+    out_N = np.full(ce_NxT.shape[0], -np.inf)
+    for row, (ce_T, keep_T) in enumerate(zip(ce_NxT, in_topk_NxT)):
+        if keep_T.any():
+            out_N[row] = np.median(ce_T[keep_T])
+    return out_N
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in TOPK_MODES:
+        raise ValueError(f"topk mode must be one of {TOPK_MODES}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------- candidate pool
+
+def seen_windows(loader_config: dict, data_dir, steps: int) -> tuple[int, np.ndarray]:
+    """Window ids (at the run's own seq_len) a run's loader served in its first ``steps`` steps.
+
+    ``loader_config`` holds the keyword arguments of ``salt.data.Loader`` as the run recorded
+    them (seq_len, global_batch, seed, split, subset, exclude ...).  Returns ``(seq_len, ids)``.
+    """
+    from salt.data import Loader
+
+    cfg = {k: v for k, v in dict(loader_config).items()
+           if k in ("seq_len", "global_batch", "seed", "split", "subset", "exclude")}
+    if "seq_len" not in cfg or "global_batch" not in cfg:
+        raise ValueError(f"the run's loader config lacks seq_len/global_batch: {loader_config!r}")
+    cfg.setdefault("split", "train")
+    for key in ("subset", "exclude"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = np.asarray(cfg[key], dtype=np.int64)
+    loader = Loader(data_dir, **cfg)
+    ids = [np.asarray(loader.window_ids(step0), dtype=np.int64) for step0 in range(int(steps))]
+    ids_S = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+    return int(cfg["seq_len"]), ids_S
+
+
+def overlapping_windows(seen_ids: np.ndarray, seen_seq_len: int, seq_len: int,
+                        num_windows: int) -> np.ndarray:
+    """Ids of windows of length ``seq_len + 1`` that share a token with any seen window.
+
+    Window ``i`` at length ``T`` covers tokens ``[i (T+1), (i+1)(T+1))`` of the split; windows seen
+    at another length are mapped by token range (identity when the lengths agree).
+    """
+    seen_ids = np.unique(np.asarray(seen_ids, dtype=np.int64))
+    if seen_seq_len == seq_len:
+        return seen_ids[(seen_ids >= 0) & (seen_ids < num_windows)]
+    a, b = seen_seq_len + 1, seq_len + 1
+    first = (seen_ids * a) // b
+    last = ((seen_ids + 1) * a - 1) // b
+    hit = np.zeros(num_windows + 1, dtype=np.int64)  # difference array of covered window ids
+    np.add.at(hit, np.clip(first, 0, num_windows), 1)
+    np.add.at(hit, np.clip(last + 1, 0, num_windows), -1)
+    return np.flatnonzero(np.cumsum(hit[:num_windows]) > 0).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- scoring job
+
+@dataclasses.dataclass(frozen=True)
+class ScoreJob:
+    teacher: str                 # run dir or checkpoint path
+    data: str                    # token store directory
+    out: str                     # output .npz
+    k: int = 10
+    seq_len: int = 128
+    mode: str = "zero"
+    batch: int = 32
+    teacher_step: int | None = None
+    exclude_runs: tuple = ()     # run dirs whose seen windows leave the pool (besides the teacher's)
+    exclude_files: tuple = ()    # .npy files of window ids (at seq_len) to leave out
+    exclude_teacher_seen: bool = True
+    chunk_batches: int = 16      # batches per resumable chunk
+    force: bool = False
+
+
+def _atomic_write_bytes(path: pathlib.Path, write) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npz_atomic(path, **arrays) -> None:
+    """``np.savez`` to ``path`` (exact name, no suffix added) via a temp file and rename."""
+    _atomic_write_bytes(pathlib.Path(path), lambda f: np.savez(f, **arrays))
+
+
+def save_npy_atomic(path, array) -> None:
+    _atomic_write_bytes(pathlib.Path(path), lambda f: np.save(f, array, allow_pickle=False))
+
+
+def load_window_ids(path) -> np.ndarray:
+    """A 1-D int64 array of window ids from a ``.npy`` file (``salt select`` output)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"window-id file {str(path)!r} does not exist")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+        raise ValueError(f"cannot read window ids from {str(path)!r}: {e}") from None
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{str(path)!r} must hold a 1-D integer array of window ids")
+    return ids.astype(np.int64)
+
+
+def load_scores(path) -> dict:
+    """Read a scores ``.npz`` written by :func:`score` (no pickle) into a dict."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"scores file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {name: z[name] for name in z.files}
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read scores from {str(path)!r}: {e}") from None
+    for name in ("window_ids", "scores"):
+        if name not in out:
+            raise ValueError(f"{str(path)!r} is not a SALT scores file (no {name!r} array)")
+    if out["window_ids"].shape != out["scores"].shape or out["scores"].ndim != 1:
+        raise ValueError(f"{str(path)!r}: window_ids and scores must be equal-length 1-D arrays")
+    return out
+
+
+def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_windows: int):
+    """Sorted candidate window ids and the number excluded."""
+    excluded = [np.zeros(0, np.int64)]
+    if job.exclude_teacher_seen:
+        loader_cfg = _loader_config(teacher_meta)
+        if loader_cfg is not None and teacher_step > 0:
+            t_len, ids = seen_windows(loader_cfg, _run_data_dir(teacher_meta, job.data), teacher_step)
+            excluded.append(overlapping_windows(ids, t_len, job.seq_len, num_windows))
+    for run in job.exclude_runs:
+        from salt.runtime import checkpoint
+
+        step = checkpoint.latest_step(run)
+        if step is None:
+            raise ValueError(f"--exclude-run {run!r}: no checkpoint found")
+        _, _, meta = _load(run, step, params=False)
+        loader_cfg = _loader_config(meta)
+        if loader_cfg is None:
+            raise ValueError(f"--exclude-run {run!r}: the run recorded no loader config")
+        t_len, ids = seen_windows(loader_cfg, _run_data_dir(meta, job.data), int(meta.get("step", step)))
+        excluded.append(overlapping_windows(ids, t_len, job.seq_len, num_windows))
+    for path in job.exclude_files:
+        ids = load_window_ids(path)
+        excluded.append(ids[(ids >= 0) & (ids < num_windows)])
+    excluded_E = np.unique(np.concatenate(excluded))
+    pool = np.setdiff1d(np.arange(num_windows, dtype=np.int64), excluded_E, assume_unique=True)
+    return pool, int(excluded_E.size)
+
+
+def _loader_config(meta: dict):
+    for key in ("loader_config", "loader"):
+        value = meta.get(key)
+        if isinstance(value, dict) and "seq_len" in value:
+            return value
+    cfg = meta.get("train_config") or meta.get("config")
+    if isinstance(cfg, dict) and "seq_len" in cfg and "batch" in cfg:
+        return {"seq_len": cfg["seq_len"], "global_batch": cfg["batch"], "seed": cfg.get("seed", 0),
+                "subset": cfg.get("subset")}
+    return None
+
+
+def _run_data_dir(meta: dict, default):
+    return default  # the pool lives in the data being scored; the run must have used the same store
+
+
+def _load(path, step, params=True):
+    from salt.runtime import checkpoint
+
+    return checkpoint.load_params(path, step=step)
+
+
+def teacher_identity(path, step: int) -> str:
+    return f"{os.path.abspath(path)}@{step}"
+
+
+def _fingerprint(**fields) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def score(job: ScoreJob, progress: bool = True) -> dict:
+    """Run a scoring job (see module docstring); returns a summary dict."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from salt.data import Loader, TokenStore
+    from salt.runtime import model
+
+    _check_mode(job.mode)
+    out = pathlib.Path(job.out)
+    if out.exists() and not job.force:
+        raise ValueError(f"output {str(out)!r} already exists (use --force to overwrite)")
+    if job.batch < 1:
+        raise ValueError(f"batch must be >= 1, got {job.batch}")
+    if job.seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {job.seq_len}")
+    data_dir = pathlib.Path(job.data)
+    if not data_dir.is_dir():
+        raise ValueError(f"data directory {str(data_dir)!r} does not exist")
+    store = TokenStore(data_dir)
+    config, params, meta = _load(job.teacher, job.teacher_step)
+    teacher_step = int(meta.get("step", job.teacher_step or 0))
+    t_sha = meta.get("tokenizer_sha256")
+    if t_sha and t_sha != store.tokenizer_sha256:
+        raise ValueError(f"tokenizer mismatch: teacher {job.teacher!r} was trained with tokenizer "
+                         f"{t_sha[:12]}…, data {str(data_dir)!r} has {store.tokenizer_sha256[:12]}…")
+    if config.vocab_size < store.vocab_size:
+        raise ValueError(f"teacher vocabulary {config.vocab_size} is smaller than the data's "
+                         f"{store.vocab_size}")
+    if not 1 <= job.k <= config.vocab_size:
+        raise ValueError(f"k must be in [1, {config.vocab_size}] (the teacher's vocabulary), got {job.k}")
+
+    loader = Loader(data_dir, seq_len=job.seq_len, global_batch=job.batch, seed=0, split="train")
+    num_windows = int(loader.num_windows)
+    pool_N, n_excluded = candidate_pool(job, meta, teacher_step, num_windows)
+    if pool_N.size == 0:
+        raise ValueError("the candidate pool is empty (every training window was excluded)")
+    ident = teacher_identity(job.teacher, teacher_step)
+    fingerprint = _fingerprint(
+        teacher=ident, data=str(data_dir.resolve()), tokenizer=store.tokenizer_sha256, k=job.k,
+        mode=job.mode, seq_len=job.seq_len, batch=job.batch, chunk_batches=job.chunk_batches,
+        pool=hashlib.sha256(pool_N.tobytes()).hexdigest())
+
+    partial = out.with_name(out.name + ".partial")
+    state_path = partial / "job.json"
+    if partial.exists():
+        old = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        if old.get("fingerprint") != fingerprint:
+            if not job.force:
+                raise ValueError(f"{str(partial)!r} holds partial scores of a different job "
+                                 "(teacher, data, k, mode, seq_len, batch or pool differ); "
+                                 "remove it or use --force")
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(state_path, lambda f: f.write(json.dumps(
+        {"fingerprint": fingerprint, "teacher": ident, "n_pool": int(pool_N.size)}).encode()))
+
+    devices = jax.devices()
+    n_dev = len(devices)
+    batch = -(-job.batch // n_dev) * n_dev  # a multiple of the device count
+    mesh = Mesh(np.asarray(devices), ("data",))
+    batch_sharding = NamedSharding(mesh, P("data"))
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+
+    @jax.jit
+    def terms(params, windows_BxT1):
+        logits_BxTxV = model.forward(params, windows_BxT1[:, :-1], config)
+        return token_terms(logits_BxTxV, windows_BxT1[:, 1:], job.k)
+
+    chunk = batch * job.chunk_batches
+    n_chunks = -(-pool_N.size // chunk)
+    done = sum((partial / f"chunk_{c:06d}.npz").is_file() for c in range(n_chunks))
+    bar = _progress_bar(total=int(pool_N.size), desc="score", enable=progress)
+    try:
+        for c in range(n_chunks):
+            chunk_path = partial / f"chunk_{c:06d}.npz"
+            ids_C = pool_N[c * chunk:(c + 1) * chunk]
+            if chunk_path.is_file():
+                bar.update(ids_C.size)
+                continue
+            scores_C = np.empty(ids_C.size, np.float64)
+            for b0 in range(0, ids_C.size, batch):
+                ids_B = ids_C[b0:b0 + batch]
+                windows = np.asarray(loader.windows(ids_B), dtype=np.int32)
+                if windows.shape != (ids_B.size, job.seq_len + 1):
+                    raise RuntimeError(f"loader returned windows of shape {windows.shape}, "
+                                       f"expected {(ids_B.size, job.seq_len + 1)}")
+                if ids_B.size < batch:  # pad the last batch: one compiled shape
+                    windows = np.concatenate(
+                        [windows, np.zeros((batch - ids_B.size, windows.shape[1]), np.int32)])
+                ce, in_topk = terms(params, jax.device_put(jnp.asarray(windows), batch_sharding))
+                ce, in_topk = np.asarray(ce)[:ids_B.size], np.asarray(in_topk)[:ids_B.size]
+                scores_C[b0:b0 + ids_B.size] = window_medians(ce, in_topk, job.mode)
+                bar.update(ids_B.size)
+            save_npz_atomic(chunk_path, window_ids=ids_C, scores=scores_C)
+    finally:
+        bar.close()
+
+    scores_N = np.concatenate([np.load(partial / f"chunk_{c:06d}.npz", allow_pickle=False)["scores"]
+                               for c in range(n_chunks)])
+    save_npz_atomic(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
+                    mode=np.str_(job.mode), teacher=np.str_(ident), teacher_step=np.int64(teacher_step),
+                    tokenizer_sha256=np.str_(store.tokenizer_sha256), seq_len=np.int64(job.seq_len),
+                    n_excluded=np.int64(n_excluded), format=np.str_(SCORES_FORMAT))
+    shutil.rmtree(partial, ignore_errors=True)
+    return {"out": str(out), "n_scored": int(pool_N.size), "n_excluded": n_excluded,
+            "resumed_chunks": int(done), "teacher": ident, "k": job.k, "mode": job.mode}
+
+
+def _progress_bar(total: int, desc: str, enable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="win", file=sys.stderr, disable=not enable,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- selection
+
+def select_top_m(window_ids_N: np.ndarray, scores_N: np.ndarray, m: int) -> np.ndarray:
+    """The ``m`` highest-scoring window ids, best first; ties by window id ascending (DESIGN §4).
+
+    ``-inf`` (a window with nothing to take the median of) ranks last; NaN is rejected.
+    """
+    window_ids_N = np.asarray(window_ids_N, dtype=np.int64)
+    scores_N = np.asarray(scores_N, dtype=np.float64)
+    if window_ids_N.shape != scores_N.shape or window_ids_N.ndim != 1:
+        raise ValueError("window_ids and scores must be equal-length 1-D arrays")
+    if np.unique(window_ids_N).size != window_ids_N.size:
+        raise ValueError("window_ids contain duplicates")
+    if not isinstance(m, (int, np.integer)) or m < 1:
+        raise ValueError(f"top-m must be a positive integer, got {m!r}")
+    if m > window_ids_N.size:
+        raise ValueError(f"top-m={m} exceeds the number of scored windows ({window_ids_N.size})")
+    if np.isnan(scores_N).any():
+        bad = int(window_ids_N[np.argmax(np.isnan(scores_N))])
+        raise ValueError(f"scores contain NaN (window id {bad})")
+    order = np.lexsort((window_ids_N, -scores_N))  # last key is primary: score descending
+    return window_ids_N[order[:m]]
+
+
+def select(scores_path, m: int, out_path, force: bool = False) -> np.ndarray:
+    """Read scores, pick the top ``m`` (see :func:`select_top_m`), write them atomically as .npy."""
+    out_path = pathlib.Path(out_path)
+    if out_path.exists() and not force:
+        raise ValueError(f"output {str(out_path)!r} already exists (use --force to overwrite)")
+    z = load_scores(scores_path)
+    ids = select_top_m(z["window_ids"], z["scores"], m)
+    save_npy_atomic(out_path, ids)
+    return ids

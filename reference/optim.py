@@ -21,8 +21,9 @@ embedding included), at update ``t = 1, 2, ...``::
 Defaults: ``b1 = 0.9``, ``b2 = 0.95`` (the usual LM-pretraining value; optax's own default
 is 0.999, so pass ``b2=0.95`` to optax), ``eps = 1e-8``, ``eps_root = 0``,
 ``weight_decay = 1e-4`` (optax's default). The learning rate ``lr_t`` is supplied per
-update by the caller (optax evaluates its schedule at the 0-based update count, so the
-trainer passes ``lr_at`` of the same step).
+update by the caller. optax evaluates a schedule at its 0-based update count, and
+``salt.reference.lr_at`` takes 1-based steps, so the runtime's optax schedule is
+``lambda count: lr_at(count + 1, ...)`` (the reference trainer's ``lr_schedule`` does the same).
 
 State is a plain dict of flattened arrays (``"layers/wq"`` names) and an int ``count``.
 Arithmetic runs in the parameters' dtype.

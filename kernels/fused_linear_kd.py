@@ -1,0 +1,425 @@
+"""Fused-linear KD loss: the KD loss of :mod:`salt.kernels.kd_loss` from final hidden states and
+tied embedding matrices, without ever writing the ``[tokens, vocab]`` logits.
+
+``s = student_hidden @ student_embedding.T`` (``[N, D_s] x [V, D_s]``) and
+``t = teacher_hidden @ teacher_embedding.T`` (``[N, D_t] x [V, D_t]``, ``D_t != D_s`` in general)
+are formed tile by tile and folded into the same online row statistics
+``(lse_s, s_y, Σ Q·s, lse(ρt), Σ Q·ρt)`` as the logits kernel (DESIGN.md §2 maths).
+
+Gradients: the row statistics carry a ``custom_vjp``; with ``dS = g_lse·P + g_sy·onehot + g_qs·Q``
+recomputed tile by tile, ``d student_hidden = dS @ E_s`` and ``d student_embedding = dSᵀ @ h_s``.
+The teacher hidden states and embedding get ZERO cotangents (no gradient flows to the teacher).
+
+Implementations:
+
+* ``"pallas"`` (TPU/Mosaic): forward grid (token blocks, vocab blocks; vocab ``"arbitrary"``)
+  with VMEM scratch for the running statistics.  Backward = two kernels that both recompute the
+  logit tiles: (a) grid (token blocks, vocab blocks; vocab "arbitrary") accumulating ``d h_s`` in a
+  ``[bt, D_s]`` f32 scratch; (b) grid (vocab blocks, token blocks; tokens "arbitrary")
+  accumulating ``d E_s`` in a ``[bv, D_s]`` f32 scratch.  Ragged N and V by masking: columns past V
+  get ``-inf`` logits and their (padded) embedding rows are zeroed; rows past N are zeroed.
+  bf16 inputs are multiplied on the MXU with f32 accumulation; ``dS`` is cast to the embedding
+  dtype for the gradient matmuls.
+* ``"xla"``: ``lax.scan`` over vocabulary chunks (forward: statistics; backward: recompute the
+  chunk's logits, accumulate ``d h_s`` in the carry and add the chunk's ``d E_s`` rows in place).
+* ``"naive"``: full logits + :func:`salt.kernels.kd_loss.kd_loss` naive maths, autodiff.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from salt.kernels import kd_loss as _kd
+
+_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
+
+# Budget for the Pallas blocks when block sizes are not given: below the smallest default scoped
+# VMEM limit of the supported chips (16 MiB on v5e/v5p).
+VMEM_BUDGET_BYTES = 12 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedKDBlockSizes:
+    """``block_tokens`` (multiple of 16) x ``block_vocab`` (multiple of 128) Pallas tiles;
+    ``chunk_vocab``: vocab columns per step of the ``xla`` scan.  ``None`` fields are chosen from
+    the hidden sizes and dtype so the kernels fit :data:`VMEM_BUDGET_BYTES`."""
+
+    block_tokens: int | None = None
+    block_vocab: int | None = None
+    chunk_vocab: int = 1024
+
+    def __post_init__(self):
+        if self.block_tokens is not None and not (
+                isinstance(self.block_tokens, int) and self.block_tokens > 0 and self.block_tokens % 8 == 0):
+            raise ValueError(f"block_tokens must be a positive multiple of 8, got {self.block_tokens!r}")
+        if self.block_vocab is not None and not (
+                isinstance(self.block_vocab, int) and self.block_vocab > 0 and self.block_vocab % 128 == 0):
+            raise ValueError(f"block_vocab must be a positive multiple of 128, got {self.block_vocab!r}")
+        if not (isinstance(self.chunk_vocab, int) and self.chunk_vocab > 0):
+            raise ValueError(f"chunk_vocab must be a positive integer, got {self.chunk_vocab!r}")
+
+
+def vmem_estimate(bt, bv, d_s, d_t, itemsize):
+    """Rough VMEM bytes of the largest kernel: double-buffered input blocks, the f32 gradient
+    accumulator, [bt, bv] f32 temporaries and the (lane-padded) per-row vectors."""
+    inputs = 2 * (bt + bv) * (d_s + d_t) * itemsize
+    acc = 4 * max(bt, bv) * d_s
+    temps = 10 * bt * bv * 4
+    rows = 2 * 7 * bt * 128 * 4
+    return inputs + acc + temps + rows
+
+
+def choose_blocks(n, vocab, d_s, d_t, itemsize, block_sizes: FusedKDBlockSizes):
+    bt, bv = block_sizes.block_tokens, block_sizes.block_vocab
+    auto_t, auto_v = bt is None, bv is None
+    bt = 512 if auto_t else bt
+    bv = 512 if auto_v else bv
+    while vmem_estimate(bt, bv, d_s, d_t, itemsize) > VMEM_BUDGET_BYTES:
+        if auto_v and bv > 128 and (bv >= bt or not auto_t or bt <= 16):
+            bv //= 2
+        elif auto_t and bt > 16:
+            bt //= 2
+        else:
+            break
+    bt = min(bt, -(-n // 16) * 16)
+    bv = min(bv, -(-vocab // 128) * 128)
+    return bt, bv
+
+
+def analytic_flops(n, vocab, d_s, d_t, *, backward=True):
+    """Flops of the Pallas kernels: logits matmuls (2·N·V·D each) plus ~16 (forward) / ~10
+    (backward, per kernel) elementwise flops per logit pair; the backward recomputes both logit
+    tiles in each of its two kernels and adds one gradient matmul per kernel."""
+    nv = n * vocab
+    fwd = 2 * nv * (d_s + d_t) + _kd.fwd_flops(n, vocab)
+    if not backward:
+        return fwd
+    bwd_one = 2 * nv * (d_s + d_t) + 2 * nv * d_s + _kd.bwd_flops(n, vocab)
+    return fwd + 2 * bwd_one
+
+
+# ----------------------------------------------------------------------------------------------
+# naive
+# ----------------------------------------------------------------------------------------------
+
+def _stats_naive(hs, es, ht, et, y, rho):
+    s = jnp.dot(hs, es.T, preferred_element_type=jnp.float32)
+    t = jnp.dot(ht, et.T, preferred_element_type=jnp.float32)
+    return _kd._stats_naive(s, t, y, rho)
+
+
+# ----------------------------------------------------------------------------------------------
+# xla
+# ----------------------------------------------------------------------------------------------
+
+def _chunk_logits(hs, es, ht, et, j, chunk, vocab, rho):
+    start = jnp.minimum(j * chunk, vocab - chunk)
+    es_c = lax.dynamic_slice_in_dim(es, start, chunk, axis=0)
+    et_c = lax.dynamic_slice_in_dim(et, start, chunk, axis=0)
+    s_c = lax.dot_general(hs, es_c, _NT, preferred_element_type=jnp.float32)
+    rt_c = rho * lax.dot_general(ht, et_c, _NT, preferred_element_type=jnp.float32)
+    cols_1xC = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+    return start, es_c, s_c, rt_c, cols_1xC, cols_1xC >= j * chunk
+
+
+def _stats_xla_impl(hs, es, ht, et, y, rho, chunk):
+    n, vocab = hs.shape[0], es.shape[0]
+    chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
+    y_Nx1 = y[:, None]
+
+    def body(carry, j):
+        _, _, s_c, rt_c, cols, valid = _chunk_logits(hs, es, ht, et, j, chunk, vocab, rho)
+        return _kd.stats_update(carry, s_c, rt_c, valid, cols == y_Nx1), None
+
+    carry, _ = lax.scan(body, _kd.stats_init((n, 1)), jnp.arange(n_chunks))
+    return tuple(x[:, 0] for x in _kd.stats_finish(carry))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _stats_xla(hs, es, ht, et, y, rho, chunk):
+    return _stats_xla_impl(hs, es, ht, et, y, rho, chunk)
+
+
+def _stats_xla_fwd(hs, es, ht, et, y, rho, chunk):
+    stats = _stats_xla_impl(hs, es, ht, et, y, rho, chunk)
+    return stats, (hs, es, ht, et, y, stats[0], stats[3])
+
+
+def _stats_xla_bwd(rho, chunk, res, cotangents):
+    hs, es, ht, et, y, lse_s, lse_t = res
+    g_lse, g_sy, g_qs, _, _ = cotangents  # teacher-only statistics: no gradient to the teacher
+    vocab = es.shape[0]
+    chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
+    rows = [x[:, None] for x in (y, lse_s, lse_t, g_lse, g_sy, g_qs)]
+    y_Nx1, lse_s, lse_t, g_lse, g_sy, g_qs = rows
+
+    def body(carry, j):
+        dhs_NxD, des_VxD = carry
+        start, es_c, s_c, rt_c, cols, valid = _chunk_logits(hs, es, ht, et, j, chunk, vocab, rho)
+        ds_NxC = _kd.grad_tile(s_c, rt_c, cols == y_Nx1, lse_s, lse_t, g_lse, g_sy, g_qs)
+        ds_NxC = jnp.where(valid, ds_NxC, 0.0).astype(es.dtype)
+        dhs_NxD = dhs_NxD + jnp.dot(ds_NxC, es_c, preferred_element_type=jnp.float32)
+        des_CxD = lax.dot_general(ds_NxC, hs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        old = lax.dynamic_slice_in_dim(des_VxD, start, chunk, axis=0)
+        des_VxD = lax.dynamic_update_slice_in_dim(des_VxD, old + des_CxD, start, axis=0)
+        return (dhs_NxD, des_VxD), None
+
+    init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros(es.shape, jnp.float32))
+    (dhs, des), _ = lax.scan(body, init, jnp.arange(n_chunks))
+    return dhs.astype(hs.dtype), des.astype(es.dtype), jnp.zeros_like(ht), jnp.zeros_like(et), None
+
+
+_stats_xla.defvjp(_stats_xla_fwd, _stats_xla_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas (TPU / Mosaic)
+# ----------------------------------------------------------------------------------------------
+
+def _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho):
+    s = lax.dot_general(hs_ref[...], es_ref[...], _NT, preferred_element_type=jnp.float32)
+    rt = rho * lax.dot_general(ht_ref[...], et_ref[...], _NT, preferred_element_type=jnp.float32)
+    return s, rt
+
+
+def _fwd_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, s_y_ref, qs_ref, lse_t_ref, qrt_ref,
+                m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y, *, rho, vocab, block_vocab):
+    j = pl.program_id(1)
+    scratch = (m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y)
+
+    @pl.when(j == 0)
+    def _init():
+        for ref, value in zip(scratch, _kd.stats_init(m_s.shape)):
+            ref[...] = value
+
+    s, rt = _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho)
+    cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    carry = _kd.stats_update(tuple(r[...] for r in scratch), s, rt, cols < vocab, cols == y_ref[...])
+    for ref, value in zip(scratch, carry):
+        ref[...] = value
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _finish():
+        outs = _kd.stats_finish(tuple(r[...] for r in scratch))
+        for ref, value in zip((lse_s_ref, s_y_ref, qs_ref, lse_t_ref, qrt_ref), outs):
+            ref[...] = value
+
+
+def _grad_logits_tile(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
+                      g_qs_ref, *, rho, row0, col0, n_tokens, vocab):
+    """dS tile with rows >= N and columns >= V zeroed."""
+    s, rt = _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho)
+    cols = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    rows = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    ds = _kd.grad_tile(s, rt, cols == y_ref[...], lse_s_ref[...], lse_t_ref[...], g_lse_ref[...],
+                       g_sy_ref[...], g_qs_ref[...])
+    return jnp.where((cols < vocab) & (rows < n_tokens), ds, 0.0)
+
+
+def _bwd_hidden_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
+                       g_qs_ref, dhs_ref, acc, *, rho, n_tokens, vocab, block_tokens, block_vocab):
+    i, j = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        acc[...] = jnp.zeros(acc.shape, jnp.float32)
+
+    ds = _grad_logits_tile(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
+                           g_qs_ref, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
+                           n_tokens=n_tokens, vocab=vocab)
+    es = es_ref[...]
+    es_rows = j * block_vocab + lax.broadcasted_iota(jnp.int32, (es.shape[0], 1), 0)
+    es = jnp.where(es_rows < vocab, es, jnp.zeros_like(es))  # padded embedding rows -> 0
+    acc[...] += jnp.dot(ds.astype(es.dtype), es, preferred_element_type=jnp.float32)
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _finish():
+        dhs_ref[...] = acc[...].astype(dhs_ref.dtype)
+
+
+def _bwd_embed_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
+                      g_qs_ref, des_ref, acc, *, rho, n_tokens, vocab, block_tokens, block_vocab):
+    j, i = pl.program_id(0), pl.program_id(1)  # grid (vocab blocks, token blocks)
+
+    @pl.when(i == 0)
+    def _init():
+        acc[...] = jnp.zeros(acc.shape, jnp.float32)
+
+    ds = _grad_logits_tile(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
+                           g_qs_ref, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
+                           n_tokens=n_tokens, vocab=vocab)
+    hs = hs_ref[...]
+    hs_rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (hs.shape[0], 1), 0)
+    hs = jnp.where(hs_rows < n_tokens, hs, jnp.zeros_like(hs))  # padded token rows -> 0
+    acc[...] += jnp.dot(ds.T.astype(hs.dtype), hs, preferred_element_type=jnp.float32)
+
+    @pl.when(i == pl.num_programs(1) - 1)
+    def _finish():
+        des_ref[...] = acc[...].astype(des_ref.dtype)
+
+
+def _nbytes(*arrays):
+    return sum(a.size * a.dtype.itemsize for a in arrays)
+
+
+def _specs(bt, bv, d_s, d_t, token_axis):
+    """Block specs for (hs, es, ht, et) and a per-row spec; ``token_axis`` is the grid axis that
+    walks token blocks (0 for the (tokens, vocab) grids, 1 for the (vocab, tokens) grid)."""
+    if token_axis == 0:
+        tok = lambda i, j: (i, 0)
+        voc = lambda i, j: (j, 0)
+    else:
+        tok = lambda j, i: (i, 0)
+        voc = lambda j, i: (j, 0)
+    return ([pl.BlockSpec((bt, d_s), tok), pl.BlockSpec((bv, d_s), voc),
+             pl.BlockSpec((bt, d_t), tok), pl.BlockSpec((bv, d_t), voc)],
+            pl.BlockSpec((bt, 1), tok))
+
+
+def _stats_pallas_impl(hs, es, ht, et, y, rho, block_sizes, interpret):
+    n, d_s = hs.shape
+    vocab, d_t = es.shape[0], ht.shape[1]
+    bt, bv = choose_blocks(n, vocab, d_s, d_t, max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
+    mats, row_spec = _specs(bt, bv, d_s, d_t, token_axis=0)
+    row = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+    n_tok_blocks = pl.cdiv(n, bt)
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, rho=rho, vocab=vocab, block_vocab=bv),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0, grid=(n_tok_blocks, pl.cdiv(vocab, bv)),
+            in_specs=mats + [row_spec], out_specs=[row_spec] * 5,
+            scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * 7),
+        out_shape=[row] * 5,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(
+            flops=int(analytic_flops(n, vocab, d_s, d_t, backward=False)),
+            transcendentals=int(2 * n * vocab),
+            bytes_accessed=int(_nbytes(hs, ht) + n_tok_blocks * _nbytes(es, et) + 24 * n)),
+        interpret=interpret,
+        name="fused_linear_kd_fwd",
+    )(hs, es, ht, et, y[:, None])
+    return tuple(o[:, 0] for o in outs)
+
+
+def _bwd_pallas(hs, es, ht, et, y, lse_s, lse_t, g_lse, g_sy, g_qs, rho, block_sizes, interpret):
+    n, d_s = hs.shape
+    vocab, d_t = es.shape[0], ht.shape[1]
+    bt, bv = choose_blocks(n, vocab, d_s, d_t, max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
+    n_tok_blocks, n_voc_blocks = pl.cdiv(n, bt), pl.cdiv(vocab, bv)
+    col = lambda x: x.astype(jnp.float32)[:, None]
+    operands = (hs, es, ht, et, y[:, None], col(lse_s), col(lse_t), col(g_lse), col(g_sy), col(g_qs))
+    one_kernel_flops = int(2 * n * vocab * (d_s + d_t) + 2 * n * vocab * d_s + _kd.bwd_flops(n, vocab))
+    static = dict(rho=rho, n_tokens=n, vocab=vocab, block_tokens=bt, block_vocab=bv)
+
+    mats, row_spec = _specs(bt, bv, d_s, d_t, token_axis=0)
+    dhs = pl.pallas_call(
+        functools.partial(_bwd_hidden_kernel, **static),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0, grid=(n_tok_blocks, n_voc_blocks),
+            in_specs=mats + [row_spec] * 6, out_specs=pl.BlockSpec((bt, d_s), lambda i, j: (i, 0)),
+            scratch_shapes=[pltpu.VMEM((bt, d_s), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(hs.shape, hs.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(
+            flops=one_kernel_flops, transcendentals=int(2 * n * vocab),
+            bytes_accessed=int(2 * _nbytes(hs) + _nbytes(ht) + n_tok_blocks * _nbytes(es, et) + 28 * n)),
+        interpret=interpret,
+        name="fused_linear_kd_bwd_hidden",
+    )(*operands)
+
+    mats, row_spec = _specs(bt, bv, d_s, d_t, token_axis=1)
+    des = pl.pallas_call(
+        functools.partial(_bwd_embed_kernel, **static),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0, grid=(n_voc_blocks, n_tok_blocks),
+            in_specs=mats + [row_spec] * 6, out_specs=pl.BlockSpec((bv, d_s), lambda j, i: (j, 0)),
+            scratch_shapes=[pltpu.VMEM((bv, d_s), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(es.shape, es.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(
+            flops=one_kernel_flops, transcendentals=int(2 * n * vocab),
+            bytes_accessed=int(2 * _nbytes(es) + _nbytes(et) + n_voc_blocks * (_nbytes(hs, ht) + 28 * n))),
+        interpret=interpret,
+        name="fused_linear_kd_bwd_embedding",
+    )(*operands)
+    return dhs, des
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _stats_pallas(hs, es, ht, et, y, rho, block_sizes, interpret):
+    return _stats_pallas_impl(hs, es, ht, et, y, rho, block_sizes, interpret)
+
+
+def _stats_pallas_fwd(hs, es, ht, et, y, rho, block_sizes, interpret):
+    stats = _stats_pallas_impl(hs, es, ht, et, y, rho, block_sizes, interpret)
+    return stats, (hs, es, ht, et, y, stats[0], stats[3])
+
+
+def _stats_pallas_bwd(rho, block_sizes, interpret, res, cotangents):
+    hs, es, ht, et, y, lse_s, lse_t = res
+    g_lse, g_sy, g_qs, _, _ = cotangents
+    dhs, des = _bwd_pallas(hs, es, ht, et, y, lse_s, lse_t, g_lse, g_sy, g_qs, rho, block_sizes, interpret)
+    return dhs, des, jnp.zeros_like(ht), jnp.zeros_like(et), None
+
+
+_stats_pallas.defvjp(_stats_pallas_fwd, _stats_pallas_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------
+
+def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teacher_embedding, labels,
+                         omega, rho, mask=None, *, impl=None, interpret=False, block_sizes=None,
+                         return_parts=False):
+    """Per-token KD loss ``(1−ω)·ce + ω·kd`` (DESIGN.md §2) with logits ``h @ E.T`` never stored.
+
+    Args:
+      student_hidden: ``[N, D_s]``; student_embedding: ``[V, D_s]`` (tied LM head).
+      teacher_hidden: ``[N, D_t]``; teacher_embedding: ``[V, D_t]``.
+      labels: int ``[N]`` in ``[0, V)`` where ``mask`` is true.  (Flatten ``B*T`` first.)
+      omega: weight in [0, 1], Python number or (traced) scalar; rho: Python number > 0 (static).
+      mask: optional ``[N]``; masked tokens give loss 0 and no gradient.
+      impl: "pallas" | "xla" | "naive" (None: "pallas" on TPU, else "xla"); interpret: for pallas.
+      block_sizes: :class:`FusedKDBlockSizes`; return_parts: also ``{"ce", "kd", "kl"}``.
+
+    Returns float32 ``[N]`` (and the parts dict).  Gradients flow to ``student_hidden``,
+    ``student_embedding`` (and ``omega``); the teacher's arrays get zero cotangents.
+    """
+    arrays = {"student_hidden": student_hidden, "student_embedding": student_embedding,
+              "teacher_hidden": teacher_hidden, "teacher_embedding": teacher_embedding}
+    arrays = {k: _kd._float_input(k, v) for k, v in arrays.items()}
+    for name, x in arrays.items():
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {x.shape}")
+    hs, es = arrays["student_hidden"], arrays["student_embedding"]
+    ht, et = arrays["teacher_hidden"], arrays["teacher_embedding"]
+    if hs.shape[1] != es.shape[1]:
+        raise ValueError(f"student_hidden {hs.shape} and student_embedding {es.shape} disagree on D_s")
+    if ht.shape[1] != et.shape[1]:
+        raise ValueError(f"teacher_hidden {ht.shape} and teacher_embedding {et.shape} disagree on D_t")
+    if hs.shape[0] != ht.shape[0]:
+        raise ValueError(f"student_hidden has {hs.shape[0]} tokens, teacher_hidden {ht.shape[0]}")
+    if es.shape[0] != et.shape[0]:
+        raise ValueError(f"student_embedding has vocab {es.shape[0]}, teacher_embedding {et.shape[0]}")
+    labels, valid = _kd.check_labels_mask(labels, mask, (hs.shape[0],))
+    omega = _kd.check_omega(omega)
+    impl = _kd.check_impl(impl)
+    rho = _kd.check_rho(rho)
+    block_sizes = block_sizes or FusedKDBlockSizes()
+    if not isinstance(block_sizes, FusedKDBlockSizes):
+        raise ValueError(f"block_sizes must be a FusedKDBlockSizes, got {type(block_sizes).__name__}")
+    if impl == "naive":
+        stats = _stats_naive(hs, es, lax.stop_gradient(ht), lax.stop_gradient(et), labels, rho)
+    elif impl == "xla":
+        stats = _stats_xla(hs, es, ht, et, labels, rho, block_sizes.chunk_vocab)
+    else:
+        stats = _stats_pallas(hs, es, ht, et, labels, rho, block_sizes, interpret)
+    return _kd.combine(stats, omega, valid, return_parts)

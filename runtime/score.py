@@ -58,6 +58,21 @@ def token_terms(logits_BxTxV, targets_BxT, k: int):
     return ce_BxT, n_greater_BxT < k
 
 
+def make_token_terms_fn(config, k: int):
+    """``jit``-ed ``(params, windows_BxT1) -> (ce_BxT, in_topk_BxT)``: teacher forward on the
+    inputs ``w[:, :-1]`` and :func:`token_terms` against the targets ``w[:, 1:]``."""
+    import jax
+
+    from salt.runtime import model
+
+    @jax.jit
+    def terms(params, windows_BxT1):
+        logits_BxTxV = model.forward(params, windows_BxT1[:, :-1], config)
+        return token_terms(logits_BxTxV, windows_BxT1[:, 1:], k)
+
+    return terms
+
+
 def window_medians(ce_NxT: np.ndarray, in_topk_NxT: np.ndarray, mode: str = "zero") -> np.ndarray:
     """Median per window of the eq. 11 costs (numpy median semantics), float64.
 
@@ -86,26 +101,28 @@ def _check_mode(mode: str) -> None:
 
 # --------------------------------------------------------------------------- candidate pool
 
-def seen_windows(loader_config: dict, data_dir, steps: int) -> tuple[int, np.ndarray]:
-    """Window ids (at the run's own seq_len) a run's loader served in its first ``steps`` steps.
+def seen_windows(run_config: dict, data_dir, steps: int) -> tuple[int, np.ndarray]:
+    """Window ids (at the run's own seq_len) that a run's loaders served in its first ``steps`` steps.
 
-    ``loader_config`` holds the keyword arguments of ``salt.data.Loader`` as the run recorded
-    them (seq_len, global_batch, seed, split, subset, exclude ...).  Returns ``(seq_len, ids)``.
+    ``run_config`` is the TrainConfig dict a checkpoint records (``meta["run_config"]``): the loader
+    is rebuilt from its seq_len, batch, seed, exclude and (for the KD phase, steps
+    ``step0 < kd_steps``) subset, exactly as the trainer builds it.  Returns ``(seq_len, ids)``.
     """
     from salt.data import Loader
 
-    cfg = {k: v for k, v in dict(loader_config).items()
-           if k in ("seq_len", "global_batch", "seed", "split", "subset", "exclude")}
-    if "seq_len" not in cfg or "global_batch" not in cfg:
-        raise ValueError(f"the run's loader config lacks seq_len/global_batch: {loader_config!r}")
-    cfg.setdefault("split", "train")
-    for key in ("subset", "exclude"):
-        if isinstance(cfg.get(key), list):
-            cfg[key] = np.asarray(cfg[key], dtype=np.int64)
-    loader = Loader(data_dir, **cfg)
-    ids = [np.asarray(loader.window_ids(step0), dtype=np.int64) for step0 in range(int(steps))]
-    ids_S = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
-    return int(cfg["seq_len"]), ids_S
+    try:
+        seq_len, batch, seed = int(run_config["seq_len"]), int(run_config["batch"]), int(run_config["seed"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"the run's recorded config lacks seq_len/batch/seed: {run_config!r}") from None
+    common = dict(seq_len=seq_len, global_batch=batch, seed=seed, split="train")
+    exclude = load_window_ids(run_config["exclude"]) if run_config.get("exclude") else None
+    full = Loader(data_dir, exclude=exclude, **common)
+    kd_steps = int(run_config.get("kd_steps") or 0)
+    kd = Loader(data_dir, subset=load_window_ids(run_config["subset"]), **common) \
+        if run_config.get("subset") and kd_steps > 0 else full
+    ids = [np.asarray((kd if step0 < kd_steps else full).window_ids(step0), dtype=np.int64)
+           for step0 in range(int(steps))]
+    return seq_len, (np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64))
 
 
 def overlapping_windows(seen_ids: np.ndarray, seen_seq_len: int, seq_len: int,
@@ -146,7 +163,7 @@ class ScoreJob:
     force: bool = False
 
 
-def _atomic_write_bytes(path: pathlib.Path, write) -> None:
+def write_bytes_atomic(path: pathlib.Path, write) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -163,11 +180,11 @@ def _atomic_write_bytes(path: pathlib.Path, write) -> None:
 
 def save_npz_atomic(path, **arrays) -> None:
     """``np.savez`` to ``path`` (exact name, no suffix added) via a temp file and rename."""
-    _atomic_write_bytes(pathlib.Path(path), lambda f: np.savez(f, **arrays))
+    write_bytes_atomic(pathlib.Path(path), lambda f: np.savez(f, **arrays))
 
 
 def save_npy_atomic(path, array) -> None:
-    _atomic_write_bytes(pathlib.Path(path), lambda f: np.save(f, array, allow_pickle=False))
+    write_bytes_atomic(pathlib.Path(path), lambda f: np.save(f, array, allow_pickle=False))
 
 
 def load_window_ids(path) -> np.ndarray:
@@ -203,53 +220,31 @@ def load_scores(path) -> dict:
 
 
 def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_windows: int):
-    """Sorted candidate window ids and the number excluded."""
-    excluded = [np.zeros(0, np.int64)]
-    if job.exclude_teacher_seen:
-        loader_cfg = _loader_config(teacher_meta)
-        if loader_cfg is not None and teacher_step > 0:
-            t_len, ids = seen_windows(loader_cfg, _run_data_dir(teacher_meta, job.data), teacher_step)
-            excluded.append(overlapping_windows(ids, t_len, job.seq_len, num_windows))
-    for run in job.exclude_runs:
-        from salt.runtime import checkpoint
+    """Sorted candidate window ids (all training windows at ``job.seq_len`` minus the excluded
+    ones) and the number excluded."""
+    from salt.runtime import checkpoint
 
-        step = checkpoint.latest_step(run)
-        if step is None:
-            raise ValueError(f"--exclude-run {run!r}: no checkpoint found")
-        _, _, meta = _load(run, step, params=False)
-        loader_cfg = _loader_config(meta)
-        if loader_cfg is None:
-            raise ValueError(f"--exclude-run {run!r}: the run recorded no loader config")
-        t_len, ids = seen_windows(loader_cfg, _run_data_dir(meta, job.data), int(meta.get("step", step)))
-        excluded.append(overlapping_windows(ids, t_len, job.seq_len, num_windows))
+    excluded = [np.zeros(0, np.int64)]
+    sources = []
+    if job.exclude_teacher_seen:
+        sources.append((f"teacher {job.teacher!r}", teacher_meta, teacher_step))
+    for run in job.exclude_runs:
+        meta = checkpoint.read_meta(run)
+        sources.append((f"--exclude-run {run!r}", meta, int(meta["step"])))
+    for what, meta, steps in sources:
+        run_config = meta.get("run_config")
+        if not isinstance(run_config, dict):
+            raise ValueError(f"{what}: the checkpoint records no run config, so the windows it "
+                             "saw are unknown (use --no-exclude-teacher-seen / --exclude FILE)")
+        if steps > 0:
+            t_len, ids = seen_windows(run_config, job.data, steps)
+            excluded.append(overlapping_windows(ids, t_len, job.seq_len, num_windows))
     for path in job.exclude_files:
         ids = load_window_ids(path)
         excluded.append(ids[(ids >= 0) & (ids < num_windows)])
     excluded_E = np.unique(np.concatenate(excluded))
     pool = np.setdiff1d(np.arange(num_windows, dtype=np.int64), excluded_E, assume_unique=True)
     return pool, int(excluded_E.size)
-
-
-def _loader_config(meta: dict):
-    for key in ("loader_config", "loader"):
-        value = meta.get(key)
-        if isinstance(value, dict) and "seq_len" in value:
-            return value
-    cfg = meta.get("train_config") or meta.get("config")
-    if isinstance(cfg, dict) and "seq_len" in cfg and "batch" in cfg:
-        return {"seq_len": cfg["seq_len"], "global_batch": cfg["batch"], "seed": cfg.get("seed", 0),
-                "subset": cfg.get("subset")}
-    return None
-
-
-def _run_data_dir(meta: dict, default):
-    return default  # the pool lives in the data being scored; the run must have used the same store
-
-
-def _load(path, step, params=True):
-    from salt.runtime import checkpoint
-
-    return checkpoint.load_params(path, step=step)
 
 
 def teacher_identity(path, step: int) -> str:
@@ -267,7 +262,6 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from salt.data import Loader, TokenStore
-    from salt.runtime import model
 
     _check_mode(job.mode)
     out = pathlib.Path(job.out)
@@ -281,7 +275,9 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     if not data_dir.is_dir():
         raise ValueError(f"data directory {str(data_dir)!r} does not exist")
     store = TokenStore(data_dir)
-    config, params, meta = _load(job.teacher, job.teacher_step)
+    from salt.runtime import checkpoint
+
+    config, params, meta = checkpoint.load_params(job.teacher, job.teacher_step)
     teacher_step = int(meta.get("step", job.teacher_step or 0))
     t_sha = meta.get("tokenizer_sha256")
     if t_sha and t_sha != store.tokenizer_sha256:
@@ -315,7 +311,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
                                  "remove it or use --force")
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(state_path, lambda f: f.write(json.dumps(
+    write_bytes_atomic(state_path, lambda f: f.write(json.dumps(
         {"fingerprint": fingerprint, "teacher": ident, "n_pool": int(pool_N.size)}).encode()))
 
     devices = jax.devices()
@@ -325,11 +321,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
 
-    @jax.jit
-    def terms(params, windows_BxT1):
-        logits_BxTxV = model.forward(params, windows_BxT1[:, :-1], config)
-        return token_terms(logits_BxTxV, windows_BxT1[:, 1:], job.k)
-
+    terms = make_token_terms_fn(config, job.k)
     chunk = batch * job.chunk_batches
     n_chunks = -(-pool_N.size // chunk)
     done = sum((partial / f"chunk_{c:06d}.npz").is_file() for c in range(n_chunks))

@@ -1,0 +1,91 @@
+"""Training losses of the runtime (DESIGN.md §2) and the ω schedule (§3) in ``jnp``.
+
+``kd_loss_parts`` is the plain-JAX path: per position it returns the loss
+``(1-ω)·ce + ω·kd`` and the monitored parts ``ce``, ``kd`` and ``KL(Q‖P) = kd − H(Q)``,
+with ``Q = softmax(ρ·t)`` and ``P = softmax(s)``; the teacher logits are under
+``stop_gradient``.  ``impl="pallas"`` / ``"kernel-xla"`` routes the loss (and its gradient)
+through ``salt.kernels.kd_loss`` while the monitored parts come from the plain path
+without gradient.  ``batch_mean`` averages over the valid (unmasked) target positions.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+LOSS_IMPLS = ("xla", "pallas", "kernel-xla", "naive")
+TRANSITIONS = ("step", "linear", "linear-ratio")
+
+
+def ce_parts(student_logits_BxTxV, labels_BxT):
+    """Per-position next-token cross-entropy and correctness (argmax == label)."""
+    s = student_logits_BxTxV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    s_y = jnp.take_along_axis(s, labels_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    correct = (jnp.argmax(s, axis=-1) == labels_BxT).astype(jnp.float32)
+    return {"ce": lse - s_y, "correct": correct}
+
+
+def kd_loss_parts(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho):
+    """Plain-JAX per-position loss and parts: dict of ``[B, T]`` float32 arrays
+    ``loss, ce, kd, kl, correct``."""
+    s = student_logits_BxTxV.astype(jnp.float32)
+    t = jax.lax.stop_gradient(teacher_logits_BxTxV.astype(jnp.float32))
+    lse = jax.nn.logsumexp(s, axis=-1)
+    s_y = jnp.take_along_axis(s, labels_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    log_q = jax.nn.log_softmax(rho * t, axis=-1)
+    q = jnp.exp(log_q)
+    q_dot_s = jnp.sum(q * s, axis=-1)
+    ce = lse - s_y
+    kd = lse - q_dot_s
+    entropy_q = -jnp.sum(jnp.where(q > 0, q * log_q, 0.0), axis=-1)
+    correct = (jnp.argmax(s, axis=-1) == labels_BxT).astype(jnp.float32)
+    return {"loss": (1.0 - omega) * ce + omega * kd, "ce": ce, "kd": kd,
+            "kl": kd - entropy_q, "correct": correct}
+
+
+def kd_loss(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho, *,
+            impl: str = "xla"):
+    """Per-position parts as :func:`kd_loss_parts`; ``loss`` from the chosen implementation."""
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
+    if impl == "xla":
+        return kd_loss_parts(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho)
+    from salt.kernels import kd_loss as kernel_kd_loss
+    parts = jax.lax.stop_gradient(kd_loss_parts(
+        student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho))
+    kernel_impl = "xla" if impl == "kernel-xla" else impl
+    parts["loss"] = kernel_kd_loss(student_logits_BxTxV,
+                                   jax.lax.stop_gradient(teacher_logits_BxTxV),
+                                   labels_BxT, omega, rho, impl=kernel_impl)
+    return parts
+
+
+def batch_mean(values_BxT, mask_BxT=None):
+    """Mean over valid positions (all positions when ``mask`` is None)."""
+    values_BxT = values_BxT.astype(jnp.float32)
+    if mask_BxT is None:
+        return jnp.mean(values_BxT)
+    mask = mask_BxT.astype(jnp.float32)
+    return jnp.sum(values_BxT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def omega_at(step, omega: float, n_kd: int, transition: str = "step", n_kd1: int | None = None):
+    """ω at 1-based ``step`` (a traced or concrete integer), DESIGN.md §3.
+
+    ``step``: ω for step <= n_kd, 0 after.  ``linear``: ω up to n_kd1, then linearly to 0 at
+    n_kd.  ``linear-ratio``: r = ω/(1-ω) linearly to 0 between n_kd1 and n_kd, ω = r/(1+r).
+    """
+    if transition not in TRANSITIONS:
+        raise ValueError(f"transition must be one of {TRANSITIONS}, got {transition!r}")
+    j = jnp.asarray(step, jnp.float32)
+    omega_f = jnp.float32(omega)
+    if transition == "step" or n_kd1 is None or n_kd1 >= n_kd:
+        return jnp.where(j <= n_kd, omega_f, jnp.float32(0.0))
+    frac = jnp.clip((n_kd - j) / jnp.float32(n_kd - n_kd1), 0.0, 1.0)
+    if transition == "linear":
+        value = omega_f * frac
+    else:
+        ratio = (omega_f / (1.0 - omega_f) if omega < 1.0 else jnp.float32(jnp.inf)) * frac
+        value = jnp.where(jnp.isinf(ratio), jnp.float32(1.0), ratio / (1.0 + ratio))
+    value = jnp.where(j <= n_kd1, omega_f, value)
+    return jnp.where(j <= n_kd, value, jnp.float32(0.0))

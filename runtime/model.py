@@ -1,0 +1,226 @@
+"""The pure-JAX SALT transformer (architecture and parameter layout of ``reference/config.py``).
+
+Parameters are a nested dict of float32 arrays in THE layout of
+:func:`salt.reference.config.param_shapes`; the layers are stacked along a leading axis
+and run with :func:`jax.lax.scan`, so compile time does not grow with depth.
+
+Precision: parameters stay float32.  With ``dtype=jnp.bfloat16`` the matrix multiplications
+run on bfloat16 operands (float32 accumulation), while the residual stream, the RMS norms,
+the attention softmax and the logits stay float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from salt.reference.config import ModelConfig, param_shapes
+
+ATTENTION_IMPLS = ("xla", "pallas", "naive", "kernel-xla")
+
+
+# ----------------------------------------------------------------------------- parameters
+def init_params(config: ModelConfig, seed: int) -> dict:
+    """Initial parameters (float32 ``jnp`` arrays) for ``config`` from an integer ``seed``.
+
+    Uses the NumPy reference's ``init_params`` when it is available, so that the reference
+    trainer and this runtime start from identical parameters; otherwise the documented
+    fallback of :func:`init_params_jax`.
+    """
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    ref_init = _reference_init()
+    if ref_init is None:
+        return init_params_jax(config, int(seed))
+    params = ref_init(config, int(seed))
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x, dtype=np.float32)), params)
+
+
+def _reference_init() -> Callable | None:
+    try:
+        from salt.reference.model import init_params as ref_init
+    except ImportError:
+        return None
+    return ref_init
+
+
+def init_params_jax(config: ModelConfig, seed: int) -> dict:
+    """Fallback initialisation in JAX: normal(0, 1/sqrt(fan_in)) matrices, the embedding
+    normal(0, 1/sqrt(d_model)), norm scales one."""
+    shapes = param_shapes(config)
+    key = jax.random.PRNGKey(seed)
+    names = ["embed"] + [f"layers/{n}" for n in sorted(shapes["layers"])] + ["final_norm"]
+    keys = dict(zip(names, jax.random.split(key, len(names))))
+
+    def normal(name, shape, std):
+        return std * jax.random.normal(keys[name], shape, jnp.float32)
+
+    layers = {}
+    for name, shape in shapes["layers"].items():
+        if name.endswith("norm"):
+            layers[name] = jnp.ones(shape, jnp.float32)
+        else:
+            layers[name] = normal(f"layers/{name}", shape, 1.0 / math.sqrt(shape[1]))
+    return {
+        "embed": normal("embed", shapes["embed"], 1.0 / math.sqrt(config.d_model)),
+        "layers": layers,
+        "final_norm": jnp.ones(shapes["final_norm"], jnp.float32),
+    }
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:
+    """``jax.ShapeDtypeStruct`` tree of the parameters (for lowering without real arrays)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(tuple(s), dtype), param_shapes(config),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def check_params(params: dict, config: ModelConfig) -> None:
+    """Raise ValueError naming the first parameter whose shape differs from the layout."""
+    from salt.reference.config import flatten_params
+    want = flatten_params(param_shapes(config))
+    got = flatten_params(params)
+    if set(want) != set(got):
+        raise ValueError(f"parameter names differ from the layout of {config.name}: "
+                         f"missing {sorted(set(want) - set(got))}, "
+                         f"unexpected {sorted(set(got) - set(want))}")
+    for name, shape in want.items():
+        if tuple(got[name].shape) != tuple(shape):
+            raise ValueError(f"parameter {name} has shape {tuple(got[name].shape)}, "
+                             f"expected {tuple(shape)} for {config.name}")
+
+
+# ----------------------------------------------------------------------------- building blocks
+def rmsnorm(x, scale, eps):
+    """``x / sqrt(mean(x**2) + eps) * scale`` in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def rope(x_BxTxNxK, base: float):
+    """Rotary embedding, half-split convention, positions 0..T-1 (computed in float32)."""
+    T, K = x_BxTxNxK.shape[1], x_BxTxNxK.shape[3]
+    half = K // 2
+    inv_freq_H = base ** (-2.0 * jnp.arange(half, dtype=jnp.float32) / K)
+    angle_TxH = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_H[None, :]
+    cos = jnp.cos(angle_TxH)[None, :, None, :]
+    sin = jnp.sin(angle_TxH)[None, :, None, :]
+    x = x_BxTxNxK.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(T: int, prefix_len_B=None):
+    """Boolean visibility ``[B or 1, T(query), T(key)]``: causal, or prefix-LM."""
+    t = jnp.arange(T)
+    causal_TxT = t[None, :] <= t[:, None]
+    if prefix_len_B is None:
+        return causal_TxT[None]
+    prefix = jnp.asarray(prefix_len_B)[:, None, None]
+    return causal_TxT[None] | (t[None, None, :] < prefix)
+
+
+def attention_xla(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, prefix_len_B=None):
+    """Multi-query / grouped attention in plain XLA ops. Softmax in float32.
+
+    Query head ``j`` uses key/value head ``j // (H // G)``. Returns ``[B, T, H, K]``.
+    """
+    B, T, H, K = q_BxTxHxK.shape
+    G = k_BxTxGxK.shape[2]
+    R = H // G
+    q = q_BxTxHxK.reshape(B, T, G, R, K)
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxTxGxK,
+                        preferred_element_type=jnp.float32) / math.sqrt(K)
+    mask = attention_mask(T, prefix_len_B)[:, None, None]  # [B|1, 1, 1, T, T]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v_BxTxGxK.dtype), v_BxTxGxK,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, K)
+
+
+def _attention(q, k, v, prefix_len_B, impl: str):
+    if impl == "xla":
+        return attention_xla(q, k, v, prefix_len_B)
+    from salt.kernels import mqa_attention
+    kernel_impl = "xla" if impl == "kernel-xla" else impl
+    return mqa_attention(q, k, v, prefix_len=prefix_len_B, impl=kernel_impl).astype(jnp.float32)
+
+
+def _matmul(x, w, dtype):
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, attention_impl):
+    B, T, _ = h_BxTxD.shape
+    H, G, K = config.n_heads, config.n_kv_heads, config.head_dim
+    a = rmsnorm(h_BxTxD, layer["attn_norm"], config.norm_eps)
+    q = _matmul(a, layer["wq"], dtype).reshape(B, T, H, K)
+    k = _matmul(a, layer["wk"], dtype).reshape(B, T, G, K)
+    v = _matmul(a, layer["wv"], dtype).reshape(B, T, G, K)
+    q = rope(q, config.rope_base).astype(dtype)
+    k = rope(k, config.rope_base).astype(dtype)
+    attn = _attention(q, k, v.astype(dtype), prefix_len_B, attention_impl)
+    h_BxTxD = h_BxTxD + _matmul(attn.reshape(B, T, H * K), layer["wo"], dtype)
+    m = rmsnorm(h_BxTxD, layer["mlp_norm"], config.norm_eps)
+    gate = gelu_tanh(_matmul(m, layer["w_gate"], dtype))
+    up = _matmul(m, layer["w_up"], dtype)
+    return h_BxTxD + _matmul(gate * up, layer["w_down"], dtype)
+
+
+# ----------------------------------------------------------------------------- model
+def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
+           dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False):
+    """Final normed hidden states ``[B, T, D]`` (before the tied LM head), in ``dtype``."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    if tokens_BxT.ndim != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {tokens_BxT.shape}")
+    dtype = jnp.dtype(dtype)
+    h = jnp.take(params["embed"], tokens_BxT, axis=0).astype(jnp.float32)
+    h = h * math.sqrt(config.d_model)
+
+    def body(h_BxTxD, layer):
+        return _layer(h_BxTxD, layer, config, prefix_len_B, dtype, attention_impl), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    h, _ = jax.lax.scan(body, h, params["layers"])
+    return rmsnorm(h, params["final_norm"], config.norm_eps).astype(dtype)
+
+
+def logits_from_hidden(params: dict, hidden_BxTxD):
+    """Tied LM head: ``hidden @ embed.T`` with float32 accumulation and result."""
+    return jnp.einsum("btd,vd->btv", hidden_BxTxD, params["embed"].astype(hidden_BxTxD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
+            dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False):
+    """Logits ``[B, T, V]`` (float32) for ``tokens_BxT`` (int)."""
+    h = hidden(params, tokens_BxT, config, prefix_len_B, dtype=dtype,
+               attention_impl=attention_impl, remat=remat)
+    return logits_from_hidden(params, h)
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+def forward_flops(config: ModelConfig, batch: int, seq_len: int) -> float:
+    """Analytic forward FLOPs (2 per multiply-add) of the matmuls: projections, attention
+    scores/values (full T x T, as computed), and the LM head."""
+    c = config
+    D, F, H, G, K, T = c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim, seq_len
+    per_token_layer = 2 * D * (H * K + 2 * G * K) + 2 * H * K * D + 3 * 2 * D * F
+    attn_per_token_layer = 2 * 2 * H * K * T
+    head = 2 * D * c.vocab_size
+    return float(batch * T * (c.n_layers * (per_token_layer + attn_per_token_layer) + head))
+
+
+def train_step_flops(config: ModelConfig, batch: int, seq_len: int) -> float:
+    """Forward + backward (= 3x forward) FLOPs of one training step."""
+    return 3.0 * forward_flops(config, batch, seq_len)

@@ -1,0 +1,303 @@
+"""Where documents come from: the embedded default corpus and the sources users bring.
+
+A *source* is a path (file or directory) or a glob pattern. Files are read as follows
+(by name, case-insensitive):
+
+* ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` / ``*.jsonl.zstd``: one JSON object per line,
+  the document text under ``text_field``; streamed line by line (never the whole file).
+* any other ``*.gz`` / ``*.zst`` / ``*.zstd``: one compressed text document.
+* any other file: one text document (a file holding a NUL byte is treated as binary,
+  skipped and counted).
+
+Directories are walked recursively in sorted order, skipping hidden entries (names starting
+with ``.``); globs are expanded (``**`` allowed) in sorted order. The embedded default
+corpus is the ``*.py`` files of the running interpreter's standard library
+(``sysconfig.get_paths()["stdlib"]``), excluding ``site-packages``, in sorted order.
+
+Nothing is dropped silently: every skipped or altered input is counted in
+:class:`CorpusStats`, which ``prepare`` stores in ``metadata.json`` and prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+import zlib
+from collections.abc import Iterator, Sequence
+
+REPLACEMENT_CHAR = "\ufffd"
+_REPLACEMENT_BYTES = REPLACEMENT_CHAR.encode("utf-8")
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
+_GZIP_SUFFIXES = (".gz",)
+_ZSTD_SUFFIXES = (".zst", ".zstd")
+_READ_CHUNK_BYTES = 1 << 20
+
+
+@dataclasses.dataclass
+class CorpusStats:
+    """Counts of what was read, skipped and altered while streaming the sources."""
+
+    files: int = 0
+    documents: int = 0                # non-empty documents yielded
+    empty_documents: int = 0          # empty texts (skipped)
+    binary_files: int = 0             # plain files holding a NUL byte (skipped)
+    blank_jsonl_lines: int = 0        # whitespace-only JSONL lines (skipped)
+    invalid_json_lines: int = 0       # malformed JSON / not an object (skipped with skip_invalid)
+    missing_field_lines: int = 0      # object without a string text field (skipped with skip_invalid)
+    non_utf8_documents: int = 0       # documents in which invalid UTF-8 was replaced by U+FFFD
+    replaced_characters: int = 0      # number of U+FFFD characters introduced by that replacement
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def skipped_summary(self) -> dict:
+        """The counters of things skipped or altered (everything but files/documents)."""
+        d = self.to_dict()
+        d.pop("files")
+        d.pop("documents")
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A resolved, ordered list of input files plus a description for the metadata."""
+
+    files: tuple[pathlib.Path, ...]
+    description: dict
+
+    @property
+    def total_file_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def embedded_corpus() -> Corpus:
+    """The default corpus: the running interpreter's stdlib ``*.py`` files, no site-packages."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise ValueError(f"embedded corpus: stdlib directory {root} does not exist")
+    files = sorted(
+        (f for f in root.rglob("*.py")
+         if "site-packages" not in f.relative_to(root).parts and f.is_file()),
+        key=lambda f: f.relative_to(root).as_posix())
+    if not files:
+        raise ValueError(f"embedded corpus: no *.py files under {root}")
+    listing = "\n".join(f"{f.relative_to(root).as_posix()}\t{f.stat().st_size}" for f in files)
+    return Corpus(tuple(files), {
+        "kind": "embedded-stdlib",
+        "stdlib_dir": str(root),
+        "python_version": sys.version.split()[0],
+        "python_implementation": sys.implementation.name,
+        "num_files": len(files),
+        # sha256 over "relative/path<TAB>size" lines, sorted: identifies the file list.
+        "file_list_sha256": hashlib.sha256(listing.encode("utf-8")).hexdigest(),
+    })
+
+
+def resolve_sources(sources: Sequence[str | os.PathLike]) -> Corpus:
+    """Expand paths, directories and globs into an ordered, de-duplicated list of files."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if len(sources) == 0:
+        raise ValueError("sources: empty list (pass None for the embedded default corpus)")
+    files: list[pathlib.Path] = []
+    seen: set[pathlib.Path] = set()
+
+    def add(path: pathlib.Path):
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for source in sources:
+        text = os.fspath(source)
+        path = pathlib.Path(text)
+        if path.is_file():
+            add(path)
+        elif path.is_dir():
+            found = sorted(_walk_dir(path), key=lambda f: f.relative_to(path).as_posix())
+            if not found:
+                raise ValueError(f"source {text!r}: directory holds no (non-hidden) files")
+            for f in found:
+                add(f)
+        elif glob.has_magic(text):
+            found = sorted(pathlib.Path(p) for p in glob.glob(text, recursive=True)
+                           if pathlib.Path(p).is_file())
+            if not found:
+                raise ValueError(f"source {text!r}: glob pattern matches no files")
+            for f in found:
+                add(f)
+        else:
+            raise ValueError(f"source {text!r}: no such file or directory")
+    return Corpus(tuple(files), {
+        "kind": "files",
+        "sources": [os.fspath(s) for s in sources],
+        "num_files": len(files),
+    })
+
+
+def _walk_dir(root: pathlib.Path) -> Iterator[pathlib.Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith("."):
+                yield pathlib.Path(dirpath) / name
+
+
+def iter_documents(corpus: Corpus, stats: CorpusStats, *, text_field: str = "text",
+                   skip_invalid: bool = False, on_file=None) -> Iterator[str]:
+    """Stream the non-empty documents of ``corpus`` in order, updating ``stats``.
+
+    ``on_file(path)`` is called after each file is finished (used for progress bars).
+    Raises ValueError naming the file (and line) for malformed input.
+    """
+    for path in corpus.files:
+        stats.files += 1
+        name = path.name.lower()
+        try:
+            if name.endswith(_JSONL_SUFFIXES):
+                yield from _iter_jsonl(path, stats, text_field, skip_invalid)
+            else:
+                data = b"".join(_iter_file_chunks(path))
+                if b"\x00" in data:
+                    stats.binary_files += 1
+                else:
+                    text = _decode(data, stats)
+                    if text:
+                        stats.documents += 1
+                        yield text
+                    else:
+                        stats.empty_documents += 1
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read: {e}") from None
+        if on_file is not None:
+            on_file(path)
+
+
+def _iter_jsonl(path: pathlib.Path, stats: CorpusStats, text_field: str,
+                skip_invalid: bool) -> Iterator[str]:
+    for lineno, line in enumerate(_iter_lines(_iter_file_chunks(path)), 1):
+        if not line.strip():
+            stats.blank_jsonl_lines += 1
+            continue
+        # Decode the line ourselves so that invalid UTF-8 is replaced and counted.
+        line_text = _decode(line, stats)
+        try:
+            record = json.loads(line_text)
+        except json.JSONDecodeError as e:
+            if skip_invalid:
+                stats.invalid_json_lines += 1
+                continue
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                             "pass --skip-invalid to skip and count such lines") from None
+        if not isinstance(record, dict):
+            if skip_invalid:
+                stats.invalid_json_lines += 1
+                continue
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}; "
+                             "pass --skip-invalid to skip and count such lines")
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            if skip_invalid:
+                stats.missing_field_lines += 1
+                continue
+            if text_field not in record:
+                fields = ", ".join(repr(k) for k in list(record)[:10])
+                problem = f"no field {text_field!r} (fields: {fields or 'none'})"
+            else:
+                problem = f"field {text_field!r} is a {type(text).__name__}, not a string"
+            raise ValueError(f"{path}:{lineno}: {problem}; choose the field with --text-field, "
+                             "or pass --skip-invalid to skip and count such lines")
+        text = _sanitize_surrogates(text, stats)
+        if text:
+            stats.documents += 1
+            yield text
+        else:
+            stats.empty_documents += 1
+
+
+def _decode(data: bytes, stats: CorpusStats) -> str:
+    """UTF-8 decode; invalid bytes become U+FFFD and are counted (per document and per char)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        stats.non_utf8_documents += 1
+        stats.replaced_characters += text.count(REPLACEMENT_CHAR) - data.count(_REPLACEMENT_BYTES)
+        return text
+
+
+def _sanitize_surrogates(text: str, stats: CorpusStats) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``), which are not valid UTF-8: replace them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        before = text.count(REPLACEMENT_CHAR)
+        fixed = "".join(REPLACEMENT_CHAR if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+        stats.non_utf8_documents += 1
+        stats.replaced_characters += fixed.count(REPLACEMENT_CHAR) - before
+        return fixed
+
+
+def _iter_file_chunks(path: pathlib.Path) -> Iterator[bytes]:
+    """Raw (decompressed) bytes of a file, in chunks; truncated archives raise ValueError."""
+    name = path.name.lower()
+    if name.endswith(_GZIP_SUFFIXES):
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(_READ_CHUNK_BYTES):
+                    yield chunk
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise ValueError(f"{path}: truncated or corrupt gzip file ({e})") from None
+    elif name.endswith(_ZSTD_SUFFIXES):
+        yield from _iter_zstd_chunks(path)
+    else:
+        with open(path, "rb") as f:
+            while chunk := f.read(_READ_CHUNK_BYTES):
+                yield chunk
+
+
+def _iter_zstd_chunks(path: pathlib.Path) -> Iterator[bytes]:
+    # zstandard's stream_reader returns a truncated stream silently, so we drive a
+    # decompressobj per frame and check that the last frame reached its end.
+    import zstandard
+
+    decompressor = zstandard.ZstdDecompressor()
+    dobj = decompressor.decompressobj()
+    frame_started = False
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_READ_CHUNK_BYTES):
+                while chunk:
+                    frame_started = True
+                    out = dobj.decompress(chunk)
+                    if out:
+                        yield out
+                    if dobj.eof:
+                        chunk = dobj.unused_data
+                        dobj = decompressor.decompressobj()
+                        frame_started = False
+                    else:
+                        chunk = b""
+    except zstandard.ZstdError as e:
+        raise ValueError(f"{path}: corrupt zstd file ({e})") from None
+    if frame_started:
+        raise ValueError(f"{path}: truncated zstd file (the last frame does not end)")
+
+
+def _iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Split a byte stream at b"\\n" (the newline is dropped; a trailing partial line is kept)."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        yield from lines
+    if pending:
+        yield pending

@@ -1,0 +1,159 @@
+"""The packed token store written by ``salt data prepare`` and read by everything else.
+
+Layout of a store directory::
+
+    metadata.json             written last; a directory without it is not a store
+    tokenizer.model           the SentencePiece model (sha256 in the metadata)
+    train.tokens.bin          flat token ids of the train split, native-endian uint16 or uint32
+    train.doc_offsets.bin     int64 [documents + 1]: document d is tokens[off[d]:off[d+1]]
+    val.tokens.bin, val.doc_offsets.bin
+
+Each document's tokens end with EOS (id 3), so the flat stream is
+``doc0 EOS doc1 EOS ...``. The store is opened read-only with memory maps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+FORMAT_NAME = "salt-token-store"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+TOKENIZER_FILE = "tokenizer.model"
+SPLITS = ("train", "val")
+OFFSET_DTYPE = np.dtype("<i8")
+
+
+def tokens_file(split: str) -> str:
+    return f"{split}.tokens.bin"
+
+
+def offsets_file(split: str) -> str:
+    return f"{split}.doc_offsets.bin"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32 (little-endian on disk)."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TokenStore:
+    """A prepared token store (read-only).
+
+    Raises ValueError naming the path if the directory is not a complete store
+    (no ``metadata.json``, unreadable metadata, missing files or sizes that disagree).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        meta_path = self.path / METADATA_FILE
+        if not self.path.is_dir():
+            raise ValueError(f"token store {self.path}: no such directory "
+                             "(create one with `salt data prepare --out DIR`)")
+        if not meta_path.is_file():
+            raise ValueError(f"token store {self.path}: no {METADATA_FILE}; the store is incomplete "
+                             "(an interrupted `salt data prepare`?) or not a token store")
+        try:
+            self.metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"token store {self.path}: unreadable {METADATA_FILE} ({e})") from None
+        if not isinstance(self.metadata, dict) or self.metadata.get("format") != FORMAT_NAME:
+            raise ValueError(f"token store {self.path}: {METADATA_FILE} is not a {FORMAT_NAME} metadata file")
+        if self.metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"token store {self.path}: format_version "
+                             f"{self.metadata.get('format_version')!r} is not supported "
+                             f"(expected {FORMAT_VERSION}); re-run `salt data prepare`")
+        try:
+            self.vocab_size = int(self.metadata["vocab_size"])
+            self.tokenizer_sha256 = str(self.metadata["tokenizer_sha256"])
+            self.dtype = np.dtype(self.metadata["token_dtype"])
+            self._counts = {s: self.metadata["splits"][s] for s in SPLITS}
+            for s in SPLITS:
+                int(self._counts[s]["tokens"]), int(self._counts[s]["documents"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"token store {self.path}: {METADATA_FILE} lacks or garbles a field ({e!r})") from None
+        self.tokenizer_path = self.path / TOKENIZER_FILE
+        if not self.tokenizer_path.is_file():
+            raise ValueError(f"token store {self.path}: missing {TOKENIZER_FILE}")
+        digest = file_sha256(self.tokenizer_path)
+        if digest != self.tokenizer_sha256:
+            raise ValueError(f"token store {self.path}: {TOKENIZER_FILE} sha256 {digest} does not match "
+                             f"the metadata's {self.tokenizer_sha256}")
+        for split in SPLITS:
+            self._check_size(tokens_file(split), self.num_tokens(split) * self.dtype.itemsize)
+            self._check_size(offsets_file(split), (self.num_documents(split) + 1) * OFFSET_DTYPE.itemsize)
+        self._tokens: dict[str, np.ndarray] = {}
+        self._offsets: dict[str, np.ndarray] = {}
+
+    def _check_size(self, name: str, expected: int):
+        path = self.path / name
+        if not path.is_file():
+            raise ValueError(f"token store {self.path}: missing {name}")
+        size = path.stat().st_size
+        if size != expected:
+            raise ValueError(f"token store {self.path}: {name} has {size} bytes, the metadata says "
+                             f"{expected}; the store is corrupt or truncated")
+
+    @staticmethod
+    def _check_split(split: str):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+    def num_tokens(self, split: str) -> int:
+        self._check_split(split)
+        return int(self._counts[split]["tokens"])
+
+    def num_documents(self, split: str) -> int:
+        self._check_split(split)
+        return int(self._counts[split]["documents"])
+
+    def tokens(self, split: str) -> np.ndarray:
+        """Read-only memory map of the split's flat token ids (uint16 or uint32)."""
+        self._check_split(split)
+        if split not in self._tokens:
+            self._tokens[split] = _memmap(self.path / tokens_file(split), self.dtype,
+                                          self.num_tokens(split))
+        return self._tokens[split]
+
+    def doc_offsets(self, split: str) -> np.ndarray:
+        """int64 [documents + 1]: document d spans tokens[off[d]:off[d+1]] (EOS included)."""
+        self._check_split(split)
+        if split not in self._offsets:
+            self._offsets[split] = _memmap(self.path / offsets_file(split), OFFSET_DTYPE,
+                                           self.num_documents(split) + 1)
+        return self._offsets[split]
+
+    def processor(self):
+        """The store's tokenizer as a ``sentencepiece.SentencePieceProcessor``."""
+        from salt.data.tokenizer import load_processor
+
+        return load_processor(self.tokenizer_path)
+
+    def __repr__(self):
+        return (f"TokenStore({str(self.path)!r}, vocab_size={self.vocab_size}, "
+                f"train_tokens={self.num_tokens('train')}, val_tokens={self.num_tokens('val')})")
+
+
+def _memmap(path: pathlib.Path, dtype: np.dtype, count: int) -> np.ndarray:
+    if count == 0:  # numpy cannot memory-map an empty file
+        empty = np.zeros(0, dtype=dtype)
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+def open_store(store_or_dir) -> TokenStore:
+    """Accept a TokenStore or a path to one."""
+    return store_or_dir if isinstance(store_or_dir, TokenStore) else TokenStore(store_or_dir)

@@ -1,0 +1,170 @@
+"""The SentencePiece tokenizer shared by teacher and student.
+
+SentencePiece's defaults normalise text (NFKC), collapse and strip whitespace and add a
+dummy prefix space, so decode(encode(doc)) != doc for source code. We train with:
+
+* ``normalization_rule_name="identity"``, ``remove_extra_whitespaces=False``,
+  ``add_dummy_prefix=False``: the text is tokenised exactly as given;
+* ``byte_fallback=True``: any character outside the vocabulary (including ``\\n``, ``\\r``,
+  ``\\t``, form feeds, NULs, rare unicode) is encoded as its UTF-8 bytes, so nothing maps to
+  ``<unk>``;
+* ``allow_whitespace_only_pieces=True``: runs of indentation become pieces;
+* ``split_digits=True``: numbers are spelled digit by digit (a small vocabulary is not
+  wasted on numerals).
+
+The training sentences are the *lines* of a sample of documents (SentencePiece's trainer
+works on sentences); whole documents, newlines included, are encoded at tokenisation time.
+One character survives none of this: SentencePiece writes spaces as U+2581 ("▁") and
+decodes every "▁" back to a space, so a literal U+2581 in the text would come back as a
+space. :func:`encode_document` therefore encodes literal U+2581 as its three byte-fallback
+pieces, which decode to U+2581 itself. With that, decode(encode(doc)) == doc for every
+valid Unicode document (tested; the full embedded corpus is checked by ``prepare``, which
+counts any failure in ``metadata.json``).
+
+Special ids: pad=0, unk=1, bos=2, eos=3 (eos separates documents in the token stream).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterable
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+# Fixed thread count: the unigram trainer's sums depend on how work is split across
+# threads, so a fixed count keeps training byte-for-byte deterministic on any machine.
+TRAINER_THREADS = 2
+# Training sentences longer than this are cut into pieces of this many characters
+# (SentencePiece skips over-long sentences, e.g. minified lines, instead).
+MAX_TRAINING_LINE_CHARS = 4096
+_SPACE_MARK = "\u2581"
+
+TRAINER_OPTIONS = dict(
+    model_type="unigram",
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+    num_threads=TRAINER_THREADS,
+    max_sentence_length=4 * MAX_TRAINING_LINE_CHARS + 16,  # bytes; UTF-8 is at most 4 per char
+    input_sentence_size=0,          # we sample ourselves, deterministically
+    shuffle_input_sentence=False,
+    seed_sentencepiece_size=1_000_000,
+    minloglevel=2,
+)
+
+
+def training_lines(documents: Iterable[str]) -> Iterable[str]:
+    """The sentences the trainer sees: non-empty lines, long ones cut into chunks."""
+    for doc in documents:
+        for line in doc.split("\n"):
+            for start in range(0, len(line), MAX_TRAINING_LINE_CHARS):
+                yield line[start:start + MAX_TRAINING_LINE_CHARS]
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int) -> bytes:
+    """Train the SentencePiece model on ``documents``; returns the serialized model.
+
+    Deterministic: the same documents in the same order give byte-identical bytes.
+    Raises ValueError when ``vocab_size`` does not fit the text (naming the sizes that do).
+    """
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    model = io.BytesIO()
+    lines = list(training_lines(documents))
+    if not lines:
+        raise ValueError("cannot train a tokenizer: the corpus sample has no non-empty lines")
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
+                                       vocab_size=vocab_size, **TRAINER_OPTIONS)
+    except RuntimeError as e:
+        raise _vocab_error(str(e), vocab_size) from None
+    return model.getvalue()
+
+
+class VocabSizeError(ValueError):
+    """The requested vocabulary does not fit the corpus; ``max_vocab_size`` says what does."""
+
+    def __init__(self, message: str, max_vocab_size: int | None = None,
+                 min_vocab_size: int | None = None):
+        super().__init__(message)
+        self.max_vocab_size = max_vocab_size
+        self.min_vocab_size = min_vocab_size
+
+
+def _vocab_error(message: str, vocab_size: int) -> ValueError:
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)",
+                         message)
+    if too_high:
+        largest = int(too_high.group(2))
+        return VocabSizeError(
+            f"vocab_size={vocab_size} is too large for this corpus: the largest size that works "
+            f"is {largest} (use --vocab-size {largest} or smaller, or bring more text)",
+            max_vocab_size=largest)
+    too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_small:
+        smallest = int(too_small.group(2))
+        return VocabSizeError(
+            f"vocab_size={vocab_size} is too small: this corpus needs at least {smallest} "
+            "(4 special ids + 256 byte pieces + its distinct characters)",
+            min_vocab_size=smallest)
+    return ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {message}")
+
+
+def load_processor(model: bytes | str | os.PathLike) -> spm.SentencePieceProcessor:
+    """A SentencePieceProcessor from serialized bytes or a path; checks the special ids."""
+    where = "<bytes>" if isinstance(model, bytes) else os.fspath(model)
+    try:
+        if isinstance(model, bytes):
+            sp = spm.SentencePieceProcessor(model_proto=model)
+        else:
+            sp = spm.SentencePieceProcessor(model_file=os.fspath(model))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"tokenizer {where}: not a readable SentencePiece model ({e})") from None
+    check_special_ids(sp, where)
+    return sp
+
+
+def check_special_ids(sp: spm.SentencePieceProcessor, where: str) -> None:
+    got = {"pad": sp.pad_id(), "unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id()}
+    if got != SPECIAL_IDS:
+        raise ValueError(f"tokenizer {where}: special ids {got} differ from the required {SPECIAL_IDS} "
+                         "(train it with salt data prepare, or with pad_id=0 unk_id=1 bos_id=2 eos_id=3)")
+
+
+def space_mark_byte_ids(sp: spm.SentencePieceProcessor) -> list[int] | None:
+    """Ids of the byte pieces spelling U+2581 in UTF-8, or None without byte fallback."""
+    ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
+    return None if any(i == sp.unk_id() for i in ids) else ids
+
+
+def encode_document(sp: spm.SentencePieceProcessor, text: str,
+                    space_mark_ids: list[int] | None = None) -> list[int]:
+    """Token ids of one document (no BOS/EOS), exactly invertible by ``sp.decode``.
+
+    ``space_mark_ids`` (from :func:`space_mark_byte_ids`) may be passed to save the lookup.
+    """
+    if _SPACE_MARK not in text:
+        return sp.encode(text)
+    if space_mark_ids is None:
+        space_mark_ids = space_mark_byte_ids(sp)
+    if space_mark_ids is None:
+        return sp.encode(text)  # no byte fallback: the "▁" -> " " ambiguity cannot be avoided
+    ids: list[int] = []
+    for i, part in enumerate(text.split(_SPACE_MARK)):
+        if i:
+            ids.extend(space_mark_ids)
+        if part:
+            ids.extend(sp.encode(part))
+    return ids
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,76 @@
+"""``salt data``: prepare the corpus, tokenizer and token store; inspect a store."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from salt.data.prepare import DEFAULT_VAL_FRACTION, EMBEDDED_VOCAB_SIZE
+
+
+@click.group("data")
+def data():
+    """Prepare the corpus, tokenizer and token store."""
+
+
+@data.command("prepare")
+@click.argument("sources", nargs=-1)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory of the token store (refused if it exists, unless --overwrite).")
+@click.option("--vocab-size", type=click.IntRange(min=1), default=None,
+              help=f"Vocabulary of the trained tokenizer [default: {EMBEDDED_VOCAB_SIZE} for the "
+                   "embedded corpus; by corpus size otherwise].")
+@click.option("--tokenizer", type=click.Path(dir_okay=False), default=None,
+              help="Reuse this SentencePiece model instead of training one (teacher and student share it).")
+@click.option("--text-field", default="text", show_default=True,
+              help="JSONL field holding the document text.")
+@click.option("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, show_default=True,
+              help="Fraction of documents (by hash) held out for validation.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--skip-invalid", is_flag=True,
+              help="Skip (and count) malformed JSONL lines and lines without the text field.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the train/val split and of the tokenizer's training sample.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Tokenizing processes [default: min(2, CPUs)]; the output does not depend on it.")
+@click.option("--quiet", is_flag=True, help="No progress bars or summary.")
+def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fraction, overwrite,
+                    skip_invalid, seed, workers, quiet):
+    """Build a token store from SOURCES (files, directories, globs; .jsonl/.jsonl.gz/.jsonl.zst
+    with one JSON object per line) or, with no SOURCES, from the embedded default corpus (the
+    Python standard library's *.py files of this interpreter)."""
+    from salt.data.prepare import prepare
+
+    try:
+        prepare(out_dir, list(sources) or None, vocab_size=vocab_size, tokenizer=tokenizer,
+                text_field=text_field, val_fraction=val_fraction, overwrite=overwrite,
+                skip_invalid=skip_invalid, seed=seed, progress=not quiet, workers=workers)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if not quiet:
+        click.echo(f"token store written to {out_dir}", err=True)
+
+
+@data.command("info")
+@click.argument("store_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the full metadata.json.")
+def info_command(store_dir, as_json):
+    """Summarise the token store in STORE_DIR (and check that it is complete)."""
+    from salt.data.prepare import summary_lines
+    from salt.data.store import TokenStore
+
+    try:
+        store = TokenStore(store_dir)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(store.metadata, indent=2, sort_keys=True))
+        return
+    corpus = store.metadata["corpus"]
+    if corpus.get("kind") == "embedded-stdlib":
+        click.echo(f"corpus: embedded stdlib of Python {corpus['python_version']} "
+                   f"({corpus['num_files']} files, list sha256 {corpus['file_list_sha256'][:16]}...)")
+    else:
+        click.echo(f"corpus: {corpus.get('num_files')} files from {corpus.get('sources')}")
+    for line in summary_lines(store.metadata):
+        click.echo(line)

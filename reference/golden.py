@@ -6,10 +6,10 @@
 ``np.load(path, allow_pickle=False)``; every float array is float64, token arrays int32, masks
 bool, and ``*_json`` keys are 0-d unicode strings (``json.loads(str(f["config_json"]))``;
 configs load with ``ModelConfig.from_dict``). Parameter trees are stored flattened with a
-prefix: ``params/embed``, ``params/layers/wq``, ... (``flatten_params`` names).
+prefix: ``param/embed``, ``param/layers/wq``, ... (``flatten_params`` names);
+:func:`load_params` rebuilds the nested tree.
 
-Conventions: windows ``tokens`` are ``[B, T+1]`` (inputs ``tokens[:, :-1]``, labels
-``tokens[:, 1:]``); ``mask`` ``[B, T]`` marks valid TARGET positions; scalar losses are means
+Conventions: training windows are ``[B, T+1]`` (inputs ``w[:, :-1]``, labels ``w[:, 1:]``); ``mask`` ``[B, T]`` marks valid TARGET positions; scalar losses are means
 over valid positions (``mean_over_mask``); per-position values are 0 where masked.
 
 ``losses.npz`` — DESIGN.md §2 losses, three cases ``<c>`` in ``v37`` (V = 37, B=3, T=5,
@@ -49,9 +49,10 @@ magnitude 1e4, one position with all student logits equal to 1e4):
 ``gqa_prefix`` (V=37, 2 layers, 4 heads / 2 kv heads, prefix-LM) and ``mha_prefix``
 (tiny-teacher, prefix-LM), B=3, T=8:
 
-* ``config_json``, ``params/<name>`` (``init_params(config, seed, float64)``), ``tokens``
-  int32 ``[B,T+1]``, ``prefix_len`` int32 ``[B]``, ``mask`` bool ``[B,T]``;
-* ``logits`` ``[B,T,V]`` and ``hidden`` ``[B,T,D]`` (final normed hidden) of the inputs;
+* ``config_json``, ``param/<name>`` (``init_params(config, seed, float64)``), ``window``
+  int32 ``[B,T+1]``, ``tokens`` = ``window[:, :-1]`` (the forward input) and ``labels`` =
+  ``window[:, 1:]`` int32 ``[B,T]``, ``prefix_len`` int32 ``[B]``, ``mask`` bool ``[B,T]``;
+* ``logits`` ``[B,T,V]`` and ``hidden`` ``[B,T,D]`` (final normed hidden) of ``tokens``;
 * ``dlogits`` ``[B,T,V]`` (fixed random) and ``dlogits_grads/<name>`` = ``backward`` of it;
 * ``ce/loss`` (scalar, mean CE over the mask), ``ce/grads/<name>``;
 * ``kd/teacher_logits`` ``[B,T,V]``, ``kd/omega`` = 0.667, ``kd/rho`` = 0.25, ``kd/loss``,
@@ -92,7 +93,7 @@ import numpy as np
 from tqdm import tqdm
 
 from salt.reference import losses, schedule, score
-from salt.reference.config import ModelConfig, flatten_params, get_preset
+from salt.reference.config import ModelConfig, flatten_params, get_preset, unflatten_params
 from salt.reference.model import backward, forward, init_params, loss_and_grad
 from salt.reference.optim import AdamW, SGD
 from salt.reference.trainer import lr_schedule, train
@@ -239,10 +240,10 @@ def _build_model(name: str) -> dict:
     if prefix:  # UL2-style: no loss on the prefix's own positions
         mask &= np.arange(T)[None, :] >= prefix_len[:, None] - 1
         mask[2, -1] = True
-    out = {"config_json": _json(config.to_dict()), "tokens": tokens, "prefix_len": prefix_len,
-           "mask": mask}
-    _put_tree(out, "params", params)
     inputs = tokens[:, :-1]
+    out = {"config_json": _json(config.to_dict()), "window": tokens, "tokens": inputs,
+           "labels": tokens[:, 1:], "prefix_len": prefix_len, "mask": mask}
+    _put_tree(out, "param", params)
     logits, cache = forward(params, inputs, config, prefix_len, return_cache=True)
     out["logits"], out["hidden"] = logits, cache["hidden_BxTxD"]
     dlogits = rng.standard_normal((B, T, V))
@@ -319,6 +320,15 @@ BUILDERS = {
     "train.npz": _build_train,
 }
 TOLERANCES = {"train.npz": TRAIN_TOL}
+
+
+def load_params(npz, prefix: str) -> dict:
+    """The nested parameter tree stored under ``prefix/`` (e.g. ``"param"``) of a loaded npz."""
+    start = prefix.rstrip("/") + "/"
+    flat = {k[len(start):]: np.asarray(npz[k]) for k in npz.keys() if k.startswith(start)}
+    if not flat:
+        raise ValueError(f"no parameters under {start!r} (keys: {sorted(npz.keys())[:8]} ...)")
+    return unflatten_params(flat)
 
 
 def golden_files() -> list[str]:
@@ -439,4 +449,4 @@ def find_golden_dir(start=None) -> pathlib.Path:
 
 
 __all__ = ["BUILDERS", "Drift", "build", "check", "compare_arrays", "find_golden_dir", "generate",
-           "golden_files", "write_npz_atomic", "ModelConfig"]
+           "golden_files", "load_params", "write_npz_atomic", "ModelConfig"]

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from salt.reference import golden
 from salt.reference.config import ModelConfig
+from salt.reference.model import forward
 
 
 def test_committed_golden_files_recompute_without_drift(golden_dir):
@@ -52,12 +53,17 @@ def test_golden_files_are_self_consistent(golden_dir):
     for name in ("model_mqa_causal", "model_gqa_prefix", "model_mha_prefix"):
         with np.load(golden_dir / f"{name}.npz", allow_pickle=False) as f:
             config = ModelConfig.from_dict(json.loads(str(f["config_json"])))
-            B, T1 = f["tokens"].shape
-            assert f["logits"].shape == (B, T1 - 1, config.vocab_size)
+            B, T = f["tokens"].shape
+            assert f["logits"].shape == (B, T, config.vocab_size)
+            np.testing.assert_array_equal(f["window"][:, :-1], f["tokens"])
+            np.testing.assert_array_equal(f["window"][:, 1:], f["labels"])
+            params = golden.load_params(f, "param")
+            np.testing.assert_array_equal(
+                forward(params, f["tokens"], config, f["prefix_len"]), f["logits"])
             w = float(f["kd/omega"])
             assert math.isclose(float(f["kd/loss"]), (1 - w) * float(f["kd/ce"]) + w * float(f["kd/kd"]),
                                 rel_tol=1e-12)
-            np.testing.assert_allclose(f["hidden"] @ f["params/embed"].T, f["logits"], rtol=1e-12)
+            np.testing.assert_allclose(f["hidden"] @ f["param/embed"].T, f["logits"], rtol=1e-12)
     with np.load(golden_dir / "train.npz", allow_pickle=False) as f:
         assert f["adamw/loss"][-1] < f["adamw/loss"][0] and f["sgd/loss"][-1] < f["sgd/loss"][0]
         assert (f["adamw/omega"][:4] == 0.667).all() and (f["adamw/omega"][4:] == 0).all()

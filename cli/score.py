@@ -20,12 +20,14 @@ import click
               help="Keep the windows the teacher itself trained on in the pool.")
 @click.option("--topk-mode", type=click.Choice(["zero", "exclude"]), default="zero", show_default=True,
               help="Positions outside the top-k count as 0 (eq. 11) or are dropped.")
+@click.option("--max-candidates", type=int, default=None,
+              help="Score only a seeded uniform random sample of this many pool windows.")
 @click.option("--batch", type=int, default=32, show_default=True, help="Windows per forward pass.")
 @click.option("--out", required=True, type=click.Path(), help="Output .npz of window ids and scores.")
 @click.option("--force", is_flag=True, help="Overwrite --out / discard stale partial results.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def score(teacher, teacher_step, data_dir, k, seq_len, exclude_runs, exclude_files,
-          no_exclude_teacher_seen, topk_mode, batch, out, force, quiet):
+          no_exclude_teacher_seen, topk_mode, max_candidates, batch, out, force, quiet):
     """Score every candidate training window with the teacher (paper eq. 11).
 
     The pool is every training window minus those the teacher saw (derived from its run's
@@ -37,7 +39,8 @@ def score(teacher, teacher_step, data_dir, k, seq_len, exclude_runs, exclude_fil
     job = ScoreJob(teacher=teacher, data=data_dir, out=out, k=k, seq_len=seq_len, mode=topk_mode,
                    batch=batch, teacher_step=teacher_step, exclude_runs=tuple(exclude_runs),
                    exclude_files=tuple(exclude_files),
-                   exclude_teacher_seen=not no_exclude_teacher_seen, force=force)
+                   exclude_teacher_seen=not no_exclude_teacher_seen,
+                   max_candidates=max_candidates, force=force)
     try:
         summary = run_score(job, progress=not quiet)
     except (ValueError, FileNotFoundError) as e:

@@ -159,6 +159,8 @@ class ScoreJob:
     exclude_runs: tuple = ()     # run dirs whose seen windows leave the pool (besides the teacher's)
     exclude_files: tuple = ()    # .npy files of window ids (at seq_len) to leave out
     exclude_teacher_seen: bool = True
+    max_candidates: int | None = None  # score a seeded random sample of this many pool windows
+    sample_seed: int = 0
     chunk_batches: int = 16      # batches per resumable chunk
     force: bool = False
 
@@ -221,7 +223,8 @@ def load_scores(path) -> dict:
 
 def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_windows: int):
     """Sorted candidate window ids (all training windows at ``job.seq_len`` minus the excluded
-    ones) and the number excluded."""
+    ones; with ``job.max_candidates`` a seeded uniform sample of that many of them) and the
+    number excluded."""
     from salt.runtime import checkpoint
 
     excluded = [np.zeros(0, np.int64)]
@@ -244,6 +247,9 @@ def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_win
         excluded.append(ids[(ids >= 0) & (ids < num_windows)])
     excluded_E = np.unique(np.concatenate(excluded))
     pool = np.setdiff1d(np.arange(num_windows, dtype=np.int64), excluded_E, assume_unique=True)
+    if job.max_candidates is not None and job.max_candidates < pool.size:
+        rng = np.random.default_rng([job.sample_seed, pool.size])
+        pool = np.sort(rng.choice(pool, size=job.max_candidates, replace=False))
     return pool, int(excluded_E.size)
 
 
@@ -271,6 +277,8 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
         raise ValueError(f"batch must be >= 1, got {job.batch}")
     if job.seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {job.seq_len}")
+    if job.max_candidates is not None and job.max_candidates < 1:
+        raise ValueError(f"max_candidates must be >= 1, got {job.max_candidates}")
     data_dir = pathlib.Path(job.data)
     if not data_dir.is_dir():
         raise ValueError(f"data directory {str(data_dir)!r} does not exist")
@@ -298,6 +306,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     fingerprint = _fingerprint(
         teacher=ident, data=str(data_dir.resolve()), tokenizer=store.tokenizer_sha256, k=job.k,
         mode=job.mode, seq_len=job.seq_len, batch=job.batch, chunk_batches=job.chunk_batches,
+        n_candidates=int(num_windows),
         pool=hashlib.sha256(pool_N.tobytes()).hexdigest())
 
     partial = out.with_name(out.name + ".partial")
@@ -356,9 +365,11 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     save_npz_atomic(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
                     mode=np.str_(job.mode), teacher=np.str_(ident), teacher_step=np.int64(teacher_step),
                     tokenizer_sha256=np.str_(store.tokenizer_sha256), seq_len=np.int64(job.seq_len),
-                    n_excluded=np.int64(n_excluded), format=np.str_(SCORES_FORMAT))
+                    n_excluded=np.int64(n_excluded), n_train_windows=np.int64(num_windows),
+                    format=np.str_(SCORES_FORMAT))
     shutil.rmtree(partial, ignore_errors=True)
     return {"out": str(out), "n_scored": int(pool_N.size), "n_excluded": n_excluded,
+            "n_train_windows": num_windows,
             "resumed_chunks": int(done), "teacher": ident, "k": job.k, "mode": job.mode}
 
 

@@ -122,3 +122,184 @@ def test_teacher_forward_scores_equal_reference_on_teacher_logits():
             got = S.window_medians(np.asarray(ce), np.asarray(in_topk), mode)
             want = selection_score(logits, windows[:, 1:], k, mode=mode)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the scoring job
+
+def make_tiny_corpus(directory, n_docs=40, words=300, seed=0):
+    """Deterministic pseudo-text with enough distinct pieces for a 300-token vocabulary."""
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "zi", "ve", "ba"]
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        text = " ".join("".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(words))
+        (directory / f"doc{i:03d}.txt").write_text(text + "\n")
+    return directory
+
+
+def save_checkpoint(run_dir, config, params, store, step, run_config=None):
+    """A checkpoint in the trainer's layout (params + meta) without training."""
+    from salt.runtime import checkpoint
+
+    meta = {"config": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
+            "vocab_size": int(store.vocab_size), "teacher": None, "preset": config.name}
+    if run_config is not None:
+        meta["run_config"] = run_config
+    checkpoint.save(run_dir, step, params, {"count": np.zeros((), np.int32)}, meta)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from salt.data import TokenStore, prepare
+    from salt.reference.config import get_preset
+    from salt.runtime import model
+
+    root = tmp_path_factory.mktemp("score")
+    prepare(root / "data", [make_tiny_corpus(root / "src")], vocab_size=300, val_fraction=0.2,
+            progress=False)
+    store = TokenStore(root / "data")
+    config = get_preset("tiny-teacher").replace(vocab_size=store.vocab_size)
+    params = model.init_params(config, seed=1)
+    run_config = {"seq_len": 12, "batch": 4, "seed": 5, "kd_steps": 0, "subset": None, "exclude": None}
+    save_checkpoint(root / "teacher", config, params, store, 3, run_config)
+    return {"root": root, "data": root / "data", "store": store, "config": config, "params": params,
+            "teacher": root / "teacher", "run_config": run_config}
+
+
+def test_score_job_equals_reference_and_excludes_seen_windows(tiny_setup, tmp_path):
+    import jax.numpy as jnp
+
+    from salt.data import Loader
+    from salt.runtime import model
+
+    t = tiny_setup
+    T = 16
+    job = S.ScoreJob(teacher=str(t["teacher"]), data=str(t["data"]), out=str(tmp_path / "s.npz"),
+                     k=5, seq_len=T, batch=6, chunk_batches=2)
+    summary = S.score(job, progress=False)
+    z = S.load_scores(tmp_path / "s.npz")
+    assert z["window_ids"].dtype == np.int64 and z["scores"].dtype == np.float64
+    assert int(z["k"]) == 5 and str(z["mode"]) == "zero" and int(z["seq_len"]) == T
+    assert str(z["tokenizer_sha256"]) == t["store"].tokenizer_sha256
+    assert str(z["teacher"]).endswith("@3")
+    # pool = all train windows at T=16 minus those overlapping the teacher's first 3 batches (T=12)
+    seen = Loader(t["data"], seq_len=12, global_batch=4, seed=5).window_ids
+    seen_tokens = set()
+    for step0 in range(3):
+        for w in seen(step0):
+            seen_tokens.update(range(int(w) * 13, (int(w) + 1) * 13))
+    full = Loader(t["data"], seq_len=T, global_batch=1)
+    want_pool = [i for i in range(full.num_windows)
+                 if not seen_tokens & set(range(i * (T + 1), (i + 1) * (T + 1)))]
+    np.testing.assert_array_equal(z["window_ids"], want_pool)
+    assert summary["n_excluded"] == full.num_windows - len(want_pool) > 0
+    # scores = reference eq. 11 on the teacher's float32 logits
+    windows = full.windows(z["window_ids"])
+    logits = np.asarray(model.forward(t["params"], jnp.asarray(windows[:, :-1]), t["config"]))
+    want = selection_score(logits.astype(np.float64), windows[:, 1:], 5)
+    np.testing.assert_allclose(z["scores"], want, rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "s.npz.partial").exists()
+
+
+def test_score_job_resumes_after_interruption(tiny_setup, tmp_path, monkeypatch):
+    t = tiny_setup
+    kw = dict(teacher=str(t["teacher"]), data=str(t["data"]), k=3, seq_len=16, batch=4,
+              chunk_batches=1, mode="exclude")
+    S.score(S.ScoreJob(out=str(tmp_path / "full.npz"), **kw), progress=False)
+    calls = {"n": 0}
+    original = S.window_medians
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(S, "window_medians", failing)
+    with pytest.raises(KeyboardInterrupt):
+        S.score(S.ScoreJob(out=str(tmp_path / "r.npz"), **kw), progress=False)
+    monkeypatch.setattr(S, "window_medians", original)
+    assert not (tmp_path / "r.npz").exists()
+    assert len(list((tmp_path / "r.npz.partial").glob("chunk_*.npz"))) == 2
+    # different settings do not silently mix with the partial results
+    with pytest.raises(ValueError, match="different job"):
+        S.score(S.ScoreJob(out=str(tmp_path / "r.npz"), **dict(kw, k=4)), progress=False)
+    summary = S.score(S.ScoreJob(out=str(tmp_path / "r.npz"), **kw), progress=False)
+    assert summary["resumed_chunks"] == 2
+    a, b = S.load_scores(tmp_path / "full.npz"), S.load_scores(tmp_path / "r.npz")
+    np.testing.assert_array_equal(a["window_ids"], b["window_ids"])
+    np.testing.assert_array_equal(a["scores"], b["scores"])
+
+
+def test_max_candidates_samples_the_pool(tiny_setup, tmp_path):
+    t = tiny_setup
+    job = S.ScoreJob(teacher=str(t["teacher"]), data=str(t["data"]), out=str(tmp_path / "s.npz"),
+                     k=5, seq_len=16, batch=8, max_candidates=10)
+    S.score(job, progress=False)
+    ids = S.load_scores(tmp_path / "s.npz")["window_ids"]
+    assert ids.size == 10 and np.all(np.diff(ids) > 0)
+
+
+def test_cli_score_and_select(tiny_setup, tmp_path):
+    from click.testing import CliRunner
+
+    from salt.cli.main import cli
+
+    t = tiny_setup
+    runner = CliRunner()
+    scores = tmp_path / "scores.npz"
+    r = runner.invoke(cli, ["score", "--teacher", str(t["teacher"]), "--data", str(t["data"]),
+                            "--k", "10", "--seq-len", "16", "--out", str(scores), "--quiet"])
+    assert r.exit_code == 0, r.output
+    z = S.load_scores(scores)
+    sel = tmp_path / "sel.npy"
+    r = runner.invoke(cli, ["select", "--scores", str(scores), "--top-m", "5", "--out", str(sel)])
+    assert r.exit_code == 0, r.output
+    ids = np.load(sel, allow_pickle=False)
+    assert ids.dtype == np.int64
+    np.testing.assert_array_equal(ids, S.select_top_m(z["window_ids"], z["scores"], 5))
+    # top-m larger than the pool: clear error, nothing written
+    r = runner.invoke(cli, ["select", "--scores", str(scores), "--top-m", str(z["scores"].size + 1),
+                            "--out", str(tmp_path / "sel2.npy")])
+    assert r.exit_code != 0 and "exceeds" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "sel2.npy").exists()
+    # existing output is not overwritten
+    before = sel.read_bytes()
+    r = runner.invoke(cli, ["select", "--scores", str(scores), "--top-m", "2", "--out", str(sel)])
+    assert r.exit_code != 0 and "already exists" in r.output and sel.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--k", "0"], "k must be in [1, 300]"),
+    (["--k", "301"], "k must be in [1, 300]"),
+    (["--teacher", "/nonexistent/run"], "does not exist"),
+    (["--data", "/nonexistent/data"], "does not exist"),
+])
+def test_cli_score_bad_input(tiny_setup, tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from salt.cli.main import cli
+
+    t = tiny_setup
+    base = {"--teacher": str(t["teacher"]), "--data": str(t["data"]), "--k": "10",
+            "--seq-len": "16", "--out": str(tmp_path / "s.npz")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["score", "--quiet"] + [x for kv in base.items() for x in kv]
+    r = CliRunner().invoke(cli, argv)
+    assert r.exit_code != 0
+    assert message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_score_refuses_tokenizer_mismatch(tiny_setup, tmp_path):
+    from salt.data import prepare
+
+    t = tiny_setup
+    other = tmp_path / "other"
+    prepare(other, [make_tiny_corpus(tmp_path / "src2", seed=7)], vocab_size=290,
+            val_fraction=0.2, progress=False)
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        S.score(S.ScoreJob(teacher=str(t["teacher"]), data=str(other), out=str(tmp_path / "s.npz"),
+                           seq_len=16), progress=False)
+    assert not (tmp_path / "s.npz").exists()

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from salt.data.prepare import DEFAULT_VAL_FRACTION, EMBEDDED_VOCAB_SIZE
+from salt.data.build import DEFAULT_VAL_FRACTION, EMBEDDED_VOCAB_SIZE
 
 
 @click.group("data")
@@ -39,7 +39,7 @@ def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fra
     """Build a token store from SOURCES (files, directories, globs; .jsonl/.jsonl.gz/.jsonl.zst
     with one JSON object per line) or, with no SOURCES, from the embedded default corpus (the
     Python standard library's *.py files of this interpreter)."""
-    from salt.data.prepare import prepare
+    from salt.data.build import prepare
 
     try:
         prepare(out_dir, list(sources) or None, vocab_size=vocab_size, tokenizer=tokenizer,
@@ -56,7 +56,7 @@ def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fra
 @click.option("--json", "as_json", is_flag=True, help="Print the full metadata.json.")
 def info_command(store_dir, as_json):
     """Summarise the token store in STORE_DIR (and check that it is complete)."""
-    from salt.data.prepare import summary_lines
+    from salt.data.build import summary_lines
     from salt.data.store import TokenStore
 
     try:

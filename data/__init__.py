@@ -6,7 +6,7 @@ windows; ``validation_batches`` iterates over the held-out split in fixed order.
 """
 from salt.data.corpus import CorpusStats, embedded_corpus, resolve_sources
 from salt.data.loader import Loader, validation_batches
-from salt.data.prepare import (DEFAULT_VAL_FRACTION, EMBEDDED_VOCAB_SIZE, default_vocab_size,
+from salt.data.build import (DEFAULT_VAL_FRACTION, EMBEDDED_VOCAB_SIZE, default_vocab_size,
                                prepare, summary_lines)
 from salt.data.store import TokenStore
 from salt.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, VocabSizeError,

@@ -50,6 +50,8 @@ EMBEDDED_VOCAB_SIZE = 4096
 DEFAULT_SAMPLE_BYTES = 6_000_000
 # Documents are sent to the tokenising workers in chunks of about this many bytes.
 CHUNK_BYTES = 1 << 20
+# Below this many bytes of input files, tokenise in-process (no worker processes).
+SMALL_CORPUS_BYTES = 4_000_000
 
 
 def default_vocab_size(corpus_bytes: int) -> int:
@@ -87,15 +89,14 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
     sources: paths, directories or globs (see ``salt.data.corpus``); None = the embedded
     default corpus (the interpreter's stdlib ``*.py``). tokenizer: an existing SentencePiece
     model to reuse (special ids must be pad=0 unk=1 bos=2 eos=3) instead of training one.
-    workers: tokenising processes (default: min(2, CPUs)); the output does not depend on it.
+    workers: tokenising processes (default: 1 for inputs under 4 MB, else min(2, CPUs));
+    the output does not depend on it.
     """
     started = time.perf_counter()
     out = pathlib.Path(out_dir)
     _check_args(vocab_size, tokenizer, val_fraction, seed, workers, sample_bytes, text_field)
     _check_out_dir(out, overwrite)
     corpus = embedded_corpus() if sources is None else resolve_sources(sources)
-    if workers is None:
-        workers = max(1, min(2, os.cpu_count() or 1))
 
     tokenizer_info: dict = {}
     if tokenizer is not None:
@@ -112,6 +113,10 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
         sp = load_processor(model_bytes)
     vocab = sp.vocab_size()
     dtype = store_format.token_dtype(vocab)
+    if workers is None:
+        # Starting a worker process costs ~1 s; it only pays off on corpora of some size.
+        small = corpus.total_file_bytes < SMALL_CORPUS_BYTES
+        workers = 1 if small else max(1, min(2, os.cpu_count() or 1))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

@@ -176,7 +176,7 @@ def format_table(rows: list[tuple[str, dict]], *, buckets_too: bool = True) -> s
 
 def recorded_seq_len(meta: dict):
     """The training window length a checkpoint's metadata records, or None."""
-    for key in ("loader_config", "loader", "train_config", "config"):
+    for key in ("run_config", "loader_state"):
         value = meta.get(key)
         if isinstance(value, dict) and isinstance(value.get("seq_len"), int):
             return value["seq_len"]

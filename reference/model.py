@@ -102,12 +102,18 @@ def rmsnorm_backward(dy, x, rinv, scale):
     return dx, dscale
 
 
+def dense(x_NxI, w_IxO):
+    """``x @ w`` over the last axis of ``x`` (any leading axes), as one 2-D matrix product."""
+    out = x_NxI.reshape(-1, x_NxI.shape[-1]) @ w_IxO
+    return out.reshape(*x_NxI.shape[:-1], w_IxO.shape[-1])
+
+
 def gelu_tanh(x):
-    return 0.5 * x * (1.0 + np.tanh(GELU_K * (x + GELU_C * x ** 3)))
+    return 0.5 * x * (1.0 + np.tanh(GELU_K * (x + GELU_C * x * x * x)))
 
 
 def gelu_tanh_grad(x):
-    th = np.tanh(GELU_K * (x + GELU_C * x ** 3))
+    th = np.tanh(GELU_K * (x + GELU_C * x * x * x))
     return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
 
 
@@ -186,9 +192,9 @@ def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
         p = {k: v[l] for k, v in params["layers"].items()}
         lc = {"h_in": h_BxTxD}
         a_BxTxD, lc["attn_rinv"] = rmsnorm(h_BxTxD, p["attn_norm"], c.norm_eps)
-        q = (a_BxTxD @ p["wq"]).reshape(B, T, H, hd)
-        k = (a_BxTxD @ p["wk"]).reshape(B, T, K, hd)
-        v_BxTxKxd = (a_BxTxD @ p["wv"]).reshape(B, T, K, hd)
+        q = dense(a_BxTxD, p["wq"]).reshape(B, T, H, hd)
+        k = dense(a_BxTxD, p["wk"]).reshape(B, T, K, hd)
+        v_BxTxKxd = dense(a_BxTxD, p["wv"]).reshape(B, T, K, hd)
         qr = rope(q, cos_TxH, sin_TxH)
         kr = rope(k, cos_TxH, sin_TxH)
         # query head j = kv * G + g uses key/value head kv = j // G
@@ -202,18 +208,18 @@ def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
         probs_BxKxGxTxS /= probs_BxKxGxTxS.sum(axis=-1, keepdims=True)
         o_BxKxGxTxd = probs_BxKxGxTxS @ v_BxKx1xSxd
         o_BxTxHd = o_BxKxGxTxd.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-        h_BxTxD = h_BxTxD + o_BxTxHd @ p["wo"]
+        h_BxTxD = h_BxTxD + dense(o_BxTxHd, p["wo"])
         lc.update(a=a_BxTxD, q=q_BxKxGxTxd, k=k_BxKx1xSxd, v=v_BxKx1xSxd,
                   probs=probs_BxKxGxTxS, o=o_BxTxHd, h_mid=h_BxTxD)
         m_BxTxD, lc["mlp_rinv"] = rmsnorm(h_BxTxD, p["mlp_norm"], c.norm_eps)
-        gate_BxTxF = m_BxTxD @ p["w_gate"]
-        up_BxTxF = m_BxTxD @ p["w_up"]
+        gate_BxTxF = dense(m_BxTxD, p["w_gate"])
+        up_BxTxF = dense(m_BxTxD, p["w_up"])
         z_BxTxF = gelu_tanh(gate_BxTxF) * up_BxTxF
-        h_BxTxD = h_BxTxD + z_BxTxF @ p["w_down"]
+        h_BxTxD = h_BxTxD + dense(z_BxTxF, p["w_down"])
         lc.update(m=m_BxTxD, gate=gate_BxTxF, up=up_BxTxF, z=z_BxTxF)
         layers.append(lc)
     hidden_BxTxD, final_rinv = rmsnorm(h_BxTxD, params["final_norm"], c.norm_eps)
-    logits_BxTxV = hidden_BxTxD @ embed.T
+    logits_BxTxV = dense(hidden_BxTxD, embed.T)
     if not return_cache:
         return logits_BxTxV
     cache = {"tokens": tokens_BxT, "prefix_len": prefix_len_B, "layers": layers,
@@ -260,18 +266,18 @@ def backward(params: dict, cache: dict, dlogits_BxTxV, config: ModelConfig) -> d
         m_NxD = lc["m"].reshape(-1, D)
         dh_NxD = dh.reshape(-1, D)
         dlayers["w_down"][l] = lc["z"].reshape(-1, c.d_ff).T @ dh_NxD
-        dz = dh @ p["w_down"].T
+        dz = dense(dh, p["w_down"].T)
         gate, up = lc["gate"], lc["up"]
         dup = dz * gelu_tanh(gate)
         dgate = dz * up * gelu_tanh_grad(gate)
         dlayers["w_gate"][l] = m_NxD.T @ dgate.reshape(-1, c.d_ff)
         dlayers["w_up"][l] = m_NxD.T @ dup.reshape(-1, c.d_ff)
-        dm = dgate @ p["w_gate"].T + dup @ p["w_up"].T
+        dm = dense(dgate, p["w_gate"].T) + dense(dup, p["w_up"].T)
         dx, dlayers["mlp_norm"][l] = rmsnorm_backward(dm, lc["h_mid"], lc["mlp_rinv"], p["mlp_norm"])
         dh = dh + dx
         # attention: h_mid = h_in + o @ wo
         dlayers["wo"][l] = lc["o"].reshape(-1, H * hd).T @ dh.reshape(-1, D)
-        do_BxKxGxTxd = (dh @ p["wo"].T).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
+        do_BxKxGxTxd = dense(dh, p["wo"].T).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
         probs = lc["probs"]
         dprobs = do_BxKxGxTxd @ lc["v"].swapaxes(-1, -2)
         dv_BxKxSxd = (probs.swapaxes(-1, -2) @ do_BxKxGxTxd).sum(axis=2)

@@ -84,8 +84,7 @@ def omega_at(step, omega: float, n_kd: int, transition: str = "step", n_kd1: int
     frac = jnp.clip((n_kd - j) / jnp.float32(n_kd - n_kd1), 0.0, 1.0)
     if transition == "linear":
         value = omega_f * frac
-    else:
-        ratio = (omega_f / (1.0 - omega_f) if omega < 1.0 else jnp.float32(jnp.inf)) * frac
-        value = jnp.where(jnp.isinf(ratio), jnp.float32(1.0), ratio / (1.0 + ratio))
+    else:  # omega f / (omega f + 1 - omega): the limit omega = 1 needs no division by zero
+        value = jnp.where(frac > 0, omega_f * frac / (omega_f * frac + (1.0 - omega_f)), 0.0)
     value = jnp.where(j <= n_kd1, omega_f, value)
     return jnp.where(j <= n_kd, value, jnp.float32(0.0))

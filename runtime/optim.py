@@ -36,8 +36,10 @@ def lr_at(step, peak_lr: float, warmup_steps: int, total_steps: int, final_lr: f
     else:
         warm = jnp.float32(peak_lr)
     span = max(total_steps - warmup_steps, 1)
-    progress = jnp.clip((j - warmup_steps) / span, 0.0, 1.0)
-    cosine = final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    # 0.5 (1 + cos(pi p)) = sin(pi (1 - p) / 2)^2 with 1 - p = (total - j) / span: well
+    # conditioned in float32 near the end of the decay (no cancellation)
+    remaining = jnp.clip((total_steps - j) / span, 0.0, 1.0)
+    cosine = final_lr + (peak_lr - final_lr) * jnp.sin(0.5 * math.pi * remaining) ** 2
     return jnp.where(j <= warmup_steps, warm, cosine).astype(jnp.float32)
 
 

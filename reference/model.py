@@ -174,6 +174,7 @@ def _check_prefix(prefix_len_B, batch, seq_len):
 def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
             return_cache: bool = False):
     """Logits [B, T, V] (and the cache that ``backward`` needs when ``return_cache``)."""
+    check_params(params, config)
     tokens_BxT = _check_tokens(tokens_BxT, config)
     B, T = tokens_BxT.shape
     prefix_len_B = _check_prefix(prefix_len_B, B, T)

@@ -94,14 +94,15 @@ def _unpack_batch(batch, step0):
     return np.asarray(batch), None, None
 
 
-def train(config: ModelConfig, batch_fn: Callable[[int], object], steps: int, *,
-          optimizer="adamw", lr=1e-3, teacher: tuple | None = None, omega: float = 0.0,
+def train(config: ModelConfig, batch_fn, steps: int, *, batch: int | None = None,
+          seq_len: int | None = None, optimizer="adamw", lr=1e-3, teacher: tuple | None = None, omega: float = 0.0,
           rho: float = 1.0, n_kd: int = 0, transition: str = "step", n_kd1: int | None = None,
           seed: int = 0, params: dict | None = None, dtype=np.float32,
           clip_norm: float | None = 1.0, progress: bool = False) -> TrainResult:
     """Train ``config`` for ``steps`` steps; see the module docstring for the step.
 
-    ``batch_fn(step0)``: the batch of 0-based step ``step0`` (see :func:`window_batches`).
+    ``batch_fn(step0)``: the batch of 0-based step ``step0``; or a 1-D token array, then read
+    as ``window_batches(tokens, batch, seq_len, seed)``.
     ``optimizer``: ``"sgd"``, ``"adamw"`` (default AdamW hyperparameters) or an optimiser object.
     ``lr``: a constant or a callable ``step0 -> lr`` (e.g. :func:`lr_schedule`).
     ``teacher``: ``(teacher_config, teacher_params)`` for the KD phase (needed when
@@ -112,6 +113,12 @@ def train(config: ModelConfig, batch_fn: Callable[[int], object], steps: int, *,
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     if not isinstance(n_kd, int) or n_kd < 0:
         raise ValueError(f"n_kd must be an integer >= 0, got {n_kd!r}")
+    if not callable(batch_fn):
+        if batch is None or seq_len is None:
+            raise ValueError("a token array as data needs batch= and seq_len=")
+        batch_fn = window_batches(batch_fn, batch, seq_len, seed)
+    elif batch is not None or seq_len is not None:
+        raise ValueError("batch= and seq_len= apply to a token array, not to a batch_fn")
     lr_fn = _as_lr_fn(lr)
     if isinstance(optimizer, str):
         optimizer = make_optimizer(optimizer)

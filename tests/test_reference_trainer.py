@@ -171,3 +171,15 @@ def test_lr_schedule_and_linear_transition():
     assert [h["lr"] for h in r.history] == [fn(s) for s in range(6)]
     # a KD-phase step with omega_j = 0 runs no teacher pass (kd metric absent)
     assert math.isnan(r.history[3]["kd"]) and np.isfinite(r.history[2]["kd"])
+
+
+def test_train_on_a_token_array():
+    cfg = get_preset("tiny-student")
+    tokens = _pattern_tokens(cfg.vocab_size, n=600)
+    a = train(cfg, tokens, 2, batch=2, seq_len=8, optimizer="sgd", lr=0.1, seed=3)
+    b = train(cfg, window_batches(tokens, 2, 8, seed=3), 2, optimizer="sgd", lr=0.1, seed=3)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    with pytest.raises(ValueError, match="seq_len"):
+        train(cfg, tokens, 1, batch=2)
+    with pytest.raises(ValueError, match="batch_fn"):
+        train(cfg, window_batches(tokens, 2, 8), 1, batch=2, seq_len=8)

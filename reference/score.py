@@ -112,11 +112,13 @@ def _sequence_chunks(logits_BxTxV: np.ndarray):
 
 # ----------------------------------------------------------------------------- Numba
 
-# The per-token pass is organised in blocks of _BLOCK logits (L1-resident): a branch-free sweep of
-# the block (vectorised by LLVM: exp, compares and counts) assumes the running max ``m`` still
-# holds; if the block has a logit above ``m`` (rare after the first blocks), the same block is
-# redone by the scalar online update. Each logit is read from memory once: one pass over V.
-# LLVM does not vectorise calls to libm's exp, so the sweep uses _exp_nonpositive below.
+# The per-token pass is organised in blocks of _BLOCK logits (4-8 KB, L1-resident), an online
+# max / sum-exp at block granularity: a branch-free sweep of the block (vectorised by LLVM: exp,
+# compares, counts) assumes the running max ``m`` still holds; if the block has a logit above
+# ``m`` (rare after the first blocks: ~log(V / _BLOCK) times per row for random logits), the sum
+# is rescaled to the block's max and the same (cached) block is swept again. Each logit is read
+# from memory once: one pass over V, no sort. LLVM does not vectorise calls to libm's exp, so the
+# sweep uses _exp_nonpositive below (accurate to ~1 ulp).
 _BLOCK = 1024
 _LOG2E = 1.4426950408889634
 _LN2_HI = 6.93147180369123816490e-01  # Cody-Waite split of ln 2: n * _LN2_HI is exact for |n| < 2**21
@@ -165,8 +167,8 @@ def _exp_nonpositive(d):
 
 
 @numba.njit(cache=True, fastmath={"contract"})
-def _sweep_block(row_V, start, stop, running_max, target_logit, exp_below_B):
-    """Branch-free pass over row_V[start:stop] assuming running_max is still the max.
+def _sweep_block(block_B, running_max, target_logit, exp_below_B):
+    """Branch-free pass over one block of logits assuming running_max is still the max.
 
     Writes exp(t_v - running_max) for t_v < running_max (else 0) into exp_below_B, plus NaN for
     any non-finite t_v (so a nan/inf can never vanish); returns the counts
@@ -175,8 +177,8 @@ def _sweep_block(row_V, start, stop, running_max, target_logit, exp_below_B):
     n_at_max = 0
     n_above = 0
     n_greater = 0
-    for v in range(stop - start):
-        value = np.float64(row_V[start + v])
+    for v in range(block_B.size):
+        value = np.float64(block_B[v])
         e = _exp_nonpositive(value - running_max)
         exp_below_B[v] = (e if value < running_max else 0.0) + (value - value)
         n_at_max += value == running_max
@@ -194,6 +196,17 @@ def _sum_block(values_B, count):
     return total
 
 
+@numba.njit(cache=True)
+def _block_max(block_B):
+    """Largest value of the block as float64 (NaN entries are skipped; they are caught elsewhere)."""
+    block_max = -np.inf
+    for v in range(block_B.size):
+        value = np.float64(block_B[v])
+        if value > block_max:
+            block_max = value
+    return block_max
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _token_costs_kernel(logits_NxV, targets_N, valid_N, k, costs_N, in_topk_N, bad_N):
     """Per token: online max + sum of exp below the max + count strictly above t_x, one pass."""
@@ -207,29 +220,24 @@ def _token_costs_kernel(logits_NxV, targets_N, valid_N, k, costs_N, in_topk_N, b
         row_V = logits_NxV[n]
         target_logit = np.float64(row_V[targets_N[n]])
         exp_below_B = np.empty(_BLOCK, dtype=np.float64)
-        running_max = -np.inf
+        running_max = _block_max(row_V[:min(vocab_size, _BLOCK)])
         sum_below = 0.0   # sum of exp(t_v - running_max) over t_v < running_max
         n_at_max = 0      # how many t_v == running_max
         n_greater = 0     # how many t_v > target_logit
         for start in range(0, vocab_size, _BLOCK):
-            stop = min(vocab_size, start + _BLOCK)
+            block_B = row_V[start:min(vocab_size, start + _BLOCK)]
             block_at_max, block_above, block_greater = _sweep_block(
-                row_V, start, stop, running_max, target_logit, exp_below_B)
+                block_B, running_max, target_logit, exp_below_B)
+            if block_above > 0:  # a new running max: rescale the sum, redo the block
+                new_max = _block_max(block_B)
+                sum_below = (sum_below + n_at_max) * np.exp(running_max - new_max)
+                n_at_max = 0
+                running_max = new_max
+                block_at_max, block_above, block_greater = _sweep_block(
+                    block_B, running_max, target_logit, exp_below_B)
+            sum_below += _sum_block(exp_below_B, block_B.size)
+            n_at_max += block_at_max
             n_greater += block_greater
-            if block_above == 0:
-                sum_below += _sum_block(exp_below_B, stop - start)
-                n_at_max += block_at_max
-                continue
-            for v in range(start, stop):  # a new max in this block: scalar online update
-                value = np.float64(row_V[v])
-                if value > running_max:
-                    sum_below = (sum_below + n_at_max) * np.exp(running_max - value)
-                    running_max = value
-                    n_at_max = 1
-                elif value == running_max:
-                    n_at_max += 1
-                else:
-                    sum_below += np.exp(value - running_max) + (value - value)
         if not (np.isfinite(running_max) and np.isfinite(target_logit) and np.isfinite(sum_below)):
             bad_N[n] = True
             continue

@@ -42,13 +42,18 @@ def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fra
     from salt.data.build import prepare
 
     try:
-        prepare(out_dir, list(sources) or None, vocab_size=vocab_size, tokenizer=tokenizer,
+        metadata = prepare(out_dir, list(sources) or None, vocab_size=vocab_size, tokenizer=tokenizer,
                 text_field=text_field, val_fraction=val_fraction, overwrite=overwrite,
                 skip_invalid=skip_invalid, seed=seed, progress=not quiet, workers=workers)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     if not quiet:
         click.echo(f"token store written to {out_dir}", err=True)
+    elif any(metadata["skipped"].values()) or metadata["roundtrip_failures"]:
+        # Even when quiet, nothing skipped or altered goes unreported.
+        skipped = ", ".join(f"{k}={v}" for k, v in metadata["skipped"].items() if v)
+        click.echo(f"skipped/altered: {skipped or 'none'}; round-trip failures: "
+                   f"{metadata['roundtrip_failures']}", err=True)
 
 
 @data.command("info")

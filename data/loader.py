@@ -40,6 +40,9 @@ def _windows_view(store: TokenStore, split: str, seq_len: int) -> np.ndarray:
     tokens = store.tokens(split)
     width = seq_len + 1
     n = len(tokens) // width
+    if len(tokens) == 0:
+        raise ValueError(f"split {split!r} of {store.path} is empty (prepared with val_fraction="
+                         f"{store.metadata.get('val_fraction')!r})")
     if n == 0:
         raise ValueError(f"seq_len={seq_len} is too large for split {split!r} of {store.path}: "
                          f"it holds {len(tokens):,} tokens, fewer than one window of "

@@ -75,3 +75,11 @@ def test_skip_invalid_is_reported(tmp_path, src):
     result = run("prepare", mixed, "--out", tmp_path / "s", "--vocab-size", 300, "--skip-invalid")
     assert result.exit_code == 0, result.output
     assert "invalid_json_lines=1" in result.output and "missing_field_lines=1" in result.output
+
+
+def test_quiet_still_reports_skipped_inputs(tmp_path, src):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(src.read_text() + "{oops\n")
+    result = run("prepare", mixed, "--out", tmp_path / "s", "--vocab-size", 300, "--skip-invalid", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "invalid_json_lines=1" in result.output

@@ -157,3 +157,11 @@ def test_process_defaults_come_from_jax(store):
     L = Loader(store, seq_len=SEQ, global_batch=8)
     assert (L.process_index, L.process_count) == (jax.process_index(), jax.process_count())
     assert L.local_batch == 8 // jax.process_count()
+
+
+def test_empty_validation_split_is_explained(tmp_path):
+    src = tmp_path / "doc.txt"
+    src.write_text("some text to tokenize, " * 50)
+    prepare(tmp_path / "s", [src], val_fraction=0.0, progress=False, workers=1)
+    with pytest.raises(ValueError, match=r"split 'val' of .* is empty \(prepared with val_fraction=0.0\)"):
+        validation_batches(tmp_path / "s", seq_len=8, batch_size=2)

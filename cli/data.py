@@ -13,7 +13,7 @@ def data():
     """Prepare the corpus, tokenizer and token store."""
 
 
-@data.command("prepare")
+@data.command("prepare", short_help="Build a token store (tokenizer + packed ids) from a corpus.")
 @click.argument("sources", nargs=-1)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory of the token store (refused if it exists, unless --overwrite).")
@@ -56,7 +56,7 @@ def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fra
                    f"{metadata['roundtrip_failures']}", err=True)
 
 
-@data.command("info")
+@data.command("info", short_help="Summarise and check a token store.")
 @click.argument("store_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full metadata.json.")
 def info_command(store_dir, as_json):

@@ -83,3 +83,14 @@ def test_quiet_still_reports_skipped_inputs(tmp_path, src):
     result = run("prepare", mixed, "--out", tmp_path / "s", "--vocab-size", 300, "--skip-invalid", "--quiet")
     assert result.exit_code == 0, result.output
     assert "invalid_json_lines=1" in result.output
+
+
+def test_bench_data_smoke(src, tmp_path):
+    # The benchmark's loader part on a tiny store (the prepare part runs on the embedded corpus).
+    out = tmp_path / "store"
+    assert run("prepare", src, "--out", out, "--vocab-size", 300, "--quiet").exit_code == 0
+    result = CliRunner().invoke(cli, ["bench", "data", "--store", str(out), "--seq-len", "8",
+                                      "--batch", "4", "--batches", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["loader_batches"] == 3 and report["loader_tokens_per_s"] > 0

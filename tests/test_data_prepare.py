@@ -229,3 +229,17 @@ def test_incomplete_or_corrupt_store_is_refused(store_dir, tmp_path):
         TokenStore(broken)
     with pytest.raises(ValueError, match="split must be one of"):
         TokenStore(store_dir).tokens("test")
+
+
+def test_token_dtype_follows_the_vocabulary():
+    from salt.data.store import token_dtype
+
+    assert token_dtype(4096) == np.dtype("<u2") and token_dtype(65536) == np.dtype("<u2")
+    assert token_dtype(65537) == np.dtype("<u4") and token_dtype(256000) == np.dtype("<u4")
+
+
+def test_default_vocab_size_rule():
+    from salt.data import EMBEDDED_VOCAB_SIZE, default_vocab_size
+
+    assert default_vocab_size(31_000_000) == EMBEDDED_VOCAB_SIZE == 4096
+    assert default_vocab_size(500_000_000) == 16384 and default_vocab_size(10**10) == 32768

@@ -40,9 +40,10 @@ from salt.kernels import kd_loss as _kd
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 
-# Budget for the Pallas blocks when block sizes are not given: below the smallest default scoped
-# VMEM limit of the supported chips (16 MiB on v5e/v5p).
-VMEM_BUDGET_BYTES = 12 * 1024 * 1024
+# Budget for the Pallas blocks when block sizes are not given, checked against :func:`vmem_estimate`:
+# below the smallest default scoped VMEM limit of the supported chips (16 MiB on v5e).  The TPU AOT
+# tests compile the default choice at the paper's shapes (Mosaic fails on a VMEM overflow).
+VMEM_BUDGET_BYTES = 15 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,30 +68,36 @@ class FusedKDBlockSizes:
 
 
 def vmem_estimate(bt, bv, d_s, d_t, itemsize):
-    """Rough VMEM bytes of the largest kernel: double-buffered input blocks, the f32 gradient
-    accumulator, [bt, bv] f32 temporaries and the (lane-padded) per-row vectors."""
+    """Rough VMEM bytes of the largest of the three kernels: double-buffered input blocks, the
+    double-buffered gradient output block plus its f32 accumulator (none when the output is
+    f32: it accumulates in place), ``[bt, bv]`` f32 temporaries and the lane-padded row vectors."""
     inputs = 2 * (bt + bv) * (d_s + d_t) * itemsize
-    acc = 4 * max(bt, bv) * d_s
+    rows = 2 * 8 * bt * 128 * 4
     temps = 10 * bt * bv * 4
-    rows = 2 * 7 * bt * 128 * 4
-    return inputs + acc + temps + rows
+    acc_per_row = d_s * (4 if itemsize != 4 else 0) + 2 * d_s * itemsize
+    return inputs + rows + temps + max(bt, bv) * acc_per_row
+
+
+_TOKEN_BLOCKS = (512, 256, 128, 64, 32, 16)
+_VOCAB_BLOCKS = (512, 256, 128)
 
 
 def choose_blocks(n, vocab, d_s, d_t, itemsize, block_sizes: FusedKDBlockSizes):
-    bt, bv = block_sizes.block_tokens, block_sizes.block_vocab
-    auto_t, auto_v = bt is None, bv is None
-    bt = 512 if auto_t else bt
-    bv = 512 if auto_v else bv
-    while vmem_estimate(bt, bv, d_s, d_t, itemsize) > VMEM_BUDGET_BYTES:
-        if auto_v and bv > 128 and (bv >= bt or not auto_t or bt <= 16):
-            bv //= 2
-        elif auto_t and bt > 16:
-            bt //= 2
-        else:
-            break
-    bt = min(bt, -(-n // 16) * 16)
-    bv = min(bv, -(-vocab // 128) * 128)
-    return bt, bv
+    """(block_tokens, block_vocab): the given ones, else the largest tile area (ties: more tokens,
+    which raises the flops per embedding byte read) whose :func:`vmem_estimate` fits the budget."""
+    n_cap = -(-n // 16) * 16
+    v_cap = -(-vocab // 128) * 128
+    token_options = [block_sizes.block_tokens] if block_sizes.block_tokens else _TOKEN_BLOCKS
+    vocab_options = [block_sizes.block_vocab] if block_sizes.block_vocab else _VOCAB_BLOCKS
+    best = None
+    for bt in token_options:
+        for bv in vocab_options:
+            bt_eff, bv_eff = min(bt, n_cap), min(bv, v_cap)
+            fits = vmem_estimate(bt_eff, bv_eff, d_s, d_t, itemsize) <= VMEM_BUDGET_BYTES
+            key = (fits, bt_eff * bv_eff, bt_eff)
+            if best is None or key > best[0]:
+                best = (key, (bt_eff, bv_eff))
+    return best[1]
 
 
 def analytic_flops(n, vocab, d_s, d_t, *, backward=True):
@@ -109,10 +116,10 @@ def analytic_flops(n, vocab, d_s, d_t, *, backward=True):
 # naive
 # ----------------------------------------------------------------------------------------------
 
-def _stats_naive(hs, es, ht, et, y, rho):
+def _loss_naive(hs, es, ht, et, y, omega, rho):
     s = jnp.dot(hs, es.T, preferred_element_type=jnp.float32)
     t = jnp.dot(ht, et.T, preferred_element_type=jnp.float32)
-    return _kd._stats_naive(s, t, y, rho)
+    return _kd.loss_naive(s, t, y, omega, rho)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +136,7 @@ def _chunk_logits(hs, es, ht, et, j, chunk, vocab, rho):
     return start, es_c, s_c, rt_c, cols_1xC, cols_1xC >= j * chunk
 
 
-def _stats_xla_impl(hs, es, ht, et, y, rho, chunk):
+def _stats_xla(hs, es, ht, et, y, rho, chunk):
     n, vocab = hs.shape[0], es.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
     y_Nx1 = y[:, None]
@@ -142,28 +149,17 @@ def _stats_xla_impl(hs, es, ht, et, y, rho, chunk):
     return tuple(x[:, 0] for x in _kd.stats_finish(carry))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _stats_xla(hs, es, ht, et, y, rho, chunk):
-    return _stats_xla_impl(hs, es, ht, et, y, rho, chunk)
-
-
-def _stats_xla_fwd(hs, es, ht, et, y, rho, chunk):
-    stats = _stats_xla_impl(hs, es, ht, et, y, rho, chunk)
-    return stats, (hs, es, ht, et, y, stats[0], stats[3])
-
-
-def _stats_xla_bwd(rho, chunk, res, cotangents):
-    hs, es, ht, et, y, lse_s, lse_t = res
-    g_lse, g_sy, g_qs, _, _ = cotangents  # teacher-only statistics: no gradient to the teacher
+def _grad_xla(hs, es, ht, et, y, stats, coefs, rho, chunk):
     vocab = es.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
-    rows = [x[:, None] for x in (y, lse_s, lse_t, g_lse, g_sy, g_qs)]
-    y_Nx1, lse_s, lse_t, g_lse, g_sy, g_qs = rows
+    m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
+    rows = [x[:, None] for x in (m_s, log_l_s, m_t, log_l_t, *coefs)]
+    y_Nx1 = y[:, None]
 
     def body(carry, j):
         dhs_NxD, des_VxD = carry
         start, es_c, s_c, rt_c, cols, valid = _chunk_logits(hs, es, ht, et, j, chunk, vocab, rho)
-        ds_NxC = _kd.grad_tile(s_c, rt_c, cols == y_Nx1, lse_s, lse_t, g_lse, g_sy, g_qs)
+        ds_NxC = _kd.grad_tile(s_c, rt_c, cols == y_Nx1, *rows)
         ds_NxC = jnp.where(valid, ds_NxC, 0.0).astype(es.dtype)
         dhs_NxD = dhs_NxD + jnp.dot(ds_NxC, es_c, preferred_element_type=jnp.float32)
         des_CxD = lax.dot_general(ds_NxC, hs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -173,10 +169,7 @@ def _stats_xla_bwd(rho, chunk, res, cotangents):
 
     init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros(es.shape, jnp.float32))
     (dhs, des), _ = lax.scan(body, init, jnp.arange(n_chunks))
-    return dhs.astype(hs.dtype), des.astype(es.dtype), jnp.zeros_like(ht), jnp.zeros_like(et), None
-
-
-_stats_xla.defvjp(_stats_xla_fwd, _stats_xla_bwd)
+    return dhs.astype(hs.dtype), des.astype(es.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,14 +182,13 @@ def _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho):
     return s, rt
 
 
-def _fwd_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, s_y_ref, qs_ref, lse_t_ref, qrt_ref,
-                m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y, *, rho, vocab, block_vocab):
+def _fwd_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, *refs, rho, vocab, block_vocab):
+    out_refs, scratch = refs[:_kd.N_STATS], refs[_kd.N_STATS:]
     j = pl.program_id(1)
-    scratch = (m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y)
 
     @pl.when(j == 0)
     def _init():
-        for ref, value in zip(scratch, _kd.stats_init(m_s.shape)):
+        for ref, value in zip(scratch, _kd.stats_init(scratch[0].shape)):
             ref[...] = value
 
     s, rt = _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho)
@@ -207,62 +199,70 @@ def _fwd_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, s_y_ref, qs_re
 
     @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
-        outs = _kd.stats_finish(tuple(r[...] for r in scratch))
-        for ref, value in zip((lse_s_ref, s_y_ref, qs_ref, lse_t_ref, qrt_ref), outs):
+        for ref, value in zip(out_refs, _kd.stats_finish(tuple(r[...] for r in scratch))):
             ref[...] = value
 
 
-def _grad_logits_tile(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
-                      g_qs_ref, *, rho, row0, col0, n_tokens, vocab):
+def _grad_logits_tile(refs, *, rho, row0, col0, n_tokens, vocab):
     """dS tile with rows >= N and columns >= V zeroed."""
+    hs_ref, es_ref, ht_ref, et_ref, y_ref, *row_refs = refs
     s, rt = _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho)
     cols = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     rows = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    ds = _kd.grad_tile(s, rt, cols == y_ref[...], lse_s_ref[...], lse_t_ref[...], g_lse_ref[...],
-                       g_sy_ref[...], g_qs_ref[...])
+    ds = _kd.grad_tile(s, rt, cols == y_ref[...], *(r[...] for r in row_refs))
     return jnp.where((cols < vocab) & (rows < n_tokens), ds, 0.0)
 
 
-def _bwd_hidden_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
-                       g_qs_ref, dhs_ref, acc, *, rho, n_tokens, vocab, block_tokens, block_vocab):
+_N_BWD_INPUTS = 5 + 7  # hs, es, ht, et, y + (m_s, log_l_s, m_t, log_l_t, g_p, g_y, g_q)
+
+
+def _bwd_hidden_kernel(*refs, rho, n_tokens, vocab, block_tokens, block_vocab):
+    in_refs, (dhs_ref, *scratch) = refs[:_N_BWD_INPUTS], refs[_N_BWD_INPUTS:]
+    acc = scratch[0] if scratch else dhs_ref  # f32 output: accumulate in the resident output block
     i, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
         acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
-    ds = _grad_logits_tile(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
-                           g_qs_ref, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
+    ds = _grad_logits_tile(in_refs, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
                            n_tokens=n_tokens, vocab=vocab)
-    es = es_ref[...]
+    es = in_refs[1][...]
     es_rows = j * block_vocab + lax.broadcasted_iota(jnp.int32, (es.shape[0], 1), 0)
     es = jnp.where(es_rows < vocab, es, jnp.zeros_like(es))  # padded embedding rows -> 0
     acc[...] += jnp.dot(ds.astype(es.dtype), es, preferred_element_type=jnp.float32)
 
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _finish():
-        dhs_ref[...] = acc[...].astype(dhs_ref.dtype)
+    if scratch:
+        @pl.when(j == pl.num_programs(1) - 1)
+        def _finish():
+            dhs_ref[...] = acc[...].astype(dhs_ref.dtype)
 
 
-def _bwd_embed_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
-                      g_qs_ref, des_ref, acc, *, rho, n_tokens, vocab, block_tokens, block_vocab):
+def _bwd_embed_kernel(*refs, rho, n_tokens, vocab, block_tokens, block_vocab):
+    in_refs, (des_ref, *scratch) = refs[:_N_BWD_INPUTS], refs[_N_BWD_INPUTS:]
+    acc = scratch[0] if scratch else des_ref  # f32 output: accumulate in the resident output block
     j, i = pl.program_id(0), pl.program_id(1)  # grid (vocab blocks, token blocks)
 
     @pl.when(i == 0)
     def _init():
         acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
-    ds = _grad_logits_tile(hs_ref, es_ref, ht_ref, et_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref,
-                           g_qs_ref, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
+    ds = _grad_logits_tile(in_refs, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
                            n_tokens=n_tokens, vocab=vocab)
-    hs = hs_ref[...]
+    hs = in_refs[0][...]
     hs_rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (hs.shape[0], 1), 0)
     hs = jnp.where(hs_rows < n_tokens, hs, jnp.zeros_like(hs))  # padded token rows -> 0
     acc[...] += jnp.dot(ds.T.astype(hs.dtype), hs, preferred_element_type=jnp.float32)
 
-    @pl.when(i == pl.num_programs(1) - 1)
-    def _finish():
-        des_ref[...] = acc[...].astype(des_ref.dtype)
+    if scratch:
+        @pl.when(i == pl.num_programs(1) - 1)
+        def _finish():
+            des_ref[...] = acc[...].astype(des_ref.dtype)
+
+
+def _acc_scratch(shape, out_dtype):
+    """An f32 accumulator, unless the output itself is f32 (then it accumulates in place)."""
+    return [] if jnp.dtype(out_dtype) == jnp.float32 else [pltpu.VMEM(shape, jnp.float32)]
 
 
 def _nbytes(*arrays):
@@ -273,103 +273,125 @@ def _specs(bt, bv, d_s, d_t, token_axis):
     """Block specs for (hs, es, ht, et) and a per-row spec; ``token_axis`` is the grid axis that
     walks token blocks (0 for the (tokens, vocab) grids, 1 for the (vocab, tokens) grid)."""
     if token_axis == 0:
-        tok = lambda i, j: (i, 0)
-        voc = lambda i, j: (j, 0)
+        tok = lambda i, j: (i, 0)  # noqa: E731
+        voc = lambda i, j: (j, 0)  # noqa: E731
     else:
-        tok = lambda j, i: (i, 0)
-        voc = lambda j, i: (j, 0)
+        tok = lambda j, i: (i, 0)  # noqa: E731
+        voc = lambda j, i: (j, 0)  # noqa: E731
     return ([pl.BlockSpec((bt, d_s), tok), pl.BlockSpec((bv, d_s), voc),
              pl.BlockSpec((bt, d_t), tok), pl.BlockSpec((bv, d_t), voc)],
-            pl.BlockSpec((bt, 1), tok))
+            _kd.row_spec(bt, token_axis))
 
 
-def _stats_pallas_impl(hs, es, ht, et, y, rho, block_sizes, interpret):
+def _blocks_for(hs, es, ht, block_sizes):
+    return choose_blocks(hs.shape[0], es.shape[0], hs.shape[1], ht.shape[1],
+                         max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
+
+
+def _stats_pallas(hs, es, ht, et, y, rho, block_sizes, interpret):
     n, d_s = hs.shape
     vocab, d_t = es.shape[0], ht.shape[1]
-    bt, bv = choose_blocks(n, vocab, d_s, d_t, max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
-    mats, row_spec = _specs(bt, bv, d_s, d_t, token_axis=0)
-    row = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+    bt, bv = _blocks_for(hs, es, ht, block_sizes)
+    mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=0)
     n_tok_blocks = pl.cdiv(n, bt)
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, rho=rho, vocab=vocab, block_vocab=bv),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(n_tok_blocks, pl.cdiv(vocab, bv)),
-            in_specs=mats + [row_spec], out_specs=[row_spec] * 5,
+            in_specs=mats + [rspec], out_specs=[rspec] * _kd.N_STATS,
             scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * 7),
-        out_shape=[row] * 5,
+        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * _kd.N_STATS,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
             flops=int(analytic_flops(n, vocab, d_s, d_t, backward=False)),
             transcendentals=int(2 * n * vocab),
-            bytes_accessed=int(_nbytes(hs, ht) + n_tok_blocks * _nbytes(es, et) + 24 * n)),
+            bytes_accessed=int(_nbytes(hs, ht) + n_tok_blocks * _nbytes(es, et) + 32 * n)),
         interpret=interpret,
         name="fused_linear_kd_fwd",
     )(hs, es, ht, et, y[:, None])
     return tuple(o[:, 0] for o in outs)
 
 
-def _bwd_pallas(hs, es, ht, et, y, lse_s, lse_t, g_lse, g_sy, g_qs, rho, block_sizes, interpret):
+def _grad_pallas(hs, es, ht, et, y, stats, coefs, rho, block_sizes, interpret):
     n, d_s = hs.shape
     vocab, d_t = es.shape[0], ht.shape[1]
-    bt, bv = choose_blocks(n, vocab, d_s, d_t, max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
+    bt, bv = _blocks_for(hs, es, ht, block_sizes)
     n_tok_blocks, n_voc_blocks = pl.cdiv(n, bt), pl.cdiv(vocab, bv)
-    col = lambda x: x.astype(jnp.float32)[:, None]
-    operands = (hs, es, ht, et, y[:, None], col(lse_s), col(lse_t), col(g_lse), col(g_sy), col(g_qs))
+    m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
+    operands = (hs, es, ht, et, y[:, None], *_kd.as_rows(m_s, log_l_s, m_t, log_l_t, *coefs))
     one_kernel_flops = int(2 * n * vocab * (d_s + d_t) + 2 * n * vocab * d_s + _kd.bwd_flops(n, vocab))
     static = dict(rho=rho, n_tokens=n, vocab=vocab, block_tokens=bt, block_vocab=bv)
 
-    mats, row_spec = _specs(bt, bv, d_s, d_t, token_axis=0)
+    mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=0)
     dhs = pl.pallas_call(
         functools.partial(_bwd_hidden_kernel, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(n_tok_blocks, n_voc_blocks),
-            in_specs=mats + [row_spec] * 6, out_specs=pl.BlockSpec((bt, d_s), lambda i, j: (i, 0)),
-            scratch_shapes=[pltpu.VMEM((bt, d_s), jnp.float32)]),
+            in_specs=mats + [rspec] * 8, out_specs=pl.BlockSpec((bt, d_s), lambda i, j: (i, 0)),
+            scratch_shapes=_acc_scratch((bt, d_s), hs.dtype)),
         out_shape=jax.ShapeDtypeStruct(hs.shape, hs.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
             flops=one_kernel_flops, transcendentals=int(2 * n * vocab),
-            bytes_accessed=int(2 * _nbytes(hs) + _nbytes(ht) + n_tok_blocks * _nbytes(es, et) + 28 * n)),
+            bytes_accessed=int(2 * _nbytes(hs) + _nbytes(ht) + n_tok_blocks * _nbytes(es, et) + 32 * n)),
         interpret=interpret,
         name="fused_linear_kd_bwd_hidden",
     )(*operands)
 
-    mats, row_spec = _specs(bt, bv, d_s, d_t, token_axis=1)
+    mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=1)
     des = pl.pallas_call(
         functools.partial(_bwd_embed_kernel, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(n_voc_blocks, n_tok_blocks),
-            in_specs=mats + [row_spec] * 6, out_specs=pl.BlockSpec((bv, d_s), lambda j, i: (j, 0)),
-            scratch_shapes=[pltpu.VMEM((bv, d_s), jnp.float32)]),
+            in_specs=mats + [rspec] * 8, out_specs=pl.BlockSpec((bv, d_s), lambda j, i: (j, 0)),
+            scratch_shapes=_acc_scratch((bv, d_s), es.dtype)),
         out_shape=jax.ShapeDtypeStruct(es.shape, es.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
             flops=one_kernel_flops, transcendentals=int(2 * n * vocab),
-            bytes_accessed=int(2 * _nbytes(es) + _nbytes(et) + n_voc_blocks * (_nbytes(hs, ht) + 28 * n))),
+            bytes_accessed=int(2 * _nbytes(es) + _nbytes(et) + n_voc_blocks * (_nbytes(hs, ht) + 32 * n))),
         interpret=interpret,
         name="fused_linear_kd_bwd_embedding",
     )(*operands)
     return dhs, des
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _stats_pallas(hs, es, ht, et, y, rho, block_sizes, interpret):
-    return _stats_pallas_impl(hs, es, ht, et, y, rho, block_sizes, interpret)
+# ----------------------------------------------------------------------------------------------
+# custom_vjp core
+# ----------------------------------------------------------------------------------------------
+
+def _stats(hs, es, ht, et, y, rho, cfg):
+    impl, block_sizes, interpret = cfg
+    if impl == "xla":
+        return _stats_xla(hs, es, ht, et, y, rho, block_sizes.chunk_vocab)
+    return _stats_pallas(hs, es, ht, et, y, rho, block_sizes, interpret)
 
 
-def _stats_pallas_fwd(hs, es, ht, et, y, rho, block_sizes, interpret):
-    stats = _stats_pallas_impl(hs, es, ht, et, y, rho, block_sizes, interpret)
-    return stats, (hs, es, ht, et, y, stats[0], stats[3])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _loss_core(hs, es, ht, et, y, omega, rho, cfg):
+    return _kd.loss_from_stats(_stats(hs, es, ht, et, y, rho, cfg), omega)
 
 
-def _stats_pallas_bwd(rho, block_sizes, interpret, res, cotangents):
-    hs, es, ht, et, y, lse_s, lse_t = res
-    g_lse, g_sy, g_qs, _, _ = cotangents
-    dhs, des = _bwd_pallas(hs, es, ht, et, y, lse_s, lse_t, g_lse, g_sy, g_qs, rho, block_sizes, interpret)
-    return dhs, des, jnp.zeros_like(ht), jnp.zeros_like(et), None
+def _loss_core_fwd(hs, es, ht, et, y, omega, rho, cfg):
+    stats = _stats(hs, es, ht, et, y, rho, cfg)
+    return _kd.loss_from_stats(stats, omega), (hs, es, ht, et, y, omega, stats)
 
 
-_stats_pallas.defvjp(_stats_pallas_fwd, _stats_pallas_bwd)
+def _loss_core_bwd(rho, cfg, res, cotangents):
+    hs, es, ht, et, y, omega, stats = res
+    g = cotangents[0]  # parts (ce, kd, kl) are monitoring values: their cotangents are ignored
+    coefs = _kd.grad_coefficients(g, omega)
+    impl, block_sizes, interpret = cfg
+    if impl == "xla":
+        dhs, des = _grad_xla(hs, es, ht, et, y, stats, coefs, rho, block_sizes.chunk_vocab)
+    else:
+        dhs, des = _grad_pallas(hs, es, ht, et, y, stats, coefs, rho, block_sizes, interpret)
+    # No gradient flows to the teacher: its cotangents are zero by definition.
+    return (dhs, des, jnp.zeros_like(ht), jnp.zeros_like(et), None,
+            _kd.omega_cotangent(g, stats, omega))
+
+
+_loss_core.defvjp(_loss_core_fwd, _loss_core_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,14 +413,14 @@ def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teac
       block_sizes: :class:`FusedKDBlockSizes`; return_parts: also ``{"ce", "kd", "kl"}``.
 
     Returns float32 ``[N]`` (and the parts dict).  Gradients flow to ``student_hidden``,
-    ``student_embedding`` (and ``omega``); the teacher's arrays get zero cotangents.
+    ``student_embedding`` (and ``omega``); the teacher's arrays get ZERO cotangents.
     """
     arrays = {"student_hidden": student_hidden, "student_embedding": student_embedding,
               "teacher_hidden": teacher_hidden, "teacher_embedding": teacher_embedding}
     arrays = {k: _kd._float_input(k, v) for k, v in arrays.items()}
     for name, x in arrays.items():
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {x.shape}")
+        if x.ndim != 2 or 0 in x.shape:
+            raise ValueError(f"{name} must be a non-empty 2-D array, got shape {x.shape}")
     hs, es = arrays["student_hidden"], arrays["student_embedding"]
     ht, et = arrays["teacher_hidden"], arrays["teacher_embedding"]
     if hs.shape[1] != es.shape[1]:
@@ -410,16 +432,16 @@ def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teac
     if es.shape[0] != et.shape[0]:
         raise ValueError(f"student_embedding has vocab {es.shape[0]}, teacher_embedding {et.shape[0]}")
     labels, valid = _kd.check_labels_mask(labels, mask, (hs.shape[0],))
-    omega = _kd.check_omega(omega)
+    omega = jnp.asarray(_kd.check_omega(omega), jnp.float32)
     impl = _kd.check_impl(impl)
     rho = _kd.check_rho(rho)
-    block_sizes = block_sizes or FusedKDBlockSizes()
+    block_sizes = FusedKDBlockSizes() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, FusedKDBlockSizes):
         raise ValueError(f"block_sizes must be a FusedKDBlockSizes, got {type(block_sizes).__name__}")
     if impl == "naive":
-        stats = _stats_naive(hs, es, lax.stop_gradient(ht), lax.stop_gradient(et), labels, rho)
-    elif impl == "xla":
-        stats = _stats_xla(hs, es, ht, et, labels, rho, block_sizes.chunk_vocab)
+        keep_Nx1 = valid[:, None]  # masked rows may hold garbage: zero them
+        outputs = _loss_naive(jnp.where(keep_Nx1, hs, 0), es, lax.stop_gradient(jnp.where(keep_Nx1, ht, 0)),
+                              lax.stop_gradient(et), labels, omega, rho)
     else:
-        stats = _stats_pallas(hs, es, ht, et, labels, rho, block_sizes, interpret)
-    return _kd.combine(stats, omega, valid, return_parts)
+        outputs = _loss_core(hs, es, ht, et, labels, omega, rho, (impl, block_sizes, interpret))
+    return _kd.finish_output(outputs, valid, return_parts)

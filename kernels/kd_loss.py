@@ -70,7 +70,17 @@ class KDBlockSizes:
 
 # ----------------------------------------------------------------------------------------------
 # Online row statistics (shared by the Pallas kernels, the xla scans and fused_linear_kd).
+#
+# All sums are kept RELATIVE to the running maxima so that logits of magnitude 1e4 lose no
+# precision in float32: with m_s = max s and m_t = max ρt the statistics of a row are
+#   m_s, log_l_s  (lse(s) = m_s + log_l_s),     d_y  = m_s − s_y  (≥ 0),
+#   qs_c = Σ Q·(s − m_s),                        m_t, log_l_t  (lse(ρt) = m_t + log_l_t),
+#   qrt_c = Σ Q·(ρt − m_t)
+# and  ce = log_l_s + d_y,  kd = log_l_s − qs_c,  H(Q) = log_l_t − qrt_c,  KL = kd − H(Q).
 # ----------------------------------------------------------------------------------------------
+
+N_STATS = 7
+
 
 def stats_init(shape):
     """Initial carry ``(m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y)`` for rows of ``shape``."""
@@ -84,53 +94,79 @@ def stats_update(carry, s_f32, rt_f32, valid, onehot):
 
     ``s_f32``/``rt_f32``: ``[n, c]`` student logits and ρ·teacher logits (float32, may hold garbage
     where not ``valid``); ``valid``: broadcastable to ``[n, c]`` (column inside the vocabulary and
-    not yet counted); ``onehot``: ``[n, c]`` bool, column == label.  Carry entries are ``[n, 1]``.
+    not yet counted); ``onehot``: ``[n, c]`` bool, column == label.  Carry entries are ``[n, 1]``:
+    running maxima ``m_s``, ``m_t``; ``l_s = Σ exp(s − m_s)``; ``l_t = Σ exp(ρt − m_t)``;
+    ``a_qs = Σ exp(ρt − m_t)·(s − m_s)``; ``a_qrt = Σ exp(ρt − m_t)·(ρt − m_t)``; ``s_y``.
     """
     m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y = carry
     s_valid = jnp.where(valid, s_f32, _NEG_INF)
     rt_valid = jnp.where(valid, rt_f32, _NEG_INF)
     m_s_new = jnp.maximum(m_s, jnp.max(s_valid, axis=1, keepdims=True))
-    l_s = l_s * jnp.exp(m_s - m_s_new) + jnp.sum(jnp.exp(s_valid - m_s_new), axis=1, keepdims=True)
     m_t_new = jnp.maximum(m_t, jnp.max(rt_valid, axis=1, keepdims=True))
+    alpha_s = jnp.exp(m_s - m_s_new)
     alpha_t = jnp.exp(m_t - m_t_new)
+    # shifts of the reference points (0 before the first tile, where the sums are still 0)
+    shift_s = jnp.where(m_s == _NEG_INF, 0.0, m_s_new - m_s)
+    shift_t = jnp.where(m_t == _NEG_INF, 0.0, m_t_new - m_t)
     p_t = jnp.exp(rt_valid - m_t_new)  # unnormalised teacher probabilities of the tile, 0 if invalid
-    s_zero = jnp.where(valid, s_f32, 0.0)
-    rt_zero = jnp.where(valid, rt_f32, 0.0)
+    s_c = jnp.where(valid, s_f32 - m_s_new, 0.0)
+    rt_c = jnp.where(valid, rt_f32 - m_t_new, 0.0)
+    l_s = l_s * alpha_s + jnp.sum(jnp.exp(s_valid - m_s_new), axis=1, keepdims=True)
+    a_qs = (a_qs - shift_s * l_t) * alpha_t + jnp.sum(p_t * s_c, axis=1, keepdims=True)
+    a_qrt = (a_qrt - shift_t * l_t) * alpha_t + jnp.sum(p_t * rt_c, axis=1, keepdims=True)
     l_t = l_t * alpha_t + jnp.sum(p_t, axis=1, keepdims=True)
-    a_qs = a_qs * alpha_t + jnp.sum(p_t * s_zero, axis=1, keepdims=True)
-    a_qrt = a_qrt * alpha_t + jnp.sum(p_t * rt_zero, axis=1, keepdims=True)
     s_y = s_y + jnp.sum(jnp.where(jnp.logical_and(onehot, valid), s_f32, 0.0), axis=1, keepdims=True)
     return (m_s_new, l_s, m_t_new, l_t, a_qs, a_qrt, s_y)
 
 
 def stats_finish(carry):
-    """Carry -> ``(lse_s, s_y, qs, lse_t, qrt)``."""
+    """Carry -> ``(m_s, log_l_s, d_y, qs_c, m_t, log_l_t, qrt_c)`` (see the section comment)."""
     m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y = carry
-    lse_s = m_s + jnp.log(l_s)
-    lse_t = m_t + jnp.log(l_t)
-    return (lse_s, s_y, a_qs / l_t, lse_t, a_qrt / l_t)
+    return (m_s, jnp.log(l_s), m_s - s_y, a_qs / l_t, m_t, jnp.log(l_t), a_qrt / l_t)
 
 
-def grad_tile(s_f32, rt_f32, onehot, lse_s, lse_t, g_lse, g_sy, g_qs):
-    """``g_lse·P + g_sy·onehot + g_qs·Q`` for one tile (row vectors ``[n, 1]``)."""
-    p = jnp.exp(s_f32 - lse_s)
-    q = jnp.exp(rt_f32 - lse_t)
-    return g_lse * p + g_qs * q + jnp.where(onehot, g_sy, 0.0)
+def grad_tile(s_f32, rt_f32, onehot, m_s, log_l_s, m_t, log_l_t, g_p, g_y, g_q):
+    """``g_p·P − g_y·onehot − g_q·Q`` for one tile (row vectors ``[n, 1]``); with ``g_p = g``,
+    ``g_y = (1−ω)·g``, ``g_q = ω·g`` this is ``g·(P − (1−ω)·onehot − ω·Q)``."""
+    p = jnp.exp((s_f32 - m_s) - log_l_s)
+    q = jnp.exp((rt_f32 - m_t) - log_l_t)
+    ds = g_p * p - g_q * q - jnp.where(onehot, g_y, 0.0)
+    # rows with a zero cotangent (masked rows, whose logits may be garbage) get exactly 0
+    return jnp.where(g_p != 0.0, ds, 0.0)
 
 
-def combine(stats, omega, valid_rows, return_parts):
-    """Row statistics -> per-row loss (0 where not ``valid_rows``) and optional parts."""
-    lse_s, s_y, qs, lse_t, qrt = stats
-    omega = jnp.asarray(omega, jnp.float32)
-    loss = lse_s - (1.0 - omega) * s_y - omega * qs
+def loss_from_stats(stats, omega):
+    """Row statistics -> ``(loss, ce, kd, kl)`` (each ``[N]`` float32, not masked)."""
+    m_s, log_l_s, d_y, qs_c, m_t, log_l_t, qrt_c = stats
+    ce = log_l_s + d_y
+    kd = log_l_s - qs_c
+    kl = kd - (log_l_t - qrt_c)
+    loss = log_l_s + (1.0 - omega) * d_y - omega * qs_c
+    return loss, ce, kd, kl
+
+
+def grad_coefficients(g, omega):
+    """Per-row ``(g_p, g_y, g_q) = (g, (1−ω)·g, ω·g)`` as float32 ``[N]``."""
+    g = g.astype(jnp.float32)
+    return g, (1.0 - omega) * g, omega * g
+
+
+def omega_cotangent(g, stats, omega):
+    """``Σ_rows g·∂loss/∂ω = Σ g·(−d_y − qs_c)`` in ``omega``'s dtype and shape."""
+    _, _, d_y, qs_c, _, _, _ = stats
+    g = g.astype(jnp.float32)
+    per_row = jnp.where(g != 0.0, g * (-d_y - qs_c), 0.0)  # masked rows may hold garbage stats
+    return jnp.sum(per_row).astype(omega.dtype).reshape(omega.shape)
+
+
+def finish_output(outputs, valid_rows, return_parts):
+    """Mask ``(loss, ce, kd, kl)`` rows; parts are monitoring values without gradient."""
+    loss, ce, kd, kl = outputs
     loss = jnp.where(valid_rows, loss, 0.0)
     if not return_parts:
         return loss
-    ce = jnp.where(valid_rows, lse_s - s_y, 0.0)
-    kd = jnp.where(valid_rows, lse_s - qs, 0.0)
-    entropy_q = lse_t - qrt
-    kl = jnp.where(valid_rows, lse_s - qs - entropy_q, 0.0)
-    parts = {"ce": lax.stop_gradient(ce), "kd": lax.stop_gradient(kd), "kl": lax.stop_gradient(kl)}
+    parts = {name: lax.stop_gradient(jnp.where(valid_rows, value, 0.0))
+             for name, value in (("ce", ce), ("kd", kd), ("kl", kl))}
     return loss, parts
 
 
@@ -197,15 +233,16 @@ def _float_input(name, x):
 # naive
 # ----------------------------------------------------------------------------------------------
 
-def _stats_naive(s_NxV, t_NxV, y_N, rho):
-    s = s_NxV.astype(jnp.float32)
-    rt = rho * lax.stop_gradient(t_NxV).astype(jnp.float32)
-    lse_s = jax.nn.logsumexp(s, axis=-1)
-    lse_t = jax.nn.logsumexp(rt, axis=-1)
-    q = jnp.exp(rt - lse_t[:, None])
-    onehot = jnp.arange(s.shape[1])[None, :] == y_N[:, None]
-    s_y = jnp.sum(jnp.where(onehot, s, 0.0), axis=-1)
-    return (lse_s, s_y, jnp.sum(q * s, axis=-1), lse_t, jnp.sum(q * rt, axis=-1))
+def loss_naive(s_NxV, t_NxV, y_N, omega, rho):
+    """Textbook ``(loss, ce, kd, kl)`` with full ``[N, V]`` log-softmaxes (autodiff gradient)."""
+    log_p = jax.nn.log_softmax(s_NxV.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(rho * lax.stop_gradient(t_NxV).astype(jnp.float32), axis=-1)
+    q = jnp.exp(log_q)
+    onehot = jnp.arange(s_NxV.shape[1])[None, :] == y_N[:, None]
+    ce = -jnp.sum(jnp.where(onehot, log_p, 0.0), axis=-1)
+    kd = -jnp.sum(q * log_p, axis=-1)
+    kl = jnp.sum(q * (log_q - log_p), axis=-1)
+    return (1.0 - omega) * ce + omega * kd, ce, kd, kl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +256,7 @@ def chunk_plan(vocab, chunk):
     return chunk, -(-vocab // chunk)
 
 
-def _stats_xla_fwd_impl(s_NxV, t_NxV, y_N, rho, chunk):
+def _stats_xla(s_NxV, t_NxV, y_N, rho, chunk):
     n, vocab = s_NxV.shape
     chunk, n_chunks = chunk_plan(vocab, chunk)
     y_Nx1 = y_N[:, None]
@@ -236,44 +273,39 @@ def _stats_xla_fwd_impl(s_NxV, t_NxV, y_N, rho, chunk):
     return tuple(x[:, 0] for x in stats_finish(carry))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _stats_xla(s_NxV, t_NxV, y_N, rho, chunk):
-    return _stats_xla_fwd_impl(s_NxV, t_NxV, y_N, rho, chunk)
-
-
-def _stats_xla_fwd(s_NxV, t_NxV, y_N, rho, chunk):
-    stats = _stats_xla_fwd_impl(s_NxV, t_NxV, y_N, rho, chunk)
-    return stats, (s_NxV, t_NxV, y_N, stats[0], stats[3])
-
-
-def _stats_xla_bwd(rho, chunk, res, cotangents):
-    s_NxV, t_NxV, y_N, lse_s, lse_t = res
-    g_lse, g_sy, g_qs, _, _ = cotangents  # lse_t / qrt: teacher-only, no gradient to the teacher
+def _grad_xla(s_NxV, t_NxV, y_N, stats, coefs, rho, chunk):
+    """One fused elementwise pass (the result is [N, V] anyway; nothing else of that size)."""
+    del chunk
+    m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
     onehot = jnp.arange(s_NxV.shape[1])[None, :] == y_N[:, None]
-    ds = grad_tile(s_NxV.astype(jnp.float32), rho * t_NxV.astype(jnp.float32), onehot,
-                   lse_s[:, None], lse_t[:, None], g_lse[:, None], g_sy[:, None], g_qs[:, None])
-    return ds.astype(s_NxV.dtype), jnp.zeros_like(t_NxV), None
-
-
-_stats_xla.defvjp(_stats_xla_fwd, _stats_xla_bwd)
+    rows = [x[:, None] for x in (m_s, log_l_s, m_t, log_l_t, *coefs)]
+    ds = grad_tile(s_NxV.astype(jnp.float32), rho * t_NxV.astype(jnp.float32), onehot, *rows)
+    return ds.astype(s_NxV.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # pallas (TPU / Mosaic)
 # ----------------------------------------------------------------------------------------------
 
-def _row_spec(block_tokens):
-    return pl.BlockSpec((block_tokens, 1), lambda i, j: (i, 0))
+def row_spec(block_tokens, token_axis=0):
+    """BlockSpec of a per-row ``[N, 1]`` vector on a 2-D grid whose axis ``token_axis`` walks rows."""
+    if token_axis == 0:
+        return pl.BlockSpec((block_tokens, 1), lambda i, j: (i, 0))
+    return pl.BlockSpec((block_tokens, 1), lambda j, i: (i, 0))
 
 
-def _fwd_kernel(s_ref, t_ref, y_ref, lse_s_ref, s_y_ref, qs_ref, lse_t_ref, qrt_ref,
-                m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y, *, rho, vocab, block_vocab):
+def as_rows(*vectors_N):
+    """``[N]`` vectors -> float32 ``[N, 1]`` kernel operands."""
+    return tuple(v.astype(jnp.float32)[:, None] for v in vectors_N)
+
+
+def _fwd_kernel(s_ref, t_ref, y_ref, *refs, rho, vocab, block_vocab):
+    out_refs, scratch = refs[:N_STATS], refs[N_STATS:]
     j = pl.program_id(1)
-    scratch = (m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y)
 
     @pl.when(j == 0)
     def _init():
-        for ref, value in zip(scratch, stats_init(m_s.shape)):
+        for ref, value in zip(scratch, stats_init(scratch[0].shape)):
             ref[...] = value
 
     s = s_ref[...].astype(jnp.float32)
@@ -285,21 +317,30 @@ def _fwd_kernel(s_ref, t_ref, y_ref, lse_s_ref, s_y_ref, qs_ref, lse_t_ref, qrt_
 
     @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
-        outs = stats_finish(tuple(r[...] for r in scratch))
-        for ref, value in zip((lse_s_ref, s_y_ref, qs_ref, lse_t_ref, qrt_ref), outs):
+        for ref, value in zip(out_refs, stats_finish(tuple(r[...] for r in scratch))):
             ref[...] = value
 
 
-def _bwd_kernel(s_ref, t_ref, y_ref, lse_s_ref, lse_t_ref, g_lse_ref, g_sy_ref, g_qs_ref, ds_ref,
-                *, rho, vocab, n_tokens, block_tokens, block_vocab):
+def _bwd_kernel(s_ref, t_ref, y_ref, m_s_ref, log_l_s_ref, m_t_ref, log_l_t_ref, g_p_ref, g_y_ref, g_q_ref,
+                ds_ref, *, rho, vocab, n_tokens, block_tokens, block_vocab):
     i, j = pl.program_id(0), pl.program_id(1)
     s = s_ref[...].astype(jnp.float32)
     rt = rho * t_ref[...].astype(jnp.float32)
     cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    ds = grad_tile(s, rt, cols == y_ref[...], lse_s_ref[...], lse_t_ref[...],
-                   g_lse_ref[...], g_sy_ref[...], g_qs_ref[...])
+    ds = grad_tile(s, rt, cols == y_ref[...], m_s_ref[...], log_l_s_ref[...], m_t_ref[...], log_l_t_ref[...],
+                   g_p_ref[...], g_y_ref[...], g_q_ref[...])
     ds_ref[...] = jnp.where((cols < vocab) & (rows < n_tokens), ds, 0.0).astype(ds_ref.dtype)
+
+
+def fwd_flops(n, vocab):
+    """Analytic flop count of the forward statistics: ~20 elementwise flops per logit pair."""
+    return 20 * n * vocab
+
+
+def bwd_flops(n, vocab):
+    """Analytic flop count of the backward tile: ~10 elementwise flops per logit pair."""
+    return 10 * n * vocab
 
 
 def _blocks(n, vocab, bs: KDBlockSizes):
@@ -308,98 +349,89 @@ def _blocks(n, vocab, bs: KDBlockSizes):
     return block_tokens, block_vocab
 
 
-def _stats_pallas_fwd_impl(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
+def _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
     n, vocab = s_NxV.shape
     bt, bv = _blocks(n, vocab, block_sizes)
-    grid = (pl.cdiv(n, bt), pl.cdiv(vocab, bv))
     tile_spec = pl.BlockSpec((bt, bv), lambda i, j: (i, j))
-    row = jax.ShapeDtypeStruct((n, 1), jnp.float32)
     in_bytes = s_NxV.size * s_NxV.dtype.itemsize + t_NxV.size * t_NxV.dtype.itemsize
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, rho=rho, vocab=vocab, block_vocab=bv),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=grid,
-            in_specs=[tile_spec, tile_spec, _row_spec(bt)],
-            out_specs=[_row_spec(bt)] * 5,
+            num_scalar_prefetch=0, grid=(pl.cdiv(n, bt), pl.cdiv(vocab, bv)),
+            in_specs=[tile_spec, tile_spec, row_spec(bt)],
+            out_specs=[row_spec(bt)] * N_STATS,
             scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * 7),
-        out_shape=[row] * 5,
+        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * N_STATS,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=int(fwd_flops(n, vocab)), transcendentals=int(2 * n * vocab),
-                                      bytes_accessed=int(in_bytes + 4 * n + 20 * n)),
+                                      bytes_accessed=int(in_bytes + 4 * n + 4 * N_STATS * n)),
         interpret=interpret,
         name="kd_loss_fwd",
     )(s_NxV, t_NxV, y_N[:, None])
     return tuple(o[:, 0] for o in outs)
 
 
-def fwd_flops(n, vocab):
-    """Analytic flop count of the forward statistics (elementwise ops per logit pair, ~16)."""
-    return 16 * n * vocab
-
-
-def bwd_flops(n, vocab):
-    """Analytic flop count of the backward tile (elementwise ops per logit pair, ~10)."""
-    return 10 * n * vocab
-
-
-def _stats_pallas_bwd_impl(s_NxV, t_NxV, y_N, lse_s, lse_t, g_lse, g_sy, g_qs, rho, block_sizes, interpret):
+def _grad_pallas(s_NxV, t_NxV, y_N, stats, coefs, rho, block_sizes, interpret):
     n, vocab = s_NxV.shape
     bt, bv = _blocks(n, vocab, block_sizes)
-    grid = (pl.cdiv(n, bt), pl.cdiv(vocab, bv))
     tile_spec = pl.BlockSpec((bt, bv), lambda i, j: (i, j))
     nbytes = 2 * s_NxV.size * s_NxV.dtype.itemsize + t_NxV.size * t_NxV.dtype.itemsize
-    col = lambda x: x.astype(jnp.float32)[:, None]
+    m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
     return pl.pallas_call(
         functools.partial(_bwd_kernel, rho=rho, vocab=vocab, n_tokens=n, block_tokens=bt, block_vocab=bv),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=grid,
-            in_specs=[tile_spec, tile_spec] + [_row_spec(bt)] * 6,
+            num_scalar_prefetch=0, grid=(pl.cdiv(n, bt), pl.cdiv(vocab, bv)),
+            in_specs=[tile_spec, tile_spec] + [row_spec(bt)] * 8,
             out_specs=tile_spec),
         out_shape=jax.ShapeDtypeStruct(s_NxV.shape, s_NxV.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         cost_estimate=pl.CostEstimate(flops=int(bwd_flops(n, vocab)), transcendentals=int(2 * n * vocab),
-                                      bytes_accessed=int(nbytes + 24 * n)),
+                                      bytes_accessed=int(nbytes + 32 * n)),
         interpret=interpret,
         name="kd_loss_bwd",
-    )(s_NxV, t_NxV, y_N[:, None], col(lse_s), col(lse_t), col(g_lse), col(g_sy), col(g_qs))
+    )(s_NxV, t_NxV, y_N[:, None], *as_rows(m_s, log_l_s, m_t, log_l_t, *coefs))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
-    return _stats_pallas_fwd_impl(s_NxV, t_NxV, y_N, rho, block_sizes, interpret)
+# ----------------------------------------------------------------------------------------------
+# custom_vjp core: (loss, ce, kd, kl) per row; gradient to the student logits and omega only
+# ----------------------------------------------------------------------------------------------
+
+def _stats(s_NxV, t_NxV, y_N, rho, cfg):
+    impl, block_sizes, interpret = cfg
+    if impl == "xla":
+        return _stats_xla(s_NxV, t_NxV, y_N, rho, block_sizes.chunk_vocab)
+    return _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret)
 
 
-def _stats_pallas_fwd(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
-    stats = _stats_pallas_fwd_impl(s_NxV, t_NxV, y_N, rho, block_sizes, interpret)
-    return stats, (s_NxV, t_NxV, y_N, stats[0], stats[3])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _loss_core(s_NxV, t_NxV, y_N, omega, rho, cfg):
+    return loss_from_stats(_stats(s_NxV, t_NxV, y_N, rho, cfg), omega)
 
 
-def _stats_pallas_bwd(rho, block_sizes, interpret, res, cotangents):
-    s_NxV, t_NxV, y_N, lse_s, lse_t = res
-    g_lse, g_sy, g_qs, _, _ = cotangents
-    ds = _stats_pallas_bwd_impl(s_NxV, t_NxV, y_N, lse_s, lse_t, g_lse, g_sy, g_qs, rho, block_sizes, interpret)
-    return ds, jnp.zeros_like(t_NxV), None
+def _loss_core_fwd(s_NxV, t_NxV, y_N, omega, rho, cfg):
+    stats = _stats(s_NxV, t_NxV, y_N, rho, cfg)
+    return loss_from_stats(stats, omega), (s_NxV, t_NxV, y_N, omega, stats)
 
 
-_stats_pallas.defvjp(_stats_pallas_fwd, _stats_pallas_bwd)
+def _loss_core_bwd(rho, cfg, res, cotangents):
+    s_NxV, t_NxV, y_N, omega, stats = res
+    g = cotangents[0]  # parts (ce, kd, kl) are monitoring values: their cotangents are ignored
+    coefs = grad_coefficients(g, omega)
+    impl, block_sizes, interpret = cfg
+    if impl == "xla":
+        ds = _grad_xla(s_NxV, t_NxV, y_N, stats, coefs, rho, block_sizes.chunk_vocab)
+    else:
+        ds = _grad_pallas(s_NxV, t_NxV, y_N, stats, coefs, rho, block_sizes, interpret)
+    # No gradient flows to the teacher: its cotangent is zero by definition.
+    return ds, jnp.zeros_like(t_NxV), None, omega_cotangent(g, stats, omega)
+
+
+_loss_core.defvjp(_loss_core_fwd, _loss_core_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
 # public entry point
 # ----------------------------------------------------------------------------------------------
-
-def kd_loss_stats(student_logits_NxV, teacher_logits_NxV, labels_N, rho, *, impl=None, interpret=False,
-                  block_sizes=None):
-    """Row statistics ``(lse_s, s_y, qs, lse_t, qrt)`` (each ``[N]`` float32) of 2-D logits."""
-    impl = check_impl(impl)
-    rho = check_rho(rho)
-    block_sizes = block_sizes or KDBlockSizes()
-    if impl == "naive":
-        return _stats_naive(student_logits_NxV, teacher_logits_NxV, labels_N, rho)
-    if impl == "xla":
-        return _stats_xla(student_logits_NxV, teacher_logits_NxV, labels_N, rho, block_sizes.chunk_vocab)
-    return _stats_pallas(student_logits_NxV, teacher_logits_NxV, labels_N, rho, block_sizes, interpret)
-
 
 def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, impl=None, interpret=False,
             block_sizes=None, return_parts=False):
@@ -407,7 +439,9 @@ def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, im
 
     Args:
       student_logits, teacher_logits: ``[..., V]`` floating arrays (float32 or bfloat16; math is f32).
-      labels: integer ``[...]``; must be in ``[0, V)`` wherever ``mask`` is true.
+        Must be finite at unmasked positions.
+      labels: integer ``[...]``; must be in ``[0, V)`` wherever ``mask`` is true (not checked:
+        values may be traced; an out-of-range label contributes ``s_y = 0``).
       omega: distillation weight in [0, 1]; a Python number or a (possibly traced) scalar.
       rho: teacher temperature multiplier (``Q = softmax(ρ·t)``), a Python number > 0 (static).
       mask: optional ``[...]`` bool/0-1 array; masked positions give loss 0 and zero gradient.
@@ -418,8 +452,8 @@ def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, im
 
     Gradient (``jax.grad``): w.r.t. ``student_logits`` ``(P − (1−ω)·onehot − ω·Q)·cotangent``;
     w.r.t. ``omega`` ``(s_y − Σ Q·s)·cotangent``; the teacher logits get a ZERO cotangent (no
-    gradient flows to the teacher).  Reduce with a mean over valid positions yourself
-    (``loss.sum() / mask.sum()``).
+    gradient flows to the teacher).  The reduction is the caller's: DESIGN.md's mean over valid
+    positions is ``loss.sum() / mask.sum()``.
     """
     student_logits = _float_input("student_logits", student_logits)
     teacher_logits = _float_input("teacher_logits", teacher_logits)
@@ -431,11 +465,23 @@ def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, im
     lead_shape = student_logits.shape[:-1]
     labels, valid = check_labels_mask(labels, mask, lead_shape)
     omega = check_omega(omega)
+    impl = check_impl(impl)
+    rho = check_rho(rho)
+    block_sizes = KDBlockSizes() if block_sizes is None else block_sizes
+    if not isinstance(block_sizes, KDBlockSizes):
+        raise ValueError(f"block_sizes must be a KDBlockSizes, got {type(block_sizes).__name__}")
     vocab = student_logits.shape[-1]
     n = math.prod(lead_shape)
-    stats = kd_loss_stats(student_logits.reshape(n, vocab), teacher_logits.reshape(n, vocab),
-                          labels.reshape(n), rho, impl=impl, interpret=interpret, block_sizes=block_sizes)
-    out = combine(stats, omega, valid.reshape(n), return_parts)
+    s_NxV = student_logits.reshape(n, vocab)
+    t_NxV = teacher_logits.reshape(n, vocab)
+    y_N = labels.reshape(n)
+    omega = jnp.asarray(omega, jnp.float32)
+    if impl == "naive":
+        keep_Nx1 = valid.reshape(n, 1)  # masked rows may hold garbage: zero them (naive is [N, V] anyway)
+        outputs = loss_naive(jnp.where(keep_Nx1, s_NxV, 0), jnp.where(keep_Nx1, t_NxV, 0), y_N, omega, rho)
+    else:
+        outputs = _loss_core(s_NxV, t_NxV, y_N, omega, rho, (impl, block_sizes, interpret))
+    out = finish_output(outputs, valid.reshape(n), return_parts)
     if return_parts:
         loss, parts = out
         return loss.reshape(lead_shape), {k: v.reshape(lead_shape) for k, v in parts.items()}

@@ -155,6 +155,7 @@ def _grad_xla(hs, es, ht, et, y, stats, coefs, rho, chunk):
     m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
     rows = [x[:, None] for x in (m_s, log_l_s, m_t, log_l_t, *coefs)]
     y_Nx1 = y[:, None]
+    hs_clean = jnp.where(rows[4] != 0.0, hs, jnp.zeros_like(hs))  # masked rows may hold garbage
 
     def body(carry, j):
         dhs_NxD, des_VxD = carry
@@ -162,7 +163,8 @@ def _grad_xla(hs, es, ht, et, y, stats, coefs, rho, chunk):
         ds_NxC = _kd.grad_tile(s_c, rt_c, cols == y_Nx1, *rows)
         ds_NxC = jnp.where(valid, ds_NxC, 0.0).astype(es.dtype)
         dhs_NxD = dhs_NxD + jnp.dot(ds_NxC, es_c, preferred_element_type=jnp.float32)
-        des_CxD = lax.dot_general(ds_NxC, hs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        des_CxD = lax.dot_general(ds_NxC, hs_clean, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
         old = lax.dynamic_slice_in_dim(des_VxD, start, chunk, axis=0)
         des_VxD = lax.dynamic_update_slice_in_dim(des_VxD, old + des_CxD, start, axis=0)
         return (dhs_NxD, des_VxD), None
@@ -214,6 +216,7 @@ def _grad_logits_tile(refs, *, rho, row0, col0, n_tokens, vocab):
 
 
 _N_BWD_INPUTS = 5 + 7  # hs, es, ht, et, y + (m_s, log_l_s, m_t, log_l_t, g_p, g_y, g_q)
+_G_P_REF = 9  # position of g_p (the per-row loss cotangent) among the backward inputs
 
 
 def _bwd_hidden_kernel(*refs, rho, n_tokens, vocab, block_tokens, block_vocab):
@@ -251,7 +254,8 @@ def _bwd_embed_kernel(*refs, rho, n_tokens, vocab, block_tokens, block_vocab):
                            n_tokens=n_tokens, vocab=vocab)
     hs = in_refs[0][...]
     hs_rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (hs.shape[0], 1), 0)
-    hs = jnp.where(hs_rows < n_tokens, hs, jnp.zeros_like(hs))  # padded token rows -> 0
+    keep = (hs_rows < n_tokens) & (in_refs[_G_P_REF][...] != 0.0)  # padded rows, zero-cotangent (masked) rows
+    hs = jnp.where(keep, hs, jnp.zeros_like(hs))
     acc[...] += jnp.dot(ds.T.astype(hs.dtype), hs, preferred_element_type=jnp.float32)
 
     if scratch:

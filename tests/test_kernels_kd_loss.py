@@ -132,8 +132,7 @@ def test_ragged_float32(impl):
         check_against_reference(impl, s, t, y, omega, 0.25, mask, F32_TOL)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("rho", [1.0, 4.0])
+@pytest.mark.parametrize("impl, rho", [("xla", 1.0), ("xla", 4.0), ("pallas", 4.0)])
 def test_rho_values(impl, rho):
     s, t, y, mask = random_case((21,), 200, 2.0, seed=2)
     for omega in (0.0, 0.667, 1.0):  # omega is traced: one compile per rho

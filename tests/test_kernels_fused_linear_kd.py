@@ -1,0 +1,172 @@
+"""salt.kernels.fused_linear_kd_loss against the float64 reference (salt.reference.losses applied
+to float64 logits ``h @ E.T``), with gradients for the student hidden states and embedding.
+
+Pallas kernels run in interpret mode (one case under the TPU interpreter with race detection).
+Fixed tolerances: float32 inputs 1e-5 relative (absolute floor 1e-5), bfloat16 inputs 2e-2.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from salt.kernels.fused_linear_kd import FusedKDBlockSizes, choose_blocks, fused_linear_kd_loss
+from salt.reference import losses as ref
+
+F32_TOL = 1e-5
+BF16_TOL = 2e-2
+SMALL_BLOCKS = FusedKDBlockSizes(block_tokens=16, block_vocab=128, chunk_vocab=128)
+
+
+def assert_close(actual, expected, tol, what):
+    actual = np.asarray(actual, dtype=np.float64)
+    assert np.isfinite(actual).all(), f"{what}: non-finite values"
+    err = np.abs(actual - expected)
+    bound = tol * (np.abs(expected) + 1.0)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert (err <= bound).all(), (
+        f"{what}: |{actual[worst]} - {expected[worst]}| = {err[worst]:.3g} > {bound[worst]:.3g} at {worst}")
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_and_grads(impl, rho, block_sizes, interpret):
+    def objective(hs, es, ht, et, omega, y, mask, w):
+        loss, parts = fused_linear_kd_loss(hs, es, ht, et, y, omega, rho, mask, impl=impl, interpret=interpret,
+                                           block_sizes=block_sizes, return_parts=True)
+        return jnp.sum(w * loss), (loss, parts)
+
+    return jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+
+def make_case(n, vocab, d_s, d_t, seed, scale=1.0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    arrays = [rng.normal(size=shape) / np.sqrt(shape[1]) * np.sqrt(scale) * 3.0
+              for shape in ((n, d_s), (vocab, d_s), (n, d_t), (vocab, d_t))]
+    hs, es, ht, et = (a.astype(dtype) for a in arrays)
+    y = rng.integers(0, vocab, size=n).astype(np.int32)
+    mask = rng.random(n) > 0.25
+    return hs, es, ht, et, y, mask
+
+
+def check(impl, case, omegas, rho, tol, block_sizes=SMALL_BLOCKS, interpret=None):
+    hs, es, ht, et, y, mask = case
+    if interpret is None:
+        interpret = impl == "pallas"
+    fn = _loss_and_grads(impl, rho, block_sizes, interpret)
+    w = np.random.default_rng(11).uniform(0.5, 1.5, size=y.shape).astype(np.float32)
+    hs64, es64, ht64, et64 = (np.asarray(a, dtype=np.float64) for a in (hs, es, ht, et))
+    s64, t64 = hs64 @ es64.T, ht64 @ et64.T
+    for omega in omegas:
+        (_, (loss, parts)), grads = fn(hs, es, ht, et, jnp.float32(omega), y, mask, w)
+        d_hs, d_es, d_ht, d_et, d_omega = grads
+        expected = ref.loss_parts(s64, t64, y, omega, rho, mask)
+        assert_close(loss, expected["loss"], tol, f"loss (omega={omega})")
+        for name in ("ce", "kd", "kl"):
+            assert_close(parts[name], expected[name], tol, f"{name} (omega={omega})")
+        g_logits = ref.kd_loss_grad(s64, t64, y, omega, rho, mask) * w[:, None]
+        assert d_hs.dtype == hs.dtype and d_es.dtype == es.dtype
+        assert_close(d_hs, g_logits @ es64, tol, f"d student_hidden (omega={omega})")
+        assert_close(d_es, g_logits.T @ hs64, tol, f"d student_embedding (omega={omega})")
+        assert not np.asarray(d_ht, np.float64).any() and not np.asarray(d_et, np.float64).any(), \
+            "gradient leaked into the teacher"
+        assert_close(d_omega, np.sum(w * (expected["kd"] - expected["ce"])), tol * float(np.sum(w)),
+                     "d omega")
+
+
+@pytest.mark.parametrize("impl", ["xla", "naive", "pallas"])
+def test_ragged_float32(impl):
+    """37 tokens x 300 vocab, D_s=24 != D_t=16, blocks 16 x 128 (xla chunks 128): ragged, masked."""
+    case = make_case(37, 300, 24, 16, seed=1)
+    check(impl, case, (0.0, 0.667, 1.0), 0.25, F32_TOL)  # omega is traced: one compile
+
+
+@pytest.mark.parametrize("impl, rho", [("xla", 1.0), ("xla", 4.0), ("pallas", 4.0)])
+def test_rho_values(impl, rho):
+    check(impl, make_case(21, 200, 16, 8, seed=2), (0.667, 1.0), rho, F32_TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla", "naive", "pallas"])
+def test_bfloat16_inputs(impl):
+    case = make_case(30, 260, 32, 16, seed=3, dtype=ml_dtypes.bfloat16)
+    check(impl, tuple(jnp.asarray(a) for a in case[:4]) + case[4:], (0.667,), 0.25, BF16_TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_logits_of_magnitude_1e4(impl):
+    """Hidden states/embeddings scaled so that the logits are ~1e4."""
+    check(impl, make_case(19, 150, 16, 8, seed=4, scale=1e7), (0.667,), 0.25, F32_TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla", "naive", "pallas"])
+def test_masked_rows_may_hold_garbage(impl):
+    hs, es, ht, et, y, mask = make_case(18, 140, 16, 8, seed=5)
+    mask[:] = True
+    mask[[3, 17]] = False
+    hs[3] = np.nan
+    ht[17] = np.inf
+    y[3], y[17] = -1, 10**6
+    fn = _loss_and_grads(impl, 0.25, SMALL_BLOCKS, impl == "pallas")
+    (_, (loss, _)), (d_hs, d_es, _, _, d_omega) = fn(hs, es, ht, et, jnp.float32(0.667), y, mask,
+                                                      np.ones(18, np.float32))
+    for name, value in (("loss", loss), ("d_hs", d_hs), ("d_es", d_es), ("d_omega", d_omega)):
+        assert np.isfinite(np.asarray(value)).all(), name
+    assert not np.asarray(loss)[[3, 17]].any() and not np.asarray(d_hs)[[3, 17]].any()
+    keep = mask
+    s64 = hs[keep].astype(np.float64) @ es.astype(np.float64).T
+    t64 = ht[keep].astype(np.float64) @ et.astype(np.float64).T
+    assert_close(np.asarray(loss)[keep], ref.kd_loss(s64, t64, y[keep], 0.667, 0.25), F32_TOL, "loss")
+    g = ref.kd_loss_grad(s64, t64, y[keep], 0.667, 0.25)
+    assert_close(d_es, g.T @ hs[keep].astype(np.float64), F32_TOL, "d_es")
+
+
+def test_tpu_interpreter_race_detection():
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+
+    params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
+    check("pallas", make_case(20, 200, 16, 8, seed=6), (0.667,), 0.25, F32_TOL, interpret=params)
+    assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
+
+
+def test_default_block_choice_fits_budget_and_prefers_token_rows():
+    from salt.kernels.fused_linear_kd import VMEM_BUDGET_BYTES, vmem_estimate
+
+    for d_s, d_t, itemsize in ((1024, 1024, 2), (4096, 1024, 2), (4096, 1024, 4), (256, 128, 4)):
+        bt, bv = choose_blocks(8192, 256000, d_s, d_t, itemsize, FusedKDBlockSizes())
+        assert bt % 16 == 0 and bv % 128 == 0
+        assert vmem_estimate(bt, bv, d_s, d_t, itemsize) <= VMEM_BUDGET_BYTES
+    assert choose_blocks(40, 300, 64, 32, 4, FusedKDBlockSizes()) == (48, 384)  # capped to the problem
+    assert choose_blocks(8192, 256000, 64, 32, 4, FusedKDBlockSizes(block_tokens=32)) == (32, 512)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(impl="triton"), "impl"),
+    (dict(rho=-1.0), "rho"),
+    (dict(omega=-0.1), "omega"),
+    (dict(student_embedding=np.zeros((10, 5), np.float32)), "disagree on D_s"),
+    (dict(teacher_embedding=np.zeros((10, 3), np.float32)), "disagree on D_t"),
+    (dict(teacher_hidden=np.zeros((7, 4), np.float32)), "tokens"),
+    (dict(teacher_embedding=np.zeros((11, 4), np.float32)), "vocab"),
+    (dict(student_hidden=np.zeros((6,), np.float32)), "2-D"),
+    (dict(labels=np.zeros(5, np.int32)), "labels shape"),
+    (dict(mask=np.ones(5, bool)), "mask shape"),
+    (dict(block_sizes=(16, 128)), "FusedKDBlockSizes"),
+])
+def test_bad_input(kwargs, match):
+    args = dict(student_hidden=np.zeros((6, 8), np.float32), student_embedding=np.zeros((10, 8), np.float32),
+                teacher_hidden=np.zeros((6, 4), np.float32), teacher_embedding=np.zeros((10, 4), np.float32),
+                labels=np.zeros(6, np.int32), omega=0.5, rho=0.25, mask=None)
+    extra = {k: kwargs.pop(k) for k in ("impl", "block_sizes") if k in kwargs}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_kd_loss(**args, **extra)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(block_tokens=20), "block_tokens"), (dict(block_vocab=64), "block_vocab"),
+    (dict(chunk_vocab=-1), "chunk_vocab")])
+def test_bad_block_sizes(fields, match):
+    with pytest.raises(ValueError, match=match):
+        FusedKDBlockSizes(**fields)

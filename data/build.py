@@ -46,8 +46,8 @@ DEFAULT_VAL_FRACTION = 0.02
 # would make the embedding and the output softmax dominate the cost of those models.
 EMBEDDED_VOCAB_SIZE = 4096
 # Bytes of text (a deterministic sample of train documents) the tokenizer is trained on:
-# on the embedded corpus 4 MB gives 2.83 characters/token (6 MB: 2.87, 2 MB: 2.80) for ~33 CPU-s
-# of training (6 MB: ~59 CPU-s), i.e. ~17 s on 2 idle cores.
+# on the embedded corpus 4 MB gives 2.84 characters/token (6 MB: 2.87, 2 MB: 2.80) for ~14 CPU-s
+# of training (6 MB: ~33 CPU-s), a few seconds of wall time on 2 idle cores.
 DEFAULT_SAMPLE_BYTES = 4_000_000
 # Documents are sent to the tokenising workers in chunks of about this many bytes.
 CHUNK_BYTES = 1 << 20

@@ -16,9 +16,10 @@ mode no target in the top-k) gets the score ``-inf``: it ranks below every score
 never produces a NaN that would poison a sort.
 
 Two implementations of the same function: :func:`selection_score` (Numba, parallel over tokens,
-ONE pass over V per token with an online max / sum-exp and the count of strictly larger logits in
-the same loop, float64 accumulation) and :func:`selection_score_numpy` (plain vectorised NumPy,
-for cross-checking; processes the batch in chunks of sequences to bound memory). Both compute
+ONE pass over V per token: an online max / sum-exp, at the granularity of L1-sized blocks, and the
+count of strictly larger logits in the same sweep; float64 accumulation; see the kernel's
+comments) and :func:`selection_score_numpy` (plain vectorised NumPy, for cross-checking; processes
+the batch in chunks of sequences to bound memory). Both compute
 
     ``c = log1p(sum_{v != v*} exp(t_v - m)) + (m - t_x)``,  ``m = t_{v*} = max_v t_v``,
 
@@ -43,7 +44,8 @@ SCORE_MODES = ("zero", "exclude")
 
 # ml_dtypes floats report dtype.kind 'V'; they widen exactly to float32.
 _NARROW_FLOAT_NAMES = frozenset({"bfloat16", "float16"})
-_CHUNK_ELEMENTS = 1 << 25  # logits widened per chunk (32M elements = 128 MB as float32)
+_CHUNK_ELEMENTS = 1 << 25  # Numba: float16/bfloat16 logits widened per chunk (128 MB as float32)
+_NUMPY_CHUNK_ELEMENTS = 1 << 24  # NumPy: logits per chunk (at least one sequence); ~5 float64 temporaries
 
 
 # ----------------------------------------------------------------------------- validation
@@ -309,7 +311,7 @@ def selection_score(teacher_logits, targets, k, mode="zero", mask=None) -> np.nd
 
 # ----------------------------------------------------------------------------- NumPy
 
-def token_costs_numpy(teacher_logits, targets, k, mask=None, chunk_elements=_CHUNK_ELEMENTS):
+def token_costs_numpy(teacher_logits, targets, k, mask=None, chunk_elements=_NUMPY_CHUNK_ELEMENTS):
     """Plain-NumPy :func:`token_costs` (vectorised over a chunk of sequences at a time)."""
     logits, tokens, k, valid = _validate(teacher_logits, targets, k, "zero", mask)
     batch, length, vocab_size = logits.shape
@@ -338,7 +340,7 @@ def token_costs_numpy(teacher_logits, targets, k, mask=None, chunk_elements=_CHU
 
 
 def selection_score_numpy(teacher_logits, targets, k, mode="zero", mask=None,
-                          chunk_elements=_CHUNK_ELEMENTS) -> np.ndarray:
+                          chunk_elements=_NUMPY_CHUNK_ELEMENTS) -> np.ndarray:
     """Plain-NumPy :func:`selection_score` (same arguments, same result), for cross-checking.
 
     ``chunk_elements`` bounds the logits widened to float64 at once (memory ~ 8 bytes x that x a

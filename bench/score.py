@@ -79,7 +79,8 @@ def cli(seqs, tokens, vocab, k, mode, seed, threads, as_json):
         import numba
         if threads > numba.config.NUMBA_NUM_THREADS:
             raise click.BadParameter(
-                f"{threads} > the {numba.config.NUMBA_NUM_THREADS} threads Numba can use", param_hint="--threads")
+                f"{threads} > the {numba.config.NUMBA_NUM_THREADS} threads Numba can use",
+                param_hint="--threads")
     result = run_benchmark(seqs, tokens, vocab, k, mode, seed, threads)
     if as_json:
         click.echo(json.dumps(result))

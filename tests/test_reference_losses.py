@@ -225,7 +225,8 @@ def test_topk_special_cases():
     s, t, y = _batch(13)
     np.testing.assert_allclose(topk_kd_loss(s, t, y, 0.667, 0.25, 11), kd_loss(s, t, y, 0.667, 0.25),
                                rtol=1e-14)
-    np.testing.assert_allclose(topk_kd_loss_grad(s, t, y, 0.667, 0.25, 11), kd_loss_grad(s, t, y, 0.667, 0.25),
+    np.testing.assert_allclose(topk_kd_loss_grad(s, t, y, 0.667, 0.25, 11),
+                               kd_loss_grad(s, t, y, 0.667, 0.25),
                                atol=1e-15)
     np.testing.assert_array_equal(topk_kd_loss(s, t, y, 0.0, 0.25, 3), ce_loss(s, y))
     # k = 1: Q^T and P^T are both the one-hot of the teacher's argmax: the KD term is 0

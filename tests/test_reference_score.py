@@ -178,7 +178,8 @@ def test_mask_excludes_padding_and_is_never_read():
         want = _independent_score(logits, targets, 4, mode, mask)
         for fn in (selection_score, selection_score_numpy):
             _assert_agree(fn(garbage_logits, garbage_targets, 4, mode, mask=mask), want, rtol=1e-13)
-            _assert_agree(fn(garbage_logits, garbage_targets, 4, mode, mask=mask.astype(np.int8)), want, rtol=1e-13)
+            _assert_agree(fn(garbage_logits, garbage_targets, 4, mode, mask=mask.astype(np.int8)), want,
+                          rtol=1e-13)
 
 
 # ----------------------------------------------------------------------------- dtypes, chunks
@@ -196,7 +197,8 @@ def test_narrow_float_inputs(dtype, monkeypatch):
 def test_numpy_chunking_does_not_change_results():
     logits, targets = _random(8, batch=7, length=5, vocab=40)
     full = selection_score_numpy(logits, targets, 2, "exclude", chunk_elements=10**9)
-    np.testing.assert_array_equal(selection_score_numpy(logits, targets, 2, "exclude", chunk_elements=1), full)
+    chunked = selection_score_numpy(logits, targets, 2, "exclude", chunk_elements=1)
+    np.testing.assert_array_equal(chunked, full)
 
 
 def test_exp_kernel_accuracy():

@@ -28,7 +28,7 @@ def _make_batch(seqs: int, tokens: int, vocab: int, seed: int):
 
 
 def run_benchmark(seqs: int, tokens: int, vocab: int, k: int, mode: str, seed: int = 0,
-                  threads: int | None = None) -> dict:
+                  threads: int | None = None, log=lambda message: None) -> dict:
     import numba
 
     from salt.reference.score import selection_score, selection_score_numpy
@@ -36,13 +36,16 @@ def run_benchmark(seqs: int, tokens: int, vocab: int, k: int, mode: str, seed: i
     if threads is not None:
         numba.set_num_threads(threads)
 
+    log("generating logits ...")
     logits, targets = _make_batch(seqs, tokens, vocab, seed)
+    log("numba (warm-up, then timed) ...")
     selection_score(logits[:1, :2], targets[:1, :2], min(k, vocab), mode)  # compile / load cache
 
     start = time.perf_counter()
     numba_scores = selection_score(logits, targets, k, mode)
     numba_s = time.perf_counter() - start
 
+    log(f"numba took {numba_s:.2f} s; numpy ...")
     start = time.perf_counter()
     numpy_scores = selection_score_numpy(logits, targets, k, mode)
     numpy_s = time.perf_counter() - start
@@ -81,7 +84,8 @@ def cli(seqs, tokens, vocab, k, mode, seed, threads, as_json):
             raise click.BadParameter(
                 f"{threads} > the {numba.config.NUMBA_NUM_THREADS} threads Numba can use",
                 param_hint="--threads")
-    result = run_benchmark(seqs, tokens, vocab, k, mode, seed, threads)
+    result = run_benchmark(seqs, tokens, vocab, k, mode, seed, threads,
+                           log=lambda message: click.echo(message, err=True))
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -154,10 +154,12 @@ def block_visible(qi, kj, prefix, block_q, block_k, seq_len):
     """True iff block (query block qi, key block kj) has at least one visible (query, key) pair.
 
     The smallest key of the block is kj*block_k and the largest query (qi+1)*block_q - 1; the
-    prefix makes keys < prefix visible from every query. Padding keys (>= seq_len) never are.
+    prefix makes keys < prefix visible from every query. Blocks of only padding queries or only
+    padding keys (positions >= seq_len) are never computed.
     """
     k0 = kj * block_k
-    return (k0 < seq_len) & ((k0 < (qi + 1) * block_q) | (k0 < prefix))
+    return ((qi * block_q < seq_len) & (k0 < seq_len)
+            & ((k0 < (qi + 1) * block_q) | (k0 < prefix)))
 
 
 def last_key_block(qi, prefix, block_q, block_k, seq_len):
@@ -166,10 +168,25 @@ def last_key_block(qi, prefix, block_q, block_k, seq_len):
     return lax.div(hi - 1, jnp.int32(block_k))  # non-negative: truncation == floor
 
 
-def first_query_block(kj, prefix, block_q, block_k, num_q_blocks):
-    """Smallest qi with block_visible(qi, kj) when kj*block_k < seq_len (visible ones: first..end)."""
+def first_query_block(kj, prefix, block_q, block_k, seq_len):
+    """Smallest qi with block_visible(qi, kj), if any (the visible ones are first..last query block
+    holding a real query). Clipped to that last block."""
     k0 = kj * block_k
-    return jnp.where(k0 < prefix, 0, jnp.minimum(lax.div(k0, jnp.int32(block_q)), num_q_blocks - 1))
+    last_q = (seq_len - 1) // block_q
+    return jnp.where(k0 < prefix, 0, jnp.minimum(lax.div(k0, jnp.int32(block_q)), last_q))
+
+
+def kv_block_index(qi, kj, prefix, block_q, block_k, seq_len):
+    """Key block the forward/dq pipelines fetch at grid step (qi, kj): kj, clamped to the last
+    visible one, so skipped steps repeat the previous index and no copy is issued."""
+    return jnp.minimum(kj, last_key_block(qi, prefix, block_q, block_k, seq_len))
+
+
+def q_block_index(qi, kj, prefix, block_q, block_k, seq_len):
+    """Query block the dk/dv pipeline fetches at step (kj, qi): qi, clamped into the visible
+    range [first_query_block, last query block holding a real query]."""
+    first = first_query_block(kj, prefix, block_q, block_k, seq_len)
+    return jnp.minimum(jnp.maximum(qi, first), (seq_len - 1) // block_q)
 
 
 def _round_up(x, m):
@@ -334,7 +351,7 @@ def _xla_flash_bwd(cfg, res, do5):
             dk = dk + jnp.einsum("bhrs,bhrd->bhsd", ds.astype(qb.dtype), qb,
                                  preferred_element_type=jnp.float32)
             return dk, dv
-        first = first_query_block(kj, max_prefix, bq, bk, nq)
+        first = first_query_block(kj, max_prefix, bq, bk, cfg.seq_len)
         n_q = jnp.where(kj * bk < cfg.seq_len, nq, first)  # all-padding key block: no work
         zeros = jnp.zeros((B, KV, bk, hd), jnp.float32)
         dk, dv = lax.fori_loop(first, n_q, body, (zeros, zeros))
@@ -479,9 +496,12 @@ def _fwd_kernel(prefix_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *rest, cfg, blo
     @pl.when(kj == pl.num_programs(3) - 1)
     def _store():
         for h in range(q_ref.shape[0]):
+            # l == 0 only in a skipped block of padding queries: write 0 there, not NaN.
             l = l_ref[h]
+            empty = l == 0.0
+            l = jnp.where(empty, 1.0, l)
             o_ref[h] = (acc_ref[h] / l[:, :1]).astype(o_ref.dtype)
-            lse_col = m_ref[h] + jnp.log(l)  # [bq, 128], all lanes equal
+            lse_col = jnp.where(empty, 0.0, m_ref[h] + jnp.log(l))  # [bq, 128], lanes equal
             lse_ref[h] = lse_col.T[:1, :]  # -> [1, bq]
 
 
@@ -502,8 +522,8 @@ def _pallas_forward(qh, kh, vh, prefix_B, cfg):
 
     def kv_map(b, hb, qi, kj, prefix_ref):
         # Past the last needed key block keep pointing at it: the pipeline skips the copy.
-        last = last_key_block(qi, prefix_ref[b], bq, bk, cfg.seq_len)
-        return b, lax.div(hb, jnp.int32(n_hb)), jnp.minimum(kj, last), 0
+        kv_index = kv_block_index(qi, kj, prefix_ref[b], bq, bk, cfg.seq_len)
+        return b, lax.div(hb, jnp.int32(n_hb)), kv_index, 0
 
     def lse_map(b, hb, qi, kj, prefix_ref):
         return b, hb, 0, qi
@@ -597,8 +617,8 @@ def _pallas_dq(qh, kh, vh, do, lse, di, prefix_B, cfg):
         return b, hb, qi, 0
 
     def kv_map(b, hb, qi, kj, prefix_ref):
-        last = last_key_block(qi, prefix_ref[b], bq, bk, cfg.seq_len)
-        return b, lax.div(hb, jnp.int32(n_hb)), jnp.minimum(kj, last), 0
+        kv_index = kv_block_index(qi, kj, prefix_ref[b], bq, bk, cfg.seq_len)
+        return b, lax.div(hb, jnp.int32(n_hb)), kv_index, 0
 
     def row_map(b, hb, qi, kj, prefix_ref):
         return b, hb, 0, qi
@@ -690,8 +710,8 @@ def _pallas_dkv(qh, kh, vh, do, lse, di, prefix_B, cfg):
     nq, nk = t_pad // bq, t_pad // bk
 
     def clamped_qi(b, kj, qi, prefix_ref):
-        # Before the first needed query block, point at it: it is fetched once, then reused.
-        return jnp.maximum(qi, first_query_block(kj, prefix_ref[b], bq, bk, nq))
+        # Outside the needed query blocks, point at the nearest one: no extra copies.
+        return q_block_index(qi, kj, prefix_ref[b], bq, bk, cfg.seq_len)
 
     def q_map(b, kv, kj, hb, qi, prefix_ref):
         return b, kv * n_hb + hb, clamped_qi(b, kj, qi, prefix_ref), 0

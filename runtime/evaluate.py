@@ -13,12 +13,35 @@ ties by window id) and splits the ranking into tertiles ``easy`` / ``medium`` / 
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 
 import numpy as np
 
 BUCKETS = ("easy", "medium", "hard")
+
+
+@functools.lru_cache(maxsize=16)
+def _stats_fn(config):
+    """``jit``-ed per-position ``(ce_BxT, correct_BxT)`` of one model config (cached, so that
+    evaluating many checkpoints of a run compiles once)."""
+    import jax
+    import jax.numpy as jnp
+
+    from salt.runtime import model
+
+    @jax.jit
+    def stats(params, windows_BxT1):
+        targets_BxT = windows_BxT1[:, 1:]
+        logits_BxTxV = model.forward(params, windows_BxT1[:, :-1], config).astype(jnp.float32)
+        lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+        target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+        ce_BxT = lse_BxT - target_logit_BxT
+        correct_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+        return ce_BxT, correct_BxT
+
+    return stats
 
 
 def window_stats(params, config, data_dir, *, seq_len: int, batch_size: int = 32,
@@ -34,7 +57,6 @@ def window_stats(params, config, data_dir, *, seq_len: int, batch_size: int = 32
     from tqdm import tqdm
 
     from salt.data import validation_batches
-    from salt.runtime import model
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -46,15 +68,7 @@ def window_stats(params, config, data_dir, *, seq_len: int, batch_size: int = 32
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
 
-    @jax.jit
-    def stats(params, windows_BxT1):
-        targets_BxT = windows_BxT1[:, 1:]
-        logits_BxTxV = model.forward(params, windows_BxT1[:, :-1], config).astype(jnp.float32)
-        lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-        target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-        ce_BxT = lse_BxT - target_logit_BxT
-        correct_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-        return ce_BxT, correct_BxT
+    stats = _stats_fn(config)
 
     ids_out, loss_out, correct_out = [], [], []
     bar = tqdm(desc=desc, unit="win", file=sys.stderr, disable=not progress, dynamic_ncols=True,

@@ -308,11 +308,18 @@ def render_report(results: dict) -> str:
     if results.get("selection"):
         s = results["selection"]
         L.append("## Data selection (SALT_DS)\n")
-        L.append(f"Scored {s['n_scored']:,} candidate training windows with the SLM's step-"
+        sampled = (f" (a seeded uniform sample of the {s['n_train_windows'] - s['n_excluded']:,} "
+                   "candidates, to fit the CPU budget)"
+                   if s.get("n_train_windows") and s["n_scored"] < s["n_train_windows"] - s["n_excluded"]
+                   else "")
+        L.append(f"Scored {s['n_scored']:,} candidate training windows{sampled} with the SLM's step-"
                  f"{cfg['early_step']:,} checkpoint ({s['n_excluded']:,} windows it had seen were "
-                 f"excluded); selected the top m = {s['m']:,} (= n_kd × batch"
+                 f"excluded from the pool); selected the top m = {s['m']:,} (= n_kd × batch"
                  f"{'' if not s.get('clipped') else ', clipped to the pool'}). Score median "
-                 f"{s['score_median']:.4f}, selected-set median {s['selected_median']:.4f}.\n")
+                 f"{s['score_median']:.4f}, selected-set median {s['selected_median']:.4f}"
+                 + (f"; {100 * s['zero_fraction']:.1f}% of the scored windows score exactly 0 "
+                    "(fewer than half of their targets in the early SLM's top-k; ties among them "
+                    "go to the lower window id)" if s.get("zero_fraction") else "") + ".\n")
     L.append("## Plots\n")
     for png in results.get("plots", []):
         name = pathlib.Path(png).name

@@ -39,20 +39,21 @@ class ReproduceConfig:
     size: str = "small"
     teacher_preset: str = "small-teacher"
     student_preset: str = "small-student"
-    steps: int = 300                 # student steps n
-    kd_steps: int = 60               # n_kd
-    teacher_steps: int = 300
-    early_step: int = 60             # early SLM checkpoint used for scoring
+    steps: int = 240                 # student steps n
+    kd_steps: int = 48               # n_kd (paper: 36K of 208K = 17%)
+    teacher_steps: int = 240
+    early_step: int = 48             # early SLM checkpoint used for scoring
     batch: int = 16
     seq_len: int = 128
     lr: float = 3e-3
     final_lr: float = 3e-4
-    warmup: int = 30
+    warmup: int = 24
     optimizer: str = "adamw"
     omega: float = 0.667
     rho: float = 0.25
     k: int = 10
-    eval_every: int = 30
+    candidates: int | None = 4096    # windows scored for SALT_DS (None: the whole pool)
+    eval_every: int = 24
     eval_windows: int = 256
     eval_batch: int = 32
     seed: int = 0
@@ -89,7 +90,7 @@ SIZES = {
     "tiny": ReproduceConfig(size="tiny", teacher_preset="tiny-teacher", student_preset="tiny-student",
                             steps=8, kd_steps=4, teacher_steps=8, early_step=4, batch=4, seq_len=16,
                             lr=1e-2, final_lr=1e-3, warmup=2, eval_every=2, eval_windows=12,
-                            eval_batch=4),
+                            eval_batch=4, candidates=None),
 }
 
 
@@ -222,7 +223,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         t0 = time.time()
         _say(f"training the SLM teacher ({cfg.teacher_preset}, {cfg.teacher_steps} steps)")
         _train(cfg, slm_dir, data_dir, preset=cfg.teacher_preset, steps=cfg.teacher_steps,
-               kd_steps=0, checkpoint_every=math.gcd(cfg.early_step, cfg.eval_every),
+               kd_steps=0, checkpoint_every=math.gcd(cfg.early_step, cfg.kd_steps),
                progress=progress)
         state.finish("slm", time.time() - t0)
 
@@ -233,7 +234,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         _say(f"scoring candidate windows with the SLM's step-{cfg.early_step} checkpoint (k={cfg.k})")
         job = score_mod.ScoreJob(teacher=str(slm_dir), teacher_step=cfg.early_step, data=str(data_dir),
                                  out=str(scores_path), k=cfg.k, seq_len=cfg.seq_len,
-                                 batch=cfg.eval_batch, force=True)
+                                 batch=cfg.eval_batch, max_candidates=cfg.candidates, force=True)
         summary = score_mod.score(job, progress=progress)
         z = score_mod.load_scores(scores_path)
         m = cfg.kd_steps * cfg.batch
@@ -244,8 +245,10 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         finite = z["scores"][np.isfinite(z["scores"])]
         selected = z["scores"][np.isin(z["window_ids"], ids)]
         state.finish("score", time.time() - t0, n_scored=summary["n_scored"],
+                     n_train_windows=summary["n_train_windows"],
                      n_excluded=summary["n_excluded"], m=int(m), clipped=bool(clipped),
                      score_median=float(np.median(finite)) if finite.size else math.nan,
+                     zero_fraction=float(np.mean(z["scores"] == 0.0)),
                      selected_median=float(np.median(selected[np.isfinite(selected)]))
                      if np.isfinite(selected).any() else math.nan)
 
@@ -319,8 +322,9 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
                 base_final["log_ppl"], [p["step"] for p in pts], [p["log_ppl"] for p in pts],
                 cfg.kd_steps, cfg.steps, overhead["overhead"])
     sel = state.info("score")
-    results["selection"] = {k: sel[k] for k in ("n_scored", "n_excluded", "m", "clipped",
-                                                "score_median", "selected_median") if k in sel}
+    results["selection"] = {k: sel[k] for k in ("n_scored", "n_train_windows", "n_excluded", "m", "clipped",
+                                                "score_median", "selected_median", "zero_fraction")
+                            if k in sel}
     plots = report.plot_training_curves({n: metrics[n] for n in VARIANTS if n in metrics}, out,
                                         n_kd=cfg.kd_steps)
     plots.append(report.plot_val_curves({n: curves[n] for n in VARIANTS}, out, n_kd=cfg.kd_steps,

@@ -86,3 +86,80 @@ def test_plots_are_png(tmp_path):
                                      tmp_path, n_kd=10, target=1.7))
     for p in written:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def make_tiny_corpus(directory, n_docs=40, words=300, seed=0):
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "zi", "ve", "ba"]
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        text = " ".join("".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(words))
+        (directory / f"doc{i:03d}.txt").write_text(text + "\n")
+    return directory
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_end_to_end_and_resume(tmp_path):
+    from salt.cli.main import cli
+    from salt.data import prepare
+    from salt.runtime.checkpoint import all_steps
+
+    prepare(tmp_path / "data", [make_tiny_corpus(tmp_path / "src")], vocab_size=300,
+            val_fraction=0.2, progress=False)
+    out = tmp_path / "rep"
+    argv = ["reproduce", "--tiny", "--data", str(tmp_path / "data"), "--out", str(out), "--quiet"]
+    runner = CliRunner()
+    r = runner.invoke(cli, argv)
+    assert r.exit_code == 0, r.output
+    report = (out / "report.md").read_text()
+    for heading in ("## Verdict", "Table 1 style", "## By difficulty bucket", "## Efficiency accounting",
+                    "## Data selection", "## Plots", "## Wall time"):
+        assert heading in report
+    for name in ("SLM", "BASELINE", "RKD", "SALT", "SALT_DS"):
+        assert f"| {name} " in report
+    assert report.count("beat BASELINE") + report.count("beats BASELINE") == 3
+    for png in ("train_accuracy.png", "train_log_ppl.png", "val_log_ppl.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"SLM", "BASELINE", "RKD", "SALT", "SALT_DS"}
+    for name in R.VARIANTS:
+        assert results["models"][name]["at_kd"]["step"] == 4
+        assert results["models"][name]["final"]["step"] == 8
+        assert [p["step"] for p in results["curves"][name]] == [2, 4, 6, 8]
+        assert all_steps(out / "runs" / name) == [2, 4, 6, 8]
+    # identical data order and budget: BASELINE and SALT see the same windows after n_kd,
+    # and SALT_DS's KD phase comes from the selection
+    sel = np.load(out / "selection.npy", allow_pickle=False)
+    assert sel.size == 4 * 4 and results["selection"]["m"] == 16
+    # same init + same data before any KD: RKD and SALT are identical up to n_kd
+    assert results["models"]["RKD"]["at_kd"]["log_ppl"] == pytest.approx(
+        results["models"]["SALT"]["at_kd"]["log_ppl"], rel=1e-6)
+    # the teacher's easy bucket is easiest for the teacher
+    b = results["models"]["SLM"]["final"]["buckets"]
+    assert b["easy"]["log_ppl"] <= b["medium"]["log_ppl"] <= b["hard"]["log_ppl"]
+    # re-running skips every finished stage and reproduces the same numbers
+    state = json.loads((out / "state.json").read_text())
+    r = runner.invoke(cli, argv)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "state.json").read_text())["stages"] == state["stages"]
+    again = json.loads((out / "results.json").read_text())
+    assert again["models"] == results["models"]
+    # different settings in the same directory are refused, nothing touched
+    r = runner.invoke(cli, argv + ["--steps", "12", "--eval-every", "2"])
+    assert r.exit_code != 0 and "different settings" in r.output and "steps" in r.output
+    assert json.loads((out / "results.json").read_text())["models"] == results["models"]
+
+
+def test_reproduce_bad_input(tmp_path):
+    from salt.cli.main import cli
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["reproduce", "--tiny", "--data", str(tmp_path / "nope"),
+                            "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "does not exist" in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli, ["reproduce", "--tiny", "--kd-steps", "8", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "kd_steps (8) must be < steps (8)" in r.output
+    r = runner.invoke(cli, ["reproduce", "--tiny", "--eval-every", "3", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "multiple of eval_every" in r.output

@@ -162,3 +162,17 @@ def test_cli_eval_bad_input(models, flag, value, message):
     args[flag] = value
     r = CliRunner().invoke(cli, ["eval", "--quiet"] + [x for kv in args.items() for x in kv])
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
+def test_eval_refuses_tokenizer_mismatch(models, tmp_path):
+    from salt.runtime import checkpoint
+
+    config, params = models["student"]
+    meta = {"config": config.to_dict(), "tokenizer_sha256": "0" * 64, "vocab_size": 300,
+            "run_config": {"seq_len": 16}}
+    checkpoint.save(tmp_path / "other", 1, params, {"count": np.zeros((), np.int32)}, meta)
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        E.evaluate_checkpoints(tmp_path / "other", data_dir=models["data"], max_windows=3)
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        E.evaluate_checkpoints(models["root"] / "student", data_dir=models["data"],
+                               teacher=tmp_path / "other", max_windows=3)

@@ -303,3 +303,28 @@ def test_score_refuses_tokenizer_mismatch(tiny_setup, tmp_path):
         S.score(S.ScoreJob(teacher=str(t["teacher"]), data=str(other), out=str(tmp_path / "s.npz"),
                            seq_len=16), progress=False)
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_exclude_file_and_exclude_run(tiny_setup, tmp_path):
+    t = tiny_setup
+    base = dict(teacher=str(t["teacher"]), data=str(t["data"]), k=5, seq_len=12, batch=8)
+    S.score(S.ScoreJob(out=str(tmp_path / "a.npz"), **base), progress=False)
+    pool = S.load_scores(tmp_path / "a.npz")["window_ids"]
+    # the teacher's own run given as --exclude-run reproduces the default exclusion
+    S.score(S.ScoreJob(out=str(tmp_path / "b.npz"), exclude_teacher_seen=False,
+                       exclude_runs=(str(t["teacher"]),), **base), progress=False)
+    np.testing.assert_array_equal(S.load_scores(tmp_path / "b.npz")["window_ids"], pool)
+    # nothing excluded at all
+    S.score(S.ScoreJob(out=str(tmp_path / "c.npz"), exclude_teacher_seen=False, **base), progress=False)
+    everything = S.load_scores(tmp_path / "c.npz")["window_ids"]
+    from salt.data import Loader
+
+    loader = Loader(t["data"], seq_len=12, global_batch=4, seed=5)
+    seen = np.unique(np.concatenate([loader.window_ids(s) for s in range(3)]))
+    np.testing.assert_array_equal(np.setdiff1d(everything, pool), seen)
+    np.testing.assert_array_equal(everything, np.arange(everything.size))
+    # an explicit exclusion file
+    S.save_npy_atomic(tmp_path / "ex.npy", pool[:3])
+    S.score(S.ScoreJob(out=str(tmp_path / "d.npz"), exclude_files=(str(tmp_path / "ex.npy"),), **base),
+            progress=False)
+    np.testing.assert_array_equal(S.load_scores(tmp_path / "d.npz")["window_ids"], pool[3:])

@@ -69,22 +69,27 @@ def batch_mean(values_BxT, mask_BxT=None):
     return jnp.sum(values_BxT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def omega_at(step, omega: float, n_kd: int, transition: str = "step", n_kd1: int | None = None):
-    """ω at 1-based ``step`` (a traced or concrete integer), DESIGN.md §3.
+def omega_at(step, omega, n_kd, transition: str = "step", n_kd1=None):
+    """ω at 1-based ``step``, DESIGN.md §3 (same formulas as ``salt.reference.omega_at``).
 
-    ``step``: ω for step <= n_kd, 0 after.  ``linear``: ω up to n_kd1, then linearly to 0 at
-    n_kd.  ``linear-ratio``: r = ω/(1-ω) linearly to 0 between n_kd1 and n_kd, ω = r/(1+r).
+    ``step``, ``omega``, ``n_kd`` and ``n_kd1`` may be traced; ``transition`` is static.
+    ``step``: ω for step <= n_kd, 0 after.  ``linear``: ω up to n_kd1, then
+    ``ω (n_kd - j) / (n_kd - n_kd1)``.  ``linear-ratio``: the ratio ω/(1-ω) decays linearly,
+    ``ω_j = ω f / (ω f + 1 - ω)`` with the same ``f``.  ``n_kd1=None`` means ``n_kd``.
     """
     if transition not in TRANSITIONS:
         raise ValueError(f"transition must be one of {TRANSITIONS}, got {transition!r}")
     j = jnp.asarray(step, jnp.float32)
-    omega_f = jnp.float32(omega)
-    if transition == "step" or n_kd1 is None or n_kd1 >= n_kd:
-        return jnp.where(j <= n_kd, omega_f, jnp.float32(0.0))
-    frac = jnp.clip((n_kd - j) / jnp.float32(n_kd - n_kd1), 0.0, 1.0)
+    omega_f = jnp.asarray(omega, jnp.float32)
+    n_kd = jnp.asarray(n_kd, jnp.float32)
+    zero = jnp.float32(0.0)
+    if transition == "step":
+        return jnp.where(j <= n_kd, omega_f, zero)
+    n_kd1 = n_kd if n_kd1 is None else jnp.asarray(n_kd1, jnp.float32)
+    frac = jnp.clip((n_kd - j) / jnp.maximum(n_kd - n_kd1, 1.0), 0.0, 1.0)
     if transition == "linear":
         value = omega_f * frac
-    else:  # omega f / (omega f + 1 - omega): the limit omega = 1 needs no division by zero
-        value = jnp.where(frac > 0, omega_f * frac / (omega_f * frac + (1.0 - omega_f)), 0.0)
+    else:  # the limit omega = 1 needs no division by zero in this form
+        value = jnp.where(frac > 0, omega_f * frac / (omega_f * frac + (1.0 - omega_f)), zero)
     value = jnp.where(j <= n_kd1, omega_f, value)
-    return jnp.where(j <= n_kd, value, jnp.float32(0.0))
+    return jnp.where(j <= n_kd, value, zero)

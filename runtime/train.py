@@ -131,8 +131,10 @@ class TrainConfig:
                 bad(field, "must be a finite number >= 0")
         if not self.lr > 0:
             bad("lr", "must be > 0")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            bad("warmup", "must be an integer >= 0")
+        if self.final_lr > self.lr:
+            bad("final_lr", f"must be <= lr={self.lr}")
+        if not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
+            bad("warmup", f"must be an integer in [0, steps={self.steps}]")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {DTYPES}")
         if self.kernels not in KERNELS:
@@ -150,52 +152,119 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- the step
-def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer, cfg: TrainConfig):
-    """The pure train step ``(params, opt_state, teacher_params, windows, step) ->
-    (params, opt_state, metrics)``. ``teacher`` None builds the standard step."""
-    dtype = jnp.dtype(cfg.dtype)
-    attention_impl = "xla" if cfg.kernels == "xla" else cfg.kernels
-    loss_impl = cfg.kernels
+HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay", "omega", "rho",
+                "kd_steps", "kd_steps1")
 
-    def loss_fn(params, teacher_params, windows_BxT1, step):
+
+def hyperparameters(cfg: TrainConfig) -> dict:
+    """The step's runtime scalars (float32): the schedules' constants are arguments of the
+    compiled step, not compile-time constants, so one executable serves every run."""
+    values = {f: getattr(cfg, f) for f in HYPER_FIELDS}
+    if values["kd_steps1"] is None:
+        values["kd_steps1"] = values["kd_steps"]
+    return {k: np.float32(v) for k, v in values.items()}
+
+
+def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: str, *,
+                 transition: str = "step", dtype: str = "float32", kernels: str = "xla",
+                 remat: bool = False):
+    """The pure train step ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
+    -> (params, opt_state, metrics)``; ``teacher`` None builds the standard (CE) step.
+    ``step`` is the 1-based step number; ``hyper`` the dict of :func:`hyperparameters`."""
+    compute_dtype = jnp.dtype(dtype)
+    direction = optim.make_direction(optimizer)
+
+    def loss_fn(params, teacher_params, windows_BxT1, step, hyper):
         inputs, labels = windows_BxT1[:, :-1], windows_BxT1[:, 1:]
-        logits = model.forward(params, inputs, student, dtype=dtype,
-                               attention_impl=attention_impl, remat=cfg.remat)
+        logits = model.forward(params, inputs, student, dtype=compute_dtype,
+                               attention_impl=kernels, remat=remat)
         if teacher is None:
             parts = losses.ce_parts(logits, labels)
             parts["loss"] = parts["ce"]
             omega = jnp.float32(0.0)
         else:
             t_logits = jax.lax.stop_gradient(model.forward(
-                teacher_params, inputs, teacher, dtype=dtype, attention_impl=attention_impl,
-                remat=cfg.remat))
-            omega = losses.omega_at(step, cfg.omega, cfg.kd_steps, cfg.transition, cfg.kd_steps1)
-            parts = losses.kd_loss(logits, t_logits, labels, omega, cfg.rho, impl=loss_impl)
+                teacher_params, inputs, teacher, dtype=compute_dtype, attention_impl=kernels,
+                remat=remat))
+            omega = losses.omega_at(step, hyper["omega"], hyper["kd_steps"], transition,
+                                    hyper["kd_steps1"])
+            parts = losses.kd_loss(logits, t_logits, labels, omega, hyper["rho"], impl=kernels)
         metrics = {k: losses.batch_mean(v) for k, v in parts.items() if k != "correct"}
         metrics["accuracy"] = losses.batch_mean(parts["correct"])
         metrics["omega"] = omega
         return metrics["loss"], metrics
 
-    def step_fn(params, opt_state, teacher_params, windows_BxT1, step):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, teacher_params, windows_BxT1, step)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["lr"] = optim.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+    def step_fn(params, opt_state, teacher_params, windows_BxT1, step, hyper):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, teacher_params, windows_BxT1,
+                                                         step, hyper)
+        grads, metrics["grad_norm"] = optim.clip_by_global_norm(grads, hyper["clip"])
+        lr = optim.lr_at(step, hyper["lr"], hyper["warmup"], hyper["steps"], hyper["final_lr"])
+        metrics["lr"] = lr
+        updates, opt_state = direction.update(grads, opt_state, params)
+        params = optim.apply_update(params, updates, lr, hyper["weight_decay"])
         return params, opt_state, metrics
 
     return step_fn
 
 
+def abstract_hyper(mesh=None) -> dict:
+    sh = None if mesh is None else sharding.replicated(mesh)
+    return {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=sh) for k in HYPER_FIELDS}
+
+
 def compile_step(step_fn, params_abstract, opt_abstract, teacher_abstract, windows_abstract,
-                 *, out_shardings=None, donate: bool = True, lower_only: bool = False):
+                 *, mesh=None, out_shardings=None, donate: bool = True, lower_only: bool = False):
     """AOT-compile (or only lower) a step on abstract arguments carrying their shardings."""
-    step_abstract = jax.ShapeDtypeStruct((), jnp.int32)
+    sh = None if mesh is None else sharding.replicated(mesh)
+    step_abstract = jax.ShapeDtypeStruct((), jnp.int32, sharding=sh)
     jitted = jax.jit(step_fn, donate_argnums=(0, 1) if donate else (),
                      out_shardings=out_shardings)
     lowered = jitted.lower(params_abstract, opt_abstract, teacher_abstract, windows_abstract,
-                           step_abstract)
+                           step_abstract, abstract_hyper(mesh))
     return lowered if lower_only else lowered.compile()
+
+
+_COMPILED: dict = {}
+_COMPILED_MAX = 16
+
+
+def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs, teacher_abs,
+                  windows_abs):
+    """The AOT-compiled step for this run, shared by runs in one process with the same
+    model(s), optimizer, transition, dtype, kernels, shapes and mesh (e.g. the four
+    students of ``salt reproduce``)."""
+    key = (student, teacher, cfg.optimizer, cfg.transition if teacher is not None else None,
+           cfg.dtype, cfg.kernels, cfg.remat, windows_abs.shape,
+           tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)
+    if key not in _COMPILED:
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        fn = make_step_fn(student, teacher, cfg.optimizer, transition=cfg.transition,
+                          dtype=cfg.dtype, kernels=cfg.kernels, remat=cfg.remat)
+        out_sh = (_shardings(params_abs), _shardings(opt_abs), sharding.replicated(mesh))
+        _COMPILED[key] = compile_step(fn, params_abs, opt_abs, teacher_abs, windows_abs,
+                                      mesh=mesh, out_shardings=out_sh)
+    return _COMPILED[key]
+
+
+def opt_state_abstract(optimizer: str, params_abs, mesh):
+    """Abstract optimizer state with the shardings XLA propagates from the params' (leaves
+    that do not depend on the params, e.g. step counts, are replicated over the mesh)."""
+    init = optim.make_direction(optimizer).init
+    shapes = jax.eval_shape(init, params_abs)
+    chosen = jax.jit(init).lower(params_abs).compile().output_shardings
+    replicated = sharding.replicated(mesh)
+
+    def pick(shape, s):
+        if not isinstance(s, jax.sharding.NamedSharding) or s.mesh.devices.shape != mesh.devices.shape:
+            s = replicated
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s)
+
+    return jax.tree.map(pick, shapes, chosen)
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda a: a.sharding, tree)
 
 
 def _abstract(tree):
@@ -371,36 +440,29 @@ def _make_loaders(cfg, store, subset_ids, exclude_ids):
 def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher_config, teacher_params,
                teacher_identity, run_dir, start_step, progress):
     full_loader, kd_loader = _make_loaders(cfg, store, subset_ids, exclude_ids)
-    optimizer = optim.make_optimizer(cfg.optimizer, lr=cfg.lr, final_lr=cfg.final_lr,
-                                     warmup=cfg.warmup, total_steps=cfg.steps, clip=cfg.clip,
-                                     weight_decay=cfg.weight_decay)
     p_shardings = sharding.param_shardings(config, mesh)
     params_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               model.abstract_params(config), p_shardings)
-    opt_init = jax.jit(optimizer.init)
+    opt_abs = opt_state_abstract(cfg.optimizer, params_abs, mesh)
     if start_step == 0:
         params = sharding.shard_params(model.init_params(config, cfg.seed), config, mesh)
-        opt_state = opt_init(params)
-        opt_abs = _abstract(opt_state)
+        init = optim.make_direction(cfg.optimizer).init
+        opt_state = jax.jit(init, out_shardings=_shardings(opt_abs))(params)
     else:
-        opt_shardings = opt_init.lower(params_abs).compile().output_shardings
-        opt_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                               jax.eval_shape(optimizer.init, params_abs), opt_shardings)
         params, opt_state, _ = checkpoint.restore(run_dir, start_step, params_abs, opt_abs)
 
     windows_abs = jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len + 1), jnp.int32,
                                        sharding=sharding.batch_sharding(mesh))
-    out_sh = (jax.tree.map(lambda a: a.sharding, params_abs),
-              jax.tree.map(lambda a: a.sharding, opt_abs), sharding.replicated(mesh))
     t0 = time.perf_counter()
     std_step = kd_step = None
     if cfg.kd_steps < cfg.steps:
-        std_step = compile_step(make_step_fn(config, None, optimizer, cfg), params_abs, opt_abs,
-                                None, windows_abs, out_shardings=out_sh)
+        std_step = compiled_step(config, None, cfg, mesh, params_abs, opt_abs, None, windows_abs)
     if teacher_params is not None:
-        kd_step = compile_step(make_step_fn(config, teacher_config, optimizer, cfg), params_abs,
-                               opt_abs, _abstract(teacher_params), windows_abs, out_shardings=out_sh)
+        kd_step = compiled_step(config, teacher_config, cfg, mesh, params_abs, opt_abs,
+                                _abstract(teacher_params), windows_abs)
     compile_s = time.perf_counter() - t0
+    hyper = jax.device_put(hyperparameters(cfg), sharding.replicated(mesh))
+    step_sharding = sharding.replicated(mesh)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     run_record = {"train": cfg.to_dict(), "model": config.to_dict(),
@@ -436,12 +498,12 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher_config
                 loader = kd_loader if kd_phase else full_loader
                 local = loader.batch(step - 1)
                 windows = sharding.global_batch_array(local, mesh, cfg.batch)
-                step_arr = jnp.int32(step)
+                step_arr = jax.device_put(np.int32(step), step_sharding)
                 t_start = time.perf_counter()
                 if kd_phase:
-                    params, opt_state, m = kd_step(params, opt_state, teacher_params, windows, step_arr)
+                    params, opt_state, m = kd_step(params, opt_state, teacher_params, windows, step_arr, hyper)
                 else:
-                    params, opt_state, m = std_step(params, opt_state, None, windows, step_arr)
+                    params, opt_state, m = std_step(params, opt_state, None, windows, step_arr, hyper)
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 elapsed = time.perf_counter() - t_start
                 phase = "kd" if kd_phase else "standard"
@@ -502,4 +564,57 @@ def _finite_or_none(record: dict) -> dict:
 # ----------------------------------------------------------------------------- reference runtime
 def _train_reference(cfg, config, store, subset_ids, exclude_ids, teacher_config, teacher_params,
                      teacher_identity, run_dir, progress):
-    raise TrainError("--runtime reference is not available yet")
+    """The NumPy reference trainer (salt.reference.trainer) on the same batches, the same
+    initial parameters, AdamW, clipping and schedule; metrics and a final checkpoint in the
+    runtime's format.  Meant for tiny models (debugging and cross-checking)."""
+    from salt.reference import trainer as ref_trainer
+    from salt.reference.optim import AdamW
+    from salt.reference.schedule import lr_at as ref_lr_at
+
+    if cfg.optimizer != "adamw":
+        raise TrainError(f"--runtime reference supports --optimizer adamw only, got {cfg.optimizer!r}")
+    if cfg.dtype != "float32":
+        raise TrainError("--runtime reference computes in float32 only (got --dtype "
+                         f"{cfg.dtype})")
+    if checkpoint.all_steps(run_dir):
+        raise TrainError(f"--runtime reference cannot resume; {str(run_dir)!r} already has checkpoints")
+    full_loader, kd_loader = _make_loaders(cfg, store, subset_ids, exclude_ids)
+
+    def batch_fn(step0):
+        return (kd_loader if step0 < cfg.kd_steps else full_loader).batch(step0)
+
+    teacher = None
+    if teacher_params is not None:
+        teacher = (teacher_config, jax.tree.map(lambda x: np.asarray(x, np.float32), teacher_params))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json_atomic(run_dir / "run_config.json", {
+        "train": cfg.to_dict(), "model": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
+        "vocab_size": int(store.vocab_size), "teacher": teacher_identity,
+        "param_count": param_count(config)})
+    start = time.perf_counter()
+    result = ref_trainer.train(
+        config, batch_fn, cfg.steps, optimizer=AdamW(b1=optim.ADAMW_B1, b2=optim.ADAMW_B2,
+                                                     eps=optim.ADAMW_EPS,
+                                                     weight_decay=cfg.weight_decay),
+        lr=lambda step0: ref_lr_at(step0 + 1, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr),
+        teacher=teacher, omega=cfg.omega if cfg.kd_steps else 0.0, rho=cfg.rho,
+        n_kd=cfg.kd_steps, transition=cfg.transition, n_kd1=cfg.kd_steps1, seed=cfg.seed,
+        dtype=np.float32, clip_norm=cfg.clip if cfg.clip > 0 else None, progress=progress)
+    elapsed = time.perf_counter() - start
+    tokens_per_s = cfg.steps * cfg.batch * cfg.seq_len / max(elapsed, 1e-9)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for record in result.history:
+            record = dict(record, tokens_per_s=tokens_per_s)
+            if not math.isfinite(record["loss"]):
+                raise NonFiniteLoss(record["step"], record["loss"], None)
+            f.write(json.dumps(_finite_or_none(record)) + "\n")
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), result.params)
+    meta = {"config": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
+            "vocab_size": int(store.vocab_size), "teacher": teacher_identity,
+            "run_config": cfg.to_dict(), "loader_state": _jsonable(full_loader.state(cfg.steps)),
+            "preset": cfg.preset, "runtime": "reference"}
+    checkpoint.save(run_dir, cfg.steps, params, {"count": np.asarray(cfg.steps, np.int32)}, meta)
+    return {"run_dir": str(run_dir), "preset": cfg.preset, "model": config.to_dict(),
+            "start_step": 0, "last_step": cfg.steps, "interrupted": False,
+            "last_checkpoint": cfg.steps, "compile_s": 0.0,
+            "final": result.history[-1] if result.history else None, "history": result.history}

@@ -1,0 +1,87 @@
+"""``salt train``: BASELINE / RKD / SALT / SALT_DS training (see salt.runtime.train)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+def _keep(ctx, param, value):
+    if not value:
+        return ()
+    try:
+        steps = tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated step numbers, got {value!r}") from None
+    if any(s < 1 for s in steps):
+        raise click.BadParameter(f"step numbers must be >= 1, got {value!r}")
+    return steps
+
+
+@click.command("train")
+@click.option("--preset", required=True, help="Model preset of the student (see `salt presets`).")
+@click.option("--data", required=True, type=click.Path(), help="Token store (from `salt data prepare`).")
+@click.option("--out", required=True, type=click.Path(), help="Run directory (checkpoints, metrics).")
+@click.option("--teacher", type=click.Path(), default=None,
+              help="Teacher run directory or checkpoint (needed when --kd-steps > 0).")
+@click.option("--teacher-step", type=int, default=None, help="Teacher checkpoint step (default: latest).")
+@click.option("--kd-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="n_kd: steps of the KD phase (0 = BASELINE, = --steps for RKD).")
+@click.option("--omega", type=float, default=0.667, show_default=True, help="Distillation weight ω in [0, 1].")
+@click.option("--rho", type=float, default=0.25, show_default=True, help="Teacher temperature ρ > 0.")
+@click.option("--transition", type=click.Choice(["step", "linear", "linear-ratio"]), default="step",
+              show_default=True, help="How ω goes to 0 at the end of the KD phase.")
+@click.option("--kd-steps1", type=click.IntRange(min=0), default=None,
+              help="n_kd1: where the linear transitions start.")
+@click.option("--steps", type=click.IntRange(min=1), required=True, help="Total training steps n.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Global batch (windows).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens per window T.")
+@click.option("--optimizer", type=click.Choice(["adafactor", "adamw"]), default="adafactor", show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate.")
+@click.option("--final-lr", type=float, default=1e-4, show_default=True, help="Learning rate at the last step.")
+@click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Global-norm gradient clipping (0: off).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the initial parameters and of the data order.")
+@click.option("--mesh", default="data=1,model=1", show_default=True,
+              help="Device mesh 'data=D,model=M' (data=-1: all devices).")
+@click.option("--subset", type=click.Path(), default=None,
+              help="SALT_DS: selection file (.npy window ids) the KD phase draws from.")
+@click.option("--exclude", type=click.Path(), default=None, help=".npy window ids never trained on.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Compute dtype (parameters and loss stay float32).")
+@click.option("--kernels", type=click.Choice(["xla", "pallas", "kernel-xla", "naive"]), default="xla",
+              show_default=True, help="Attention / KD-loss implementation.")
+@click.option("--remat/--no-remat", default=False, show_default=True, help="Recompute layer activations in the backward.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Save every N steps (always at the end, at n_kd and on SIGTERM).")
+@click.option("--keep", "keep_checkpoints", callback=_keep, default="",
+              help="Comma-separated steps whose checkpoints are kept (besides the latest and n_kd).")
+@click.option("--runtime", type=click.Choice(["jax", "reference"]), default="jax", show_default=True,
+              help="'reference': the NumPy reference trainer on the same batches (tiny models).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--force", is_flag=True, help="Resume even if the configuration changed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def train(as_json, progress, **options):
+    """Train a student (or a teacher: --kd-steps 0) and write checkpoints and metrics.jsonl."""
+    from salt.runtime.train import TrainConfig, TrainError, train as run_train
+
+    cfg = TrainConfig(**options)
+    try:
+        summary = run_train(cfg, progress=progress)
+    except (TrainError, ValueError) as e:  # bad input: a message, no traceback
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    final = summary.get("final") or {}
+    status = "interrupted (SIGTERM), checkpoint saved" if summary["interrupted"] else "done"
+    click.echo(f"{status}: {summary['run_dir']} step {summary['last_step']} "
+               f"(checkpoint {summary['last_checkpoint']})", err=False)
+    if final:
+        click.echo(f"final loss {final['loss']:.4f}  ce {final['ce']:.4f}  "
+                   f"accuracy {final['accuracy']:.4f}  lr {final['lr']:.3g}")
+    sys.stdout.flush()

@@ -100,16 +100,28 @@ def choose_blocks(n, vocab, d_s, d_t, itemsize, block_sizes: FusedKDBlockSizes):
     return best[1]
 
 
-def analytic_flops(n, vocab, d_s, d_t, *, backward=True):
-    """Flops of the Pallas kernels: logits matmuls (2·N·V·D each) plus ~16 (forward) / ~10
-    (backward, per kernel) elementwise flops per logit pair; the backward recomputes both logit
-    tiles in each of its two kernels and adds one gradient matmul per kernel."""
-    nv = n * vocab
-    fwd = 2 * nv * (d_s + d_t) + _kd.fwd_flops(n, vocab)
+def logits_flops(n, vocab, d_s, d_t):
+    """Flops of forming both logit matrices once: ``2·N·V·(D_s + D_t)``."""
+    return 2 * n * vocab * (d_s + d_t)
+
+
+def grad_matmul_flops(n, vocab, d_s):
+    """Flops of ``dS @ E_s`` and ``dSᵀ @ h_s``: ``4·N·V·D_s``."""
+    return 4 * n * vocab * d_s
+
+
+def analytic_flops(n, vocab, d_s, d_t, *, backward=True, schedule="pallas"):
+    """Flops of forward (+ backward) per schedule.  ``"pallas"``: forward forms the logits once;
+    each of the two backward kernels recomputes them (3 logit passes in all) and does one gradient
+    matmul.  ``"xla"``: the backward scan recomputes them once (2 passes).  ``"naive"``: one pass.
+    Plus ~20 (forward) and ~10 (per backward pass) elementwise flops per logit pair."""
+    passes = {"pallas": 3, "xla": 2, "naive": 1}[schedule]
+    fwd = logits_flops(n, vocab, d_s, d_t) + _kd.fwd_flops(n, vocab)
     if not backward:
         return fwd
-    bwd_one = 2 * nv * (d_s + d_t) + 2 * nv * d_s + _kd.bwd_flops(n, vocab)
-    return fwd + 2 * bwd_one
+    bwd_elementwise = (2 if schedule == "pallas" else 1) * _kd.bwd_flops(n, vocab)
+    return (fwd + (passes - 1) * logits_flops(n, vocab, d_s, d_t) + grad_matmul_flops(n, vocab, d_s)
+            + bwd_elementwise)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +335,8 @@ def _grad_pallas(hs, es, ht, et, y, stats, coefs, rho, block_sizes, interpret):
     n_tok_blocks, n_voc_blocks = pl.cdiv(n, bt), pl.cdiv(vocab, bv)
     m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
     operands = (hs, es, ht, et, y[:, None], *_kd.as_rows(m_s, log_l_s, m_t, log_l_t, *coefs))
-    one_kernel_flops = int(2 * n * vocab * (d_s + d_t) + 2 * n * vocab * d_s + _kd.bwd_flops(n, vocab))
+    one_kernel_flops = int(logits_flops(n, vocab, d_s, d_t) + grad_matmul_flops(n, vocab, d_s) // 2
+                           + _kd.bwd_flops(n, vocab))
     static = dict(rho=rho, n_tokens=n, vocab=vocab, block_tokens=bt, block_vocab=bv)
 
     mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=0)

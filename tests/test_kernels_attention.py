@@ -76,8 +76,9 @@ def check_against_reference(impl, H, KV, dtype, prefix, *, T=19, d=16, blocks=No
         assert out.dtype == dtype and out.shape == q.shape
         assert rel_err(out, reference_attention(q64, k64, v64, prefix_ref)) <= tol
         return
-    out, vjp = jax.vjp(f, q, k, v)
-    grads_out = vjp(do)
+    # One jitted program for forward + backward: compiles once instead of dispatching eagerly.
+    out, grads_out = jax.jit(lambda q, k, v, do: (lambda o, vjp: (o, vjp(do)))(*jax.vjp(f, q, k, v)))(
+        q, k, v, do)
     o_ref, grads_ref = reference_attention(q64, k64, v64, prefix_ref, do64)
     assert out.dtype == dtype and out.shape == q.shape
     errors = {"o": rel_err(out, o_ref)}

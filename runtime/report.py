@@ -111,6 +111,16 @@ def efficiency(target_log_ppl: float, curve_steps, curve_log_ppl, n_kd: int, n_s
     return out
 
 
+def paired_difference(stats: dict, base_stats: dict) -> dict:
+    """Mean per-window log-perplexity difference (model - base) over the same held-out windows,
+    with its standard error (windows as the unit; a rough noise scale for the comparison)."""
+    if not np.array_equal(stats["window_ids"], base_stats["window_ids"]):
+        raise ValueError("paired comparison needs statistics over the same held-out windows")
+    d_N = stats["loss_sum"] / stats["n_tokens"] - base_stats["loss_sum"] / base_stats["n_tokens"]
+    se = float(np.std(d_N, ddof=1) / np.sqrt(d_N.size)) if d_N.size > 1 else math.nan
+    return {"mean": float(np.mean(d_N)), "se": se, "n_windows": int(d_N.size)}
+
+
 # --------------------------------------------------------------------------- plots
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -221,11 +231,18 @@ def verdict(results: dict) -> list[str]:
         d_lppl = m["log_ppl"] - base["log_ppl"]
         d_acc = 100 * (m["accuracy"] - base["accuracy"])
         better = d_lppl < 0
+        p = results.get("paired", {}).get(name)
+        noise = ""
+        if p and math.isfinite(p["se"]):
+            within = abs(p["mean"]) < 2 * p["se"]
+            noise = (f" Paired per-window difference {p['mean']:+.4f} ± {p['se']:.4f} (s.e., "
+                     f"{p['n_windows']} windows): "
+                     + ("**within noise** (|diff| < 2 s.e.)." if within else "outside 2 s.e."))
         lines.append(
             f"- **{name} {'beats' if better else 'does NOT beat'} BASELINE** on final held-out "
             f"log-perplexity at this scale: {m['log_ppl']:.4f} vs {base['log_ppl']:.4f} "
             f"({d_lppl:+.4f} nats); accuracy {100 * m['accuracy']:.2f}% vs "
-            f"{100 * base['accuracy']:.2f}% ({d_acc:+.2f} points).")
+            f"{100 * base['accuracy']:.2f}% ({d_acc:+.2f} points).{noise}")
     return lines
 
 

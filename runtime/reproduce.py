@@ -273,7 +273,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     _say("evaluating every kept checkpoint on the held-out split")
     teacher_stats = _eval_stats(eval_dir / f"SLM_{cfg.teacher_steps}.npz", slm_dir,
                                 cfg.teacher_steps, data_dir, cfg, progress)
-    models, curves = {}, {}
+    models, curves, final_stats = {}, {}, {}
     for name in ("SLM",) + VARIANTS:
         run_dir = slm_dir if name == "SLM" else runs / name
         final_step = cfg.teacher_steps if name == "SLM" else cfg.steps
@@ -291,6 +291,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
                 models[name]["at_kd"] = summary
             if s == final_step:
                 models[name]["final"] = summary
+                final_stats[name] = stats
     eval_seconds = time.time() - t0
     if not state.done("eval"):
         state.finish("eval", eval_seconds)
@@ -321,6 +322,9 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
             results["efficiency"][name] = report.efficiency(
                 base_final["log_ppl"], [p["step"] for p in pts], [p["log_ppl"] for p in pts],
                 cfg.kd_steps, cfg.steps, overhead["overhead"])
+    if "BASELINE" in final_stats:
+        results["paired"] = {name: report.paired_difference(final_stats[name], final_stats["BASELINE"])
+                             for name in ("RKD", "SALT", "SALT_DS") if name in final_stats}
     sel = state.info("score")
     results["selection"] = {k: sel[k] for k in ("n_scored", "n_train_windows", "n_excluded", "m", "clipped",
                                                 "score_median", "selected_median", "zero_fraction")

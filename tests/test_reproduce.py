@@ -163,3 +163,20 @@ def test_reproduce_bad_input(tmp_path):
     assert r.exit_code != 0 and "kd_steps (8) must be < steps (8)" in r.output
     r = runner.invoke(cli, ["reproduce", "--tiny", "--eval-every", "3", "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "multiple of eval_every" in r.output
+
+
+def test_paired_difference_and_noise_statement():
+    ids = np.arange(4)
+    base = {"window_ids": ids, "loss_sum": np.array([4.0, 8.0, 12.0, 16.0]), "n_tokens": np.full(4, 4)}
+    other = {"window_ids": ids, "loss_sum": np.array([4.4, 7.6, 12.4, 16.4]), "n_tokens": np.full(4, 4)}
+    p = R.paired_difference(other, base)
+    d = np.array([0.1, -0.1, 0.1, 0.1])
+    assert p["mean"] == pytest.approx(d.mean())
+    assert p["se"] == pytest.approx(d.std(ddof=1) / 2)
+    with pytest.raises(ValueError, match="same held-out windows"):
+        R.paired_difference(other, dict(base, window_ids=ids + 1))
+    results = {"models": {"BASELINE": {"final": {"accuracy": 0.5, "log_ppl": 2.0}},
+                          "SALT": {"final": {"accuracy": 0.5, "log_ppl": 1.99}}},
+               "paired": {"SALT": {"mean": -0.01, "se": 0.02, "n_windows": 100}}}
+    text = "\n".join(R.verdict(results))
+    assert "**SALT beats BASELINE**" in text and "**within noise**" in text

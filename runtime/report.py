@@ -350,6 +350,13 @@ def render_report(results: dict) -> str:
             L.append(f"| {stage} | {secs:.1f} |")
         L.append(f"| **total** | {sum(results['timings'].values()):.1f} |")
         L.append("")
+        if results.get("machine"):
+            m = results["machine"]
+            L.append(f"Stage times are wall-clock seconds of the invocation that ran each stage, on "
+                     f"{m['cpu_count']} CPUs; load average (1/5/15 min) when this report was written: "
+                     + "/".join(f"{x:.1f}" for x in m["loadavg"])
+                     + ". A load above the CPU count means other work shared the machine and the "
+                     "times are inflated accordingly.\n")
     return "\n".join(L) + "\n"
 
 

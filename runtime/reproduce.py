@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -334,7 +335,10 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     plots.append(report.plot_val_curves({n: curves[n] for n in VARIANTS}, out, n_kd=cfg.kd_steps,
                                         target=base_final["log_ppl"] if base_final else None))
     results["plots"] = plots
-    results["timings"] = {stage: info["seconds"] for stage, info in state.data["stages"].items()}
+    order = ("data", "slm", "score") + VARIANTS + ("eval",)
+    stages = state.data["stages"]
+    results["timings"] = {stage: stages[stage]["seconds"] for stage in order if stage in stages}
+    results["machine"] = {"cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg())}
     write_json_atomic(out / "results.json", results)
     results["report"] = report.write_report(results, out)
     _say(f"report written to {results['report']}")

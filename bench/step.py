@@ -1,0 +1,172 @@
+"""``salt bench step``: the KD train step against the standard train step, in one run.
+
+Both steps are the trainer's own AOT-compiled steps (``salt.runtime.train.make_step_fn``) on
+random parameters of the chosen presets (vocabulary ``--vocab``), random windows, one device
+mesh.  Reported:
+
+* median wall time of each step (timed alternately, ``--iters`` each after ``--warmup``
+  untimed calls), their ratio, and the ratio predicted by the analytic FLOP counts
+  ``1 + teacher forward FLOPs / student train-step FLOPs`` (``salt.runtime.model``); the
+  difference in percentage points (issue target: within 5);
+* tokens/s of each step; achieved FLOP/s (analytic FLOPs / time) and its fraction of this
+  machine's measured float32 matmul rate (a jitted square matmul, timed first);
+* the compiled temporary memory (``memory_analysis().temp_size_in_bytes``) of both steps.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import click
+
+
+def measure_matmul_rate(n: int = 1024, iters: int = 10) -> float:
+    """float32 FLOP/s of a jitted ``[n, n] @ [n, n]`` on the default device (median)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
+def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: int, seq_len: int,
+                  optimizer: str = "adafactor", dtype: str = "float32", iters: int = 10,
+                  warmup: int = 2, progress: bool = True) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm import tqdm
+
+    from salt.reference.config import get_preset, param_count
+    from salt.runtime import model, optim, sharding, train
+
+    student = get_preset(student_name).replace(vocab_size=vocab)
+    teacher = get_preset(teacher_name).replace(vocab_size=vocab)
+    mesh = sharding.make_mesh("data=1,model=1")
+    params = sharding.shard_params(model.init_params_jax(student, 0), student, mesh)
+    t_params = sharding.shard_params(model.init_params_jax(teacher, 1), teacher, mesh)
+    params_abs = train._abstract(params)
+    opt_abs = train.opt_state_abstract(optimizer, params_abs, mesh)
+    opt_state = jax.jit(optim.make_direction(optimizer).init,
+                        out_shardings=train._shardings(opt_abs))(params)
+    windows = jax.device_put(
+        np.random.default_rng(0).integers(0, vocab, (batch, seq_len + 1)).astype(np.int32),
+        sharding.batch_sharding(mesh))
+    steps_total = 10 ** 6
+    cfg = train.TrainConfig(preset=student_name, data="-", out="-", teacher="-", kd_steps=steps_total,
+                            steps=steps_total, batch=batch, seq_len=seq_len, optimizer=optimizer,
+                            dtype=dtype, warmup=0)
+    hyper = jax.device_put(train.hyperparameters(cfg), sharding.replicated(mesh))
+    compiled = {}
+    for kind, t_cfg, t_abs in (("standard", None, None),
+                               ("kd", teacher, train._abstract(t_params))):
+        start = time.perf_counter()
+        fn = train.make_step_fn(student, t_cfg, optimizer, dtype=dtype)
+        compiled[kind] = train.compile_step(fn, params_abs, opt_abs, t_abs, train._abstract(windows),
+                                            mesh=mesh, donate=False)
+        compiled[kind + "_compile_s"] = time.perf_counter() - start
+
+    step_arr = jnp.int32(1)
+
+    def call(kind):
+        if kind == "kd":
+            out = compiled["kd"](params, opt_state, t_params, windows, step_arr, hyper)
+        else:
+            out = compiled["standard"](params, opt_state, None, windows, step_arr, hyper)
+        jax.block_until_ready(out)
+
+    for _ in range(warmup):
+        call("standard")
+        call("kd")
+    times = {"standard": [], "kd": []}
+    for _ in tqdm(range(iters), desc="bench step", file=sys.stderr, disable=not progress):
+        for kind in ("standard", "kd"):
+            t = time.perf_counter()
+            call(kind)
+            times[kind].append(time.perf_counter() - t)
+    matmul_rate = measure_matmul_rate()
+
+    student_flops = model.train_step_flops(student, batch, seq_len)
+    teacher_flops = model.forward_flops(teacher, batch, seq_len)
+    t_std = statistics.median(times["standard"])
+    t_kd = statistics.median(times["kd"])
+    predicted = 1.0 + teacher_flops / student_flops
+    measured = t_kd / t_std
+    tokens = batch * seq_len
+
+    def memory(c):
+        m = c.memory_analysis()
+        return None if m is None else int(m.temp_size_in_bytes)
+
+    return {
+        "student": student.to_dict(), "teacher": teacher.to_dict(),
+        "student_params": param_count(student), "teacher_params": param_count(teacher),
+        "batch": batch, "seq_len": seq_len, "optimizer": optimizer, "dtype": dtype,
+        "iters": iters, "device": str(jax.devices()[0].device_kind),
+        "standard_step_s": t_std, "kd_step_s": t_kd,
+        "measured_ratio": measured, "predicted_ratio": predicted,
+        "difference_pp": 100.0 * (measured - predicted),
+        "standard_tokens_per_s": tokens / t_std, "kd_tokens_per_s": tokens / t_kd,
+        "student_train_flops": student_flops, "teacher_forward_flops": teacher_flops,
+        "standard_flops_per_s": student_flops / t_std,
+        "kd_flops_per_s": (student_flops + teacher_flops) / t_kd,
+        "matmul_flops_per_s": matmul_rate,
+        "standard_fraction_of_matmul": student_flops / t_std / matmul_rate,
+        "kd_fraction_of_matmul": (student_flops + teacher_flops) / t_kd / matmul_rate,
+        "standard_temp_bytes": memory(compiled["standard"]),
+        "kd_temp_bytes": memory(compiled["kd"]),
+        "standard_compile_s": compiled["standard_compile_s"],
+        "kd_compile_s": compiled["kd_compile_s"],
+    }
+
+
+def format_report(r: dict) -> str:
+    mb = lambda b: "n/a" if b is None else f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
+    lines = [
+        f"student {r['student']['name']} ({r['student_params']:,} params), teacher "
+        f"{r['teacher']['name']} ({r['teacher_params']:,}); batch {r['batch']} x seq {r['seq_len']}, "
+        f"{r['optimizer']}, {r['dtype']}, {r['device']}, median of {r['iters']}",
+        f"{'step':<10}{'time':>12}{'tokens/s':>12}{'GFLOP/s':>10}{'of matmul':>11}{'temp mem':>12}",
+        f"{'standard':<10}{r['standard_step_s'] * 1e3:>10.1f}ms{r['standard_tokens_per_s']:>12,.0f}"
+        f"{r['standard_flops_per_s'] / 1e9:>10.2f}{100 * r['standard_fraction_of_matmul']:>10.1f}%"
+        f"{mb(r['standard_temp_bytes']):>12}",
+        f"{'kd':<10}{r['kd_step_s'] * 1e3:>10.1f}ms{r['kd_tokens_per_s']:>12,.0f}"
+        f"{r['kd_flops_per_s'] / 1e9:>10.2f}{100 * r['kd_fraction_of_matmul']:>10.1f}%"
+        f"{mb(r['kd_temp_bytes']):>12}",
+        f"KD/standard time ratio: measured {r['measured_ratio']:.3f}, FLOP-predicted "
+        f"{r['predicted_ratio']:.3f} ({r['difference_pp']:+.1f} percentage points)",
+        f"float32 matmul rate of this machine: {r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s",
+    ]
+    return "\n".join(lines)
+
+
+@click.command("cli")
+@click.option("--student", default="small-student", show_default=True, help="Student preset.")
+@click.option("--teacher", default="small-teacher", show_default=True, help="Teacher preset.")
+@click.option("--vocab", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="Vocabulary size (replaces the presets').")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adafactor", "adamw"]), default="adafactor", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def cli(student, teacher, vocab, batch, seq_len, optimizer, dtype, iters, warmup, as_json):
+    """KD-step vs standard-step time (vs the FLOP prediction), tokens/s, FLOP/s, memory."""
+    try:
+        result = run_benchmark(student, teacher, vocab=vocab, batch=batch, seq_len=seq_len,
+                               optimizer=optimizer, dtype=dtype, iters=iters, warmup=warmup)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=2) if as_json else format_report(result))

@@ -2,7 +2,8 @@
 
 Public entry points (kept stable for the kernels, the runtime and users):
 ``kd_loss``, ``kd_loss_grad``, ``selection_score``, ``omega_at``, ``param_count``,
-``get_preset`` / ``PRESETS``, ``ModelConfig``.
+``get_preset`` / ``PRESETS``, ``ModelConfig``. The model, optimisers, trainer and golden
+files live in ``salt.reference.model``, ``.optim``, ``.trainer`` and ``.golden``.
 """
 from salt.reference.config import (  # noqa: F401
     PRESETS,
@@ -13,12 +14,24 @@ from salt.reference.config import (  # noqa: F401
     param_shapes,
     unflatten_params,
 )
-
-# Modules added by the reference work export their public names here.
-try:  # losses / score / schedule land with the reference issue
-    from salt.reference.losses import (  # noqa: F401
-        ce_loss, ce_loss_grad, kd_loss, kd_loss_grad, kl_monitor, topk_kd_loss, topk_kd_loss_grad)
-    from salt.reference.score import selection_score, selection_score_numpy  # noqa: F401
-    from salt.reference.schedule import lr_at, omega_at  # noqa: F401
-except ImportError:  # pragma: no cover - removed once those modules exist
-    pass
+from salt.reference.losses import (  # noqa: F401
+    ce_loss,
+    ce_loss_grad,
+    kd_loss,
+    kd_loss_grad,
+    kl_monitor,
+    log_softmax,
+    loss_parts,
+    mean_over_mask,
+    topk_indices,
+    topk_kd_loss,
+    topk_kd_loss_grad,
+)
+from salt.reference.schedule import lr_at, lr_values, omega_at, omega_values  # noqa: F401
+from salt.reference.score import (  # noqa: F401
+    selection_score,
+    selection_score_numpy,
+    token_costs,
+    token_costs_numpy,
+    top_m_indices,
+)

@@ -50,7 +50,7 @@ def kd_loss(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho, 
         raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
     if impl == "xla":
         return kd_loss_parts(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho)
-    from salt.kernels import kd_loss as kernel_kd_loss
+    from salt.kernels.kd_loss import kd_loss as kernel_kd_loss
     parts = jax.lax.stop_gradient(kd_loss_parts(
         student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho))
     kernel_impl = "xla" if impl == "kernel-xla" else impl

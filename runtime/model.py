@@ -148,7 +148,7 @@ def attention_xla(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, prefix_len_B=None):
 def _attention(q, k, v, prefix_len_B, impl: str):
     if impl == "xla":
         return attention_xla(q, k, v, prefix_len_B)
-    from salt.kernels import mqa_attention
+    from salt.kernels.attention import mqa_attention
     kernel_impl = "xla" if impl == "kernel-xla" else impl
     return mqa_attention(q, k, v, prefix_len=prefix_len_B, impl=kernel_impl).astype(jnp.float32)
 

@@ -152,13 +152,14 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- the step
-HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay", "omega", "rho",
+HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay", "omega",
                 "kd_steps", "kd_steps1")
 
 
 def hyperparameters(cfg: TrainConfig) -> dict:
     """The step's runtime scalars (float32): the schedules' constants are arguments of the
-    compiled step, not compile-time constants, so one executable serves every run."""
+    compiled step, not compile-time constants, so one executable serves every run.
+    (ρ stays a compile-time constant: the KD-loss kernels take it as a static number.)"""
     values = {f: getattr(cfg, f) for f in HYPER_FIELDS}
     if values["kd_steps1"] is None:
         values["kd_steps1"] = values["kd_steps"]
@@ -166,8 +167,8 @@ def hyperparameters(cfg: TrainConfig) -> dict:
 
 
 def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: str, *,
-                 transition: str = "step", dtype: str = "float32", kernels: str = "xla",
-                 remat: bool = False):
+                 transition: str = "step", rho: float = 0.25, dtype: str = "float32",
+                 kernels: str = "xla", remat: bool = False):
     """The pure train step ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
     -> (params, opt_state, metrics)``; ``teacher`` None builds the standard (CE) step.
     ``step`` is the 1-based step number; ``hyper`` the dict of :func:`hyperparameters`."""
@@ -188,7 +189,7 @@ def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: s
                 remat=remat))
             omega = losses.omega_at(step, hyper["omega"], hyper["kd_steps"], transition,
                                     hyper["kd_steps1"])
-            parts = losses.kd_loss(logits, t_logits, labels, omega, hyper["rho"], impl=kernels)
+            parts = losses.kd_loss(logits, t_logits, labels, omega, rho, impl=kernels)
         metrics = {k: losses.batch_mean(v) for k, v in parts.items() if k != "correct"}
         metrics["accuracy"] = losses.batch_mean(parts["correct"])
         metrics["omega"] = omega
@@ -234,13 +235,15 @@ def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs,
     model(s), optimizer, transition, dtype, kernels, shapes and mesh (e.g. the four
     students of ``salt reproduce``)."""
     key = (student, teacher, cfg.optimizer, cfg.transition if teacher is not None else None,
-           cfg.dtype, cfg.kernels, cfg.remat, windows_abs.shape,
+           float(cfg.rho) if teacher is not None else None, cfg.dtype, cfg.kernels, cfg.remat,
+           windows_abs.shape,
            tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)
     if key not in _COMPILED:
         if len(_COMPILED) >= _COMPILED_MAX:
             _COMPILED.pop(next(iter(_COMPILED)))
         fn = make_step_fn(student, teacher, cfg.optimizer, transition=cfg.transition,
-                          dtype=cfg.dtype, kernels=cfg.kernels, remat=cfg.remat)
+                          rho=float(cfg.rho), dtype=cfg.dtype, kernels=cfg.kernels,
+                          remat=cfg.remat)
         out_sh = (_shardings(params_abs), _shardings(opt_abs), sharding.replicated(mesh))
         _COMPILED[key] = compile_step(fn, params_abs, opt_abs, teacher_abs, windows_abs,
                                       mesh=mesh, out_shardings=out_sh)
@@ -410,19 +413,20 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         raise TrainError(f"batch={cfg.batch} is not divisible by the data axis "
                          f"({mesh.shape['data']}) of mesh {cfg.mesh!r}")
     need_teacher = cfg.kd_steps > start_step
-    teacher_config = teacher_params = teacher_identity = None
+    # the teacher travels in a dict the loop empties at the switch, so no frame keeps its params
+    teacher = {"config": None, "params": None, "identity": None}
     if cfg.kd_steps > 0:
         if need_teacher:
-            teacher_config, teacher_params, teacher_identity = load_teacher(
+            teacher["config"], teacher["params"], teacher["identity"] = load_teacher(
                 cfg, config, tokenizer_sha, mesh)
         else:  # resuming past the KD phase: record the identity, load nothing
-            teacher_identity = checkpoint.read_meta(run_dir, start_step).get("teacher")
+            teacher["identity"] = checkpoint.read_meta(run_dir, start_step).get("teacher")
 
     if cfg.runtime == "reference":
-        return _train_reference(cfg, config, store, subset_ids, exclude_ids, teacher_config,
-                                teacher_params, teacher_identity, run_dir, progress)
-    return _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher_config,
-                      teacher_params, teacher_identity, run_dir, start_step, progress)
+        return _train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_dir,
+                                progress)
+    return _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_dir,
+                      start_step, progress)
 
 
 def _make_loaders(cfg, store, subset_ids, exclude_ids):
@@ -437,8 +441,10 @@ def _make_loaders(cfg, store, subset_ids, exclude_ids):
     return full, kd
 
 
-def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher_config, teacher_params,
-               teacher_identity, run_dir, start_step, progress):
+def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_dir, start_step,
+               progress):
+    teacher_config, teacher_identity = teacher["config"], teacher["identity"]
+    teacher_params = teacher.pop("params")
     full_loader, kd_loader = _make_loaders(cfg, store, subset_ids, exclude_ids)
     p_shardings = sharding.param_shardings(config, mesh)
     params_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -562,8 +568,7 @@ def _finite_or_none(record: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- reference runtime
-def _train_reference(cfg, config, store, subset_ids, exclude_ids, teacher_config, teacher_params,
-                     teacher_identity, run_dir, progress):
+def _train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_dir, progress):
     """The NumPy reference trainer (salt.reference.trainer) on the same batches, the same
     initial parameters, AdamW, clipping and schedule; metrics and a final checkpoint in the
     runtime's format.  Meant for tiny models (debugging and cross-checking)."""
@@ -579,13 +584,16 @@ def _train_reference(cfg, config, store, subset_ids, exclude_ids, teacher_config
     if checkpoint.all_steps(run_dir):
         raise TrainError(f"--runtime reference cannot resume; {str(run_dir)!r} already has checkpoints")
     full_loader, kd_loader = _make_loaders(cfg, store, subset_ids, exclude_ids)
+    teacher_config, teacher_identity = teacher["config"], teacher["identity"]
+    teacher_params = teacher.pop("params")
 
     def batch_fn(step0):
         return (kd_loader if step0 < cfg.kd_steps else full_loader).batch(step0)
 
-    teacher = None
+    ref_teacher = None
     if teacher_params is not None:
-        teacher = (teacher_config, jax.tree.map(lambda x: np.asarray(x, np.float32), teacher_params))
+        ref_teacher = (teacher_config,
+                       jax.tree.map(lambda x: np.asarray(x, np.float32), teacher_params))
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json_atomic(run_dir / "run_config.json", {
         "train": cfg.to_dict(), "model": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
@@ -597,7 +605,7 @@ def _train_reference(cfg, config, store, subset_ids, exclude_ids, teacher_config
                                                      eps=optim.ADAMW_EPS,
                                                      weight_decay=cfg.weight_decay),
         lr=lambda step0: ref_lr_at(step0 + 1, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr),
-        teacher=teacher, omega=cfg.omega if cfg.kd_steps else 0.0, rho=cfg.rho,
+        teacher=ref_teacher, omega=cfg.omega if cfg.kd_steps else 0.0, rho=cfg.rho,
         n_kd=cfg.kd_steps, transition=cfg.transition, n_kd1=cfg.kd_steps1, seed=cfg.seed,
         dtype=np.float32, clip_norm=cfg.clip if cfg.clip > 0 else None, progress=progress)
     elapsed = time.perf_counter() - start

@@ -24,6 +24,7 @@ and loads with ``allow_pickle=False``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -58,9 +59,11 @@ def token_terms(logits_BxTxV, targets_BxT, k: int):
     return ce_BxT, n_greater_BxT < k
 
 
+@functools.lru_cache(maxsize=16)
 def make_token_terms_fn(config, k: int):
     """``jit``-ed ``(params, windows_BxT1) -> (ce_BxT, in_topk_BxT)``: teacher forward on the
-    inputs ``w[:, :-1]`` and :func:`token_terms` against the targets ``w[:, 1:]``."""
+    inputs ``w[:, :-1]`` and :func:`token_terms` against the targets ``w[:, 1:]`` (cached per
+    model config and k, so repeated jobs compile once)."""
     import jax
 
     from salt.runtime import model

@@ -47,6 +47,10 @@ def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fra
                 skip_invalid=skip_invalid, seed=seed, progress=not quiet, workers=workers)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. --out under a file or in a read-only folder, disk full
+        where = f" ({e.filename})" if e.filename else ""
+        raise click.ClickException(f"cannot write the token store {out_dir}: "
+                                   f"{e.strerror or e}{where}") from None
     if not quiet:
         click.echo(f"token store written to {out_dir}", err=True)
     elif any(metadata["skipped"].values()) or metadata["roundtrip_failures"]:

@@ -97,12 +97,13 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
     out = pathlib.Path(out_dir)
     _check_args(vocab_size, tokenizer, val_fraction, seed, workers, sample_bytes, text_field)
     _check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)  # fail now (OSError), not after the work
     corpus = embedded_corpus() if sources is None else resolve_sources(sources)
 
     tokenizer_info: dict = {}
     if tokenizer is not None:
         model_bytes = _read_tokenizer(tokenizer)
-        sp = load_processor(model_bytes)
+        sp = load_processor(model_bytes, name=repr(os.fspath(tokenizer)))
         if vocab_size is not None and vocab_size != sp.vocab_size():
             raise ValueError(f"vocab_size={vocab_size} disagrees with tokenizer {os.fspath(tokenizer)!r}, "
                              f"whose vocabulary has {sp.vocab_size()} pieces; drop one of the two")
@@ -119,7 +120,6 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
         small = corpus.total_file_bytes < SMALL_CORPUS_BYTES
         workers = 1 if small else max(1, min(2, os.cpu_count() or 1))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / store_format.TOKENIZER_FILE).write_bytes(model_bytes)

@@ -122,9 +122,13 @@ def _vocab_error(message: str, vocab_size: int) -> ValueError:
     return ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {message}")
 
 
-def load_processor(model: bytes | str | os.PathLike) -> spm.SentencePieceProcessor:
-    """A SentencePieceProcessor from serialized bytes or a path; checks the special ids."""
-    where = "<bytes>" if isinstance(model, bytes) else os.fspath(model)
+def load_processor(model: bytes | str | os.PathLike, name: str | None = None
+                   ) -> spm.SentencePieceProcessor:
+    """A SentencePieceProcessor from serialized bytes or a path; checks the special ids.
+
+    ``name`` (e.g. the file the bytes were read from) is used in error messages.
+    """
+    where = name or ("<bytes>" if isinstance(model, bytes) else os.fspath(model))
     try:
         if isinstance(model, bytes):
             sp = spm.SentencePieceProcessor(model_proto=model)

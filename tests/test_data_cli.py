@@ -66,7 +66,14 @@ def test_prepare_errors_are_clean(src, tmp_path):
                        "too large", "largest size that works")
     assert_clean_error(run("prepare", tmp_path / "missing", "--out", tmp_path / "o6"), "no such file")
     assert_clean_error(run("info", tmp_path / "o6"), "no such directory")
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert_clean_error(run("prepare", src, "--out", a_file / "store"), str(a_file / "store"))
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model")
+    assert_clean_error(run("prepare", src, "--out", tmp_path / "o7", "--tokenizer", garbage),
+                       str(garbage), "not a readable SentencePiece model")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
 
 
 def test_skip_invalid_is_reported(tmp_path, src):

@@ -26,7 +26,8 @@ exactly 0 (zero gradient rows); their logits and labels are never read, so paddi
 Validation (``ValueError`` naming the argument and the value): ``omega`` outside [0, 1] or
 non-finite, ``rho`` <= 0 or non-finite, ``k`` not an integer in [1, V], labels outside [0, V) at
 unmasked positions, non-integer labels, shape mismatches, teacher/student vocabulary mismatch,
-non-finite logits (nan/inf) at unmasked positions.
+non-finite logits (nan/inf) at unmasked positions, ``rho * teacher_logits`` overflowing float64
+there (absurd ``rho``): never a silent NaN.
 """
 from __future__ import annotations
 
@@ -129,11 +130,11 @@ def _as_labels(labels, shape: tuple, vocab_size: int, valid: np.ndarray) -> np.n
     return np.where(valid, array, 0).astype(np.int64)
 
 
-def _check_finite(name: str, logits_f64: np.ndarray, valid: np.ndarray) -> None:
+def _check_finite(what: str, logits_f64: np.ndarray, valid: np.ndarray) -> None:
     bad = valid & ~np.isfinite(logits_f64).all(axis=-1)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name} has non-finite values (nan/inf) at unmasked position {where}")
+        raise ValueError(f"{what} non-finite values (nan/inf) at unmasked position {where}")
 
 
 def _prepare(student_logits, labels, mask, teacher_logits=None):
@@ -153,12 +154,20 @@ def _prepare(student_logits, labels, mask, teacher_logits=None):
     positions = s.shape[:-1]
     valid = _as_mask(mask, positions)
     y = _as_labels(labels, positions, vocab_size, valid)
-    _check_finite("student_logits", s, valid)
+    _check_finite("student_logits has", s, valid)
     s = np.where(valid[..., None], s, 0.0)
     if t is not None:
-        _check_finite("teacher_logits", t, valid)
+        _check_finite("teacher_logits has", t, valid)
         t = np.where(valid[..., None], t, 0.0)
     return s, t, y, valid
+
+
+def _scaled_teacher(rho: float, t: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``rho * t`` (the logits of Q); ValueError if it overflows at an unmasked position."""
+    with np.errstate(over="ignore"):
+        scaled = rho * t
+    _check_finite(f"rho * teacher_logits overflows float64 (rho={rho!r}):", scaled, valid)
+    return scaled
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -228,7 +237,7 @@ def loss_parts(student_logits, teacher_logits, labels, omega, rho, mask=None) ->
     rho = check_rho(rho)
     s, t, y, valid = _prepare(student_logits, labels, mask, teacher_logits)
     log_p = log_softmax(s)
-    log_q = log_softmax(rho * t)
+    log_q = log_softmax(_scaled_teacher(rho, t, valid))
     q = np.exp(log_q)
     ce = -_take_last(log_p, y)
     kd = -(q * log_p).sum(axis=-1)  # sum of non-negative terms: relatively accurate
@@ -259,7 +268,7 @@ def kd_loss_grad(student_logits, teacher_logits, labels, omega, rho, mask=None) 
     omega = check_omega(omega)
     rho = check_rho(rho)
     s, t, y, valid = _prepare(student_logits, labels, mask, teacher_logits)
-    grad = np.exp(log_softmax(s)) - omega * np.exp(log_softmax(rho * t))
+    grad = np.exp(log_softmax(s)) - omega * np.exp(log_softmax(_scaled_teacher(rho, t, valid)))
     np.put_along_axis(grad, y[..., None], _take_last(grad, y)[..., None] - (1.0 - omega), axis=-1)
     return np.where(valid[..., None], grad, 0.0)
 
@@ -300,7 +309,8 @@ def _topk_parts(student_logits, teacher_logits, labels, omega, rho, k, mask):
     index = np.argsort(-t, axis=-1, kind="stable")[..., :k]
     log_p = log_softmax(s)
     log_p_top = log_softmax(np.take_along_axis(s, index, axis=-1))  # log P^T on the set
-    log_q_top = log_softmax(rho * np.take_along_axis(t, index, axis=-1))  # log Q^T on the set
+    log_q_top = log_softmax(  # log Q^T on the set
+        np.take_along_axis(_scaled_teacher(rho, t, valid), index, axis=-1))
     return omega, s, y, valid, index, log_p, log_p_top, log_q_top
 
 

@@ -332,3 +332,18 @@ def test_non_finite_logits_at_unmasked_positions():
     t_inf[1, 0, 0] = np.inf
     with pytest.raises(ValueError, match=r"teacher_logits has non-finite.*\(1, 0\)"):
         kd_loss_grad(s, t_inf, y, 0.5, 0.25)
+
+
+def test_rho_times_teacher_logits_overflow_is_an_error_not_nan():
+    # rho = 1e305 is legal (> 0) but rho * 1e4 overflows float64: a clear error, never a NaN loss.
+    s, t, y = _batch(22, scale=1e4)
+    for fn in list(_call_all(s, t, y, rho=1e305)) + [lambda: kl_monitor(s, t, 1e305)]:
+        with pytest.raises(ValueError, match=r"rho \* teacher_logits overflows.*\(0, 0\)"):
+            fn()
+    mask = np.zeros(y.shape, bool)  # masked positions are never read
+    mask[0, 0] = True
+    t_small = t.copy()
+    t_small[0, 0] = 1e-303
+    for fn in list(_call_all(s, t_small, y, rho=1e305, mask=mask)) + [
+            lambda: kl_monitor(s, t_small, 1e305, mask)]:
+        assert np.isfinite(fn()).all()

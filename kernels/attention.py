@@ -57,7 +57,9 @@ class AttentionBlockSizes:
       ``max_rows = block_h * block_q`` rows, at most the group size). Must divide H // KV.
     block_q_bwd, block_k_bwd: the same for the backward kernels (None: the forward sizes).
     On a real TPU block_q and block_k must be multiples of 128 (the lane width); sequences
-    shorter than a block use one block of ``T`` rounded up to 128 (8 in interpret mode).
+    shorter than a block use one block of ``T`` rounded up to 128 (8 in interpret mode), and a
+    block is halved (down to 128) while that reduces the padded length (T=300: 128, not 256).
+    In interpret mode the sizes are used as given (capped at T rounded up to 8).
     """
 
     block_q: int = 256
@@ -407,9 +409,17 @@ def _pallas_config(T, G, scale, bs, interpret, count_blocks=False):
                 raise ValueError(f"AttentionBlockSizes.{name}={value} must be a multiple of "
                                  f"{_LANES} for the TPU kernels")
     t_min = _round_up(T, granule)
-    bq, bk = min(bs.block_q, t_min), min(bs.block_k, t_min)
-    bqb = min(bs.block_q_bwd or bs.block_q, t_min)
-    bkb = min(bs.block_k_bwd or bs.block_k, t_min)
+
+    def fit(block):
+        block = min(block, t_min)
+        if not interpret:  # on the TPU, halve a block while that reduces the padded length
+            while (block % (2 * granule) == 0
+                   and _round_up(T, block // 2) < _round_up(T, block)):
+                block //= 2
+        return block
+
+    bq, bk = fit(bs.block_q), fit(bs.block_k)
+    bqb, bkb = fit(bs.block_q_bwd or bs.block_q), fit(bs.block_k_bwd or bs.block_k)
     bh = _pick_block_h(G, max(bq, bqb), bs.max_rows, bs.block_h)
     cfg = _PallasConfig(T, bq, bk, bh, bqb, bkb, scale, interpret or False, count_blocks)
     return cfg, _round_up(T, math.lcm(bq, bk, bqb, bkb))

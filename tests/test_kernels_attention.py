@@ -321,3 +321,15 @@ def test_bad_input_raises_clear_errors():
 
 def test_default_impl_on_cpu_is_xla():
     assert attn.default_impl() == "xla"
+
+
+def test_tpu_block_fitting_limits_padding():
+    # On the TPU a default block is halved (down to 128 lanes) while that shortens the padding.
+    default = AttentionBlockSizes()
+    for T, block, t_pad in [(300, 128, 384), (1280, 256, 1280), (1100, 128, 1152), (100, 128, 128),
+                            (129, 256, 256)]:
+        cfg, padded = attn._pallas_config(T, 4, 1.0, default, interpret=False)
+        assert (cfg.block_q, cfg.block_k, padded) == (block, block, t_pad), T
+    # Interpret mode keeps the requested sizes (capped at T rounded up to 8).
+    cfg, padded = attn._pallas_config(19, 4, 1.0, SMALL_BLOCKS, interpret=True)
+    assert (cfg.block_q, cfg.block_k, cfg.block_q_bwd, cfg.block_k_bwd, padded) == (8, 16, 16, 8, 32)

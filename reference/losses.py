@@ -37,7 +37,7 @@ import numpy as np
 
 __all__ = [
     "ce_loss", "ce_loss_grad", "kd_loss", "kd_loss_grad", "kl_monitor", "loss_parts",
-    "topk_kd_loss", "topk_kd_loss_grad", "topk_indices", "log_softmax", "mean_over_mask",
+    "topk_kd_loss", "topk_kd_loss_grad", "topk_indices", "log_softmax", "mean_over_mask", "as_mask",
 ]
 
 
@@ -95,7 +95,7 @@ _EXTRA_FLOAT_NAMES = frozenset({
 })
 
 
-def _as_mask(mask, shape: tuple) -> np.ndarray:
+def as_mask(mask, shape: tuple) -> np.ndarray:
     """Boolean validity mask of ``shape`` (None -> all valid). Accepts bool or 0/1 numbers."""
     if mask is None:
         return np.ones(shape, dtype=bool)
@@ -109,7 +109,7 @@ def _as_mask(mask, shape: tuple) -> np.ndarray:
     bad = (array != 0) & (array != 1)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"mask must contain only 0/1 (or bool), got {array[where]!r} at index {where}")
+        raise ValueError(f"mask must contain only 0/1 (or bool), got {array[where].item()!r} at index {where}")
     return array != 0
 
 
@@ -152,7 +152,7 @@ def _prepare(student_logits, labels, mask, teacher_logits=None):
             raise ValueError(
                 f"teacher_logits shape {t.shape} != student_logits shape {s.shape}")
     positions = s.shape[:-1]
-    valid = _as_mask(mask, positions)
+    valid = as_mask(mask, positions)
     y = _as_labels(labels, positions, vocab_size, valid)
     _check_finite("student_logits has", s, valid)
     s = np.where(valid[..., None], s, 0.0)
@@ -201,7 +201,7 @@ def mean_over_mask(values, mask=None) -> float:
     mean is undefined: ValueError (never a silent NaN).
     """
     values = np.asarray(values, dtype=np.float64)
-    valid = _as_mask(mask, values.shape)
+    valid = as_mask(mask, values.shape)
     count = int(valid.sum())
     if count == 0:
         raise ValueError("mean_over_mask: mask selects no position")

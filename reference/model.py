@@ -325,13 +325,7 @@ def loss_and_grad(params: dict, tokens_BxT1, config: ModelConfig, teacher_logits
     """
     inputs_BxT, labels_BxT = split_window(tokens_BxT1)
     B, T = inputs_BxT.shape
-    if mask is None:
-        mask_BxT = np.ones((B, T), dtype=bool)
-    else:
-        mask_BxT = np.asarray(mask)
-        if mask_BxT.shape != (B, T):
-            raise ValueError(f"mask has shape {mask_BxT.shape}, expected {(B, T)}")
-        mask_BxT = mask_BxT.astype(bool)
+    mask_BxT = losses.as_mask(mask, (B, T))
     n_valid = int(mask_BxT.sum())
     if n_valid == 0:
         raise ValueError("mask selects no target position; the mean loss is undefined")

@@ -37,6 +37,8 @@ from llvmlite import ir as llvm_ir
 from numba import types
 from numba.extending import intrinsic
 
+from salt.reference.losses import as_mask, check_k
+
 __all__ = ["selection_score", "selection_score_numpy", "token_costs", "token_costs_numpy",
            "top_m_indices", "SCORE_MODES"]
 
@@ -61,10 +63,7 @@ def _validate(teacher_logits, targets, k, mode, mask):
     batch, length, vocab_size = logits.shape
     if mode not in SCORE_MODES:
         raise ValueError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
-        raise ValueError(f"k must be an integer, got {k!r}")
-    if not 1 <= int(k) <= vocab_size:
-        raise ValueError(f"k must be in [1, V={vocab_size}], got {k!r}")
+    k = check_k(k, vocab_size)
     tokens = np.asarray(targets)
     if tokens.dtype.kind not in "iu":
         raise ValueError(f"targets must be an integer array, got dtype {tokens.dtype}")
@@ -72,16 +71,7 @@ def _validate(teacher_logits, targets, k, mode, mask):
         raise ValueError(
             f"targets must have shape [B, T] = {(batch, length)} to match teacher_logits "
             f"{logits.shape}, got {tokens.shape}")
-    if mask is None:
-        valid = np.ones((batch, length), dtype=bool)
-    else:
-        valid = np.asarray(mask)
-        if valid.shape != (batch, length):
-            raise ValueError(f"mask must have shape {(batch, length)}, got {valid.shape}")
-        if valid.dtype != bool:
-            if valid.dtype.kind not in "iuf" or ((valid != 0) & (valid != 1)).any():
-                raise ValueError("mask must be boolean or contain only 0/1")
-            valid = valid != 0
+    valid = as_mask(mask, (batch, length))
     bad = valid & ((tokens < 0) | (tokens >= vocab_size))
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -89,7 +79,7 @@ def _validate(teacher_logits, targets, k, mode, mask):
             f"targets must be in [0, V={vocab_size}) at unmasked positions, got {int(tokens[where])} "
             f"at index {where}")
     safe_tokens = np.where(valid, tokens, 0).astype(np.int64)
-    return logits, safe_tokens, int(k), valid
+    return logits, safe_tokens, k, valid
 
 
 def _raise_non_finite(bad_BxT: np.ndarray) -> None:

@@ -235,6 +235,9 @@ def test_bad_inputs_raise_clear_errors():
         loss_and_grad(params, np.zeros((2, 4), int), config, mask=np.zeros((2, 3), bool))
     with pytest.raises(ValueError, match="mask"):
         loss_and_grad(params, np.zeros((2, 4), int), config, mask=np.ones((2, 2), bool))
+    for not_0_or_1 in (2, 0.5):  # never silently read as True
+        with pytest.raises(ValueError, match="mask must contain only 0/1"):
+            loss_and_grad(params, np.zeros((2, 4), int), config, mask=np.full((2, 3), not_0_or_1))
     with pytest.raises(ValueError, match=r"params\['embed'\] has shape \(37, 16\), expected \(64, 16\)"):
         forward(init_params(CONFIGS["gqa"], seed=0), np.zeros((1, 3), int), CONFIGS["mha"])
     with pytest.raises(ValueError, match="teacher"):

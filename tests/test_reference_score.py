@@ -272,7 +272,7 @@ def test_bad_targets_and_shapes(fn):
         fn(logits.astype(np.int32), targets, 3)
     with pytest.raises(ValueError, match="mask must have shape"):
         fn(logits, targets, 3, mask=mask[:2])
-    with pytest.raises(ValueError, match="mask must be boolean"):
+    with pytest.raises(ValueError, match=r"mask must contain only 0/1.*3 at index \(0, 0\)"):
         fn(logits, targets, 3, mask=np.full(targets.shape, 3))
 
 

@@ -81,10 +81,7 @@ def embedded_corpus() -> Corpus:
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise ValueError(f"embedded corpus: stdlib directory {root} does not exist")
-    files = sorted(
-        (f for f in root.rglob("*.py")
-         if "site-packages" not in f.relative_to(root).parts and f.is_file()),
-        key=lambda f: f.relative_to(root).as_posix())
+    files = sorted(_stdlib_py_files(root), key=lambda f: f.relative_to(root).as_posix())
     if not files:
         raise ValueError(f"embedded corpus: no *.py files under {root}")
     listing = "\n".join(f"{f.relative_to(root).as_posix()}\t{f.stat().st_size}" for f in files)
@@ -97,6 +94,17 @@ def embedded_corpus() -> Corpus:
         # sha256 over "relative/path<TAB>size" lines, sorted: identifies the file list.
         "file_list_sha256": hashlib.sha256(listing.encode("utf-8")).hexdigest(),
     })
+
+
+def _stdlib_py_files(root: pathlib.Path) -> Iterator[pathlib.Path]:
+    """``*.py`` files under ``root``, never descending into a ``site-packages`` folder (which
+    can hold far more files than the stdlib itself) nor into symlinked folders."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "site-packages"]
+        for name in filenames:
+            path = pathlib.Path(dirpath) / name
+            if name.endswith(".py") and path.is_file():
+                yield path
 
 
 def resolve_sources(sources: Sequence[str | os.PathLike]) -> Corpus:

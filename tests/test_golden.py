@@ -119,3 +119,21 @@ def test_cli_generate_and_check(tmp_path, golden_dir):
     r = runner.invoke(cli, ["golden", "check", "--dir", str(tmp_path), "--only", "bogus.npz"])
     assert r.exit_code != 0 and "bogus.npz" in r.output
     assert golden.find_golden_dir(golden_dir.parent.parent) == golden_dir
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage", "npy"])
+def test_unreadable_golden_file_is_reported_not_a_traceback(tmp_path, golden_dir, content):
+    from salt.cli.main import cli
+
+    data = (golden_dir / "schedule.npz").read_bytes()
+    if content == "npy":
+        np.save(tmp_path / "schedule.npy", np.zeros(3))
+        (tmp_path / "schedule.npy").rename(tmp_path / "schedule.npz")
+    else:
+        (tmp_path / "schedule.npz").write_bytes(data[:len(data) // 2] if content == "truncated"
+                                                 else b"not an npz file\n")
+    rows = golden.check(tmp_path, ["schedule.npz"], progress=False)
+    assert len(rows) == 1 and not rows[0].ok and "unreadable" in rows[0].note
+    r = CliRunner().invoke(cli, ["golden", "check", "--dir", str(tmp_path), "--only", "schedule.npz"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "DRIFT" in r.output and "unreadable" in r.output and "Traceback" not in r.output

@@ -1,6 +1,6 @@
 """``salt bench step``: the KD train step against the standard train step, in one run.
 
-Both steps are the trainer's own AOT-compiled steps (``salt.runtime.train.make_step_fn``) on
+Both steps are the trainer's own AOT-compiled steps (``salt.runtime.train.compiled_step``) on
 random parameters of the chosen presets (vocabulary ``--vocab``), random windows, one device
 mesh.  Reported:
 
@@ -41,7 +41,8 @@ def measure_matmul_rate(n: int = 1024, iters: int = 10) -> float:
 
 def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: int, seq_len: int,
                   optimizer: str = "adafactor", dtype: str = "float32", iters: int = 10,
-                  warmup: int = 2, progress: bool = True) -> dict:
+                  warmup: int = 2, transition: str = "step", matmul_n: int = 1024,
+                  progress: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -65,25 +66,25 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     steps_total = 10 ** 6
     cfg = train.TrainConfig(preset=student_name, data="-", out="-", teacher="-", kd_steps=steps_total,
                             steps=steps_total, batch=batch, seq_len=seq_len, optimizer=optimizer,
-                            dtype=dtype, warmup=0)
+                            dtype=dtype, warmup=0, transition=transition,
+                            kd_steps1=steps_total if transition != "step" else None)
     hyper = jax.device_put(train.hyperparameters(cfg), sharding.replicated(mesh))
     compiled = {}
     for kind, t_cfg, t_abs in (("standard", None, None),
                                ("kd", teacher, train._abstract(t_params))):
         start = time.perf_counter()
-        fn = train.make_step_fn(student, t_cfg, optimizer, dtype=dtype)
-        compiled[kind] = train.compile_step(fn, params_abs, opt_abs, t_abs, train._abstract(windows),
-                                            mesh=mesh, donate=False)
+        compiled[kind] = train.compiled_step(student, t_cfg, cfg, mesh, params_abs, opt_abs, t_abs,
+                                             train._abstract(windows))
         compiled[kind + "_compile_s"] = time.perf_counter() - start
 
-    step_arr = jnp.int32(1)
+    step_arr = jax.device_put(np.int32(1), sharding.replicated(mesh))
+    state = {"params": params, "opt": opt_state}
 
     def call(kind):
-        if kind == "kd":
-            out = compiled["kd"](params, opt_state, t_params, windows, step_arr, hyper)
-        else:
-            out = compiled["standard"](params, opt_state, None, windows, step_arr, hyper)
-        jax.block_until_ready(out)
+        t_arg = t_params if kind == "kd" else None
+        p, o, m = compiled[kind](state["params"], state["opt"], t_arg, windows, step_arr, hyper)
+        jax.block_until_ready((p, o, m))
+        state["params"], state["opt"] = p, o  # the step donates its inputs
 
     for _ in range(warmup):
         call("standard")
@@ -94,7 +95,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
             t = time.perf_counter()
             call(kind)
             times[kind].append(time.perf_counter() - t)
-    matmul_rate = measure_matmul_rate()
+    matmul_rate = measure_matmul_rate(matmul_n)
 
     student_flops = model.train_step_flops(student, batch, seq_len)
     teacher_flops = model.forward_flops(teacher, batch, seq_len)
@@ -127,7 +128,19 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         "kd_temp_bytes": memory(compiled["kd"]),
         "standard_compile_s": compiled["standard_compile_s"],
         "kd_compile_s": compiled["kd_compile_s"],
+        "xla_standard_flops": _xla_flops(compiled["standard"]),
+        "xla_kd_flops": _xla_flops(compiled["kd"]),
     }
+
+
+def _xla_flops(compiled):
+    """XLA's own FLOP estimate of a compiled step (None when unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"])
+    except Exception:  # noqa: BLE001 (cost analysis is optional, backend dependent)
+        return None
 
 
 def format_report(r: dict) -> str:

@@ -10,6 +10,7 @@ the attention softmax and the logits stay float32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -47,13 +48,20 @@ def _reference_init() -> Callable | None:
     return ref_init
 
 
-def init_params_jax(config: ModelConfig, seed: int) -> dict:
-    """Fallback initialisation in JAX: normal(0, 1/sqrt(fan_in)) matrices, the embedding
-    normal(0, 1/sqrt(d_model)), norm scales one."""
+def init_params_jax(config: ModelConfig, seed: int, *, out_shardings=None) -> dict:
+    """Initialisation in one jitted JAX program (no host copy; ``out_shardings`` places it
+    directly on a mesh, for models too large for the NumPy reference init). Same scheme as
+    the reference (normal, std 1/sqrt(fan_in), output projections also / sqrt(2 L), embedding
+    std 1/sqrt(d_model), norm scales one) but different random numbers."""
+    fn = jax.jit(functools.partial(_init_params_jax, config), out_shardings=out_shardings)
+    return fn(jnp.uint32(seed))
+
+
+def _init_params_jax(config: ModelConfig, seed) -> dict:
     shapes = param_shapes(config)
-    key = jax.random.PRNGKey(seed)
     names = ["embed"] + [f"layers/{n}" for n in sorted(shapes["layers"])] + ["final_norm"]
-    keys = dict(zip(names, jax.random.split(key, len(names))))
+    keys = dict(zip(names, jax.random.split(jax.random.PRNGKey(seed), len(names))))
+    out_scale = 1.0 / math.sqrt(2.0 * config.n_layers)
 
     def normal(name, shape, std):
         return std * jax.random.normal(keys[name], shape, jnp.float32)
@@ -63,7 +71,8 @@ def init_params_jax(config: ModelConfig, seed: int) -> dict:
         if name.endswith("norm"):
             layers[name] = jnp.ones(shape, jnp.float32)
         else:
-            layers[name] = normal(f"layers/{name}", shape, 1.0 / math.sqrt(shape[1]))
+            std = 1.0 / math.sqrt(shape[1]) * (out_scale if name in ("wo", "w_down") else 1.0)
+            layers[name] = normal(f"layers/{name}", shape, std)
     return {
         "embed": normal("embed", shapes["embed"], 1.0 / math.sqrt(config.d_model)),
         "layers": layers,

@@ -261,3 +261,16 @@ def test_kernel_paths_match_the_plain_xla_path():
     g0, g1 = flatten_params(g0), flatten_params(g1)
     for key in g0:
         assert _rel(g1[key], g0[key]) < GRAD_REL_TOL, key
+
+
+def test_init_params_jax_layout_and_scale():
+    config = get_preset("tiny-student").replace(vocab_size=512, d_model=32, d_ff=64)
+    params = model.init_params_jax(config, 7)
+    model.check_params(params, config)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    assert float(jnp.std(params["embed"])) == pytest.approx(1 / math.sqrt(32), rel=0.1)
+    assert float(jnp.std(params["layers"]["w_down"])) == pytest.approx(
+        1 / math.sqrt(64) / math.sqrt(4), rel=0.1)
+    np.testing.assert_array_equal(params["final_norm"], 1.0)
+    same = model.init_params_jax(config, 7)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same)))

@@ -214,3 +214,17 @@ def test_reference_runtime_matches_jax_with_adamw(tiny):
     assert meta["runtime"] == "reference"
     for a, b in zip(jax.tree.leaves(p_jax), jax.tree.leaves(p_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+def test_bench_step_reports_both_steps(tiny):
+    """`salt bench step` machinery at tiny sizes (the figures themselves come from the CLI)."""
+    from salt.bench.step import format_report, run_benchmark
+    # the shapes and settings of the KD tests above, so the compiled steps are shared
+    r = run_benchmark("tiny-student", "tiny-teacher", vocab=300, batch=BATCH, seq_len=SEQ,
+                      optimizer="adamw", transition="linear", iters=1, warmup=0, matmul_n=128,
+                      progress=False)
+    assert r["standard_step_s"] > 0 and r["kd_step_s"] > 0
+    assert r["predicted_ratio"] == pytest.approx(
+        1 + r["teacher_forward_flops"] / r["student_train_flops"])
+    assert r["kd_temp_bytes"] is None or r["kd_temp_bytes"] >= 0
+    assert "KD/standard time ratio" in format_report(r)

@@ -25,7 +25,8 @@ the batch in chunks of sequences to bound memory). Both compute
 
 which is relatively accurate even when ``c`` is tiny or the logits are of magnitude 1e4. Accepted
 logits dtypes: float64, float32, float16 and ml_dtypes' bfloat16 (the last two are widened to
-float32 exactly, in chunks).
+float32 exactly, in chunks); any other NumPy float (other byte order, extended precision) is
+converted to float64, in chunks.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ SCORE_MODES = ("zero", "exclude")
 
 # ml_dtypes floats report dtype.kind 'V'; they widen exactly to float32.
 _NARROW_FLOAT_NAMES = frozenset({"bfloat16", "float16"})
-_CHUNK_ELEMENTS = 1 << 25  # Numba: float16/bfloat16 logits widened per chunk (128 MB as float32)
+_CHUNK_ELEMENTS = 1 << 25  # Numba: non-native logits converted per chunk (128 MB as float32)
 _NUMPY_CHUNK_ELEMENTS = 1 << 24  # NumPy: logits per chunk (at least one sequence); ~5 float64 temporaries
 
 
@@ -90,16 +91,21 @@ def _raise_non_finite(bad_BxT: np.ndarray) -> None:
 
 
 def _sequence_chunks(logits_BxTxV: np.ndarray):
-    """Yield (start, stop, chunk) with chunk a float32/float64 C-contiguous view or widened copy."""
+    """Yield (start, stop, chunk) with chunk a native float32/float64 C-contiguous view or copy.
+
+    Narrow floats (float16, bfloat16) are widened to float32 exactly; other float dtypes
+    (float64 in the other byte order, extended precision) become float64, never float32.
+    """
     batch, length, vocab_size = logits_BxTxV.shape
-    native = logits_BxTxV.dtype in (np.float32, np.float64)
-    if native:
+    dtype = logits_BxTxV.dtype
+    if dtype in (np.dtype(np.float32), np.dtype(np.float64)):
         yield 0, batch, np.ascontiguousarray(logits_BxTxV)
         return
+    wide = np.float32 if dtype.name in _NARROW_FLOAT_NAMES else np.float64
     step = max(1, _CHUNK_ELEMENTS // max(1, length * vocab_size))
     for start in range(0, batch, step):
         stop = min(batch, start + step)
-        yield start, stop, np.ascontiguousarray(logits_BxTxV[start:stop], dtype=np.float32)
+        yield start, stop, np.ascontiguousarray(logits_BxTxV[start:stop], dtype=wide)
 
 
 # ----------------------------------------------------------------------------- Numba

@@ -194,6 +194,20 @@ def test_narrow_float_inputs(dtype, monkeypatch):
     _assert_agree(selection_score_numpy(narrow, targets, 3, chunk_elements=3 * 70), want, rtol=1e-13)
 
 
+@pytest.mark.parametrize("dtype", (np.dtype(">f8"), np.longdouble))
+def test_wide_non_native_floats_are_not_narrowed_to_float32(dtype):
+    # float64 in the other byte order, or extended precision, must be scored as float64.
+    logits, targets = _random(13, batch=3, length=5, vocab=70, dtype=np.float64)
+    want_costs = token_costs_numpy(logits, targets, 3)[0]
+    assert (want_costs > 0).all()
+    for costs in (token_costs, token_costs_numpy):
+        np.testing.assert_allclose(costs(logits.astype(dtype), targets, 3)[0], want_costs, rtol=1e-13)
+    want = selection_score_numpy(logits, targets, 3, "exclude")
+    assert (want > 0).all()
+    for fn in BOTH:
+        _assert_agree(fn(logits.astype(dtype), targets, 3, "exclude"), want, rtol=1e-13)
+
+
 def test_numpy_chunking_does_not_change_results():
     logits, targets = _random(8, batch=7, length=5, vocab=40)
     full = selection_score_numpy(logits, targets, 2, "exclude", chunk_elements=10**9)

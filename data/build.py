@@ -97,8 +97,8 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
     out = pathlib.Path(out_dir)
     _check_args(vocab_size, tokenizer, val_fraction, seed, workers, sample_bytes, text_field)
     _check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)  # fail now (OSError), not after the work
     corpus = embedded_corpus() if sources is None else resolve_sources(sources)
+    out.parent.mkdir(parents=True, exist_ok=True)  # fail now (OSError), not after the work
 
     tokenizer_info: dict = {}
     if tokenizer is not None:

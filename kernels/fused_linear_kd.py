@@ -4,11 +4,12 @@ tied embedding matrices, without ever writing the ``[tokens, vocab]`` logits.
 ``s = student_hidden @ student_embedding.T`` (``[N, D_s] x [V, D_s]``) and
 ``t = teacher_hidden @ teacher_embedding.T`` (``[N, D_t] x [V, D_t]``, ``D_t != D_s`` in general)
 are formed tile by tile and folded into the same online row statistics
-``(lse_s, s_y, Σ Q·s, lse(ρt), Σ Q·ρt)`` as the logits kernel (DESIGN.md §2 maths).
+as the logits kernel (:mod:`salt.kernels.kd_loss`, DESIGN.md §2 maths).
 
-Gradients: the row statistics carry a ``custom_vjp``; with ``dS = g_lse·P + g_sy·onehot + g_qs·Q``
-recomputed tile by tile, ``d student_hidden = dS @ E_s`` and ``d student_embedding = dSᵀ @ h_s``.
-The teacher hidden states and embedding get ZERO cotangents (no gradient flows to the teacher).
+Gradients (``custom_vjp`` on the per-row loss): with ``dS = g·(P − (1−ω)·onehot − ω·Q)`` recomputed
+tile by tile, ``d student_hidden = dS @ E_s`` and ``d student_embedding = dSᵀ @ h_s`` (and
+``d omega``).  The teacher hidden states and embedding get ZERO cotangents (no gradient flows to
+the teacher).
 
 Implementations:
 
@@ -16,7 +17,8 @@ Implementations:
   with VMEM scratch for the running statistics.  Backward = two kernels that both recompute the
   logit tiles: (a) grid (token blocks, vocab blocks; vocab "arbitrary") accumulating ``d h_s`` in a
   ``[bt, D_s]`` f32 scratch; (b) grid (vocab blocks, token blocks; tokens "arbitrary")
-  accumulating ``d E_s`` in a ``[bv, D_s]`` f32 scratch.  Ragged N and V by masking: columns past V
+  accumulating ``d E_s`` in a ``[bv, D_s]`` f32 scratch (for f32 outputs both accumulate in the
+  resident output block instead).  Default block sizes come from :func:`choose_blocks`.  Ragged N and V by masking: columns past V
   get ``-inf`` logits and their (padded) embedding rows are zeroed; rows past N are zeroed.
   bf16 inputs are multiplied on the MXU with f32 accumulation; ``dS`` is cast to the embedding
   dtype for the gradient matmuls.

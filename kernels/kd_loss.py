@@ -8,12 +8,14 @@ and teacher temperature ``ρ``::
     loss = (1−ω)·ce + ω·kd              KL(Q‖P) = kd − H(Q),  H(Q) = lse(ρ·t) − Σ_v Q_v ρ t_v
     ∂loss/∂s = P − (1−ω)·onehot(y) − ω·Q          (no gradient flows to the teacher)
 
-Every implementation first reduces each row to five *row statistics*
-``(lse_s, s_y, qs, lse_t, qrt) = (lse(s), s_y, Σ Q·s, lse(ρt), Σ Q·ρt)`` and the loss and its
-monitoring parts are cheap combinations of them.  The statistics carry a ``custom_vjp``: their
-gradient w.r.t. ``s`` is ``g_lse·P + g_sy·onehot(y) + g_qs·Q`` (so the loss gets exactly the
-formula above) and the teacher gets a zero cotangent by definition (the teacher is a fixed
-target; ``lse_t``/``qrt`` are monitoring quantities only).
+The ``pallas`` and ``xla`` implementations reduce each row, in one online pass over vocabulary
+tiles, to seven *row statistics* kept relative to the running maxima (so float32 logits of
+magnitude 1e4 lose no precision; see the section comment below), from which the loss and its
+monitoring parts are cheap combinations.  ``(loss, ce, kd, kl)`` carry a ``custom_vjp`` whose
+backward recomputes ``P`` and ``Q`` tile by tile from the saved statistics and returns
+``g·(P − (1−ω)·onehot − ω·Q)`` for the student logits, ``Σ g·(s_y − Σ Q·s)`` for ``omega``, and a
+ZERO cotangent for the teacher logits (the teacher is a fixed target).  ``ce``/``kd``/``kl`` are
+monitoring values: their cotangents are ignored (they are returned under ``stop_gradient``).
 
 Implementations (``impl=``):
 
@@ -21,7 +23,7 @@ Implementations (``impl=``):
   vocab axis ``"arbitrary"`` and VMEM scratch holding, per row, the running max and sum-exp of both
   distributions and the running ``Q``-weighted sums (online softmax, rescaled whenever a max
   grows); no row of probabilities is ever stored.  Backward grid (token blocks, vocab blocks), both
-  ``"parallel"``, recomputes ``P`` and ``Q`` tile by tile from the saved ``lse``.  Ragged token and
+  ``"parallel"``, recomputes ``P`` and ``Q`` tile by tile from the saved statistics.  Ragged token and
   vocab counts are handled by masking (invalid columns get ``-inf``; invalid rows are dropped).
   ``interpret=True`` (or a ``pltpu.InterpretParams``) runs them on the CPU.
 * ``"xla"``: pure JAX; a ``lax.scan`` over vocabulary chunks with the same online maths (the last
@@ -344,7 +346,7 @@ def bwd_flops(n, vocab):
 
 
 def _blocks(n, vocab, bs: KDBlockSizes):
-    block_tokens = min(bs.block_tokens, -(-n // 8) * 8)
+    block_tokens = min(bs.block_tokens, -(-n // 16) * 16)  # 16: bf16 sublane packing
     block_vocab = min(bs.block_vocab, -(-vocab // 128) * 128)
     return block_tokens, block_vocab
 

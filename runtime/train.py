@@ -446,6 +446,15 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     teacher_config, teacher_identity = teacher["config"], teacher["identity"]
     teacher_params = teacher.pop("params")
     full_loader, kd_loader = _make_loaders(cfg, store, subset_ids, exclude_ids)
+    if start_step > 0:  # the data (pool, order, tokenizer) must be the one the run used
+        saved_state = checkpoint.read_meta(run_dir, start_step).get("loader_state")
+        loader = kd_loader if start_step < cfg.kd_steps else full_loader
+        try:
+            if saved_state is not None:
+                loader.check_state(saved_state)
+        except ValueError as e:
+            if not cfg.force:
+                raise TrainError(f"cannot resume {str(run_dir)!r}: {e} (pass --force to override)") from None
     p_shardings = sharding.param_shardings(config, mesh)
     params_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               model.abstract_params(config), p_shardings)
@@ -474,12 +483,14 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     run_record = {"train": cfg.to_dict(), "model": config.to_dict(),
                   "tokenizer_sha256": store.tokenizer_sha256, "vocab_size": int(store.vocab_size),
                   "teacher": teacher_identity, "param_count": param_count(config)}
-    if start_step == 0 or not (run_dir / "run_config.json").exists():
+    first_process = jax.process_index() == 0
+    if first_process and (start_step == 0 or not (run_dir / "run_config.json").exists()):
         checkpoint.write_json_atomic(run_dir / "run_config.json", run_record)
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
+    if first_process:
+        _truncate_metrics(metrics_path, start_step)
     keep = set(int(s) for s in cfg.keep_checkpoints)
-    if start_step < cfg.kd_steps:
+    if cfg.kd_steps > 0:
         keep.add(cfg.kd_steps)  # the "early" evaluation point n_kd
 
     def meta_for(step):
@@ -521,7 +532,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                           "tokens_per_s": cfg.batch * cfg.seq_len / max(elapsed, 1e-9)}
                 if not math.isfinite(m["loss"]):
                     raise NonFiniteLoss(step, m["loss"], last_saved)
-                if jax.process_index() == 0:
+                if first_process:
                     metrics_file.write(json.dumps(_finite_or_none(record)) + "\n")
                     metrics_file.flush()
                 history.append(record)

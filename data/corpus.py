@@ -300,12 +300,19 @@ def _iter_zstd_chunks(path: pathlib.Path) -> Iterator[bytes]:
 
 
 def _iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Split a byte stream at b"\\n" (the newline is dropped; a trailing partial line is kept)."""
-    pending = b""
+    """Split a byte stream at b"\\n" (the newline is dropped; a trailing partial line is kept).
+
+    Linear time: a line spanning many chunks is joined once, not re-copied per chunk.
+    """
+    partial: list[bytes] = []  # pieces of the line not yet ended
     for chunk in chunks:
-        pending += chunk
-        lines = pending.split(b"\n")
-        pending = lines.pop()
-        yield from lines
-    if pending:
-        yield pending
+        *complete, rest = chunk.split(b"\n")
+        if complete:
+            partial.append(complete[0])
+            complete[0] = b"".join(partial)
+            yield from complete
+            partial = []
+        if rest:
+            partial.append(rest)
+    if partial:
+        yield b"".join(partial)

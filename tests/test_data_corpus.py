@@ -66,6 +66,24 @@ def test_jsonl_formats(tmp_path, suffix, compress):
     assert stats.documents == 2 and stats.empty_documents == 1 and stats.blank_jsonl_lines == 2
 
 
+@pytest.mark.parametrize("suffix,compress", [
+    (".jsonl", lambda b: b),
+    (".jsonl.gz", gzip.compress),
+    (".jsonl.zst", lambda b: zstandard.ZstdCompressor().compress(b)),
+])
+def test_jsonl_lines_spanning_read_chunks(tmp_path, monkeypatch, suffix, compress):
+    # Tiny read chunks: lines (and multi-byte characters) are split across many chunks.
+    import salt.data.corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "_READ_CHUNK_BYTES", 5)
+    records = [{"text": "a" * 57 + " é 😀\n x"}, {"text": "b"}, {"text": "c\td" * 9}]
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(compress(jsonl_bytes(records) + b"\n" + jsonl_bytes([{"text": "last"}])[:-1]))
+    docs, stats = read_all([path])
+    assert docs == [r["text"] for r in records] + ["last"]
+    assert stats.blank_jsonl_lines == 1 and stats.non_utf8_documents == 0
+
+
 def test_jsonl_multiple_zstd_frames_and_custom_field(tmp_path):
     c = zstandard.ZstdCompressor()
     path = tmp_path / "x.jsonl.zst"
@@ -159,3 +177,15 @@ def test_embedded_corpus_is_stdlib_without_site_packages():
     assert embedded_corpus().description == corpus.description  # deterministic
     names = {pathlib.PurePath(f).name for f in corpus.files}
     assert {"os.py", "json.py"} & names or "__init__.py" in names
+
+
+def test_iter_lines_equals_split_whatever_the_chunking():
+    from salt.data.corpus import _iter_lines
+
+    data = b"a\nbc\n\n\nd\xc3\xa9ef\n" + b"x" * 40 + b"\ntail"
+    want = data.split(b"\n")
+    for size in (1, 2, 3, 7, len(data)):
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+        assert list(_iter_lines(iter(chunks))) == want
+        assert list(_iter_lines(iter(chunks + [b"\n"]))) == want  # a final newline ends "tail"
+    assert list(_iter_lines(iter([]))) == [] and list(_iter_lines(iter([b"", b"\n"]))) == [b""]

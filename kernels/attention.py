@@ -26,9 +26,13 @@ Implementations (``impl``):
   needed block, so the pipeline does not fetch a new block). The per-example prefix length
   arrives by scalar prefetch. Ragged ``T`` is padded to the block size and masked.
 
-Differences from a textbook flash attention worth knowing: the log-sum-exp residual is saved
-per query row as ``[B, H, 1, T]`` float32 (lane-major, so the dk/dv kernel broadcasts it along
-sublanes of its transposed ``[block_k, block_q]`` scores).
+Layout: the kernels read q, k, v and write o, dq, dk, dv as ``[B, T, heads * hd]`` (a free
+reshape of ``[B, T, heads, hd]``, and the layout the projections ``a @ wq`` produce): a block is
+``[block_q, block_h * hd]`` and head ``h`` a 128-aligned lane slice, so no transposes or
+relayouts are needed in HBM (head sizes that are not a multiple of 128 are zero-padded on the
+TPU). The log-sum-exp residual and ``di = rowsum(do * o)`` are ``[B, H, 1, T]`` float32
+(lane-major, so the dk/dv kernel broadcasts them along sublanes of its transposed
+``[block_k, block_q]`` scores); ``di`` comes from a small Pallas kernel.
 """
 from __future__ import annotations
 
@@ -377,6 +381,7 @@ _xla_flash.defvjp(_xla_flash_fwd, _xla_flash_bwd)
 @dataclasses.dataclass(frozen=True)
 class _PallasConfig:
     seq_len: int
+    head_dim: int  # as laid out in HBM (padded to a multiple of 128 on the TPU)
     block_q: int
     block_k: int
     block_h: int
@@ -396,7 +401,7 @@ def _pick_block_h(G, block_q, max_rows, block_h):
     return max(d for d in range(1, G + 1) if G % d == 0 and (d == 1 or d * block_q <= max_rows))
 
 
-def _pallas_config(T, G, scale, bs, interpret, count_blocks=False):
+def _pallas_config(T, G, scale, bs, interpret, count_blocks=False, head_dim=128):
     from jax.experimental.pallas import tpu as pltpu
 
     if interpret is True:
@@ -421,37 +426,77 @@ def _pallas_config(T, G, scale, bs, interpret, count_blocks=False):
     bq, bk = fit(bs.block_q), fit(bs.block_k)
     bqb, bkb = fit(bs.block_q_bwd or bs.block_q), fit(bs.block_k_bwd or bs.block_k)
     bh = _pick_block_h(G, max(bq, bqb), bs.max_rows, bs.block_h)
-    cfg = _PallasConfig(T, bq, bk, bh, bqb, bkb, scale, interpret or False, count_blocks)
+    # Heads sit side by side in the lane dimension ([B, T, heads * hd]); on the TPU a head's
+    # lane slice must be 128-aligned, so other head sizes are zero-padded (scores unchanged).
+    hd = head_dim if interpret or head_dim % _LANES == 0 else _round_up(head_dim, _LANES)
+    cfg = _PallasConfig(T, hd, bq, bk, bh, bqb, bkb, scale, interpret or False, count_blocks)
     return cfg, _round_up(T, math.lcm(bq, bk, bqb, bkb))
 
 
-def _pallas_attention(q, k, v, prefix_B, scale, bs, interpret, count_blocks=False):
+def _pallas_layout(x, t_pad, head_dim):
+    """[B, T, N, d] -> zero-padded [B, t_pad, N * head_dim] (a free reshape when nothing pads)."""
+    B, T, N, d = x.shape
+    x = jnp.pad(x, ((0, 0), (0, t_pad - T), (0, 0), (0, head_dim - d)))
+    return x.reshape(B, t_pad, N * head_dim)
+
+
+def _pallas_attention(q, k, v, prefix_B, scale, bs, interpret):
     B, T, H, hd = q.shape
     KV = k.shape[2]
-    cfg, t_pad = _pallas_config(T, H // KV, scale, bs, interpret, count_blocks)
-    pad = ((0, 0), (0, t_pad - T), (0, 0), (0, 0))
-    qh = jnp.pad(q, pad).transpose(0, 2, 1, 3)  # [B, H, Tp, hd]
-    kh = jnp.pad(k, pad).transpose(0, 2, 1, 3)  # [B, KV, Tp, hd]
-    vh = jnp.pad(v, pad).transpose(0, 2, 1, 3)
-    out = _pallas_flash(qh, kh, vh, prefix_B, cfg)
-    return out.transpose(0, 2, 1, 3)[:, :T]
+    cfg, t_pad = _pallas_config(T, H // KV, scale, bs, interpret, head_dim=hd)
+    q2, k2, v2 = (_pallas_layout(x, t_pad, cfg.head_dim) for x in (q, k, v))
+    out = _pallas_flash(q2, k2, v2, prefix_B, cfg)
+    return out.reshape(B, t_pad, H, cfg.head_dim)[:, :T, :, :hd]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _pallas_flash(qh, kh, vh, prefix_B, cfg):
-    return _pallas_forward(qh, kh, vh, prefix_B, cfg)[0]
+def _pallas_flash(q2, k2, v2, prefix_B, cfg):
+    return _pallas_forward(q2, k2, v2, prefix_B, cfg)[0]
 
 
-def _pallas_flash_fwd(qh, kh, vh, prefix_B, cfg):
-    o, lse = _pallas_forward(qh, kh, vh, prefix_B, cfg)[:2]
-    return o, (qh, kh, vh, prefix_B, o, lse)
+def _pallas_flash_fwd(q2, k2, v2, prefix_B, cfg):
+    o2, lse = _pallas_forward(q2, k2, v2, prefix_B, cfg)[:2]
+    return o2, (q2, k2, v2, prefix_B, o2, lse)
 
 
-def _pallas_flash_bwd(cfg, res, do):
-    qh, kh, vh, prefix_B, o, lse = res
-    di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, :, None, :]
-    dq = _pallas_dq(qh, kh, vh, do, lse, di, prefix_B, cfg)[0]
-    dk, dv = _pallas_dkv(qh, kh, vh, do, lse, di, prefix_B, cfg)[:2]
+def _row_dot_kernel(do_ref, o_ref, di_ref, *, cfg):
+    hd = cfg.head_dim
+    for h in range(di_ref.shape[0]):
+        prod = _head(do_ref, h, hd).astype(jnp.float32) * _head(o_ref, h, hd).astype(jnp.float32)
+        col = jnp.sum(prod, axis=1, keepdims=True)  # [bq, 1]
+        di_ref[h] = jnp.broadcast_to(col, (col.shape[0], _LANES)).T[:1, :]  # -> [1, bq]
+
+
+def _row_dot(do2, o2, cfg):
+    """di = rowsum(do * o) per query head: [B, Tp, H*hd] x2 -> [B, H, 1, Tp] float32.
+
+    A small Pallas kernel: in XLA the per-head reduction over a lane slice of [B, Tp, H*hd]
+    costs a relayout copy of a float32 [B, Tp, H*hd] array."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    hd, bq, bh = cfg.head_dim, cfg.block_q_bwd, cfg.block_h
+    B, t_pad, width = do2.shape
+    H = width // hd
+    spec = pl.BlockSpec((None, bq, bh * hd), lambda b, hb, qi: (b, qi, hb))
+    return pl.pallas_call(
+        functools.partial(_row_dot_kernel, cfg=cfg),
+        grid=(B, H // bh, t_pad // bq),
+        in_specs=[spec, spec],
+        out_specs=pl.BlockSpec((None, bh, 1, bq), lambda b, hb, qi: (b, hb, 0, qi)),
+        out_shape=jax.ShapeDtypeStruct((B, H, 1, t_pad), jnp.float32),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel")),
+        interpret=cfg.interpret,
+        name="mqa_flash_row_dot",
+    )(do2, o2)
+
+
+def _pallas_flash_bwd(cfg, res, do2):
+    q2, k2, v2, prefix_B, o2, lse = res
+    di = _row_dot(do2, o2, cfg)
+    dq = _pallas_dq(q2, k2, v2, do2, lse, di, prefix_B, cfg)[0]
+    dk, dv = _pallas_dkv(q2, k2, v2, do2, lse, di, prefix_B, cfg)[:2]
     return dq, dk, dv, None
 
 
@@ -464,6 +509,11 @@ def _count_spec_and_shape(pl, grid_rows, index_map):
     return spec, jax.ShapeDtypeStruct((*grid_rows, 8, _LANES), jnp.int32)
 
 
+def _head(ref, h, head_dim):
+    """Static lane slice of head h from a [rows, heads * hd] block (128-aligned on the TPU)."""
+    return ref[:, h * head_dim:(h + 1) * head_dim]
+
+
 def _fwd_kernel(prefix_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *rest, cfg, block_q, block_k):
     if cfg.count_blocks:
         count_ref, m_ref, l_ref, acc_ref = rest
@@ -473,6 +523,7 @@ def _fwd_kernel(prefix_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *rest, cfg, blo
 
     b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     prefix = prefix_ref[b]
+    hd, bh = cfg.head_dim, cfg.block_h
 
     @pl.when(kj == 0)
     def _init():
@@ -491,8 +542,9 @@ def _fwd_kernel(prefix_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *rest, cfg, blo
         q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
         k_pos = kj * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
         vis = visible_mask(q_pos, k_pos, prefix, cfg.seq_len)
-        for h in range(q_ref.shape[0]):  # the query heads of this block share k, v
-            s = lax.dot_general(q_ref[h], k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+        for h in range(bh):  # the query heads of this block share k, v
+            s = lax.dot_general(_head(q_ref, h, hd), k, _NT,
+                                preferred_element_type=jnp.float32) * cfg.scale
             s = jnp.where(vis, s, _MASK_VALUE)
             m_prev = m_ref[h]  # [bq, 128], lane-replicated
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -505,22 +557,23 @@ def _fwd_kernel(prefix_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *rest, cfg, blo
 
     @pl.when(kj == pl.num_programs(3) - 1)
     def _store():
-        for h in range(q_ref.shape[0]):
+        for h in range(bh):
             # l == 0 only in a skipped block of padding queries: write 0 there, not NaN.
             l = l_ref[h]
             empty = l == 0.0
             l = jnp.where(empty, 1.0, l)
-            o_ref[h] = (acc_ref[h] / l[:, :1]).astype(o_ref.dtype)
+            o_ref[:, h * hd:(h + 1) * hd] = (acc_ref[h] / l[:, :1]).astype(o_ref.dtype)
             lse_col = jnp.where(empty, 0.0, m_ref[h] + jnp.log(l))  # [bq, 128], lanes equal
             lse_ref[h] = lse_col.T[:1, :]  # -> [1, bq]
 
 
-def _pallas_forward(qh, kh, vh, prefix_B, cfg):
+def _pallas_forward(q2, k2, v2, prefix_B, cfg):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
 
-    B, H, t_pad, hd = qh.shape
-    KV = kh.shape[1]
+    hd = cfg.head_dim
+    B, t_pad, H = q2.shape[0], q2.shape[1], q2.shape[2] // hd
+    KV = k2.shape[2] // hd
     G = H // KV
     bq, bk, bh = cfg.block_q, cfg.block_k, cfg.block_h
     n_hb = G // bh
@@ -528,22 +581,22 @@ def _pallas_forward(qh, kh, vh, prefix_B, cfg):
     grid = (B, KV * n_hb, nq, nk)
 
     def q_map(b, hb, qi, kj, prefix_ref):
-        return b, hb, qi, 0
+        return b, qi, hb
 
     def kv_map(b, hb, qi, kj, prefix_ref):
         # Past the last needed key block keep pointing at it: the pipeline skips the copy.
         kv_index = kv_block_index(qi, kj, prefix_ref[b], bq, bk, cfg.seq_len)
-        return b, lax.div(hb, jnp.int32(n_hb)), kv_index, 0
+        return b, kv_index, lax.div(hb, jnp.int32(n_hb))
 
     def lse_map(b, hb, qi, kj, prefix_ref):
         return b, hb, 0, qi
 
-    in_specs = [pl.BlockSpec((None, bh, bq, hd), q_map),
-                pl.BlockSpec((None, None, bk, hd), kv_map),
-                pl.BlockSpec((None, None, bk, hd), kv_map)]
-    out_specs = [pl.BlockSpec((None, bh, bq, hd), q_map),
+    in_specs = [pl.BlockSpec((None, bq, bh * hd), q_map),
+                pl.BlockSpec((None, bk, hd), kv_map),
+                pl.BlockSpec((None, bk, hd), kv_map)]
+    out_specs = [pl.BlockSpec((None, bq, bh * hd), q_map),
                  pl.BlockSpec((None, bh, 1, bq), lse_map)]
-    out_shape = [jax.ShapeDtypeStruct(qh.shape, qh.dtype),
+    out_shape = [jax.ShapeDtypeStruct(q2.shape, q2.dtype),
                  jax.ShapeDtypeStruct((B, H, 1, t_pad), jnp.float32)]
     if cfg.count_blocks:
         spec, shape = _count_spec_and_shape(pl, (B, KV * n_hb, nq),
@@ -552,10 +605,10 @@ def _pallas_forward(qh, kh, vh, prefix_B, cfg):
         out_shape.append(shape)
     scratch = [pltpu.VMEM((bh, bq, _LANES), jnp.float32), pltpu.VMEM((bh, bq, _LANES), jnp.float32),
                pltpu.VMEM((bh, bq, hd), jnp.float32)]
-    itemsize = qh.dtype.itemsize
+    itemsize = q2.dtype.itemsize
     flops = 4 * B * H * t_pad * t_pad * hd  # upper bound (no skipping); for the scheduler only
     cost = pl.CostEstimate(flops=flops, transcendentals=B * H * t_pad * t_pad,
-                           bytes_accessed=(2 * qh.size + 2 * kh.size) * itemsize)
+                           bytes_accessed=(2 * q2.size + 2 * k2.size) * itemsize)
     kernel = functools.partial(_fwd_kernel, cfg=cfg, block_q=bq, block_k=bk)
     return pl.pallas_call(
         kernel,
@@ -568,7 +621,7 @@ def _pallas_forward(qh, kh, vh, prefix_B, cfg):
         cost_estimate=cost,
         interpret=cfg.interpret,
         name="mqa_flash_fwd",
-    )(prefix_B, qh, kh, vh)
+    )(prefix_B, q2, k2, v2)
 
 
 def _dq_kernel(prefix_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, *rest, cfg,
@@ -581,6 +634,7 @@ def _dq_kernel(prefix_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref,
 
     b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     prefix = prefix_ref[b]
+    hd, bh = cfg.head_dim, cfg.block_h
 
     @pl.when(kj == 0)
     def _init():
@@ -597,57 +651,60 @@ def _dq_kernel(prefix_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref,
         q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
         k_pos = kj * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
         vis = visible_mask(q_pos, k_pos, prefix, cfg.seq_len)
-        for h in range(q_ref.shape[0]):
-            s = lax.dot_general(q_ref[h], k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+        for h in range(bh):
+            s = lax.dot_general(_head(q_ref, h, hd), k, _NT,
+                                preferred_element_type=jnp.float32) * cfg.scale
             s = jnp.where(vis, s, _MASK_VALUE)
             lse_col = jnp.expand_dims(lse_ref[h, 0], -1)  # [bq, 1]
             di_col = jnp.expand_dims(di_ref[h, 0], -1)
             p = jnp.exp(s - lse_col)
-            dp = lax.dot_general(do_ref[h], v, _NT, preferred_element_type=jnp.float32)
+            dp = lax.dot_general(_head(do_ref, h, hd), v, _NT, preferred_element_type=jnp.float32)
             ds = p * (dp - di_col)
             acc_ref[h] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(kj == pl.num_programs(3) - 1)
     def _store():
-        dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
+        for h in range(bh):
+            dq_ref[:, h * hd:(h + 1) * hd] = (acc_ref[h] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _pallas_dq(qh, kh, vh, do, lse, di, prefix_B, cfg):
+def _pallas_dq(q2, k2, v2, do2, lse, di, prefix_B, cfg):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
 
-    B, H, t_pad, hd = qh.shape
-    KV = kh.shape[1]
+    hd = cfg.head_dim
+    B, t_pad, H = q2.shape[0], q2.shape[1], q2.shape[2] // hd
+    KV = k2.shape[2] // hd
     G = H // KV
     bq, bk, bh = cfg.block_q_bwd, cfg.block_k_bwd, cfg.block_h
     n_hb = G // bh
     nq, nk = t_pad // bq, t_pad // bk
 
     def q_map(b, hb, qi, kj, prefix_ref):
-        return b, hb, qi, 0
+        return b, qi, hb
 
     def kv_map(b, hb, qi, kj, prefix_ref):
         kv_index = kv_block_index(qi, kj, prefix_ref[b], bq, bk, cfg.seq_len)
-        return b, lax.div(hb, jnp.int32(n_hb)), kv_index, 0
+        return b, kv_index, lax.div(hb, jnp.int32(n_hb))
 
     def row_map(b, hb, qi, kj, prefix_ref):
         return b, hb, 0, qi
 
-    q_spec = pl.BlockSpec((None, bh, bq, hd), q_map)
-    kv_spec = pl.BlockSpec((None, None, bk, hd), kv_map)
+    q_spec = pl.BlockSpec((None, bq, bh * hd), q_map)
+    kv_spec = pl.BlockSpec((None, bk, hd), kv_map)
     row_spec = pl.BlockSpec((None, bh, 1, bq), row_map)
     out_specs = [q_spec]
-    out_shape = [jax.ShapeDtypeStruct(qh.shape, qh.dtype)]
+    out_shape = [jax.ShapeDtypeStruct(q2.shape, q2.dtype)]
     if cfg.count_blocks:
         spec, shape = _count_spec_and_shape(pl, (B, KV * n_hb, nq),
                                             lambda b, hb, qi, kj, p: (b, hb, qi, 0, 0))
         out_specs.append(spec)
         out_shape.append(shape)
     kernel = functools.partial(_dq_kernel, cfg=cfg, block_q=bq, block_k=bk)
-    itemsize = qh.dtype.itemsize
+    itemsize = q2.dtype.itemsize
     cost = pl.CostEstimate(flops=6 * B * H * t_pad * t_pad * hd,
                            transcendentals=B * H * t_pad * t_pad,
-                           bytes_accessed=(3 * qh.size + 2 * kh.size) * itemsize)
+                           bytes_accessed=(3 * q2.size + 2 * k2.size) * itemsize)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -660,7 +717,7 @@ def _pallas_dq(qh, kh, vh, do, lse, di, prefix_B, cfg):
         cost_estimate=cost,
         interpret=cfg.interpret,
         name="mqa_flash_dq",
-    )(prefix_B, qh, kh, vh, do, lse, di)
+    )(prefix_B, q2, k2, v2, do2, lse, di)
 
 
 def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, *rest,
@@ -673,6 +730,7 @@ def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref
 
     b, kj, hb, qi = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
     prefix = prefix_ref[b]
+    hd, bh = cfg.head_dim, cfg.block_h
 
     @pl.when((hb == 0) & (qi == 0))
     def _init():
@@ -691,9 +749,9 @@ def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref
         k_pos = kj * block_k + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 0)
         q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 1)
         vis = visible_mask(q_pos, k_pos, prefix, cfg.seq_len)
-        for h in range(q_ref.shape[0]):
-            q = q_ref[h]
-            do = do_ref[h]
+        for h in range(bh):
+            q = _head(q_ref, h, hd)
+            do = _head(do_ref, h, hd)
             s_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * cfg.scale
             s_t = jnp.where(vis, s_t, _MASK_VALUE)
             p_t = jnp.exp(s_t - lse_ref[h])  # [bk, bq] - [1, bq]
@@ -708,12 +766,13 @@ def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _pallas_dkv(qh, kh, vh, do, lse, di, prefix_B, cfg):
+def _pallas_dkv(q2, k2, v2, do2, lse, di, prefix_B, cfg):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
 
-    B, H, t_pad, hd = qh.shape
-    KV = kh.shape[1]
+    hd = cfg.head_dim
+    B, t_pad, H = q2.shape[0], q2.shape[1], q2.shape[2] // hd
+    KV = k2.shape[2] // hd
     G = H // KV
     bq, bk, bh = cfg.block_q_bwd, cfg.block_k_bwd, cfg.block_h
     n_hb = G // bh
@@ -724,29 +783,29 @@ def _pallas_dkv(qh, kh, vh, do, lse, di, prefix_B, cfg):
         return q_block_index(qi, kj, prefix_ref[b], bq, bk, cfg.seq_len)
 
     def q_map(b, kv, kj, hb, qi, prefix_ref):
-        return b, kv * n_hb + hb, clamped_qi(b, kj, qi, prefix_ref), 0
+        return b, clamped_qi(b, kj, qi, prefix_ref), kv * n_hb + hb
 
     def row_map(b, kv, kj, hb, qi, prefix_ref):
         return b, kv * n_hb + hb, 0, clamped_qi(b, kj, qi, prefix_ref)
 
     def kv_map(b, kv, kj, hb, qi, prefix_ref):
-        return b, kv, kj, 0
+        return b, kj, kv
 
-    q_spec = pl.BlockSpec((None, bh, bq, hd), q_map)
-    kv_spec = pl.BlockSpec((None, None, bk, hd), kv_map)
+    q_spec = pl.BlockSpec((None, bq, bh * hd), q_map)
+    kv_spec = pl.BlockSpec((None, bk, hd), kv_map)
     row_spec = pl.BlockSpec((None, bh, 1, bq), row_map)
     out_specs = [kv_spec, kv_spec]
-    out_shape = [jax.ShapeDtypeStruct(kh.shape, kh.dtype), jax.ShapeDtypeStruct(vh.shape, vh.dtype)]
+    out_shape = [jax.ShapeDtypeStruct(k2.shape, k2.dtype), jax.ShapeDtypeStruct(v2.shape, v2.dtype)]
     if cfg.count_blocks:
         spec, shape = _count_spec_and_shape(pl, (B, KV, nk),
                                             lambda b, kv, kj, hb, qi, p: (b, kv, kj, 0, 0))
         out_specs.append(spec)
         out_shape.append(shape)
     kernel = functools.partial(_dkv_kernel, cfg=cfg, block_q=bq, block_k=bk)
-    itemsize = qh.dtype.itemsize
+    itemsize = q2.dtype.itemsize
     cost = pl.CostEstimate(flops=8 * B * H * t_pad * t_pad * hd,
                            transcendentals=B * H * t_pad * t_pad,
-                           bytes_accessed=(2 * qh.size + 4 * kh.size) * itemsize)
+                           bytes_accessed=(2 * q2.size + 4 * k2.size) * itemsize)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -760,27 +819,30 @@ def _pallas_dkv(qh, kh, vh, do, lse, di, prefix_B, cfg):
         cost_estimate=cost,
         interpret=cfg.interpret,
         name="mqa_flash_dkv",
-    )(prefix_B, qh, kh, vh, do, lse, di)
+    )(prefix_B, q2, k2, v2, do2, lse, di)
+
+
+def pallas_kernel_inputs(q, k, v, block_sizes, interpret, *, count_blocks=False):
+    """(cfg, t_pad, q2, k2, v2): the config and the [B, Tp, heads*hd] inputs the kernels take."""
+    B, T, H, hd = q.shape
+    cfg, t_pad = _pallas_config(T, H // k.shape[2], 1.0 / math.sqrt(hd), block_sizes, interpret,
+                                count_blocks, head_dim=hd)
+    return (cfg, t_pad, *(_pallas_layout(x, t_pad, cfg.head_dim) for x in (q, k, v)))
 
 
 def pallas_block_counts(q, k, v, prefix_len, block_sizes, *, interpret=True):
     """Debug: how many (query block, key block) pairs each Pallas kernel computed.
 
     Runs the forward, dq and dk/dv kernels (interpret mode by default) with a counter output.
-    Returns (fwd [B, KV*head_blocks, q_blocks], dq [same], dkv [B, KV, k_blocks]) int arrays and
-    the _PallasConfig used, so tests can check that fully masked blocks were skipped.
+    Returns (fwd [B, KV*head_blocks, q_blocks], dq [same], dkv [B, KV, k_blocks]) int arrays,
+    the _PallasConfig and the padded length, so tests can check that fully masked blocks were
+    skipped.
     """
-    B, T, H, hd = q.shape
-    KV = k.shape[2]
-    cfg, t_pad = _pallas_config(T, H // KV, 1.0 / math.sqrt(hd), block_sizes, interpret,
-                                count_blocks=True)
-    prefix_B = jnp.clip(jnp.asarray(prefix_len, jnp.int32), 0, T)
-    pad = ((0, 0), (0, t_pad - T), (0, 0), (0, 0))
-    qh = jnp.pad(q, pad).transpose(0, 2, 1, 3)
-    kh = jnp.pad(k, pad).transpose(0, 2, 1, 3)
-    vh = jnp.pad(v, pad).transpose(0, 2, 1, 3)
-    o, lse, fwd_counts = _pallas_forward(qh, kh, vh, prefix_B, cfg)
+    cfg, t_pad, q2, k2, v2 = pallas_kernel_inputs(q, k, v, block_sizes, interpret,
+                                                  count_blocks=True)
+    prefix_B = jnp.clip(jnp.asarray(prefix_len, jnp.int32), 0, q.shape[1])
+    o2, lse, fwd_counts = _pallas_forward(q2, k2, v2, prefix_B, cfg)
     di = jnp.zeros(lse.shape, jnp.float32)
-    dq_counts = _pallas_dq(qh, kh, vh, o, lse, di, prefix_B, cfg)[1]
-    dkv_counts = _pallas_dkv(qh, kh, vh, o, lse, di, prefix_B, cfg)[2]
+    dq_counts = _pallas_dq(q2, k2, v2, o2, lse, di, prefix_B, cfg)[1]
+    dkv_counts = _pallas_dkv(q2, k2, v2, o2, lse, di, prefix_B, cfg)[2]
     return fwd_counts[..., 0, 0], dq_counts[..., 0, 0], dkv_counts[..., 0, 0], cfg, t_pad

@@ -208,17 +208,16 @@ def test_pallas_race_detection():
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
     B, T, H, KV, d = 2, 20, 2, 1, 8
     (q, k, v, do), _ = make_inputs(4, B, T, H, KV, d, jnp.float32)
-    cfg, t_pad = attn._pallas_config(T, H // KV, 0.5, SMALL_BLOCKS, params)
+    cfg, t_pad, q2, k2, v2 = attn.pallas_kernel_inputs(q, k, v, SMALL_BLOCKS, params)
+    do2 = attn._pallas_layout(do, t_pad, cfg.head_dim)
     prefix = jnp.array([0, 9], jnp.int32)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, t_pad - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    qh, kh, vh, doh = pad(q), pad(k), pad(v), pad(do)
-    o, lse = attn._pallas_forward(qh, kh, vh, prefix, cfg)
-    jax.block_until_ready(o)
+    o2, lse = attn._pallas_forward(q2, k2, v2, prefix, cfg)
+    jax.block_until_ready(o2)
     assert not tpu_interpret.races.races_found, "race in the forward kernel"
-    di = jnp.sum(doh * o, axis=-1)[:, :, None, :]
-    jax.block_until_ready(attn._pallas_dq(qh, kh, vh, doh, lse, di, prefix, cfg))
+    di = attn._row_dot(do2, o2, cfg)
+    jax.block_until_ready(attn._pallas_dq(q2, k2, v2, do2, lse, di, prefix, cfg))
     assert not tpu_interpret.races.races_found, "race in the dq kernel"
-    jax.block_until_ready(attn._pallas_dkv(qh, kh, vh, doh, lse, di, prefix, cfg))
+    jax.block_until_ready(attn._pallas_dkv(q2, k2, v2, do2, lse, di, prefix, cfg))
     assert not tpu_interpret.races.races_found, "race in the dk/dv kernel"
 
 
@@ -330,6 +329,10 @@ def test_tpu_block_fitting_limits_padding():
                             (129, 256, 256)]:
         cfg, padded = attn._pallas_config(T, 4, 1.0, default, interpret=False)
         assert (cfg.block_q, cfg.block_k, padded) == (block, block, t_pad), T
+    # Head sizes are padded to whole lane tiles on the TPU only.
+    assert attn._pallas_config(64, 1, 1.0, default, interpret=False, head_dim=64)[0].head_dim == 128
+    assert attn._pallas_config(64, 1, 1.0, default, interpret=False, head_dim=256)[0].head_dim == 256
+    assert attn._pallas_config(64, 1, 1.0, default, interpret=True, head_dim=16)[0].head_dim == 16
     # Interpret mode keeps the requested sizes (capped at T rounded up to 8).
     cfg, padded = attn._pallas_config(19, 4, 1.0, SMALL_BLOCKS, interpret=True)
     assert (cfg.block_q, cfg.block_k, cfg.block_q_bwd, cfg.block_k_bwd, padded) == (8, 16, 16, 8, 32)

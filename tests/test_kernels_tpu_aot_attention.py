@@ -68,3 +68,26 @@ def test_compiles_paper_shapes(name, topology):
 @pytest.mark.slow
 def test_compiles_paper_teacher_mha_float32():
     compile_fwd_bwd(PAPER_SHAPES["1.5b-mha"], "v5e", dtype=jnp.float32)
+
+
+def test_paper_shape_needs_no_temporary_buffers():
+    """Inputs in the projection layout [B, T, heads*hd] (what q = a @ wq gives): the kernels read
+    and write it directly, so fwd+bwd needs no transposes, relayouts or [T, T] buffers in HBM."""
+    B, T, H, KV, d = PAPER_SHAPES["8.6b-mqa"]
+    spec = jax.ShapeDtypeStruct
+
+    def fwd_bwd(q, k, v, prefix, do):
+        def attention(q, k, v):
+            split = lambda x: x.reshape(B, T, -1, d)
+            out = mqa_attention(split(q), split(k), split(v), prefix, impl="pallas")
+            return out.reshape(B, T, H * d)
+        out, vjp = jax.vjp(attention, q, k, v)
+        return out, vjp(do)
+
+    bf16 = jnp.bfloat16
+    compiled = tpu_aot.compile_for_topology(
+        fwd_bwd, spec((B, T, H * d), bf16), spec((B, T, KV * d), bf16), spec((B, T, KV * d), bf16),
+        spec((B,), jnp.int32), spec((B, T, H * d), bf16), topology="v5e")
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    q_bytes = B * T * H * d * 2
+    assert temp < q_bytes / 16, (temp, q_bytes)

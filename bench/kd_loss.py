@@ -188,7 +188,14 @@ def run_topology(kind, shape, impls, dtype_name, topology) -> list:
     rows = []
     for impl in impls:
         start = time.perf_counter()
-        compiled = tpu_aot.compile_for_topology(_fwd_bwd(kind, impl), *specs, topology=topology)
+        try:
+            compiled = tpu_aot.compile_for_topology(_fwd_bwd(kind, impl), *specs, topology=topology)
+        except Exception as err:  # e.g. naive needs more HBM than the chip has: report, go on
+            rows.append({"kind": kind, "impl": impl, "N": n, "V": vocab, "Ds": d_s, "Dt": d_t,
+                         "dtype": dtype_name, "topology": tpu_aot.TOPOLOGIES.get(topology, topology),
+                         "chip": tpu_aot.chip_kind(topology),
+                         "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+            continue
         compile_s = time.perf_counter() - start
         memory = compiled.memory_analysis()
         analysis = compiled.cost_analysis()
@@ -265,8 +272,10 @@ def cli(shapes, kinds, impls, dtype_name, repeats, topology, as_json):
                        f"temp {_fmt_bytes(r['temp_bytes'])} ({100 * r['temp_vs_baseline']:.1f}%)  "
                        f"floors {r['flop_floor'] / 1e9:.1f} GFLOP, {_fmt_bytes(r['byte_floor'])}  "
                        f"roofline {100 * r['roofline_fraction']:.1f}%  err {r['max_rel_err_vs_baseline']:.1e}")
+        elif "error" in r:
+            click.echo(f"{head} on {r['topology']} ({r['chip']}): does not compile: {r['error']}")
         else:
             click.echo(f"{head} on {r['topology']} ({r['chip']}): temp {_fmt_bytes(r['temp_bytes'])}  "
                        f"flops {r['compiled_flops']:.4g} (analytic {r['analytic_flops']:.4g})  "
                        f"bytes {r['compiled_bytes_accessed']:.4g}  floor {r['roofline_floor_s'] * 1e3:.2f} ms  "
-                       f"compile {r['compile_s']:.1f}s")
+                       f"compile {r['compile_s']:.1f}s" + (f"  [{r['note']}]" if r["note"] else ""))

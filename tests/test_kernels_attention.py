@@ -201,6 +201,33 @@ def test_pallas_mha_causal_forward():
                             interpret=True)
 
 
+def test_pallas_tpu_config_with_padded_head_dim():
+    """The exact TPU configuration (128-row blocks, hd 64 zero-padded to a 128-lane slice), run in
+    the TPU interpreter: forward and gradients against the float64 reference."""
+    import dataclasses
+
+    from jax.experimental.pallas import tpu as pltpu
+
+    B, T, H, KV, d = 2, 20, 2, 1, 64
+    (q, k, v, do), (q64, k64, v64, do64) = make_inputs(6, B, T, H, KV, d, jnp.float32)
+    cfg, t_pad = attn._pallas_config(T, H // KV, 1.0 / math.sqrt(d), AttentionBlockSizes(),
+                                     interpret=False, head_dim=d)
+    assert (cfg.head_dim, cfg.block_q, t_pad) == (128, 128, 128)
+    cfg = dataclasses.replace(cfg, interpret=pltpu.InterpretParams())
+    prefix = np.array([0, 9])
+
+    def f(q, k, v):
+        q2, k2, v2 = (attn._pallas_layout(x, t_pad, cfg.head_dim) for x in (q, k, v))
+        out = attn._pallas_flash(q2, k2, v2, jnp.asarray(prefix, jnp.int32), cfg)
+        return out.reshape(B, t_pad, H, cfg.head_dim)[:, :T, :, :d]
+
+    out, vjp = jax.vjp(f, q, k, v)
+    o_ref, grads_ref = reference_attention(q64, k64, v64, prefix, do64)
+    assert rel_err(out, o_ref) <= 1e-5
+    for g, g_ref in zip(vjp(do), grads_ref):
+        assert rel_err(g, g_ref) <= 1e-5
+
+
 def test_pallas_race_detection():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
     from jax.experimental.pallas import tpu as pltpu

@@ -55,6 +55,11 @@ def test_compiles_representative_shape(topology):
     compile_fwd_bwd(REPRESENTATIVE, topology)
 
 
+def test_compiles_head_dim_not_multiple_of_128():
+    # hd 64 (e.g. small presets): heads are zero-padded to a 128-lane slice on the TPU.
+    compile_fwd_bwd((2, 256, 4, 1, 64), "v5e")
+
+
 @pytest.mark.parametrize("topology", [
     "v5e",
     pytest.param("v5p", marks=pytest.mark.slow),

@@ -7,6 +7,7 @@ BENCHMARKS = {
     "kd-loss": ("salt.bench.kd_loss", "cli", "KD loss kernels: time, memory, roofline."),
     "step": ("salt.bench.step", "cli", "KD vs standard train step: time ratio, FLOP/s, memory."),
     "score": ("salt.bench.score", "cli", "Selection score: Numba vs NumPy tokens/s."),
+    "attention": ("salt.bench.attention", "cli", "MQA/GQA attention: time and compiled memory per impl."),
     "data": ("salt.bench.data", "cli", "Data prepare wall time and loader tokens/s."),
 }
 

@@ -44,8 +44,10 @@ def kd_loss_parts(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega,
 
 
 def kd_loss(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho, *,
-            impl: str = "xla"):
-    """Per-position parts as :func:`kd_loss_parts`; ``loss`` from the chosen implementation."""
+            impl: str = "xla", mesh=None):
+    """Per-position parts as :func:`kd_loss_parts`; ``loss`` from the chosen implementation.
+    ``mesh``: needed for the kernels on more than one device (run under ``shard_map``, batch
+    over ``data``)."""
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
     if impl == "xla":
@@ -54,9 +56,20 @@ def kd_loss(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho, 
     parts = jax.lax.stop_gradient(kd_loss_parts(
         student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho))
     kernel_impl = "xla" if impl == "kernel-xla" else impl
-    parts["loss"] = kernel_kd_loss(student_logits_BxTxV,
-                                   jax.lax.stop_gradient(teacher_logits_BxTxV),
-                                   labels_BxT, omega, rho, impl=kernel_impl)
+
+    def kernel(s, t, y, w):
+        return kernel_kd_loss(s, t, y, w, rho, impl=kernel_impl)
+
+    teacher = jax.lax.stop_gradient(teacher_logits_BxTxV)
+    omega = jnp.asarray(omega, jnp.float32)
+    if mesh is None or mesh.size == 1:
+        parts["loss"] = kernel(student_logits_BxTxV, teacher, labels_BxT, omega)
+    else:
+        from jax.sharding import PartitionSpec as P
+        data = "data" if labels_BxT.shape[0] % mesh.shape["data"] == 0 else None
+        fn = jax.shard_map(kernel, mesh=mesh, in_specs=(P(data), P(data), P(data), P()),
+                           out_specs=P(data), check_vma=False)
+        parts["loss"] = fn(student_logits_BxTxV, teacher, labels_BxT, omega)
     return parts
 
 

@@ -154,19 +154,46 @@ def attention_xla(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, prefix_len_B=None):
     return out.reshape(B, T, H, K)
 
 
-def _attention(q, k, v, prefix_len_B, impl: str):
+def _attention(q, k, v, prefix_len_B, impl: str, mesh=None):
     if impl == "xla":
         return attention_xla(q, k, v, prefix_len_B)
     from salt.kernels.attention import mqa_attention
     kernel_impl = "xla" if impl == "kernel-xla" else impl
-    return mqa_attention(q, k, v, prefix_len=prefix_len_B, impl=kernel_impl).astype(jnp.float32)
+
+    def kernel(q, k, v, prefix):
+        return mqa_attention(q, k, v, prefix_len=prefix, impl=kernel_impl).astype(jnp.float32)
+
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, prefix_len_B)
+    return _sharded_kernel_attention(kernel, q, k, v, prefix_len_B, mesh)
+
+
+def _sharded_kernel_attention(kernel, q, k, v, prefix_len_B, mesh):
+    """Custom kernels (Pallas) cannot be partitioned by GSPMD: run them under ``shard_map``,
+    batch over ``data`` and, when the head counts allow it, query (and kv) heads over
+    ``model``; otherwise the heads are replicated along ``model``."""
+    from jax.sharding import PartitionSpec as P
+    m = mesh.shape["model"]
+    H, G = q.shape[2], k.shape[2]
+    data = "data" if q.shape[0] % mesh.shape["data"] == 0 else None
+    if m > 1 and G == 1 and H % m == 0:
+        q_spec, kv_spec = P(data, None, "model", None), P(data, None, None, None)
+    elif m > 1 and G % m == 0:
+        q_spec = kv_spec = P(data, None, "model", None)
+    else:
+        q_spec = kv_spec = P(data, None, None, None)
+    prefix = jnp.zeros((q.shape[0],), jnp.int32) if prefix_len_B is None else prefix_len_B
+    fn = jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(data)),
+                       out_specs=q_spec, check_vma=False)
+    return fn(q, k, v, jnp.asarray(prefix, jnp.int32))
 
 
 def _matmul(x, w, dtype):
     return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, attention_impl):
+def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, attention_impl,
+           mesh=None):
     B, T, _ = h_BxTxD.shape
     H, G, K = config.n_heads, config.n_kv_heads, config.head_dim
     a = rmsnorm(h_BxTxD, layer["attn_norm"], config.norm_eps)
@@ -175,7 +202,7 @@ def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, atten
     v = _matmul(a, layer["wv"], dtype).reshape(B, T, G, K)
     q = rope(q, config.rope_base).astype(dtype)
     k = rope(k, config.rope_base).astype(dtype)
-    attn = _attention(q, k, v.astype(dtype), prefix_len_B, attention_impl)
+    attn = _attention(q, k, v.astype(dtype), prefix_len_B, attention_impl, mesh)
     h_BxTxD = h_BxTxD + _matmul(attn.reshape(B, T, H * K), layer["wo"], dtype)
     m = rmsnorm(h_BxTxD, layer["mlp_norm"], config.norm_eps)
     gate = gelu_tanh(_matmul(m, layer["w_gate"], dtype))
@@ -185,8 +212,11 @@ def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, atten
 
 # ----------------------------------------------------------------------------- model
 def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
-           dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False):
-    """Final normed hidden states ``[B, T, D]`` (before the tied LM head), in ``dtype``."""
+           dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False, mesh=None):
+    """Final normed hidden states ``[B, T, D]`` (before the tied LM head), in ``dtype``.
+
+    ``mesh``: the device mesh the arrays are sharded on, needed only with kernel attention
+    (``attention_impl`` other than "xla") on more than one device (see ``shard_map`` above)."""
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
     if tokens_BxT.ndim != 2:
@@ -196,7 +226,7 @@ def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
     h = h * math.sqrt(config.d_model)
 
     def body(h_BxTxD, layer):
-        return _layer(h_BxTxD, layer, config, prefix_len_B, dtype, attention_impl), None
+        return _layer(h_BxTxD, layer, config, prefix_len_B, dtype, attention_impl, mesh), None
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
@@ -211,10 +241,10 @@ def logits_from_hidden(params: dict, hidden_BxTxD):
 
 
 def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
-            dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False):
+            dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False, mesh=None):
     """Logits ``[B, T, V]`` (float32) for ``tokens_BxT`` (int)."""
     h = hidden(params, tokens_BxT, config, prefix_len_B, dtype=dtype,
-               attention_impl=attention_impl, remat=remat)
+               attention_impl=attention_impl, remat=remat, mesh=mesh)
     return logits_from_hidden(params, h)
 
 

@@ -168,7 +168,7 @@ def hyperparameters(cfg: TrainConfig) -> dict:
 
 def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: str, *,
                  transition: str = "step", rho: float = 0.25, dtype: str = "float32",
-                 kernels: str = "xla", remat: bool = False):
+                 kernels: str = "xla", remat: bool = False, mesh=None):
     """The pure train step ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
     -> (params, opt_state, metrics)``; ``teacher`` None builds the standard (CE) step.
     ``step`` is the 1-based step number; ``hyper`` the dict of :func:`hyperparameters`."""
@@ -178,7 +178,7 @@ def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: s
     def loss_fn(params, teacher_params, windows_BxT1, step, hyper):
         inputs, labels = windows_BxT1[:, :-1], windows_BxT1[:, 1:]
         logits = model.forward(params, inputs, student, dtype=compute_dtype,
-                               attention_impl=kernels, remat=remat)
+                               attention_impl=kernels, remat=remat, mesh=mesh)
         if teacher is None:
             parts = losses.ce_parts(logits, labels)
             parts["loss"] = parts["ce"]
@@ -186,10 +186,10 @@ def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: s
         else:
             t_logits = jax.lax.stop_gradient(model.forward(
                 teacher_params, inputs, teacher, dtype=compute_dtype, attention_impl=kernels,
-                remat=remat))
+                remat=remat, mesh=mesh))
             omega = losses.omega_at(step, hyper["omega"], hyper["kd_steps"], transition,
                                     hyper["kd_steps1"])
-            parts = losses.kd_loss(logits, t_logits, labels, omega, rho, impl=kernels)
+            parts = losses.kd_loss(logits, t_logits, labels, omega, rho, impl=kernels, mesh=mesh)
         metrics = {k: losses.batch_mean(v) for k, v in parts.items() if k != "correct"}
         metrics["accuracy"] = losses.batch_mean(parts["correct"])
         metrics["omega"] = omega
@@ -243,7 +243,7 @@ def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs,
             _COMPILED.pop(next(iter(_COMPILED)))
         fn = make_step_fn(student, teacher, cfg.optimizer, transition=cfg.transition,
                           rho=float(cfg.rho), dtype=cfg.dtype, kernels=cfg.kernels,
-                          remat=cfg.remat)
+                          remat=cfg.remat, mesh=mesh)
         out_sh = (_shardings(params_abs), _shardings(opt_abs), sharding.replicated(mesh))
         _COMPILED[key] = compile_step(fn, params_abs, opt_abs, teacher_abs, windows_abs,
                                       mesh=mesh, out_shardings=out_sh)

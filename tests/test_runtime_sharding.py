@@ -87,11 +87,14 @@ def tiny(tmp_path_factory):
 def test_eight_device_losses_equal_one_device(tiny):
     """RKD (every step a KD step: the teacher forward sharded too), Adafactor, 5 steps."""
     rows = {}
-    for mesh in ("data=1,model=1", "data=4,model=2"):
+    # the 8-device run also routes attention and the KD loss through salt.kernels (their
+    # pure-JAX paths), which run under shard_map on a mesh (as the Pallas kernels must)
+    for mesh, kernels in (("data=1,model=1", "xla"), ("data=4,model=2", "kernel-xla")):
         out = tiny / mesh.replace(",", "_").replace("=", "")
         train(TrainConfig(preset="tiny-student", data=str(tiny / "data"), out=str(out),
                           teacher=str(tiny / "teacher"), kd_steps=5, steps=5, batch=8, seq_len=16,
-                          optimizer="adafactor", lr=1e-2, mesh=mesh), progress=False)
+                          optimizer="adafactor", lr=1e-2, mesh=mesh, kernels=kernels),
+              progress=False)
         rows[mesh] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     one, eight = rows["data=1,model=1"], rows["data=4,model=2"]
     assert len(one) == len(eight) == 5
@@ -99,3 +102,33 @@ def test_eight_device_losses_equal_one_device(tiny):
         for key in ("loss", "ce", "kd", "kl"):
             assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
     assert one[-1]["loss"] != one[0]["loss"]  # it trained
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_aot
+def test_sharded_kd_step_with_pallas_kernels_compiles_for_tpu():
+    """The KD train step with the Pallas kernels (under shard_map: GSPMD cannot partition a
+    Mosaic kernel) compiles ahead of time for a 4-chip TPU v5p mesh data=2, model=2."""
+    from jax.sharding import Mesh
+    from salt.kernels import tpu_aot
+    from salt.runtime import train as train_mod
+    if not tpu_aot.libtpu_available():
+        pytest.skip("libtpu is not installed")
+    tpu_aot.ensure_env()
+    mesh = Mesh(np.array(tpu_aot.topology_devices("v5p:2x2x1")).reshape(2, 2), ("data", "model"))
+    student = get_preset("tiny-student").replace(n_heads=4, d_model=32)
+    teacher = get_preset("tiny-teacher")
+
+    def abstract(c):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            model.abstract_params(c), sharding.param_shardings(c, mesh))
+
+    params, t_params = abstract(student), abstract(teacher)
+    opt = train_mod.opt_state_abstract("adafactor", params, mesh)
+    windows = jax.ShapeDtypeStruct((8, 129), np.int32, sharding=sharding.batch_sharding(mesh))
+    fn = train_mod.make_step_fn(student, teacher, "adafactor", dtype="bfloat16", kernels="pallas",
+                                remat=True, mesh=mesh)
+    compiled = train_mod.compile_step(fn, params, opt, t_params, windows, mesh=mesh)
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text  # the Mosaic kernels are in the program
+    assert compiled.memory_analysis().temp_size_in_bytes > 0

@@ -51,10 +51,11 @@ def _parse_shape(text: str):
 
 def executed_flops(kind, impl, n, vocab, d_s, d_t):
     """Analytic flops the implementation executes (the fused ones recompute logits backward)."""
-    from salt.kernels import fused_linear_kd, kd_loss
+    from salt.kernels import fused_linear_kd
+    from salt.kernels.kd_loss import bwd_flops, fwd_flops
 
     if kind == "logits":
-        return kd_loss.fwd_flops(n, vocab) + kd_loss.bwd_flops(n, vocab)
+        return fwd_flops(n, vocab) + bwd_flops(n, vocab)
     return fused_linear_kd.analytic_flops(n, vocab, d_s, d_t, schedule=impl)
 
 

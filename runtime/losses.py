@@ -4,8 +4,7 @@
 ``(1-ω)·ce + ω·kd`` and the monitored parts ``ce``, ``kd`` and ``KL(Q‖P) = kd − H(Q)``,
 with ``Q = softmax(ρ·t)`` and ``P = softmax(s)``; the teacher logits are under
 ``stop_gradient``.  ``impl="pallas"`` / ``"kernel-xla"`` routes the loss (and its gradient)
-through ``salt.kernels.kd_loss`` while the monitored parts come from the plain path
-without gradient.  ``batch_mean`` averages over the valid (unmasked) target positions.
+and the monitored parts through ``salt.kernels.kd_loss`` (Pallas / its pure-JAX path).  ``batch_mean`` averages over the valid (unmasked) target positions.
 """
 from __future__ import annotations
 
@@ -53,24 +52,23 @@ def kd_loss(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho, 
     if impl == "xla":
         return kd_loss_parts(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho)
     from salt.kernels.kd_loss import kd_loss as kernel_kd_loss
-    parts = jax.lax.stop_gradient(kd_loss_parts(
-        student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho))
     kernel_impl = "xla" if impl == "kernel-xla" else impl
 
-    def kernel(s, t, y, w):
-        return kernel_kd_loss(s, t, y, w, rho, impl=kernel_impl)
+    def kernel(s, t, y, w):  # the monitored parts come from the kernel too (no [B,T,V] copies)
+        loss, parts = kernel_kd_loss(s, t, y, w, rho, impl=kernel_impl, return_parts=True)
+        return loss, parts["ce"], parts["kd"], parts["kl"]
 
     teacher = jax.lax.stop_gradient(teacher_logits_BxTxV)
     omega = jnp.asarray(omega, jnp.float32)
-    if mesh is None or mesh.size == 1:
-        parts["loss"] = kernel(student_logits_BxTxV, teacher, labels_BxT, omega)
-    else:
+    if mesh is not None and mesh.size > 1:
         from jax.sharding import PartitionSpec as P
         data = "data" if labels_BxT.shape[0] % mesh.shape["data"] == 0 else None
-        fn = jax.shard_map(kernel, mesh=mesh, in_specs=(P(data), P(data), P(data), P()),
-                           out_specs=P(data), check_vma=False)
-        parts["loss"] = fn(student_logits_BxTxV, teacher, labels_BxT, omega)
-    return parts
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(P(data), P(data), P(data), P()),
+                               out_specs=(P(data),) * 4, check_vma=False)
+    loss, ce, kd, kl = kernel(student_logits_BxTxV, teacher, labels_BxT, omega)
+    correct = (jnp.argmax(student_logits_BxTxV, axis=-1) == labels_BxT).astype(jnp.float32)
+    return {"loss": loss, "ce": jax.lax.stop_gradient(ce), "kd": jax.lax.stop_gradient(kd),
+            "kl": jax.lax.stop_gradient(kl), "correct": correct}
 
 
 def batch_mean(values_BxT, mask_BxT=None):

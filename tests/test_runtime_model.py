@@ -251,12 +251,14 @@ def test_kernel_paths_match_the_plain_xla_path():
     def loss(p, impl):
         logits = model.forward(p, windows[:, :-1], config, attention_impl=impl)
         parts = losses.kd_loss(logits, teacher_logits, windows[:, 1:], 0.667, 0.25, impl=impl)
-        return losses.batch_mean(parts["loss"]), logits
+        return losses.batch_mean(parts["loss"]), (logits, parts)
 
     run = jax.jit(lambda p: (jax.value_and_grad(loss, has_aux=True)(p, "xla"),
                              jax.value_and_grad(loss, has_aux=True)(p, "kernel-xla")))
-    ((l0, logits0), g0), ((l1, logits1), g1) = run(params)
+    ((l0, (logits0, parts0)), g0), ((l1, (logits1, parts1)), g1) = run(params)
     assert _rel(logits1, logits0) < LOGITS_REL_TOL
+    for key in ("ce", "kd", "kl", "correct"):
+        assert _rel(parts1[key], parts0[key]) < LOGITS_REL_TOL, key
     assert abs(float(l1) - float(l0)) < LOGITS_REL_TOL * abs(float(l0))
     g0, g1 = flatten_params(g0), flatten_params(g1)
     for key in g0:

@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from salt.reference.config import VOCAB_FROM_DATA, ModelConfig, get_preset, param_count
 from salt.runtime import checkpoint, losses, model, optim, sharding

@@ -233,9 +233,12 @@ def test_pallas_race_detection():
     from jax.experimental.pallas import tpu as pltpu
 
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-    B, T, H, KV, d = 2, 20, 2, 1, 8
+    # Small but with 2 blocks on every grid axis (the race detector is slow per grid point).
+    B, T, H, KV, d = 2, 14, 2, 1, 8
+    blocks = AttentionBlockSizes(block_q=8, block_k=8, block_q_bwd=8, block_k_bwd=8)
     (q, k, v, do), _ = make_inputs(4, B, T, H, KV, d, jnp.float32)
-    cfg, t_pad, q2, k2, v2 = attn.pallas_kernel_inputs(q, k, v, SMALL_BLOCKS, params)
+    cfg, t_pad, q2, k2, v2 = attn.pallas_kernel_inputs(q, k, v, blocks, params)
+    assert (t_pad // cfg.block_q, t_pad // cfg.block_k) == (2, 2)
     do2 = attn._pallas_layout(do, t_pad, cfg.head_dim)
     prefix = jnp.array([0, 9], jnp.int32)
     o2, lse = attn._pallas_forward(q2, k2, v2, prefix, cfg)

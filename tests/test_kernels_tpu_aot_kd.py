@@ -112,10 +112,12 @@ def test_tiny_ragged_shapes_compile(dtype):
     _compile_fused("v5e", n, vocab, d_s, d_t, dtype)
 
 
+# float32 only on v5e: the block choice depends on the dtype, not the chip, and v5e has the smallest
+# default scoped VMEM (16 MiB), so a float32 VMEM overflow would show there first.
 PAPER_CASES = [("v5e", 4096, jnp.bfloat16)] + [
     pytest.param(topology, d_s, dtype, marks=pytest.mark.slow)
     for topology in ("v5e", "v5p", "v6e") for d_s in (1024, 4096) for dtype in (jnp.bfloat16, jnp.float32)
-    if (topology, d_s, dtype) != ("v5e", 4096, jnp.bfloat16)]
+    if (topology, d_s, dtype) != ("v5e", 4096, jnp.bfloat16) and (topology == "v5e" or dtype == jnp.bfloat16)]
 
 
 @pytest.mark.tpu_aot

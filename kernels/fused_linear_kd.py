@@ -202,24 +202,8 @@ def _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho):
 
 
 def _fwd_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, *refs, rho, vocab, block_vocab):
-    out_refs, scratch = refs[:_kd.N_STATS], refs[_kd.N_STATS:]
-    j = pl.program_id(1)
-
-    @pl.when(j == 0)
-    def _init():
-        for ref, value in zip(scratch, _kd.stats_init(scratch[0].shape)):
-            ref[...] = value
-
     s, rt = _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho)
-    cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    carry = _kd.stats_update(tuple(r[...] for r in scratch), s, rt, cols < vocab, cols == y_ref[...])
-    for ref, value in zip(scratch, carry):
-        ref[...] = value
-
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _finish():
-        for ref, value in zip(out_refs, _kd.stats_finish(tuple(r[...] for r in scratch))):
-            ref[...] = value
+    _kd.stats_kernel_step(s, rt, y_ref, refs, vocab=vocab, block_vocab=block_vocab)
 
 
 def _grad_logits_tile(refs, *, rho, row0, col0, n_tokens, vocab):

@@ -301,7 +301,10 @@ def as_rows(*vectors_N):
     return tuple(v.astype(jnp.float32)[:, None] for v in vectors_N)
 
 
-def _fwd_kernel(s_ref, t_ref, y_ref, *refs, rho, vocab, block_vocab):
+def stats_kernel_step(s, rt, y_ref, refs, *, vocab, block_vocab):
+    """Body of a forward statistics kernel on the grid (token blocks, vocab blocks ``"arbitrary"``),
+    given the tile's float32 logits ``s`` and ``rt = ρ·t`` (``[bt, bv]``).  ``refs``: the
+    :data:`N_STATS` ``[bt, 1]`` output refs, then as many VMEM scratch refs (the running carry)."""
     out_refs, scratch = refs[:N_STATS], refs[N_STATS:]
     j = pl.program_id(1)
 
@@ -310,8 +313,6 @@ def _fwd_kernel(s_ref, t_ref, y_ref, *refs, rho, vocab, block_vocab):
         for ref, value in zip(scratch, stats_init(scratch[0].shape)):
             ref[...] = value
 
-    s = s_ref[...].astype(jnp.float32)
-    rt = rho * t_ref[...].astype(jnp.float32)
     cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     carry = stats_update(tuple(r[...] for r in scratch), s, rt, cols < vocab, cols == y_ref[...])
     for ref, value in zip(scratch, carry):
@@ -321,6 +322,12 @@ def _fwd_kernel(s_ref, t_ref, y_ref, *refs, rho, vocab, block_vocab):
     def _finish():
         for ref, value in zip(out_refs, stats_finish(tuple(r[...] for r in scratch))):
             ref[...] = value
+
+
+def _fwd_kernel(s_ref, t_ref, y_ref, *refs, rho, vocab, block_vocab):
+    s = s_ref[...].astype(jnp.float32)
+    rt = rho * t_ref[...].astype(jnp.float32)
+    stats_kernel_step(s, rt, y_ref, refs, vocab=vocab, block_vocab=block_vocab)
 
 
 def _bwd_kernel(s_ref, t_ref, y_ref, m_s_ref, log_l_s_ref, m_t_ref, log_l_t_ref, g_p_ref, g_y_ref, g_q_ref,

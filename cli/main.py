@@ -6,7 +6,9 @@ To add a command, add its ``"name": "module:attribute"`` to ``COMMANDS``.
 """
 from __future__ import annotations
 
+import glob
 import importlib
+import os
 import sys
 
 import click
@@ -65,7 +67,22 @@ def cli():
     """SALT: a small LM helps pre-train a large one (KD early, then standard training)."""
 
 
+def _default_jax_platforms() -> None:
+    """Skip JAX's TPU probe on hosts without a TPU.
+
+    With ``libtpu`` installed (the test extra brings it, for ahead-of-time TPU compiles) every
+    JAX start-up on a CPU or GPU host prints libtpu initialisation warnings. When the user has
+    not chosen platforms and the host has no TPU device files, choose them here.
+    """
+    if "JAX_PLATFORMS" in os.environ:
+        return
+    accelerators = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+    if not any(glob.glob(pattern) for pattern in accelerators):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv=None):
+    _default_jax_platforms()
     try:
         return cli.main(args=argv, prog_name="salt", standalone_mode=True)
     except KeyboardInterrupt:

@@ -9,6 +9,9 @@
 #    tokens 8192, student hidden 4096, vocab 128256, bfloat16, teacher hidden 4096 (the shape of
 #    Liger-Kernel's published fused-linear distillation benchmark: 60.7 ms on an H100) and 2048;
 #    median of 5 after a warm-up, plus the measured bf16 matmul rate for the roofline fraction.
+# 3. Attention, forward+backward, bf16, the paper's multi-query shapes (B 6, T 1280; H 32 hd 128
+#    and H 4 hd 256): "xla" flash path vs "naive" (checked against each other), time as a fraction
+#    of the measured bf16 matmul rate (causal FLOPs).
 # Results: $OUT/device_check.json and $OUT/device_check.log.  Needs a CUDA-enabled jax in the
 # environment (the device machine has no network: nothing is installed here).
 set -euo pipefail
@@ -68,6 +71,13 @@ for impl in ("xla", "naive"):
 report["checks"] = checks
 
 
+def save():  # after every section, so a run cut by the timeout still leaves its results
+    json.dump(report, open(f"{out_dir}/device_check.json", "w"), indent=1)
+
+
+save()
+
+
 def median_time(fn, args, repeats=5):
     jax.block_until_ready(fn(*args))  # warm-up (compile)
     times = []
@@ -104,6 +114,47 @@ for d_t in (4096, 2048):
         print("time", row, flush=True)
     del dev_args
 report["timings"] = timings
-json.dump(report, open(f"{out_dir}/device_check.json", "w"), indent=1)
+save()
+
+# 3. attention: the paper's multi-query shapes (sequence 1280, 7680 tokens), bf16, forward+backward;
+#    xla flash path checked against naive on the same inputs, time as a fraction of the matmul rate.
+from salt.bench.attention import causal_flops
+from salt.kernels.attention import mqa_attention
+
+
+def attention_fwd_bwd(impl):
+    def f(q, k, v, do):
+        out, vjp = jax.vjp(lambda q, k, v: mqa_attention(q, k, v, impl=impl), q, k, v)
+        return out, vjp(do)
+    return jax.jit(f)
+
+
+attention = []
+for B, T, H, KV, hd in ((6, 1280, 32, 1, 128), (6, 1280, 4, 1, 256)):
+    rng = np.random.default_rng(1)
+    qkvd = [jax.device_put(jnp.asarray(rng.standard_normal(sh, np.float32), jnp.bfloat16), gpu)
+            for sh in ((B, T, H, hd), (B, T, KV, hd), (B, T, KV, hd), (B, T, H, hd))]
+    results = {}
+    for impl in ("xla", "naive"):
+        try:
+            fn = attention_fwd_bwd(impl)
+            t = median_time(fn, qkvd)
+            results[impl] = jax.device_get(fn(*qkvd))
+            flops = causal_flops(B, T, H, hd)
+            row = {"impl": impl, "B": B, "T": T, "H": H, "KV": KV, "hd": hd, "dtype": "bfloat16",
+                   "median_ms": t * 1e3, "causal_tflops_per_s": flops / t / 1e12,
+                   "fraction_of_matmul_rate": flops / t / report["bf16_matmul_flops_per_s"]}
+        except Exception as err:
+            row = {"impl": impl, "B": B, "T": T, "H": H, "hd": hd, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        attention.append(row)
+        print("attention", row, flush=True)
+    if len(results) == 2:
+        errs = [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+                      / max(float(np.max(np.abs(np.asarray(b, np.float64)))), 1e-30))
+                for a, b in zip(jax.tree_util.tree_leaves(results["xla"]), jax.tree_util.tree_leaves(results["naive"]))]
+        attention[-2]["max_rel_err_vs_naive"] = max(errs)
+        print("attention xla vs naive", max(errs), flush=True)
+report["attention"] = attention
+save()
 print("wrote", f"{out_dir}/device_check.json")
 PY

@@ -42,6 +42,7 @@ def measure_matmul_rate(n: int = 1024, iters: int = 10) -> float:
 def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: int, seq_len: int,
                   optimizer: str = "adafactor", dtype: str = "float32", iters: int = 10,
                   warmup: int = 2, transition: str = "step", matmul_n: int = 1024,
+                  kernels: str = "auto",
                   progress: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
@@ -66,7 +67,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     steps_total = 10 ** 6
     cfg = train.TrainConfig(preset=student_name, data="-", out="-", teacher="-", kd_steps=steps_total,
                             steps=steps_total, batch=batch, seq_len=seq_len, optimizer=optimizer,
-                            dtype=dtype, warmup=0, transition=transition,
+                            dtype=dtype, warmup=0, transition=transition, kernels=kernels,
                             kd_steps1=steps_total if transition != "step" else None)
     hyper = jax.device_put(train.hyperparameters(cfg), sharding.replicated(mesh))
     compiled = {}
@@ -113,6 +114,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         "student": student.to_dict(), "teacher": teacher.to_dict(),
         "student_params": param_count(student), "teacher_params": param_count(teacher),
         "batch": batch, "seq_len": seq_len, "optimizer": optimizer, "dtype": dtype,
+        "kernels": train.resolve_kernels(kernels),
         "iters": iters, "device": str(jax.devices()[0].device_kind),
         "standard_step_s": t_std, "kd_step_s": t_kd,
         "measured_ratio": measured, "predicted_ratio": predicted,
@@ -174,12 +176,15 @@ def format_report(r: dict) -> str:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--kernels", type=click.Choice(["auto", "pallas", "xla", "naive"]), default="auto",
+              show_default=True, help="Attention / KD-loss implementation (as salt train).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def cli(student, teacher, vocab, batch, seq_len, optimizer, dtype, iters, warmup, as_json):
+def cli(student, teacher, vocab, batch, seq_len, optimizer, dtype, iters, warmup, kernels, as_json):
     """KD-step vs standard-step time (vs the FLOP prediction), tokens/s, FLOP/s, memory."""
     try:
         result = run_benchmark(student, teacher, vocab=vocab, batch=batch, seq_len=seq_len,
-                               optimizer=optimizer, dtype=dtype, iters=iters, warmup=warmup)
+                               optimizer=optimizer, dtype=dtype, iters=iters, warmup=warmup,
+                               kernels=kernels)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else format_report(result))

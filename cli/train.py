@@ -52,8 +52,10 @@ def _keep(ctx, param, value):
 @click.option("--exclude", type=click.Path(), default=None, help=".npy window ids never trained on.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Compute dtype (parameters and loss stay float32).")
-@click.option("--kernels", type=click.Choice(["xla", "pallas", "kernel-xla", "naive"]), default="xla",
-              show_default=True, help="Attention / KD-loss implementation.")
+@click.option("--kernels", type=click.Choice(["auto", "pallas", "xla", "naive"]), default="auto",
+              show_default=True,
+              help="Attention / KD-loss implementation: pallas (TPU), xla (chunked pure JAX), "
+                   "naive (full-size maths); auto = pallas on TPU, xla elsewhere.")
 @click.option("--remat/--no-remat", default=False, show_default=True, help="Recompute layer activations in the backward.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Save every N steps (always at the end, at n_kd and on SIGTERM).")

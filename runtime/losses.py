@@ -3,7 +3,7 @@
 ``kd_loss_parts`` is the plain-JAX path: per position it returns the loss
 ``(1-ω)·ce + ω·kd`` and the monitored parts ``ce``, ``kd`` and ``KL(Q‖P) = kd − H(Q)``,
 with ``Q = softmax(ρ·t)`` and ``P = softmax(s)``; the teacher logits are under
-``stop_gradient``.  ``impl="pallas"`` / ``"kernel-xla"`` routes the loss (and its gradient)
+``stop_gradient``.  ``impl="pallas"`` / ``"xla"`` routes the loss (and its gradient)
 and the monitored parts through ``salt.kernels.kd_loss`` (Pallas / its pure-JAX path).  ``batch_mean`` averages over the valid (unmasked) target positions.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LOSS_IMPLS = ("xla", "pallas", "kernel-xla", "naive")
+LOSS_IMPLS = ("naive", "xla", "pallas")
 TRANSITIONS = ("step", "linear", "linear-ratio")
 
 
@@ -43,16 +43,16 @@ def kd_loss_parts(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega,
 
 
 def kd_loss(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho, *,
-            impl: str = "xla", mesh=None):
+            impl: str = "naive", mesh=None):
     """Per-position parts as :func:`kd_loss_parts`; ``loss`` from the chosen implementation.
     ``mesh``: needed for the kernels on more than one device (run under ``shard_map``, batch
     over ``data``)."""
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
-    if impl == "xla":
+    if impl == "naive":
         return kd_loss_parts(student_logits_BxTxV, teacher_logits_BxTxV, labels_BxT, omega, rho)
     from salt.kernels.kd_loss import kd_loss as kernel_kd_loss
-    kernel_impl = "xla" if impl == "kernel-xla" else impl
+    kernel_impl = impl
 
     def kernel(s, t, y, w):  # the monitored parts come from the kernel too (no [B,T,V] copies)
         loss, parts = kernel_kd_loss(s, t, y, w, rho, impl=kernel_impl, return_parts=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from salt.reference.config import ModelConfig, param_shapes
 
-ATTENTION_IMPLS = ("xla", "pallas", "naive", "kernel-xla")
+ATTENTION_IMPLS = ("naive", "xla", "pallas")
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -155,10 +155,10 @@ def attention_xla(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, prefix_len_B=None):
 
 
 def _attention(q, k, v, prefix_len_B, impl: str, mesh=None):
-    if impl == "xla":
+    if impl == "naive":
         return attention_xla(q, k, v, prefix_len_B)
     from salt.kernels.attention import mqa_attention
-    kernel_impl = "xla" if impl == "kernel-xla" else impl
+    kernel_impl = impl
 
     def kernel(q, k, v, prefix):
         return mqa_attention(q, k, v, prefix_len=prefix, impl=kernel_impl).astype(jnp.float32)
@@ -212,11 +212,11 @@ def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, atten
 
 # ----------------------------------------------------------------------------- model
 def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
-           dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False, mesh=None):
+           dtype=jnp.float32, attention_impl: str = "naive", remat: bool = False, mesh=None):
     """Final normed hidden states ``[B, T, D]`` (before the tied LM head), in ``dtype``.
 
     ``mesh``: the device mesh the arrays are sharded on, needed only with kernel attention
-    (``attention_impl`` other than "xla") on more than one device (see ``shard_map`` above)."""
+    (``attention_impl`` other than "naive") on more than one device (see ``shard_map`` above)."""
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
     if tokens_BxT.ndim != 2:
@@ -241,7 +241,7 @@ def logits_from_hidden(params: dict, hidden_BxTxD):
 
 
 def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
-            dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False, mesh=None):
+            dtype=jnp.float32, attention_impl: str = "naive", remat: bool = False, mesh=None):
     """Logits ``[B, T, V]`` (float32) for ``tokens_BxT`` (int)."""
     h = hidden(params, tokens_BxT, config, prefix_len_B, dtype=dtype,
                attention_impl=attention_impl, remat=remat, mesh=mesh)

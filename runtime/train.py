@@ -34,7 +34,16 @@ from salt.reference.config import VOCAB_FROM_DATA, ModelConfig, get_preset, para
 from salt.runtime import checkpoint, losses, model, optim, sharding
 
 RUNTIMES = ("jax", "reference")
-KERNELS = ("xla", "pallas", "kernel-xla", "naive")
+KERNELS = ("auto", "pallas", "xla", "naive")
+
+
+def resolve_kernels(name: str) -> str:
+    """``--kernels``: "pallas" (TPU kernels), "xla" (their pure-JAX chunked paths: no
+    ``[tokens, vocab]`` probabilities, flash attention) or "naive" (plain full-size maths);
+    "auto" is Pallas on TPU and "xla" elsewhere."""
+    if name == "auto":
+        return "pallas" if jax.default_backend() == "tpu" else "xla"
+    return name
 DTYPES = ("float32", "bfloat16")
 
 
@@ -76,7 +85,7 @@ class TrainConfig:
     subset: str | None = None
     exclude: str | None = None
     dtype: str = "float32"
-    kernels: str = "xla"
+    kernels: str = "auto"
     checkpoint_every: int = 0
     keep_checkpoints: tuple = ()
     runtime: str = "jax"
@@ -233,15 +242,16 @@ def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs,
     """The AOT-compiled step for this run, shared by runs in one process with the same
     model(s), optimizer, transition, dtype, kernels, shapes and mesh (e.g. the four
     students of ``salt reproduce``)."""
+    kernels = resolve_kernels(cfg.kernels)
     key = (student, teacher, cfg.optimizer, cfg.transition if teacher is not None else None,
-           float(cfg.rho) if teacher is not None else None, cfg.dtype, cfg.kernels, cfg.remat,
+           float(cfg.rho) if teacher is not None else None, cfg.dtype, kernels, cfg.remat,
            windows_abs.shape,
            tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)
     if key not in _COMPILED:
         if len(_COMPILED) >= _COMPILED_MAX:
             _COMPILED.pop(next(iter(_COMPILED)))
         fn = make_step_fn(student, teacher, cfg.optimizer, transition=cfg.transition,
-                          rho=float(cfg.rho), dtype=cfg.dtype, kernels=cfg.kernels,
+                          rho=float(cfg.rho), dtype=cfg.dtype, kernels=kernels,
                           remat=cfg.remat, mesh=mesh)
         out_sh = (_shardings(params_abs), _shardings(opt_abs), sharding.replicated(mesh))
         _COMPILED[key] = compile_step(fn, params_abs, opt_abs, teacher_abs, windows_abs,

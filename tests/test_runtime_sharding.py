@@ -89,7 +89,7 @@ def test_eight_device_losses_equal_one_device(tiny):
     rows = {}
     # the 8-device run also routes attention and the KD loss through salt.kernels (their
     # pure-JAX paths), which run under shard_map on a mesh (as the Pallas kernels must)
-    for mesh, kernels in (("data=1,model=1", "xla"), ("data=4,model=2", "kernel-xla")):
+    for mesh, kernels in (("data=1,model=1", "naive"), ("data=4,model=2", "xla")):
         out = tiny / mesh.replace(",", "_").replace("=", "")
         train(TrainConfig(preset="tiny-student", data=str(tiny / "data"), out=str(out),
                           teacher=str(tiny / "teacher"), kd_steps=5, steps=5, batch=8, seq_len=16,

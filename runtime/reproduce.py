@@ -40,21 +40,21 @@ class ReproduceConfig:
     size: str = "small"
     teacher_preset: str = "small-teacher"
     student_preset: str = "small-student"
-    steps: int = 240                 # student steps n
-    kd_steps: int = 48               # n_kd (paper: 36K of 208K = 17%)
-    teacher_steps: int = 240
-    early_step: int = 48             # early SLM checkpoint used for scoring
+    steps: int = 200                 # student steps n
+    kd_steps: int = 40               # n_kd (paper: 36K of 208K = 17%)
+    teacher_steps: int = 200
+    early_step: int = 40             # early SLM checkpoint used for scoring
     batch: int = 16
     seq_len: int = 128
     lr: float = 3e-3
     final_lr: float = 3e-4
-    warmup: int = 24
+    warmup: int = 20
     optimizer: str = "adamw"
     omega: float = 0.667
     rho: float = 0.25
     k: int = 10
     candidates: int | None = 4096    # windows scored for SALT_DS (None: the whole pool)
-    eval_every: int = 24
+    eval_every: int = 20
     eval_windows: int = 256
     eval_batch: int = 32
     seed: int = 0

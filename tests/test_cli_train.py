@@ -2,24 +2,18 @@
 no traceback, nothing written."""
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from salt.cli.main import cli
+from tiny_corpus import make_tiny_corpus
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from salt.data import prepare
     root = tmp_path_factory.mktemp("cli_train")
-    rng = np.random.default_rng(2)
-    src = root / "src"
-    src.mkdir()
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "zi"]
-    for i in range(20):
-        (src / f"d{i}.txt").write_text(
-            " ".join("".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(200)))
+    src = make_tiny_corpus(root / "src", n_docs=20, words=200, seed=2)
     prepare(root / "data", [src], vocab_size=300, val_fraction=0.2, progress=False)
     return root
 

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from salt.runtime import report as R
+from tiny_corpus import make_tiny_corpus
 
 
 def test_steps_to_reach_interpolates_first_crossing():
@@ -90,14 +91,6 @@ def test_plots_are_png(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-def make_tiny_corpus(directory, n_docs=40, words=300, seed=0):
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "zi", "ve", "ba"]
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        text = " ".join("".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(words))
-        (directory / f"doc{i:03d}.txt").write_text(text + "\n")
-    return directory
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from salt.runtime import evaluate as E
+from tiny_corpus import make_tiny_corpus
 
 
 def _stats(ids, loss_sum, correct, T=4):
@@ -56,14 +57,6 @@ def test_format_table_lists_buckets():
 
 # ----------------------------------------------------------------------------- on real models
 
-def make_tiny_corpus(directory, n_docs=40, words=300, seed=0):
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "zi", "ve", "ba"]
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        text = " ".join("".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(words))
-        (directory / f"doc{i:03d}.txt").write_text(text + "\n")
-    return directory
 
 
 def save_checkpoint(run_dir, config, params, store, step, seq_len):

@@ -4,6 +4,7 @@ import pytest
 
 from salt.reference.score import selection_score
 from salt.runtime import score as S
+from tiny_corpus import make_tiny_corpus
 
 
 def _logits_with_ties(rng, B, T, V):
@@ -126,15 +127,6 @@ def test_teacher_forward_scores_equal_reference_on_teacher_logits():
 
 # ----------------------------------------------------------------------------- the scoring job
 
-def make_tiny_corpus(directory, n_docs=40, words=300, seed=0):
-    """Deterministic pseudo-text with enough distinct pieces for a 300-token vocabulary."""
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "zi", "ve", "ba"]
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        text = " ".join("".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(words))
-        (directory / f"doc{i:03d}.txt").write_text(text + "\n")
-    return directory
 
 
 def save_checkpoint(run_dir, config, params, store, step, run_config=None):

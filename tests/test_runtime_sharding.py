@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from salt.reference.config import get_preset
 from salt.runtime import model, sharding
 from salt.runtime.train import TrainConfig, train
+from tiny_corpus import make_tiny_corpus
 
 
 def test_parse_mesh():
@@ -69,13 +70,7 @@ def test_params_are_placed_per_rules():
 def tiny(tmp_path_factory):
     from salt.data import prepare
     root = tmp_path_factory.mktemp("shard")
-    rng = np.random.default_rng(1)
-    src = root / "src"
-    src.mkdir()
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "zi"]
-    for i in range(20):
-        (src / f"d{i}.txt").write_text(
-            " ".join("".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(200)))
+    src = make_tiny_corpus(root / "src", n_docs=20, words=200, seed=1)
     prepare(root / "data", [src], vocab_size=300, val_fraction=0.2, progress=False)
     # vocabulary 300: the embedding's vocab dim splits over model=2; d_model=16 over data=4
     train(TrainConfig(preset="tiny-teacher", data=str(root / "data"), out=str(root / "teacher"),

@@ -9,6 +9,7 @@ import pytest
 
 from salt.runtime import checkpoint
 from salt.runtime.train import NonFiniteLoss, TrainConfig, TrainError, train
+from tiny_corpus import make_tiny_corpus
 
 SEQ, BATCH = 16, 8
 # one KD transition for every KD test, so the compiled KD step is shared (the schedule's
@@ -16,14 +17,6 @@ SEQ, BATCH = 16, 8
 LINEAR = dict(transition="linear", kd_steps1=1)
 
 
-def make_tiny_corpus(directory, n_docs=30, words=200, seed=0):
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "zi", "ve", "ba"]
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        text = " ".join("".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(words))
-        (directory / f"doc{i:03d}.txt").write_text(text + "\n")
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +24,7 @@ def tiny(tmp_path_factory):
     """A tiny token store and a 2-step tiny-teacher run on it."""
     from salt.data import prepare
     root = tmp_path_factory.mktemp("train")
-    prepare(root / "data", [make_tiny_corpus(root / "src")], vocab_size=300, val_fraction=0.2,
+    prepare(root / "data", [make_tiny_corpus(root / "src", n_docs=30, words=200)], vocab_size=300, val_fraction=0.2,
             progress=False)
     teacher = train(TrainConfig(preset="tiny-teacher", data=str(root / "data"),
                                 out=str(root / "teacher"), steps=2, batch=BATCH, seq_len=SEQ,

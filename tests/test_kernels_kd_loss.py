@@ -15,21 +15,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from salt.kernels.kd_loss import KDBlockSizes, default_impl, kd_loss
 from salt.reference import losses as ref
+from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
 
-F32_TOL = 1e-5
-BF16_TOL = 2e-2
 # small tiles so that the tiny test shapes are ragged in tokens and vocabulary
 SMALL_BLOCKS = KDBlockSizes(block_tokens=16, block_vocab=128, chunk_vocab=128)
-
-
-def assert_close(actual, expected, tol, what):
-    actual = np.asarray(actual, dtype=np.float64)
-    assert np.isfinite(actual).all(), f"{what}: non-finite values"
-    err = np.abs(actual - expected)
-    bound = tol * (np.abs(expected) + 1.0)
-    worst = np.unravel_index(np.argmax(err - bound), err.shape)
-    assert (err <= bound).all(), (
-        f"{what}: |{actual[worst]} - {expected[worst]}| = {err[worst]:.3g} > {bound[worst]:.3g} at {worst}")
 
 
 @functools.lru_cache(maxsize=None)

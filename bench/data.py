@@ -28,11 +28,12 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def bench_prepare(out_dir: str, *, vocab_size: int | None, workers: int | None, progress: bool) -> dict:
+def bench_prepare(out_dir: str, *, vocab_size: int | None, workers: int | None, progress: bool,
+                  overwrite: bool = False) -> dict:
     from salt.data import prepare
 
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    meta = prepare(out_dir, None, vocab_size=vocab_size, workers=workers, overwrite=True,
+    meta = prepare(out_dir, None, vocab_size=vocab_size, workers=workers, overwrite=overwrite,
                    progress=progress)
     wall = time.perf_counter() - t0
     cpu = _cpu_seconds() - cpu0
@@ -79,7 +80,8 @@ def bench_loader(store_dir: str, *, seq_len: int, batch: int, batches: int, seed
 
 @click.command("data")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Where to write the store (replaced if present) [default: a temporary directory].")
+              help="Where to write the store [default: a temporary directory].")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
               help="Skip prepare; benchmark the loader on this existing store.")
 @click.option("--vocab-size", type=click.IntRange(min=1), default=None,
@@ -90,7 +92,7 @@ def bench_loader(store_dir: str, *, seq_len: int, batch: int, batches: int, seed
 @click.option("--batches", default=300, show_default=True, type=click.IntRange(min=1),
               help="Timed loader batches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def cli(out_dir, store_dir, vocab_size, workers, seq_len, batch, batches, as_json):
+def cli(out_dir, overwrite, store_dir, vocab_size, workers, seq_len, batch, batches, as_json):
     """Data pipeline: prepare wall time and tokens/s; loader tokens/s (random batches)."""
     result = {"cpu_count": os.cpu_count(), "load_average_before": os.getloadavg()}
     tmp = None
@@ -100,7 +102,7 @@ def cli(out_dir, store_dir, vocab_size, workers, seq_len, batch, batches, as_jso
                 tmp = tempfile.TemporaryDirectory(prefix="salt-bench-data-")
                 out_dir = os.path.join(tmp.name, "store")
             result.update(bench_prepare(out_dir, vocab_size=vocab_size, workers=workers,
-                                        progress=not as_json))
+                                        progress=not as_json, overwrite=overwrite))
             store_dir = out_dir
         result.update(bench_loader(store_dir, seq_len=seq_len, batch=batch, batches=batches))
     except ValueError as e:

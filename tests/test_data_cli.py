@@ -101,3 +101,11 @@ def test_bench_data_smoke(src, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["loader_batches"] == 3 and report["loader_tokens_per_s"] > 0
+
+
+def test_bench_data_refuses_an_existing_out(tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    result = CliRunner().invoke(cli, ["bench", "data", "--out", str(tmp_path), "--json"])
+    assert result.exit_code != 0
+    assert "--overwrite" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "keep.txt").read_text() == "user data"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from salt.runtime import evaluate as E
-from tiny_corpus import make_tiny_corpus
+from tiny_corpus import make_tiny_corpus, save_checkpoint
 
 
 def _stats(ids, loss_sum, correct, T=4):
@@ -59,13 +59,6 @@ def test_format_table_lists_buckets():
 
 
 
-def save_checkpoint(run_dir, config, params, store, step, seq_len):
-    from salt.runtime import checkpoint
-
-    meta = {"config": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
-            "vocab_size": int(store.vocab_size), "teacher": None, "preset": config.name,
-            "run_config": {"seq_len": seq_len, "batch": 4, "seed": 0, "kd_steps": 0}}
-    checkpoint.save(run_dir, step, params, {"count": np.zeros((), np.int32)}, meta)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +75,8 @@ def models(tmp_path_factory):
     for name, preset, seed in (("student", "tiny-student", 1), ("teacher", "tiny-teacher", 2)):
         config = get_preset(preset).replace(vocab_size=store.vocab_size)
         params = model.init_params(config, seed=seed)
-        save_checkpoint(root / name, config, params, store, 5, seq_len=16)
+        save_checkpoint(root / name, config, params, store, 5,
+                        run_config={"seq_len": 16, "batch": 4, "seed": 0, "kd_steps": 0})
         out[name] = (config, params)
     return out
 

@@ -4,7 +4,7 @@ import pytest
 
 from salt.reference.score import selection_score
 from salt.runtime import score as S
-from tiny_corpus import make_tiny_corpus
+from tiny_corpus import make_tiny_corpus, save_checkpoint
 
 
 def _logits_with_ties(rng, B, T, V):
@@ -129,15 +129,6 @@ def test_teacher_forward_scores_equal_reference_on_teacher_logits():
 
 
 
-def save_checkpoint(run_dir, config, params, store, step, run_config=None):
-    """A checkpoint in the trainer's layout (params + meta) without training."""
-    from salt.runtime import checkpoint
-
-    meta = {"config": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
-            "vocab_size": int(store.vocab_size), "teacher": None, "preset": config.name}
-    if run_config is not None:
-        meta["run_config"] = run_config
-    checkpoint.save(run_dir, step, params, {"count": np.zeros((), np.int32)}, meta)
 
 
 @pytest.fixture(scope="module")

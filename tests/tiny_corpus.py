@@ -1,8 +1,6 @@
-"""A deterministic pseudo-text corpus for tests that need a real token store.
-
-Enough distinct pieces for a 300-token SentencePiece vocabulary, small enough to prepare
-in about a second.
-"""
+"""Tiny real inputs for tests: a deterministic pseudo-text corpus (enough distinct pieces for a
+300-token SentencePiece vocabulary, prepared in about a second) and a checkpoint writer for
+hand-made parameters."""
 import numpy as np
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "zi", "ve", "ba"]
@@ -15,3 +13,14 @@ def make_tiny_corpus(directory, n_docs=40, words=300, seed=0):
         text = " ".join("".join(rng.choice(SYLLABLES, size=rng.integers(1, 4))) for _ in range(words))
         (directory / f"doc{i:03d}.txt").write_text(text + "\n")
     return directory
+
+
+def save_checkpoint(run_dir, config, params, store, step, run_config=None):
+    """A checkpoint in the trainer's layout (params + meta) without training."""
+    from salt.runtime import checkpoint
+
+    meta = {"config": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
+            "vocab_size": int(store.vocab_size), "teacher": None, "preset": config.name}
+    if run_config is not None:
+        meta["run_config"] = run_config
+    checkpoint.save(run_dir, step, params, {"count": np.zeros((), np.int32)}, meta)

@@ -1,6 +1,6 @@
 """``salt bench step``: the KD train step against the standard train step, in one run.
 
-Both steps are the trainer's own AOT-compiled steps (``salt.runtime.train.compiled_step``) on
+Both steps are the trainer's own AOT-compiled steps (``salt.runtime.step.compiled_step``) on
 random parameters of the chosen presets (vocabulary ``--vocab``), random windows, one device
 mesh.  Reported:
 
@@ -45,37 +45,38 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
                   kernels: str = "auto",
                   progress: bool = True) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from tqdm import tqdm
 
     from salt.reference.config import get_preset, param_count
-    from salt.runtime import model, optim, sharding, train
+    from salt.runtime import model, optim, sharding
+    from salt.runtime import step as step_mod
+    from salt.runtime.config import TrainConfig, resolve_kernels
 
     student = get_preset(student_name).replace(vocab_size=vocab)
     teacher = get_preset(teacher_name).replace(vocab_size=vocab)
     mesh = sharding.make_mesh("data=1,model=1")
     params = sharding.shard_params(model.init_params_jax(student, 0), student, mesh)
     t_params = sharding.shard_params(model.init_params_jax(teacher, 1), teacher, mesh)
-    params_abs = train._abstract(params)
-    opt_abs = train.opt_state_abstract(optimizer, params_abs, mesh)
+    params_abs = step_mod.abstract_of(params)
+    opt_abs = step_mod.opt_state_abstract(optimizer, params_abs, mesh)
     opt_state = jax.jit(optim.make_direction(optimizer).init,
-                        out_shardings=train._shardings(opt_abs))(params)
+                        out_shardings=step_mod.shardings_of(opt_abs))(params)
     windows = jax.device_put(
         np.random.default_rng(0).integers(0, vocab, (batch, seq_len + 1)).astype(np.int32),
         sharding.batch_sharding(mesh))
     steps_total = 10 ** 6
-    cfg = train.TrainConfig(preset=student_name, data="-", out="-", teacher="-", kd_steps=steps_total,
+    cfg = TrainConfig(preset=student_name, data="-", out="-", teacher="-", kd_steps=steps_total,
                             steps=steps_total, batch=batch, seq_len=seq_len, optimizer=optimizer,
                             dtype=dtype, warmup=0, transition=transition, kernels=kernels,
                             kd_steps1=steps_total if transition != "step" else None)
-    hyper = jax.device_put(train.hyperparameters(cfg), sharding.replicated(mesh))
+    hyper = jax.device_put(step_mod.hyperparameters(cfg), sharding.replicated(mesh))
     compiled = {}
     for kind, t_cfg, t_abs in (("standard", None, None),
-                               ("kd", teacher, train._abstract(t_params))):
+                               ("kd", teacher, step_mod.abstract_of(t_params))):
         start = time.perf_counter()
-        compiled[kind] = train.compiled_step(student, t_cfg, cfg, mesh, params_abs, opt_abs, t_abs,
-                                             train._abstract(windows))
+        compiled[kind] = step_mod.compiled_step(student, t_cfg, cfg, mesh, params_abs, opt_abs, t_abs,
+                                             step_mod.abstract_of(windows))
         compiled[kind + "_compile_s"] = time.perf_counter() - start
 
     step_arr = jax.device_put(np.int32(1), sharding.replicated(mesh))
@@ -114,7 +115,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         "student": student.to_dict(), "teacher": teacher.to_dict(),
         "student_params": param_count(student), "teacher_params": param_count(teacher),
         "batch": batch, "seq_len": seq_len, "optimizer": optimizer, "dtype": dtype,
-        "kernels": train.resolve_kernels(kernels),
+        "kernels": resolve_kernels(kernels),
         "iters": iters, "device": str(jax.devices()[0].device_kind),
         "standard_step_s": t_std, "kd_step_s": t_kd,
         "measured_ratio": measured, "predicted_ratio": predicted,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import math
 
 import jax
 import jax.numpy as jnp

@@ -265,7 +265,7 @@ def render_report(results: dict) -> str:
     L.append("## Verdict\n")
     L.extend(verdict(results))
     L.append("")
-    L.append(f"## Held-out accuracy / log-perplexity (Table 1 style)\n")
+    L.append("## Held-out accuracy / log-perplexity (Table 1 style)\n")
     L.append(f"Validation split, {results.get('eval_windows', '?')} windows × {cfg['seq_len']} "
              f"target tokens. Accuracy in %, log-perplexity = mean CE in nats.\n")
     L.append(f"| model | acc @ {n_kd:,} | log-ppl @ {n_kd:,} | acc @ {n:,} (end) | log-ppl @ {n:,} (end) |")

@@ -225,13 +225,13 @@ def test_flop_counts():
 def test_paper_2_8b_train_step_lowers_fast():
     """Lowering is depth-independent (lax.scan): the 92-layer KD step (with the 44-layer
     teacher) lowers on abstract shapes, no parameters allocated."""
-    from salt.runtime import train
+    from salt.runtime import step as step_mod
     student, teacher = get_preset("paper-2.8b"), get_preset("paper-1.5b")
     params = model.abstract_params(student)
     windows = jax.ShapeDtypeStruct((8, 1281), jnp.int32)
     opt_state = jax.eval_shape(optim.make_direction("adafactor").init, params)
     start = time.perf_counter()
-    lowered = train.compile_step(train.make_step_fn(student, teacher, "adafactor", remat=True),
+    lowered = step_mod.compile_step(step_mod.make_step_fn(student, teacher, "adafactor", remat=True),
                                  params, opt_state, model.abstract_params(teacher), windows,
                                  lower_only=True)
     assert time.perf_counter() - start < 60.0

@@ -106,7 +106,7 @@ def test_sharded_kd_step_with_pallas_kernels_compiles_for_tpu():
     Mosaic kernel) compiles ahead of time for a 4-chip TPU v5p mesh data=2, model=2."""
     from jax.sharding import Mesh
     from salt.kernels import tpu_aot
-    from salt.runtime import train as train_mod
+    from salt.runtime import step as train_mod
     if not tpu_aot.libtpu_available():
         pytest.skip("libtpu is not installed")
     tpu_aot.ensure_env()

@@ -1,0 +1,140 @@
+"""The trainer's configuration: one frozen dataclass, its validation and the user-facing errors.
+
+``TrainConfig`` is what ``salt train`` (and ``salt reproduce`` for each of its runs) hands to
+:func:`salt.runtime.train.train`; it is recorded in ``RUN/run_config.json`` and compared on
+``--resume``.  ``validate`` raises :class:`TrainError` naming the first bad field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+
+from salt.reference.config import get_preset
+from salt.runtime import losses, optim, sharding
+
+RUNTIMES = ("jax", "reference")
+KERNELS = ("auto", "pallas", "xla", "naive")
+DTYPES = ("float32", "bfloat16")
+
+
+def resolve_kernels(name: str) -> str:
+    """``--kernels``: "pallas" (TPU kernels), "xla" (their pure-JAX chunked paths: no
+    ``[tokens, vocab]`` probabilities, flash attention) or "naive" (plain full-size maths);
+    "auto" is Pallas on TPU and "xla" elsewhere."""
+    if name == "auto":
+        return "pallas" if jax.default_backend() == "tpu" else "xla"
+    return name
+
+
+class TrainError(ValueError):
+    """Bad input or an unrecoverable condition, with a message meant for the user."""
+
+
+class NonFiniteLoss(TrainError):
+    def __init__(self, step: int, loss: float, last_checkpoint: int | None):
+        self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
+        kept = (f"the last good checkpoint (step {last_checkpoint}) is kept"
+                if last_checkpoint is not None else "no checkpoint was written")
+        super().__init__(f"non-finite loss {loss} at step {step}; training stopped; {kept}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    preset: str
+    data: str
+    out: str
+    teacher: str | None = None
+    teacher_step: int | None = None
+    kd_steps: int = 0
+    omega: float = 0.667
+    rho: float = 0.25
+    transition: str = "step"
+    kd_steps1: int | None = None
+    steps: int = 100
+    batch: int = 8
+    seq_len: int = 64
+    optimizer: str = "adafactor"
+    lr: float = 1e-3
+    final_lr: float = 1e-4
+    warmup: int = 0
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    mesh: str = "data=1,model=1"
+    subset: str | None = None
+    exclude: str | None = None
+    dtype: str = "float32"
+    kernels: str = "auto"
+    checkpoint_every: int = 0
+    keep_checkpoints: tuple = ()
+    runtime: str = "jax"
+    resume: bool = False
+    force: bool = False
+    remat: bool = False
+
+    # fields that may differ between a run and its resumption
+    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "keep_checkpoints", "out")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["keep_checkpoints"] = list(self.keep_checkpoints)
+        return d
+
+    def validate(self) -> None:
+        """Raise TrainError naming the first bad field."""
+        def bad(field, why):
+            raise TrainError(f"{field}={getattr(self, field)!r}: {why}")
+        try:
+            get_preset(self.preset)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        for field in ("steps", "batch", "seq_len"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or v < 1:
+                bad(field, "must be an integer >= 1")
+        if not isinstance(self.kd_steps, int) or self.kd_steps < 0:
+            bad("kd_steps", "must be an integer >= 0")
+        if self.kd_steps > self.steps:
+            raise TrainError(f"kd_steps={self.kd_steps} is larger than steps={self.steps}")
+        if not (0.0 <= self.omega <= 1.0) or not math.isfinite(self.omega):
+            bad("omega", "must lie in [0, 1]")
+        if not (self.rho > 0) or not math.isfinite(self.rho):
+            bad("rho", "must be a finite number > 0")
+        if self.transition not in losses.TRANSITIONS:
+            bad("transition", f"must be one of {losses.TRANSITIONS}")
+        if self.kd_steps1 is not None and not (0 <= self.kd_steps1 <= self.kd_steps):
+            bad("kd_steps1", f"must lie in [0, kd_steps={self.kd_steps}]")
+        if self.transition != "step" and self.kd_steps1 is None and self.kd_steps > 0:
+            bad("kd_steps1", f"is needed by transition={self.transition!r}")
+        if self.kd_steps > 0 and not self.teacher:
+            raise TrainError(f"kd_steps={self.kd_steps} needs a teacher (--teacher RUN_OR_CHECKPOINT)")
+        if self.subset and self.kd_steps == 0:
+            raise TrainError("subset (SALT_DS selection) only applies to the KD phase, but kd_steps=0")
+        if self.optimizer not in optim.OPTIMIZERS:
+            bad("optimizer", f"must be one of {optim.OPTIMIZERS}")
+        for field in ("lr", "final_lr", "clip", "weight_decay"):
+            v = getattr(self, field)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                bad(field, "must be a finite number >= 0")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if self.final_lr > self.lr:
+            bad("final_lr", f"must be <= lr={self.lr}")
+        if not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
+            bad("warmup", f"must be an integer in [0, steps={self.steps}]")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {DTYPES}")
+        if self.kernels not in KERNELS:
+            bad("kernels", f"must be one of {KERNELS}")
+        if self.runtime not in RUNTIMES:
+            bad("runtime", f"must be one of {RUNTIMES}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            bad("checkpoint_every", "must be an integer >= 0 (0: only at the end)")
+        try:
+            sharding.parse_mesh(self.mesh)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if not isinstance(self.seed, int) or self.seed < 0:
+            bad("seed", "must be an integer >= 0")

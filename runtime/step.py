@@ -1,0 +1,140 @@
+"""The compiled train step: ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
+-> (params, opt_state, metrics)``.
+
+One pure function serves both phases: with a teacher it is the KD step (loss
+``(1-ω_j)·ce + ω_j·kd``, ω_j computed inside the step from ``j``, the teacher under
+``stop_gradient``), without one the standard (CE) step.  The schedules' constants are runtime
+scalars (``hyper``) so one executable serves every run with the same shapes; executables are
+AOT-compiled (``jit(...).lower(...).compile()``) and shared within a process.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from salt.reference.config import ModelConfig
+from salt.runtime import losses, model, optim, sharding
+from salt.runtime.config import TrainConfig, resolve_kernels
+
+HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay", "omega",
+                "kd_steps", "kd_steps1")
+
+
+def hyperparameters(cfg: TrainConfig) -> dict:
+    """The step's runtime scalars (float32): the schedules' constants are arguments of the
+    compiled step, not compile-time constants, so one executable serves every run.
+    (ρ stays a compile-time constant: the KD-loss kernels take it as a static number.)"""
+    values = {f: getattr(cfg, f) for f in HYPER_FIELDS}
+    if values["kd_steps1"] is None:
+        values["kd_steps1"] = values["kd_steps"]
+    return {k: np.float32(v) for k, v in values.items()}
+
+
+def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: str, *,
+                 transition: str = "step", rho: float = 0.25, dtype: str = "float32",
+                 kernels: str = "xla", remat: bool = False, mesh=None):
+    """The pure train step ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
+    -> (params, opt_state, metrics)``; ``teacher`` None builds the standard (CE) step.
+    ``step`` is the 1-based step number; ``hyper`` the dict of :func:`hyperparameters`."""
+    compute_dtype = jnp.dtype(dtype)
+    direction = optim.make_direction(optimizer)
+
+    def loss_fn(params, teacher_params, windows_BxT1, step, hyper):
+        inputs, labels = windows_BxT1[:, :-1], windows_BxT1[:, 1:]
+        logits = model.forward(params, inputs, student, dtype=compute_dtype,
+                               attention_impl=kernels, remat=remat, mesh=mesh)
+        if teacher is None:
+            parts = losses.ce_parts(logits, labels)
+            parts["loss"] = parts["ce"]
+            omega = jnp.float32(0.0)
+        else:
+            t_logits = jax.lax.stop_gradient(model.forward(
+                teacher_params, inputs, teacher, dtype=compute_dtype, attention_impl=kernels,
+                remat=remat, mesh=mesh))
+            omega = losses.omega_at(step, hyper["omega"], hyper["kd_steps"], transition,
+                                    hyper["kd_steps1"])
+            parts = losses.kd_loss(logits, t_logits, labels, omega, rho, impl=kernels, mesh=mesh)
+        metrics = {k: losses.batch_mean(v) for k, v in parts.items() if k != "correct"}
+        metrics["accuracy"] = losses.batch_mean(parts["correct"])
+        metrics["omega"] = omega
+        return metrics["loss"], metrics
+
+    def step_fn(params, opt_state, teacher_params, windows_BxT1, step, hyper):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, teacher_params, windows_BxT1,
+                                                         step, hyper)
+        grads, metrics["grad_norm"] = optim.clip_by_global_norm(grads, hyper["clip"])
+        lr = optim.lr_at(step, hyper["lr"], hyper["warmup"], hyper["steps"], hyper["final_lr"])
+        metrics["lr"] = lr
+        updates, opt_state = direction.update(grads, opt_state, params)
+        params = optim.apply_update(params, updates, lr, hyper["weight_decay"])
+        return params, opt_state, metrics
+
+    return step_fn
+
+
+def abstract_hyper(mesh=None) -> dict:
+    sh = None if mesh is None else sharding.replicated(mesh)
+    return {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=sh) for k in HYPER_FIELDS}
+
+
+def compile_step(step_fn, params_abstract, opt_abstract, teacher_abstract, windows_abstract,
+                 *, mesh=None, out_shardings=None, donate: bool = True, lower_only: bool = False):
+    """AOT-compile (or only lower) a step on abstract arguments carrying their shardings."""
+    sh = None if mesh is None else sharding.replicated(mesh)
+    step_abstract = jax.ShapeDtypeStruct((), jnp.int32, sharding=sh)
+    jitted = jax.jit(step_fn, donate_argnums=(0, 1) if donate else (),
+                     out_shardings=out_shardings)
+    lowered = jitted.lower(params_abstract, opt_abstract, teacher_abstract, windows_abstract,
+                           step_abstract, abstract_hyper(mesh))
+    return lowered if lower_only else lowered.compile()
+
+
+_COMPILED: dict = {}
+_COMPILED_MAX = 16
+
+
+def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs, teacher_abs,
+                  windows_abs):
+    """The AOT-compiled step for this run, shared by runs in one process with the same
+    model(s), optimizer, transition, dtype, kernels, shapes and mesh (e.g. the four
+    students of ``salt reproduce``)."""
+    kernels = resolve_kernels(cfg.kernels)
+    key = (student, teacher, cfg.optimizer, cfg.transition if teacher is not None else None,
+           float(cfg.rho) if teacher is not None else None, cfg.dtype, kernels, cfg.remat,
+           windows_abs.shape,
+           tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)
+    if key not in _COMPILED:
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        fn = make_step_fn(student, teacher, cfg.optimizer, transition=cfg.transition,
+                          rho=float(cfg.rho), dtype=cfg.dtype, kernels=kernels,
+                          remat=cfg.remat, mesh=mesh)
+        out_sh = (shardings_of(params_abs), shardings_of(opt_abs), sharding.replicated(mesh))
+        _COMPILED[key] = compile_step(fn, params_abs, opt_abs, teacher_abs, windows_abs,
+                                      mesh=mesh, out_shardings=out_sh)
+    return _COMPILED[key]
+
+
+def opt_state_abstract(optimizer: str, params_abs, mesh):
+    """Abstract optimizer state with the shardings XLA propagates from the params' (leaves
+    that do not depend on the params, e.g. step counts, are replicated over the mesh)."""
+    init = optim.make_direction(optimizer).init
+    shapes = jax.eval_shape(init, params_abs)
+    chosen = jax.jit(init).lower(params_abs).compile().output_shardings
+    replicated = sharding.replicated(mesh)
+
+    def pick(shape, s):
+        if not isinstance(s, jax.sharding.NamedSharding) or s.mesh.devices.shape != mesh.devices.shape:
+            s = replicated
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=s)
+
+    return jax.tree.map(pick, shapes, chosen)
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def abstract_of(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -32,7 +32,8 @@ def data():
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the train/val split and of the tokenizer's training sample.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Tokenizing processes [default: 1 below 4 MB of input, else min(2, CPUs)]; the output does not depend on it.")
+              help="Tokenizing processes [default: 1 below 4 MB of input, else min(2, CPUs)]; "
+                   "the output does not depend on it.")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fraction, overwrite,
                     skip_invalid, seed, workers, quiet):

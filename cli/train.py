@@ -56,7 +56,8 @@ def _keep(ctx, param, value):
               show_default=True,
               help="Attention / KD-loss implementation: pallas (TPU), xla (chunked pure JAX), "
                    "naive (full-size maths); auto = pallas on TPU, xla elsewhere.")
-@click.option("--remat/--no-remat", default=False, show_default=True, help="Recompute layer activations in the backward.")
+@click.option("--remat/--no-remat", default=False, show_default=True,
+              help="Recompute layer activations in the backward.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Save every N steps (always at the end, at n_kd and on SIGTERM).")
 @click.option("--keep", "keep_checkpoints", callback=_keep, default="",

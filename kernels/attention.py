@@ -1,6 +1,6 @@
 """Multi-query / grouped-query flash attention: Pallas TPU kernels, a pure-JAX flash path, naive.
 
-Conventions (reference/config.py, DESIGN.md §5):
+Conventions (reference/config.py, docs/design.md §5):
 
 * ``q`` is ``[B, T, H, hd]``, ``k`` and ``v`` are ``[B, T, KV, hd]`` with ``H % KV == 0``;
   query head ``j`` uses key/value head ``j // (H // KV)`` (``KV = 1`` multi-query,

@@ -4,7 +4,7 @@ tied embedding matrices, without ever writing the ``[tokens, vocab]`` logits.
 ``s = student_hidden @ student_embedding.T`` (``[N, D_s] x [V, D_s]``) and
 ``t = teacher_hidden @ teacher_embedding.T`` (``[N, D_t] x [V, D_t]``, ``D_t != D_s`` in general)
 are formed tile by tile and folded into the same online row statistics
-as the logits kernel (:mod:`salt.kernels.kd_loss`, DESIGN.md §2 maths).
+as the logits kernel (:mod:`salt.kernels.kd_loss`, docs/design.md §2 maths).
 
 Gradients (``custom_vjp`` on the per-row loss): with ``dS = g·(P − (1−ω)·onehot − ω·Q)`` recomputed
 tile by tile, ``d student_hidden = dS @ E_s`` and ``d student_embedding = dSᵀ @ h_s`` (and
@@ -18,7 +18,8 @@ Implementations:
   logit tiles: (a) grid (token blocks, vocab blocks; vocab "arbitrary") accumulating ``d h_s`` in a
   ``[bt, D_s]`` f32 scratch; (b) grid (vocab blocks, token blocks; tokens "arbitrary")
   accumulating ``d E_s`` in a ``[bv, D_s]`` f32 scratch (for f32 outputs both accumulate in the
-  resident output block instead).  Default block sizes come from :func:`choose_blocks`.  Ragged N and V by masking: columns past V
+  resident output block instead).  Default block sizes come from :func:`choose_blocks`.  Ragged N
+and V by masking: columns past V
   get ``-inf`` logits and their (padded) embedding rows are zeroed; rows past N are zeroed.
   bf16 inputs are multiplied on the MXU with f32 accumulation; ``dS`` is cast to the embedding
   dtype for the gradient matmuls.
@@ -406,7 +407,7 @@ _loss_core.defvjp(_loss_core_fwd, _loss_core_bwd)
 def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teacher_embedding, labels,
                          omega, rho, mask=None, *, impl=None, interpret=False, block_sizes=None,
                          return_parts=False):
-    """Per-token KD loss ``(1−ω)·ce + ω·kd`` (DESIGN.md §2) with logits ``h @ E.T`` never stored.
+    """Per-token KD loss ``(1−ω)·ce + ω·kd`` (docs/design.md §2) with logits ``h @ E.T`` never stored.
 
     Args:
       student_hidden: ``[N, D_s]``; student_embedding: ``[V, D_s]`` (tied LM head).

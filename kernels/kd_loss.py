@@ -1,4 +1,4 @@
-"""Fused KD loss from student and teacher logits (DESIGN.md §2).
+"""Fused KD loss from student and teacher logits (docs/design.md §2).
 
 Per target position, with student logits ``s``, teacher logits ``t``, label ``y``, weight ``ω``
 and teacher temperature ``ρ``::
@@ -444,7 +444,7 @@ _loss_core.defvjp(_loss_core_fwd, _loss_core_bwd)
 
 def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, impl=None, interpret=False,
             block_sizes=None, return_parts=False):
-    """Per-position KD loss ``(1−ω)·ce + ω·kd`` (DESIGN.md §2), float32, shape of ``labels``.
+    """Per-position KD loss ``(1−ω)·ce + ω·kd`` (docs/design.md §2), float32, shape of ``labels``.
 
     Args:
       student_logits, teacher_logits: ``[..., V]`` floating arrays (float32 or bfloat16; math is f32).
@@ -461,7 +461,7 @@ def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, im
 
     Gradient (``jax.grad``): w.r.t. ``student_logits`` ``(P − (1−ω)·onehot − ω·Q)·cotangent``;
     w.r.t. ``omega`` ``(s_y − Σ Q·s)·cotangent``; the teacher logits get a ZERO cotangent (no
-    gradient flows to the teacher).  The reduction is the caller's: DESIGN.md's mean over valid
+    gradient flows to the teacher).  The reduction is the caller's: docs/design.md's mean over valid
     positions is ``loss.sum() / mask.sum()``.
     """
     student_logits = _float_input("student_logits", student_logits)

@@ -3,7 +3,7 @@
 This file is the contract every part of SALT shares (reference, kernels, runtime):
 the names, shapes and order of the parameters, and the architecture conventions.
 
-Architecture (DESIGN.md §5), written once here so that all implementations agree:
+Architecture (docs/design.md §5), written once here so that all implementations agree:
 
 * tokens ``x_BxT`` -> ``h = embed[x] * sqrt(d_model)``  (tied embedding ``embed_VxD``)
 * per layer ``l`` (layers are stacked along a leading axis ``L`` for ``lax.scan``):
@@ -134,7 +134,7 @@ def param_count(config: ModelConfig, *, embedding: bool = True) -> int:
 PAPER_VOCAB = 256000
 
 PRESETS: dict[str, ModelConfig] = {
-    # The paper's models (DESIGN.md §5, paper appendix E and §I).
+    # The paper's models (docs/design.md §5, paper appendix E and §I).
     "paper-1.5b": ModelConfig("paper-1.5b", PAPER_VOCAB, 44, 1024, 8192, 4, 4),
     "paper-2.8b": ModelConfig("paper-2.8b", PAPER_VOCAB, 92, 1024, 8192, 4, 1),
     "paper-8.6b": ModelConfig("paper-8.6b", PAPER_VOCAB, 32, 4096, 16384, 32, 1),

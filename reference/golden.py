@@ -9,10 +9,11 @@ configs load with ``ModelConfig.from_dict``). Parameter trees are stored flatten
 prefix: ``param/embed``, ``param/layers/wq``, ... (``flatten_params`` names);
 :func:`load_params` rebuilds the nested tree.
 
-Conventions: training windows are ``[B, T+1]`` (inputs ``w[:, :-1]``, labels ``w[:, 1:]``); ``mask`` ``[B, T]`` marks valid TARGET positions; scalar losses are means
+Conventions: training windows are ``[B, T+1]`` (inputs ``w[:, :-1]``, labels ``w[:, 1:]``);
+``mask`` ``[B, T]`` marks valid TARGET positions; scalar losses are means
 over valid positions (``mean_over_mask``); per-position values are 0 where masked.
 
-``losses.npz`` — DESIGN.md §2 losses, three cases ``<c>`` in ``v37`` (V = 37, B=3, T=5,
+``losses.npz`` — docs/design.md §2 losses, three cases ``<c>`` in ``v37`` (V = 37, B=3, T=5,
 logits ~ 3 N(0,1)), ``v1000`` (V = 1000, B=2, T=3) and ``big`` (V = 37, B=2, T=4, logits of
 magnitude 1e4, one position with all student logits equal to 1e4):
 
@@ -27,7 +28,7 @@ magnitude 1e4, one position with all student logits equal to 1e4):
 * top-k KD (eq. 13-14): ``<c>/topk_ks``, ``<c>/topk_omegas``, ``<c>/topk_rhos`` ``[m]``,
   ``<c>/topk_loss`` ``[m,B,T]``, ``<c>/topk_grad`` ``[m,B,T,V]`` (``topk_kd_loss(_grad)``).
 
-``score.npz`` — eq. 11 selection score (DESIGN.md §4), N=7 sequences, T=10, V=50, logits on a
+``score.npz`` — eq. 11 selection score (docs/design.md §4), N=7 sequences, T=10, V=50, logits on a
 0.5 grid (ties), sequence 5 a copy of sequence 1 (tied scores), sequence 6 fully masked:
 
 * ``teacher_logits`` ``[N,T,V]`` (``teacher_logits[b, i]`` predicts ``targets[b, i]``),

@@ -1,4 +1,4 @@
-"""Reference per-position losses of SALT and their gradients w.r.t. the student logits (DESIGN.md §2).
+"""Reference per-position losses of SALT and their gradients w.r.t. the student logits (docs/design.md §2).
 
 Notation, per target position: student logits ``s`` (length V), teacher logits ``t``, label ``y``,
 distillation weight ``omega`` in [0, 1], teacher temperature ``rho`` > 0.
@@ -227,7 +227,7 @@ def ce_loss_grad(logits, labels, mask=None) -> np.ndarray:
 # ----------------------------------------------------------------------------- KD
 
 def loss_parts(student_logits, teacher_logits, labels, omega, rho, mask=None) -> dict:
-    """All per-position quantities of DESIGN.md §2 at once (float64, 0 at masked positions).
+    """All per-position quantities of docs/design.md §2 at once (float64, 0 at masked positions).
 
     Returns a dict of arrays of shape ``labels.shape``:
     ``loss`` = (1-omega) ce + omega kd, ``ce``, ``kd`` = -sum Q log P, ``kl`` = KL(Q||P),
@@ -293,7 +293,7 @@ def topk_indices(teacher_logits, k: int) -> np.ndarray:
     index (the convention of ``jax.lax.top_k``), listed in descending logit order. The set is
     chosen on the teacher logits ``t`` themselves (``rho > 0`` does not change the order).
 
-    Note: this differs on purpose from the selection score's top-k MEMBERSHIP test (DESIGN.md §4:
+    Note: this differs on purpose from the selection score's top-k MEMBERSHIP test (docs/design.md §4:
     ties count in favour of membership), which needs no set, only a count.
     """
     t = _as_logits("teacher_logits", teacher_logits)

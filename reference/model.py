@@ -28,7 +28,7 @@ Forward/backward entry points:
 * ``hidden_states(...)`` -> the final normed hidden state alone;
 * ``backward(params, cache, dlogits_BxTxV, config)`` -> gradients, same nested structure;
 * ``loss_and_grad(params, tokens_BxT1, config, teacher_logits=None, omega=0.0, rho=1.0,
-  mask=None, prefix_len=None)`` -> ``(loss, grads, metrics)`` with the DESIGN.md §2
+  mask=None, prefix_len=None)`` -> ``(loss, grads, metrics)`` with the docs/design.md §2
   loss averaged over valid target positions.
 """
 from __future__ import annotations
@@ -315,7 +315,7 @@ def split_window(tokens_BxT1):
 
 def loss_and_grad(params: dict, tokens_BxT1, config: ModelConfig, teacher_logits=None,
                   omega: float = 0.0, rho: float = 1.0, mask=None, prefix_len=None):
-    """Mean DESIGN.md §2 loss over valid target positions, its gradients and metrics.
+    """Mean docs/design.md §2 loss over valid target positions, its gradients and metrics.
 
     ``tokens_BxT1``: windows [B, T+1] (inputs ``w[:, :-1]``, labels ``w[:, 1:]``).
     ``teacher_logits``: [B, T, V] for the KD phase, or None (then ``omega`` must be 0 and the

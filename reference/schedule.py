@@ -1,4 +1,4 @@
-"""Reference schedules of SALT (DESIGN.md §3): the distillation weight and the learning rate.
+"""Reference schedules of SALT (docs/design.md §3): the distillation weight and the learning rate.
 
 Steps are 1-BASED: step ``j = 1`` is the first optimizer update, ``j = n`` the last of an ``n``-step
 run (Algorithm 1). Both functions are pure and cheap; the JAX runtime re-implements them (optax)

@@ -1,4 +1,4 @@
-"""Reference data-selection score of SALT_DS (paper eq. 11, DESIGN.md §4).
+"""Reference data-selection score of SALT_DS (paper eq. 11, docs/design.md §4).
 
 For a sequence scored by the teacher (an early SLM checkpoint), per target position ``i`` with
 teacher logits ``t_i`` (length V) predicting target token ``x_i``:
@@ -359,7 +359,7 @@ def selection_score_numpy(teacher_logits, targets, k, mode="zero", mask=None,
 # ----------------------------------------------------------------------------- selection
 
 def top_m_indices(scores, m: int) -> np.ndarray:
-    """Indices of the ``m`` highest scores, ties broken by the lower index (DESIGN.md §4).
+    """Indices of the ``m`` highest scores, ties broken by the lower index (docs/design.md §4).
 
     ``scores``: 1-D float (``-inf`` allowed, NaN rejected). Returns int64 ``[m]``, best first.
     """

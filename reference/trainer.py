@@ -1,7 +1,7 @@
 """The reference trainer: a few SALT steps of a tiny model in NumPy, for CPU debugging and
 for golden training curves the JAX runtime must reproduce.
 
-One trainer covers every variant (DESIGN.md §1): with a teacher and ``n_kd > 0`` the first
+One trainer covers every variant (docs/design.md §1): with a teacher and ``n_kd > 0`` the first
 ``n_kd`` steps minimise the KD loss ``(1-ω_j)·CE + ω_j·soft-CE`` with ``ω_j =
 omega_at(j, omega, n_kd, transition, n_kd1)`` (1-based step ``j``); afterwards (the standard
 phase) no teacher forward pass runs at all and the loss is plain CE. BASELINE is ``n_kd = 0``;

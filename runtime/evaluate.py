@@ -1,6 +1,6 @@
 """Held-out evaluation: next-token accuracy and log-perplexity, overall and by teacher bucket.
 
-Metrics (paper Table 1, DESIGN.md §6) on the validation split, windows of ``T + 1`` tokens:
+Metrics (paper Table 1, docs/design.md §6) on the validation split, windows of ``T + 1`` tokens:
 
 * accuracy  = fraction of target positions whose argmax prediction equals the target;
 * log-perplexity = mean cross-entropy (nats) over target positions.

@@ -1,10 +1,11 @@
-"""Training losses of the runtime (DESIGN.md §2) and the ω schedule (§3) in ``jnp``.
+"""Training losses of the runtime (docs/design.md §2) and the ω schedule (§3) in ``jnp``.
 
 ``kd_loss_parts`` is the plain-JAX path: per position it returns the loss
 ``(1-ω)·ce + ω·kd`` and the monitored parts ``ce``, ``kd`` and ``KL(Q‖P) = kd − H(Q)``,
 with ``Q = softmax(ρ·t)`` and ``P = softmax(s)``; the teacher logits are under
 ``stop_gradient``.  ``impl="pallas"`` / ``"xla"`` routes the loss (and its gradient)
-and the monitored parts through ``salt.kernels.kd_loss`` (Pallas / its pure-JAX path).  ``batch_mean`` averages over the valid (unmasked) target positions.
+and the monitored parts through ``salt.kernels.kd_loss`` (Pallas / its pure-JAX path).
+``batch_mean`` averages over the valid (unmasked) target positions.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def batch_mean(values_BxT, mask_BxT=None):
 
 
 def omega_at(step, omega, n_kd, transition: str = "step", n_kd1=None):
-    """ω at 1-based ``step``, DESIGN.md §3 (same formulas as ``salt.reference.omega_at``).
+    """ω at 1-based ``step``, docs/design.md §3 (same formulas as ``salt.reference.omega_at``).
 
     ``step``, ``omega``, ``n_kd`` and ``n_kd1`` may be traced; ``transition`` is static.
     ``step``: ω for step <= n_kd, 0 after.  ``linear``: ω up to n_kd1, then

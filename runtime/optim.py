@@ -1,5 +1,5 @@
 """Optimizers of the runtime: optax Adafactor (paper default) or AdamW, with global-norm
-clipping and the warm-up + cosine learning-rate schedule of DESIGN.md §3.
+clipping and the warm-up + cosine learning-rate schedule of docs/design.md §3.
 
 The schedule is evaluated at the 1-based step ``j = count + 1`` (optax's ``count`` is the
 number of updates already applied), matching :func:`salt.reference.lr_at`.

@@ -1,4 +1,4 @@
-"""Data-selection score (paper eq. 11, DESIGN.md §4) computed with a JAX teacher.
+"""Data-selection score (paper eq. 11, docs/design.md §4) computed with a JAX teacher.
 
 For each candidate training window ``w`` (``T + 1`` tokens: inputs ``w[:-1]``, targets ``w[1:]``)
 the teacher's per-position cost is

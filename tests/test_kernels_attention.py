@@ -140,10 +140,10 @@ def test_xla_large_logits_finite():
 def test_causal_flag_and_prefix_conventions():
     (q, k, v, _), _ = make_inputs(1, 2, 13, 4, 2, 8, jnp.float32)
     T = 13
-    for impl in ("xla",):
-        jitted = jax.jit(lambda p: mqa_attention(q, k, v, p, impl=impl, block_sizes=SMALL_BLOCKS))
-        run = lambda p, **kw: (mqa_attention(q, k, v, p, impl=impl, block_sizes=SMALL_BLOCKS, **kw)
-                               if kw or p is None else jitted(p))
+    for impl in ("xla",):  # the lambdas below are used only inside their own iteration
+        jitted = jax.jit(lambda p: mqa_attention(q, k, v, p, impl=impl, block_sizes=SMALL_BLOCKS))  # noqa: B023
+        run = lambda p, **kw: (mqa_attention(q, k, v, p, impl=impl, block_sizes=SMALL_BLOCKS, **kw)  # noqa: B023
+                               if kw or p is None else jitted(p))  # noqa: B023
         none, zero = run(None), run(jnp.zeros(2, jnp.int32))
         np.testing.assert_array_equal(np.asarray(none), np.asarray(zero))
         full, bidir = run(jnp.full(2, T, jnp.int32)), run(None, causal=False)

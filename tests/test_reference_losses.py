@@ -36,7 +36,7 @@ def _softmax_ld(x):
 
 
 def _kd_ld(s, t, y, omega, rho):
-    """The DESIGN.md §2 formula written literally: lse(s) - [(1-w) s_y + w sum Q s]."""
+    """The docs/design.md §2 formula written literally: lse(s) - [(1-w) s_y + w sum Q s]."""
     s = np.asarray(s, dtype=LD)
     q = _softmax_ld(LD(rho) * np.asarray(t, dtype=LD))
     s_y = np.take_along_axis(s, y[..., None], axis=-1)[..., 0]

@@ -262,20 +262,25 @@ def task_manager(names, tasks_dir=None):
         include = str(tasks_dir)
         if not pathlib.Path(include).is_dir():
             raise ValueError(f"tasks directory {include!r} does not exist")
-        tm = TaskManager(include_path=include, include_defaults=False, verbosity="ERROR")
+        tm = TaskManager(include_path=include, include_defaults=False)
         if not _unknown(tm, names):
             return tm
-    tm = TaskManager(include_path=include, verbosity="ERROR")
+    tm = TaskManager(include_path=include)
+    check_tasks(tm, names, include)
+    return tm
+
+
+def check_tasks(tm, names, include=None) -> None:
+    """Raise ValueError naming the tasks ``tm`` does not know, with close matches."""
     missing = _unknown(tm, names)
     if missing:
         import difflib
         hints = {m: difflib.get_close_matches(m, tm.all_tasks, n=3) for m in missing}
         said = "; ".join(f"{m!r}" + (f" (did you mean {', '.join(h)}?)" if h else "")
                          for m, h in hints.items())
-        where = f" in {include!r} or" if include else ""
+        where = f" in {include!r} nor" if include else ""
         raise ValueError(f"unknown task(s): {said}; no such task{where} among the harness's "
                          "tasks (`lm-eval ls tasks` lists them)")
-    return tm
 
 
 def _unknown(tm, names) -> list[str]:

@@ -72,7 +72,7 @@ def _evaluate_tasks(run_path, step, data_dir, tasks, tasks_dir, num_fewshot, lim
         results = harness.evaluate_tasks(run_path, step, tasks=tasks.split(","), tasks_dir=tasks_dir,
                                          store=data_dir, num_fewshot=num_fewshot, limit=limit,
                                          batch_size=batch)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, or a task's data unreachable (offline)
         raise click.ClickException(str(e)) from None
     if out is None:
         click.echo(harness.results_json(results))

@@ -94,6 +94,17 @@ def test_scores_do_not_depend_on_batching_or_padding(run, lm):
     assert [g for _, g in one] == [g for _, g in many]
 
 
+def test_scoring_compiles_once_per_length_bucket(run, lm):
+    reqs = [_req("loglikelihood", c, x) for c, x in PAIRS]
+    lm.loglikelihood(reqs, disable_tqdm=True)
+    fn = harness._score_fn(run["config"], lm.dtype, lm.kernels)
+    compiled = fn._cache_size()
+    # other lengths in the same buckets (16 and 32 positions): no new executable
+    other = [_req("loglikelihood", c[:-1] or "k", x + "a") for c, x in PAIRS]
+    assert len(lm.loglikelihood(other, disable_tqdm=True)) == len(other)
+    assert fn._cache_size() == compiled
+
+
 def test_loglikelihood_of_a_greedy_continuation_is_greedy(run, lm):
     """Token level (re-encoding decoded text need not give the same ids): the ids greedy
     decoding produced are the argmax at every position, and a changed last id is not."""
@@ -127,14 +138,13 @@ def test_rolling_loglikelihood(run, lm):
 
 
 def _plain_greedy(run, prompt_ids, n):
-    """The definition: n times, append argmax of the model's logits at the last position."""
-    import jax.numpy as jnp
-
-    from salt.runtime import model
+    """The definition: n times, append the argmax of the (float64 reference) model's logits
+    at the last position; stop at EOS."""
+    from salt.reference import model as ref_model
+    params = ref_model.cast_params(run["params"], np.float64)
     ids = list(prompt_ids)
     for _ in range(n):
-        logits = model.forward(run["params"], jnp.asarray([ids]), run["config"])
-        nxt = int(np.argmax(np.asarray(logits[0, -1])))
+        nxt = int(np.argmax(ref_model.forward(params, np.asarray([ids]), run["config"])[0, -1]))
         if nxt == EOS_ID:
             break
         ids.append(nxt)

@@ -35,12 +35,11 @@ def hyperparameters(cfg: TrainConfig) -> dict:
     return {k: np.float32(v) for k, v in values.items()}
 
 
-def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: str, *,
-                 transition: str = "step", rho: float = 0.25, dtype: str = "float32",
-                 kernels: str = "xla", remat: bool = False, mesh=None, grad_accum: int = 1):
-    """The pure train step ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
-    -> (params, opt_state, metrics)``; ``teacher`` None builds the standard (CE) step.
-    ``step`` is the 1-based step number; ``hyper`` the dict of :func:`hyperparameters`.
+def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transition: str = "step",
+                 rho: float = 0.25, dtype: str = "float32", kernels: str = "xla", remat: bool = False,
+                 mesh=None, grad_accum: int = 1, loss_kernels: str | None = None):
+    """``(params, teacher_params, windows_BxT1, step, hyper) -> (grads, metrics)``: the gradient
+    of the batch-mean loss and the batch-mean metrics; ``teacher`` None: the standard (CE) loss.
 
     The loss comes from the final hidden states and tied embeddings through the fused-linear
     kernels (:func:`salt.runtime.losses.token_parts`): no ``[tokens, vocab]`` logits unless
@@ -48,9 +47,11 @@ def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: s
     ``k`` holds rows ``k, K + k, 2K + k, …``, so each device keeps its own rows) that run one after
     another in a ``lax.scan``; their gradients and metrics are averaged and ONE optimizer update
     follows — the large batch's step up to float rounding (every microbatch has the same number of
-    positions, so the mean of the microbatch means is the batch mean)."""
+    positions, so the mean of the microbatch means is the batch mean).  ``loss_kernels``: the
+    loss's implementation when it should differ from ``kernels`` (benchmarks: fused vs full-logits
+    loss with the same attention)."""
     compute_dtype = jnp.dtype(dtype)
-    direction = optim.make_direction(optimizer)
+    loss_impl = kernels if loss_kernels is None else loss_kernels
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
 
@@ -59,7 +60,7 @@ def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: s
         hidden = model.hidden(params, inputs, student, dtype=compute_dtype,
                               attention_impl=kernels, remat=remat, mesh=mesh)
         if teacher is None:
-            parts = losses.token_parts(hidden, params["embed"], labels, impl=kernels, mesh=mesh)
+            parts = losses.token_parts(hidden, params["embed"], labels, impl=loss_impl, mesh=mesh)
             omega = jnp.float32(0.0)
         else:
             t_hidden = jax.lax.stop_gradient(model.hidden(
@@ -69,7 +70,7 @@ def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: s
                                     hyper["kd_steps1"])
             parts = losses.token_parts(hidden, params["embed"], labels,
                                        teacher=(t_hidden, teacher_params["embed"]), omega=omega,
-                                       rho=rho, impl=kernels, mesh=mesh)
+                                       rho=rho, impl=loss_impl, mesh=mesh)
         metrics = {k: losses.batch_mean(parts[k]) for k in ("loss", "ce", "kd", "kl") if k in parts}
         metrics["accuracy"] = losses.batch_mean(parts["correct"])
         metrics["omega"] = omega
@@ -96,6 +97,22 @@ def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: s
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         total, _ = jax.lax.scan(body, zeros, micro_KxBkxT1)
         return jax.tree.map(lambda x: x / grad_accum, total)
+
+    return accumulated_grads
+
+
+def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: str, *,
+                 transition: str = "step", rho: float = 0.25, dtype: str = "float32",
+                 kernels: str = "xla", remat: bool = False, mesh=None, grad_accum: int = 1,
+                 loss_kernels: str | None = None):
+    """The pure train step ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
+    -> (params, opt_state, metrics)``; ``teacher`` None builds the standard (CE) step.
+    ``step`` is the 1-based step number; ``hyper`` the dict of :func:`hyperparameters`.
+    Gradients and metrics from :func:`make_grad_fn` (same arguments), then one optimizer update."""
+    direction = optim.make_direction(optimizer)
+    accumulated_grads = make_grad_fn(student, teacher, transition=transition, rho=rho, dtype=dtype,
+                                     kernels=kernels, remat=remat, mesh=mesh, grad_accum=grad_accum,
+                                     loss_kernels=loss_kernels)
 
     def step_fn(params, opt_state, teacher_params, windows_BxT1, step, hyper):
         grads, metrics = accumulated_grads(params, teacher_params, windows_BxT1, step, hyper)

@@ -18,6 +18,7 @@ from salt.kernels.fused_linear_kd import (FusedKDBlockSizes, choose_blocks, fuse
 from salt.reference import losses as ref
 from salt.reference import score as ref_score
 from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
+from matmul_count import matmul_flops
 
 SMALL_BLOCKS = FusedKDBlockSizes(block_tokens=16, block_vocab=128, chunk_vocab=128)
 
@@ -202,6 +203,30 @@ def test_tpu_interpreter_race_detection():
     params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
     check("pallas", make_case(20, 200, 16, 8, seed=6), (0.667,), 0.25, F32_TOL, interpret=params)
     assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla", "naive"])
+def test_analytic_flops_count_the_traced_matmuls(impl):
+    """``analytic_flops`` minus its elementwise estimate equals the matmul flops of the traced
+    forward + backward (dot_generals walked through the xla scans and the Pallas grids): 3 logit
+    passes for pallas (forward + two backward kernels), 2 for xla, 1 for naive, plus the two
+    gradient matmuls.  Shapes divisible by the blocks (a Pallas grid computes whole blocks)."""
+    from salt.kernels import fused_linear_kd as F
+    from salt.kernels.kd_loss import bwd_flops, fwd_flops
+
+    n, vocab, d_s, d_t = 64, 512, 32, 16
+    blocks = FusedKDBlockSizes(block_tokens=32, block_vocab=128, chunk_vocab=128)
+    S = jax.ShapeDtypeStruct
+
+    def fwd_bwd(hs, es, ht, et, y):
+        loss = lambda a, b: fused_linear_kd_loss(a, b, ht, et, y, 0.5, 0.25, impl=impl,  # noqa: E731
+                                                 interpret=True, block_sizes=blocks).sum()
+        return jax.value_and_grad(loss, argnums=(0, 1))(hs, es)
+
+    traced = matmul_flops(fwd_bwd, S((n, d_s), jnp.float32), S((vocab, d_s), jnp.float32),
+                          S((n, d_t), jnp.float32), S((vocab, d_t), jnp.float32), S((n,), jnp.int32))
+    elementwise = fwd_flops(n, vocab) + (2 if impl == "pallas" else 1) * bwd_flops(n, vocab)
+    assert F.analytic_flops(n, vocab, d_s, d_t, schedule=impl) - elementwise == traced
 
 
 def test_default_block_choice_fits_budget_and_prefers_token_rows():

@@ -1,10 +1,10 @@
-"""Fused-linear KD loss: the KD loss of :mod:`salt.kernels.kd_loss` from final hidden states and
+"""Fused-linear KD loss: the KD loss of :mod:`salt.kernels.logits_kd` from final hidden states and
 tied embedding matrices, without ever writing the ``[tokens, vocab]`` logits.
 
 ``s = student_hidden @ student_embedding.T`` (``[N, D_s] x [V, D_s]``) and
 ``t = teacher_hidden @ teacher_embedding.T`` (``[N, D_t] x [V, D_t]``, ``D_t != D_s`` in general)
 are formed tile by tile and folded into the same online row statistics
-as the logits kernel (:mod:`salt.kernels.kd_loss`, docs/design.md §2 maths).
+as the logits kernel (:mod:`salt.kernels.logits_kd`, docs/design.md §2 maths).
 
 Gradients (``custom_vjp`` on the per-row loss): with ``dS = g·(P − (1−ω)·onehot − ω·Q)`` recomputed
 tile by tile, ``d student_hidden = dS @ E_s`` and ``d student_embedding = dSᵀ @ h_s`` (and
@@ -25,7 +25,7 @@ and V by masking: columns past V
   dtype for the gradient matmuls.
 * ``"xla"``: ``lax.scan`` over vocabulary chunks (forward: statistics; backward: recompute the
   chunk's logits, accumulate ``d h_s`` in the carry and add the chunk's ``d E_s`` rows in place).
-* ``"naive"``: full logits + :func:`salt.kernels.kd_loss.loss_naive`, autodiff.
+* ``"naive"``: full logits + :func:`salt.kernels.logits_kd.loss_naive`, autodiff.
 
 :func:`fused_linear_ce_loss` is the same family without a teacher (the standard step, ``salt
 score``, ``salt eval``): the teacher's matmul, statistics and ``Q`` term are left out.
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# The module, not the function: ``salt.kernels`` re-exports the function ``kd_loss`` under the
-# submodule's name, so ``from salt.kernels import kd_loss`` (or ``import ... as``) yields the function.
-_kd = importlib.import_module("salt.kernels.kd_loss")
+from salt.kernels import logits_kd as _kd
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 
@@ -474,7 +471,7 @@ def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teac
       mask: optional ``[N]``; masked tokens give loss 0 and no gradient.
       impl: "pallas" | "xla" | "naive" (None: "pallas" on TPU, else "xla"); interpret: for pallas.
       block_sizes: :class:`FusedKDBlockSizes`; return_parts: also ``{"ce", "kd", "kl", "correct",
-        "n_greater"}`` (see :func:`salt.kernels.kd_loss.kd_loss`; monitoring values, no gradient).
+        "n_greater"}`` (see :func:`salt.kernels.logits_kd.kd_loss`; monitoring values, no gradient).
 
     Returns float32 ``[N]`` (and the parts dict).  Gradients flow to ``student_hidden``,
     ``student_embedding`` (and ``omega``); the teacher's arrays get ZERO cotangents.

@@ -43,12 +43,12 @@ SCORES_FORMAT = "salt-scores-v1"
 
 def token_terms(logits_BxTxV, targets_BxT, k: int):
     """Per-position cross-entropy and top-k membership from full logits (the ``naive`` cross-check
-    of :func:`make_token_terms_fn`; the maths is :func:`salt.kernels.kd_loss.loss_naive`'s).
+    of :func:`make_token_terms_fn`; the maths is :func:`salt.kernels.logits_kd.loss_naive`'s).
 
     Returns ``(ce_BxT float32, in_topk_BxT bool)`` where ``in_topk`` holds iff fewer than ``k``
     vocabulary entries have a logit strictly greater than the target's.
     """
-    from salt.kernels.kd_loss import loss_naive
+    from salt.kernels.logits_kd import loss_naive
 
     B, T, V = logits_BxTxV.shape
     ce_N, parts = loss_naive(logits_BxTxV.reshape(B * T, V), None, targets_BxT.reshape(B * T).astype("int32"),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from salt.bench import kd_loss as bench
 from salt.kernels.fused_linear_kd import fused_linear_kd_loss
-from salt.kernels.kd_loss import bwd_flops, fwd_flops
+from salt.kernels.logits_kd import bwd_flops, fwd_flops
 from matmul_count import matmul_flops
 
 

@@ -212,7 +212,7 @@ def test_analytic_flops_count_the_traced_matmuls(impl):
     passes for pallas (forward + two backward kernels), 2 for xla, 1 for naive, plus the two
     gradient matmuls.  Shapes divisible by the blocks (a Pallas grid computes whole blocks)."""
     from salt.kernels import fused_linear_kd as F
-    from salt.kernels.kd_loss import bwd_flops, fwd_flops
+    from salt.kernels.logits_kd import bwd_flops, fwd_flops
 
     n, vocab, d_s, d_t = 64, 512, 32, 16
     blocks = FusedKDBlockSizes(block_tokens=32, block_vocab=128, chunk_vocab=128)

@@ -10,7 +10,7 @@ import pytest
 
 from salt.kernels import fused_linear_kd, tpu_aot
 from salt.kernels.fused_linear_kd import fused_linear_kd_loss
-from salt.kernels.kd_loss import bwd_flops, fwd_flops, kd_loss
+from salt.kernels.logits_kd import bwd_flops, fwd_flops, kd_loss
 
 needs_libtpu = pytest.mark.skipif(not tpu_aot.libtpu_available(), reason="libtpu is not installed")
 S = jax.ShapeDtypeStruct

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from salt.kernels.kd_loss import kd_loss
+from salt.kernels.logits_kd import kd_loss
 from matmul_count import matmul_flops
 from salt.reference import model as ref_model
 from salt.reference.config import flatten_params, get_preset

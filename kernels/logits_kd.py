@@ -1,4 +1,7 @@
-"""Fused KD loss from student and teacher logits (docs/design.md §2).
+"""Fused KD loss from student and teacher logits (docs/design.md §2): ``salt.kernels.kd_loss``.
+
+(The module is ``logits_kd`` so that the function ``salt.kernels.kd_loss`` does not shadow it; it
+also holds the online row statistics that :mod:`salt.kernels.fused_linear_kd` shares.)
 
 Per target position, with student logits ``s``, teacher logits ``t``, label ``y``, weight ``ω``
 and teacher temperature ``ρ``::

@@ -42,36 +42,42 @@ SCORES_FORMAT = "salt-scores-v1"
 # --------------------------------------------------------------------------- per-token terms
 
 def token_terms(logits_BxTxV, targets_BxT, k: int):
-    """Per-position teacher cross-entropy and top-k membership (JAX).
+    """Per-position cross-entropy and top-k membership from full logits (the ``naive`` cross-check
+    of :func:`make_token_terms_fn`; the maths is :func:`salt.kernels.logits_kd.loss_naive`'s).
 
     Returns ``(ce_BxT float32, in_topk_BxT bool)`` where ``in_topk`` holds iff fewer than ``k``
     vocabulary entries have a logit strictly greater than the target's.
     """
-    import jax
-    import jax.numpy as jnp
+    from salt.kernels.logits_kd import loss_naive
 
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    target_logit_BxT = jnp.take_along_axis(
-        logits_BxTxV, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    ce_BxT = lse_BxT - target_logit_BxT
-    n_greater_BxT = jnp.sum(logits_BxTxV > target_logit_BxT[..., None], axis=-1, dtype=jnp.int32)
-    return ce_BxT, n_greater_BxT < k
+    B, T, V = logits_BxTxV.shape
+    ce_N, parts = loss_naive(logits_BxTxV.reshape(B * T, V), None, targets_BxT.reshape(B * T).astype("int32"),
+                             0.0, 1.0)
+    return ce_N.reshape(B, T), (parts["n_greater"] < k).reshape(B, T)
 
 
 @functools.lru_cache(maxsize=16)
-def make_token_terms_fn(config, k: int):
+def make_token_terms_fn(config, k: int, mesh=None, kernels: str = "auto"):
     """``jit``-ed ``(params, windows_BxT1) -> (ce_BxT, in_topk_BxT)``: teacher forward on the
-    inputs ``w[:, :-1]`` and :func:`token_terms` against the targets ``w[:, 1:]`` (cached per
-    model config and k, so repeated jobs compile once)."""
+    inputs ``w[:, :-1]``, then the per-position CE and the rank of the target (number of logits
+    strictly above it) from the final hidden states and the tied embedding through the
+    fused-linear kernel (:func:`salt.runtime.losses.token_parts`; no ``[tokens, vocab]`` logits
+    unless ``kernels="naive"``).  ``mesh``: the devices' mesh (axis ``data``) the batch is sharded
+    on (the kernels then run per shard).  Cached per model config, k, mesh and kernels, so repeated
+    jobs compile once."""
     import jax
 
-    from salt.runtime import model
+    from salt.runtime import losses, model
+    from salt.runtime.config import resolve_kernels
+
+    impl = resolve_kernels(kernels)
 
     @jax.jit
     def terms(params, windows_BxT1):
-        logits_BxTxV = model.forward(params, windows_BxT1[:, :-1], config)
-        return token_terms(logits_BxTxV, windows_BxT1[:, 1:], k)
+        inputs = windows_BxT1[:, :-1]
+        hidden = model.hidden(params, inputs, config, attention_impl=impl, mesh=mesh)
+        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh)
+        return parts["ce"], parts["n_greater"] < k
 
     return terms
 
@@ -331,7 +337,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
 
-    terms = make_token_terms_fn(config, job.k)
+    terms = make_token_terms_fn(config, job.k, mesh)
     chunk = batch * job.chunk_batches
     n_chunks = -(-pool_N.size // chunk)
     done = sum((partial / f"chunk_{c:06d}.npz").is_file() for c in range(n_chunks))

@@ -15,6 +15,7 @@ continues bit-identically (deterministic data order from ``step0``; no RNG in th
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -31,7 +32,8 @@ import numpy as np
 
 from salt.reference.config import VOCAB_FROM_DATA, ModelConfig, get_preset, param_count
 from salt.runtime import checkpoint, model, optim, sharding
-from salt.runtime.config import NonFiniteLoss, TrainConfig, TrainError, resolve_kernels  # noqa: F401
+from salt.runtime.config import (NonFiniteLoss, TrainConfig, TrainError, resolve_kernels,  # noqa: F401
+                                 runtime_devices)
 from salt.runtime.step import (abstract_of, compiled_step, hyperparameters, opt_state_abstract,
                                shardings_of)
 
@@ -98,8 +100,9 @@ def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig) -> list[str]:
     now = cfg.to_dict()
-    return [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now
-            if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields newer than the run
+    return [f"{k}: saved {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
+            if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]]
 
 
 class _Stop:
@@ -170,7 +173,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     subset_ids = _load_ids(cfg.subset, "subset") if cfg.subset else None
     exclude_ids = _load_ids(cfg.exclude, "exclude") if cfg.exclude else None
 
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh, devices=runtime_devices(cfg.runtime))
     if cfg.batch % mesh.shape["data"]:
         raise TrainError(f"batch={cfg.batch} is not divisible by the data axis "
                          f"({mesh.shape['data']}) of mesh {cfg.mesh!r}")

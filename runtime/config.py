@@ -35,7 +35,7 @@ class TrainError(ValueError):
 class NonFiniteLoss(TrainError):
     def __init__(self, step: int, loss: float, last_checkpoint: int | None):
         self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
-        kept = (f"the last good checkpoint (step {last_checkpoint}) is kept"
+        kept = (f"the last good (verified) checkpoint (step {last_checkpoint}) is kept"
                 if last_checkpoint is not None else "no checkpoint was written")
         super().__init__(f"non-finite loss {loss} at step {step}; training stopped; {kept}")
 
@@ -68,6 +68,7 @@ class TrainConfig:
     dtype: str = "float32"
     kernels: str = "auto"
     checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0   # also save when this much wall time passed (0: off)
     keep_checkpoints: tuple = ()
     runtime: str = "jax"
     resume: bool = False
@@ -75,7 +76,8 @@ class TrainConfig:
     remat: bool = False
 
     # fields that may differ between a run and its resumption
-    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "keep_checkpoints", "out")
+    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes",
+                         "keep_checkpoints", "out")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -132,6 +134,9 @@ class TrainConfig:
             bad("runtime", f"must be one of {RUNTIMES}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             bad("checkpoint_every", "must be an integer >= 0 (0: only at the end)")
+        if (not isinstance(self.checkpoint_minutes, (int, float)) or not math.isfinite(self.checkpoint_minutes)
+                or self.checkpoint_minutes < 0):
+            bad("checkpoint_minutes", "must be a finite number >= 0 (0: off)")
         try:
             sharding.parse_mesh(self.mesh)
         except ValueError as e:

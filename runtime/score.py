@@ -31,9 +31,10 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 
 import numpy as np
+
+from salt.data import outputs
 
 TOPK_MODES = ("zero", "exclude")
 SCORES_FORMAT = "salt-scores-v1"
@@ -168,28 +169,14 @@ class ScoreJob:
     force: bool = False
 
 
-def write_bytes_atomic(path: pathlib.Path, write) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+# atomic writers: the one implementation lives in salt.data.outputs (docs/safety.md)
+write_bytes_atomic = outputs.write_bytes
+save_npy_atomic = outputs.save_npy
 
 
 def save_npz_atomic(path, **arrays) -> None:
     """``np.savez`` to ``path`` (exact name, no suffix added) via a temp file and rename."""
-    write_bytes_atomic(pathlib.Path(path), lambda f: np.savez(f, **arrays))
-
-
-def save_npy_atomic(path, array) -> None:
-    write_bytes_atomic(pathlib.Path(path), lambda f: np.save(f, array, allow_pickle=False))
+    outputs.save_npz(path, **arrays)
 
 
 def load_window_ids(path) -> np.ndarray:

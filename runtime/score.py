@@ -373,25 +373,27 @@ def _progress_bar(total: int, desc: str, enable: bool):
 # --------------------------------------------------------------------------- selection
 
 def select_top_m(window_ids_N: np.ndarray, scores_N: np.ndarray, m: int) -> np.ndarray:
-    """The ``m`` highest-scoring window ids, best first; ties by window id ascending (DESIGN §4).
+    """The ``m`` highest-scoring window ids, best first; ties by window id ascending (docs/design.md §4).
 
-    ``-inf`` (a window with nothing to take the median of) ranks last; NaN is rejected.
+    The ranking is the reference's (:func:`salt.reference.score.top_m_indices`, applied in window-id
+    order so that "lower index" means "lower window id"): ``-inf`` (a window with nothing to take the
+    median of) ranks last, NaN is rejected, ``m = 0`` selects nothing.
     """
+    from salt.reference.score import top_m_indices
+
     window_ids_N = np.asarray(window_ids_N, dtype=np.int64)
     scores_N = np.asarray(scores_N, dtype=np.float64)
     if window_ids_N.shape != scores_N.shape or window_ids_N.ndim != 1:
         raise ValueError("window_ids and scores must be equal-length 1-D arrays")
     if np.unique(window_ids_N).size != window_ids_N.size:
         raise ValueError("window_ids contain duplicates")
-    if not isinstance(m, (int, np.integer)) or m < 1:
-        raise ValueError(f"top-m must be a positive integer, got {m!r}")
-    if m > window_ids_N.size:
+    if isinstance(m, (int, np.integer)) and m > window_ids_N.size:
         raise ValueError(f"top-m={m} exceeds the number of scored windows ({window_ids_N.size})")
     if np.isnan(scores_N).any():
         bad = int(window_ids_N[np.argmax(np.isnan(scores_N))])
         raise ValueError(f"scores contain NaN (window id {bad})")
-    order = np.lexsort((window_ids_N, -scores_N))  # last key is primary: score descending
-    return window_ids_N[order[:m]]
+    by_id = np.argsort(window_ids_N, kind="stable")
+    return window_ids_N[by_id][top_m_indices(scores_N[by_id], m)]
 
 
 def select(scores_path, m: int, out_path, force: bool = False) -> np.ndarray:

@@ -66,6 +66,7 @@ def write_bytes(path, data) -> None:
     path = pathlib.Path(path)
     if path.is_dir():
         raise OutputError(f"{str(path)!r} is a directory, expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600; outputs are ordinary files
@@ -175,13 +176,15 @@ MARKER_FILES = {"store": "metadata.json", "run": "run_config.json", "reproductio
                 "score": "job.json"}
 # names each kind writes (regular expressions over the top-level entries)
 OWN_NAMES = {
-    "store": r"metadata\.json|tokenizer\.model|(train|val)\.(tokens|doc_offsets)\.bin",
+    "store": r"metadata\.json|tokenizer\.model|token_check\.json|(train|val)\.(tokens|doc_offsets)\.bin",
     "run": r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints",
     "reproduction": r"state\.json|data|runs|eval|scores\.npz|scores\.npz\.partial|selection\.npy"
                     r"|results\.json|report\.md|[\w.-]+\.png",
     "score": r"job\.json|chunk_\d+\.npz",
 }
 MODES = ("create", "resume", "replace")
+# sub-directories an own directory of a kind holds, and the kind each must be (or absent/empty)
+NESTED = {"reproduction": (("data", "store"), ("runs/*", "run"))}
 
 
 def kind_of(path) -> str | None:
@@ -252,6 +255,14 @@ def check_output_dir(path, kind: str, *, mode: str, inputs=(), what: str = "--ou
         found = f"a SALT {actual} directory" if actual else "not a SALT output directory"
         raise OutputError(f"{shown} is {found} (no valid {MARKER_FILES[kind]}); refusing to "
                           f"{'write into' if mode == 'resume' else 'replace'} it; choose another {what}")
+    for pattern, sub_kind in NESTED.get(kind, ()):
+        for sub in sorted(d.glob(pattern)):
+            if sub.is_dir() and any(sub.iterdir()) and kind_of(sub) != sub_kind:
+                raise OutputError(f"{str(sub)!r} (inside {shown}) is not a SALT {sub_kind} directory; "
+                                  "refusing to write into or replace it; move it away or choose "
+                                  f"another {what}")
+            if sub.exists() and not sub.is_dir():
+                raise OutputError(f"{str(sub)!r} (inside {shown}) is not a directory; move it away")
     if mode == "replace":
         foreign = _foreign_entries(d, kind)
         if foreign:

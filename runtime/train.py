@@ -52,19 +52,15 @@ def _open_store(path: str):
 
 
 def _load_ids(path: str, what: str) -> np.ndarray:
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise TrainError(f"{what} file {path!r} does not exist")
+    from salt.runtime.score import load_window_ids
+
     try:
-        ids = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise TrainError(f"{what} file {path!r} is not a readable .npy array: {e}") from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise TrainError(f"{what} file {path!r} must hold a 1-D integer array of window ids, "
-                         f"got {ids.dtype} {ids.shape}")
+        ids = load_window_ids(path, what=f"--{what}")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if ids.size == 0:
-        raise TrainError(f"{what} file {path!r} is empty")
-    return ids.astype(np.int64)
+        raise TrainError(f"--{what} file {path!r} is empty")
+    return ids
 
 
 def student_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -312,15 +308,15 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     step_sharding = sharding.replicated(mesh)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:  # incomplete/corrupt newer steps: kept aside, never reused
-        checkpoint.empty_trash(run_dir)
-        checkpoint.set_aside_newer(run_dir, start_step if start_step > 0 else None)
     run_record = {"train": cfg.to_dict(), "model": config.to_dict(),
                   "tokenizer_sha256": store.tokenizer_sha256, "vocab_size": int(store.vocab_size),
                   "teacher": teacher_identity, "param_count": param_count(config)}
     first_process = jax.process_index() == 0
     if first_process and (start_step == 0 or not (run_dir / "run_config.json").exists()):
         outputs.write_json(run_dir / "run_config.json", run_record)
+    if jax.process_index() == 0:  # incomplete/corrupt newer steps: kept aside, never reused
+        checkpoint.empty_trash(run_dir)
+        checkpoint.set_aside_newer(run_dir, start_step if start_step > 0 else None)
     metrics_path = run_dir / "metrics.jsonl"
     if first_process:
         _truncate_metrics(metrics_path, start_step)

@@ -232,7 +232,7 @@ def _iter_segments(held: list[bytes], chunks: Iterator[bytes], stats: CorpusStat
                 end = buf.rfind(b"\n", 0, SEGMENT_BYTES) + 1
                 if end == 0:  # no line end: back off to the start of a UTF-8 character
                     end = SEGMENT_BYTES
-                    while end > 1 and (buf[end] & 0xC0) == 0x80:
+                    while 1 < end < len(buf) and (buf[end] & 0xC0) == 0x80:
                         end -= 1
             piece = bytes(buf[:end])
             del buf[:end]

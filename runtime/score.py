@@ -221,10 +221,13 @@ def load_scores(path) -> dict:
     if not path.is_file():
         raise ValueError(f"scores file {str(path)!r} does not exist")
     try:
+        if _numpy_file_kind(path) != "npz":
+            raise ValueError("not a .npz archive")
         with np.load(path, allow_pickle=False) as z:
             out = {name: z[name] for name in z.files}
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read scores from {str(path)!r}: {e}") from None
+        why = str(e) if "pickle" not in str(e) else "holds objects"
+        raise ValueError(f"scores file {str(path)!r} is not a readable scores .npz ({why})") from None
     for name in ("window_ids", "scores"):
         if name not in out:
             raise ValueError(f"{str(path)!r} is not a SALT scores file (no {name!r} array)")

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from salt.cli.main import cli
 from salt.data import outputs
@@ -25,7 +25,8 @@ def _invoke(*args):
 
 # --------------------------------------------------------------------------- atomic writers
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(old=st.binary(max_size=300), new=st.binary(max_size=3000), fail_after=st.integers(0, 3000))
 def test_write_bytes_is_all_or_nothing(tmp_path_factory, old, new, fail_after):
     d = tmp_path_factory.mktemp("atomic")
@@ -52,7 +53,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
                            max_leaves=30)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(obj=json_values, arr=st.lists(st.integers(-2**31, 2**31 - 1), max_size=50))
 def test_json_and_numpy_writers_round_trip(tmp_path_factory, obj, arr):
     d = tmp_path_factory.mktemp("rt")

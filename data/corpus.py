@@ -225,14 +225,16 @@ def _iter_segments(held: list[bytes], chunks: Iterator[bytes], stats: CorpusStat
 
     def cut(final: bool):
         nonlocal buf
-        while len(buf) >= SEGMENT_BYTES or (final and buf):
-            if len(buf) < SEGMENT_BYTES:
+        # a cut needs the byte after the piece (is it inside a character?), so only cut a buffer
+        # longer than a piece until the stream ends
+        while len(buf) > SEGMENT_BYTES or (final and buf):
+            if len(buf) <= SEGMENT_BYTES:
                 end = len(buf)
             else:
                 end = buf.rfind(b"\n", 0, SEGMENT_BYTES) + 1
                 if end == 0:  # no line end: back off to the start of a UTF-8 character
                     end = SEGMENT_BYTES
-                    while 1 < end < len(buf) and (buf[end] & 0xC0) == 0x80:
+                    while end > 1 and (buf[end] & 0xC0) == 0x80:
                         end -= 1
             piece = bytes(buf[:end])
             del buf[:end]

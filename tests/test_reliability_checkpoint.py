@@ -214,6 +214,21 @@ def _wait_for_metrics(proc, out, timeout=300):
     pytest.fail("no metrics in time")
 
 
+def _wait_until_caught(proc, sig, timeout=120):
+    """Until the process has a handler for ``sig`` (its SigCgt mask in /proc)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            status = open(f"/proc/{proc.pid}/status").read()
+        except OSError:
+            break
+        caught = int(next(l for l in status.splitlines() if l.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (int(sig) - 1) & 1:
+            return
+        time.sleep(0.01)
+    pytest.fail("the process never installed its signal handler")
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(store, tmp_path):
     out = tmp_path / "run"
@@ -241,7 +256,9 @@ def test_second_ctrl_c_aborts_and_startup_interrupts_are_one_line(store, tmp_pat
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         out = tmp_path / f"startup-{code}"
         proc = _start(store, out)
-        time.sleep(4)  # inside start-up (imports, store, compile), before the first step
+        _wait_until_caught(proc, signal.SIGTERM)  # salt's handlers are installed: start-up has begun
+        time.sleep(0.5)  # inside start-up (imports, store, compile), long before the first step
+        assert not (out / "metrics.jsonl").exists()
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
         lines = [l for l in stderr.decode().splitlines() if l.strip() and "WARNING" not in l]

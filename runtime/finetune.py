@@ -194,11 +194,13 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the step
 def masked_ce(params, inputs_BxT, targets_BxT, mask_BxT, config, *, dtype, attention_impl):
     """Mean cross-entropy and accuracy over the positions with ``mask`` 1 (docs/design.md §2
-    with a 0/1 weight per position), through the model's public API."""
+    with a 0/1 weight per position): the model's final hidden states and the trainer's loss
+    entry point (:func:`salt.runtime.losses.token_parts`, fused with the tied LM head unless
+    ``attention_impl`` is "naive")."""
     h_BxTxD = model.hidden(params, inputs_BxT, config, dtype=dtype, attention_impl=attention_impl)
-    parts = losses.ce_parts(model.logits_from_hidden(params, h_BxTxD), targets_BxT)
-    n = jnp.maximum(jnp.sum(mask_BxT), 1.0)
-    return jnp.sum(parts["ce"] * mask_BxT) / n, jnp.sum(parts["correct"] * mask_BxT) / n
+    parts = losses.token_parts(h_BxTxD, params["embed"], targets_BxT, impl=attention_impl)
+    return (losses.batch_mean(parts["ce"], mask_BxT),
+            losses.batch_mean(parts["correct"], mask_BxT))
 
 
 def make_step(config, cfg: FinetuneConfig):

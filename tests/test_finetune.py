@@ -136,7 +136,8 @@ def test_the_loss_mask_covers_the_completion_and_final_eos():
         F.encode_examples(ex, encode, 5, "f.jsonl")
 
 
-def test_masked_ce_is_the_mean_over_masked_positions():
+@pytest.mark.parametrize("impl", ["naive", "xla"])
+def test_masked_ce_is_the_mean_over_masked_positions(impl):
     import jax.numpy as jnp
 
     from salt.reference.config import get_preset
@@ -147,7 +148,7 @@ def test_masked_ce_is_the_mean_over_masked_positions():
     inputs = rng.integers(0, 40, (2, 6)).astype(np.int32)
     targets = rng.integers(0, 40, (2, 6)).astype(np.int32)
     mask = np.array([[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], np.float32)
-    loss, _ = F.masked_ce(params, inputs, targets, mask, config, dtype=jnp.float32, attention_impl="naive")
+    loss, _ = F.masked_ce(params, inputs, targets, mask, config, dtype=jnp.float32, attention_impl=impl)
     logits = np.asarray(model.forward(params, inputs, config), np.float64)
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]

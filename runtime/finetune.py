@@ -199,7 +199,8 @@ def masked_ce(params, inputs_BxT, targets_BxT, mask_BxT, config, *, dtype, atten
     ``attention_impl`` is "naive")."""
     h_BxTxD = model.hidden(params, inputs_BxT, config, dtype=dtype, attention_impl=attention_impl)
     parts = losses.token_parts(h_BxTxD, params["embed"], targets_BxT, impl=attention_impl)
-    return (losses.batch_mean(parts["ce"], mask_BxT),
+    # "loss" (= ce without a teacher) carries the gradient; the monitored parts do not
+    return (losses.batch_mean(parts["loss"], mask_BxT),
             losses.batch_mean(parts["correct"], mask_BxT))
 
 

@@ -153,6 +153,10 @@ def test_masked_ce_is_the_mean_over_masked_positions(impl):
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(float(loss), (ce * mask).sum() / mask.sum(), rtol=1e-5)
+    # and it carries a gradient (the monitored parts of token_parts carry none)
+    grad = jax.grad(lambda p: F.masked_ce(p, inputs, targets, mask, config, dtype=jnp.float32,
+                                          attention_impl=impl)[0])(params)
+    assert float(jnp.sum(jnp.abs(grad["embed"]))) > 0.0
 
 
 def test_batches_follow_from_seed_and_step():

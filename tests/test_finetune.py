@@ -60,7 +60,7 @@ def _run(*args):
 def test_finetune_learns_the_task_and_reports_exact_match(setup):
     result = _run(*_args(setup, "ft", "--json"))
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["n_train"] == 48 and summary["n_eval"] == 12 and summary["last_step"] == STEPS
     rows = [json.loads(r) for r in (setup / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -104,12 +104,12 @@ def test_sigterm_then_resume_is_bit_identical(setup, monkeypatch):
     monkeypatch.setattr(F, "batch_indices", stop_at_17)
     result = _run(*_args(setup, "ft2", "--json"))
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)  # stderr has the trainer's "SIGTERM: saving..." note
     assert summary["interrupted"] and summary["last_checkpoint"] == 17 and "eval" not in summary
     monkeypatch.setattr(F, "batch_indices", real)
     result = _run(*_args(setup, "ft2", "--resume", "--json"))
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["start_step"] == 17
+    assert json.loads(result.stdout)["start_step"] == 17
     a = (setup / "ft" / "metrics.jsonl").read_text().splitlines()
     b = (setup / "ft2" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["loss"] for r in a] == [json.loads(r)["loss"] for r in b]

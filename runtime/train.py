@@ -89,7 +89,7 @@ def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, 
     if t_config.vocab_size != student.vocab_size:
         raise TrainError(f"teacher vocab_size={t_config.vocab_size} differs from the student's "
                          f"{student.vocab_size}")
-    shardings = sharding.paramshardings_of(t_config, mesh) if mesh is not None else None
+    shardings = sharding.param_shardings(t_config, mesh) if mesh is not None else None
     t_config, t_params, _ = checkpoint.load_params(run_dir, step, shardings=shardings)
     identity = {"path": str(pathlib.Path(run_dir).absolute()), "step": int(step),
                 "config": t_config.to_dict()}
@@ -218,7 +218,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
         except ValueError as e:
             if not cfg.force:
                 raise TrainError(f"cannot resume {str(run_dir)!r}: {e} (pass --force to override)") from None
-    p_shardings = sharding.paramshardings_of(config, mesh)
+    p_shardings = sharding.param_shardings(config, mesh)
     params_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               model.abstract_params(config), p_shardings)
     opt_abs = opt_state_abstract(cfg.optimizer, params_abs, mesh)

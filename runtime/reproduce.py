@@ -121,7 +121,7 @@ def _train(tc, progress=True) -> dict:
 def fork_run(src_run, step: int, dst_run, tc) -> None:
     """Start run ``dst_run`` (TrainConfig ``tc``) from ``src_run``'s checkpoint at ``step``.
 
-    Copies that checkpoint and the metrics rows up to ``step`` and writes ``tc`` as the run's
+    Copies the checkpoints up to ``step`` and the metrics rows up to ``step`` and writes ``tc`` as the run's
     ``run_config.json`` (with ``forked_from``), so that ``train(tc, resume=True)`` continues it.
     Only valid when both runs are identical up to ``step`` (RKD and SALT with the step
     transition up to n_kd); the directory appears complete or not at all (temp dir + rename).
@@ -137,7 +137,9 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
     tmp = dst_run.with_name(dst_run.name + ".fork-tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted fork of this function
-    shutil.copytree(checkpoint_root(src_run) / str(step), checkpoint_root(tmp) / str(step))
+    for s in all_steps(src_run):  # every kept checkpoint up to the fork: a complete-looking run
+        if s <= step:
+            shutil.copytree(checkpoint_root(src_run) / str(s), checkpoint_root(tmp) / str(s))
     from salt.runtime import report
 
     rows = [r for r in report.read_metrics(src_run / "metrics.jsonl") if r.get("step", 0) <= step]

@@ -184,7 +184,7 @@ def test_salt_forked_from_rkd_is_bit_identical_to_salt_from_scratch(tmp_path, ti
     _train(train_config(cfg, tmp_path / "SALT", tiny_data, kd_steps=4, **common), progress=False)
     fork_tc = train_config(cfg, tmp_path / "FORK", tiny_data, kd_steps=4, **common)
     fork_run(tmp_path / "RKD", 4, tmp_path / "FORK", fork_tc)
-    assert checkpoint.all_steps(tmp_path / "FORK") == [4]
+    assert checkpoint.all_steps(tmp_path / "FORK") == [2, 4]
     summary = _train(fork_tc, progress=False)
     assert summary["start_step"] == 4 and summary["last_step"] == 8
     _, p_scratch, _ = checkpoint.load_params(tmp_path / "SALT", 8)

@@ -41,6 +41,8 @@ from salt.runtime.presets import SIZES, TRANSITIONS
 @click.option("--eval-windows", type=int, default=None, help="Held-out windows to evaluate.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--k", type=int, default=None, help="Top-k of the selection score (eq. 11).")
+@click.option("--side-by-side/--sequential", "side_by_side", default=None,
+              help="Train students two at a time, one core each (default), or one after the other.")
 @click.option("--force", is_flag=True, help="Start over in --out even if its settings differ.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def reproduce(out, data_dir, size, size_alias, tiny, force, quiet, **overrides):

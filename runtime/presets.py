@@ -43,6 +43,7 @@ class ReproduceConfig:
     vocab_size: int | None = 4096    # for data preparation (None: the data layer's default)
     overhead_iters: int = 6          # interleaved KD / standard step timings (salt bench step)
     claims_testable: bool = True     # False: the report says the size is too small to test
+    side_by_side: bool = True        # students two at a time, one core each (else sequential)
 
     def student_seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]

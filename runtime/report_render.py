@@ -245,6 +245,11 @@ def render_report(results: dict) -> str:
         for stage, secs in results["timings"].items():
             L.append(f"| {stage} | {secs:.1f} |")
         L.append(f"| **total** | {sum(results['timings'].values()):.1f} |")
+        if results.get("side_by_side_runs"):
+            L.append("\nStudents trained two at a time, one core each; each run's own wall time "
+                     "(overlapping, included in the side-by-side stage above): "
+                     + ", ".join(f"{k} {v:.0f} s" for k, v in results["side_by_side_runs"].items())
+                     + ".")
         if results.get("machine"):
             m = results["machine"]
             L.append(f"\nWall-clock seconds of the invocation that ran each stage, on {m['cpu_count']} "

@@ -116,7 +116,11 @@ def _train(tc, progress=True) -> dict:
     resume = latest_step(run_dir) is not None
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # a run this command started that died before its first checkpoint
-    return train(dataclasses.replace(tc, resume=resume), progress=progress)
+    summary = train(dataclasses.replace(tc, resume=resume), progress=progress)
+    if summary["interrupted"]:  # SIGTERM: checkpoint saved; the stage is not finished
+        raise ValueError(f"training of {str(run_dir)!r} was stopped at step {summary['last_step']} "
+                         "(checkpoint saved); re-run the same command to resume")
+    return summary
 
 
 def fork_run(src_run, step: int, dst_run, tc) -> None:

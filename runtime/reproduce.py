@@ -52,8 +52,10 @@ class _State:
         self.path = out / "state.json"
         settings = dataclasses.asdict(cfg)
         settings.pop("out")
+        settings.pop("seeds")  # more --seeds extend a reproduction (stages are per seed)
         if self.path.is_file():
             old = json.loads(self.path.read_text())
+            old.get("settings", {}).pop("seeds", None)
             if old.get("settings") != settings:
                 if not force:
                     changed = sorted(k for k in set(settings) | set(old.get("settings", {}))

@@ -255,6 +255,13 @@ def test_reproduce_tiny_two_seeds_end_to_end_and_resume(tmp_path, tiny_data):
     assert r.exit_code == 0, r.output
     assert json.loads((out / "state.json").read_text())["stages"] == state["stages"]
     assert json.loads((out / "results.json").read_text())["per_seed"] == results["per_seed"]
+    # more seeds extend the reproduction: the SLM and the selection are reused
+    r = runner.invoke(cli, argv[:3] + ["3"] + argv[4:])
+    assert r.exit_code == 0, r.output
+    three = json.loads((out / "results.json").read_text())
+    assert three["seeds"] == [5, 6, 7] and three["per_seed"]["5"] == results["per_seed"]["5"]
+    stages = json.loads((out / "state.json").read_text())["stages"]
+    assert stages["slm"] == state["stages"]["slm"] and "BASELINE/seed7" in stages
     # different settings in the same directory are refused, nothing touched
     r = runner.invoke(cli, argv + ["--omega", "0.5"])
     assert r.exit_code != 0 and "different settings" in r.output and "omega" in r.output

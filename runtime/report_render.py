@@ -25,9 +25,9 @@ def _plt():
 
 
 def _savefig_atomic(fig, path: pathlib.Path) -> None:
-    from salt.runtime.score import write_bytes_atomic
+    from salt.data import outputs
 
-    write_bytes_atomic(path, lambda f: fig.savefig(f, format="png"))
+    outputs.write_bytes(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _mean_band(series: list[np.ndarray]):
@@ -260,9 +260,9 @@ def render_report(results: dict) -> str:
 
 
 def write_report(results: dict, out_dir) -> str:
-    from salt.runtime.score import write_bytes_atomic
+    from salt.data import outputs
 
     path = pathlib.Path(out_dir) / "report.md"
     text = render_report(results)
-    write_bytes_atomic(path, lambda f: f.write(text.encode()))
+    outputs.write_bytes(path, lambda f: f.write(text.encode()))
     return str(path)

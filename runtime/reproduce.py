@@ -7,7 +7,7 @@ training stage resumes from its last checkpoint):
 2. ``slm``       train the SLM teacher, keeping its early checkpoint (one SLM for all seeds);
 3. ``score``     score candidate training windows with the EARLY SLM checkpoint (eq. 11, the
                  windows it saw excluded) and select the top m = n_kd x batch;
-4. per student seed ``s`` (``OUT/runs/seed<s>/``): ``BASELINE``, ``RKD``, ``SALT``, ``SALT_DS``
+4. per student seed ``s`` (``OUT/runs/<VARIANT>-seed<s>/``): ``BASELINE``, ``RKD``, ``SALT``, ``SALT_DS``
    with identical data order (seed ``s``) and budget, checkpoints every ``eval_every`` steps.
    With the step transition SALT is RKD for its first n_kd steps (docs/design.md §1), so SALT
    is *forked*: RKD's checkpoint at n_kd and its metrics up to n_kd are copied into SALT's run
@@ -144,6 +144,11 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
     tmp = dst_run.with_name(dst_run.name + ".fork-tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted fork of this function
+    record = json.loads((src_run / "run_config.json").read_text())
+    record["train"] = tc.to_dict()
+    record["forked_from"] = {"run": str(src_run.absolute()), "step": int(step)}
+    tmp.mkdir(parents=True)
+    write_json_atomic(tmp / "run_config.json", record)  # first: tmp is a run directory throughout
     for s in all_steps(src_run):  # every kept checkpoint up to the fork: a complete-looking run
         if s <= step:
             shutil.copytree(checkpoint_root(src_run) / str(s), checkpoint_root(tmp) / str(s))
@@ -151,10 +156,6 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
 
     rows = [r for r in report.read_metrics(src_run / "metrics.jsonl") if r.get("step", 0) <= step]
     (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    record = json.loads((src_run / "run_config.json").read_text())
-    record["train"] = tc.to_dict()
-    record["forked_from"] = {"run": str(src_run.absolute()), "step": int(step)}
-    write_json_atomic(tmp / "run_config.json", record)
     os.replace(tmp, dst_run)
 
 
@@ -176,6 +177,7 @@ def _side_by_side(jobs, state, prepare_job) -> None:
     (measured ~1.4x the throughput of one 2-thread run on 2 cores, docs/reproduction.md).
     A job whose prerequisite stage is not done waits; a failed job raises after the others end."""
     import subprocess
+    import tempfile
 
     cores = sorted(os.sched_getaffinity(0))[:2]
     if len(cores) < 2:
@@ -192,12 +194,10 @@ def _side_by_side(jobs, state, prepare_job) -> None:
             job = ready[0]
             pending.remove(job)
             prepare_job(job[0], job[1], job[2])
-            log = pathlib.Path(job[1].out + ".log")  # the child's stderr (a file: no pipe to fill)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "wb") as log_file:
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", "from salt.runtime.reproduce import _worker; _worker()"],
-                    stdin=subprocess.PIPE, stdout=log_file, stderr=log_file, env=env)
+            log = tempfile.TemporaryFile()  # the child's output (a file: no pipe to fill)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from salt.runtime.reproduce import _worker; _worker()"],
+                stdin=subprocess.PIPE, stdout=log, stderr=log, env=env)
             proc.stdin.write(json.dumps(dict(job[1].to_dict(), core=core)).encode())
             proc.stdin.close()
             running[core] = (job, proc, time.time(), log)
@@ -207,7 +207,9 @@ def _side_by_side(jobs, state, prepare_job) -> None:
         for core, (job, proc, t0, log) in list(running.items()):
             if proc.poll() is None:
                 continue
-            err = log.read_text(errors="replace")
+            log.seek(0)
+            err = log.read().decode(errors="replace")
+            log.close()
             del running[core]
             if proc.returncode == 0:
                 state.finish(job[0], time.time() - t0, forked=job[2], side_by_side=True, core=core)
@@ -267,6 +269,9 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
 
     cfg.validate()
     out = pathlib.Path(cfg.out)
+    from salt.data import outputs  # the output rule of docs/safety.md (OUT, OUT/data, OUT/runs/*)
+    outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
+                             inputs=[cfg.data] if force and cfg.data else ())
     if force and (out / "state.json").is_file():
         for child in ("runs", "eval", "scores.npz", "selection.npy", "results.json", "report.md"):
             p = out / child
@@ -341,7 +346,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     jobs = []  # (stage, TrainConfig, forked, stage it waits for)
     for seed in cfg.student_seeds():
         for name in ("BASELINE", "RKD", "SALT_DS", "SALT"):  # SALT last: it waits for RKD
-            run_dir = runs / f"seed{seed}" / name
+            run_dir = runs / f"{name}-seed{seed}"
             tc = train_config(cfg, run_dir, data_dir, preset=cfg.student_preset, steps=cfg.steps,
                               checkpoint_every=cfg.eval_every, seed=seed, **plan[name])
             forked = name == "SALT" and fork
@@ -353,7 +358,8 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         if forked and all_steps(run_dir) == []:
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an earlier fork of ours that never got to train
-            fork_run(run_dir.parent / "RKD", cfg.kd_steps, run_dir, tc)
+            fork_run(run_dir.with_name(run_dir.name.replace("SALT-", "RKD-", 1)), cfg.kd_steps,
+                     run_dir, tc)
         _say(f"training {stage} ({cfg.student_preset}, {cfg.steps} steps, n_kd = {tc.kd_steps}"
              + (f"; forked from RKD at step {cfg.kd_steps}" if forked else "")
              + ("; one core" if cfg.side_by_side else "") + ")")
@@ -403,7 +409,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     for seed in cfg.student_seeds():
         stats = {}
         for name in VARIANTS:
-            run_dir = runs / f"seed{seed}" / name
+            run_dir = runs / f"{name}-seed{seed}"
             for s in all_steps(run_dir):
                 if s <= cfg.steps:
                     stats[(name, s)] = _eval_stats(eval_dir / f"seed{seed}_{name}_{s}.npz", run_dir,
@@ -445,7 +451,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     metrics = {}
     for seed in cfg.student_seeds():
         for name in VARIANTS:
-            path = runs / f"seed{seed}" / name / "metrics.jsonl"
+            path = runs / f"{name}-seed{seed}" / "metrics.jsonl"
             if path.is_file():
                 metrics.setdefault(name, []).append(report.read_metrics(path))
     results["plots"] = report_render.plot_all(results, metrics, out)

@@ -239,7 +239,7 @@ def test_reproduce_tiny_two_seeds_end_to_end_and_resume(tmp_path, tiny_data):
         models = results["per_seed"][seed]["models"]
         for name in R.VARIANTS:
             assert models[name]["at_kd"]["step"] == 4 and models[name]["final"]["step"] == 8
-            assert all_steps(out / "runs" / f"seed{seed}" / name) == [2, 4, 6, 8]
+            assert all_steps(out / "runs" / f"{name}-seed{seed}") == [2, 4, 6, 8]
         # SALT is forked from RKD at n_kd: identical there
         assert models["RKD"]["at_kd"]["log_ppl"] == models["SALT"]["at_kd"]["log_ppl"]
     assert (results["per_seed"]["5"]["models"]["BASELINE"]["final"]["log_ppl"]

@@ -20,7 +20,9 @@ training stage resumes from its last checkpoint):
 Re-running with different settings in the same ``OUT`` is refused unless ``--force`` (which
 starts over).  Students train two at a time, each process pinned to one core with single-threaded
 XLA (``side_by_side``; about 1.4x the throughput of one 2-thread run, docs/reproduction.md);
-``--sequential`` trains them one after the other in this process.
+``--sequential`` trains them one after the other in this process.  (One module of ~470 lines:
+the stages share the state file, the run layout and the fork; the statistics and the rendering
+live in ``report.py`` / ``report_render.py``.)
 """
 from __future__ import annotations
 

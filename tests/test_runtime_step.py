@@ -207,7 +207,7 @@ _CACHE_SCRIPT = textwrap.dedent("""
 def _run_cache_script(cache_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(cache_dir)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     return int(re.search(r"HITS (\d+)", out.stdout).group(1))
 

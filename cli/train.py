@@ -60,6 +60,9 @@ def _keep(ctx, param, value):
               help="Recompute layer activations in the backward.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Save every N steps (always at the end, at n_kd and on SIGTERM).")
+@click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Also save when this many minutes passed since the last save (0: off), so an "
+                   "interrupted run loses at most that much.")
 @click.option("--keep", "keep_checkpoints", callback=_keep, default="",
               help="Comma-separated steps whose checkpoints are kept (besides the latest and n_kd).")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
@@ -94,12 +97,17 @@ def train(as_json, progress, **options):
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
+        if summary.get("interrupted_by") == "SIGINT":
+            sys.exit(130)
         return
     final = summary.get("final") or {}
-    status = "interrupted (SIGTERM), checkpoint saved" if summary["interrupted"] else "done"
+    by = summary.get("interrupted_by")
+    status = f"interrupted ({by}), checkpoint saved" if summary["interrupted"] else "done"
     click.echo(f"{status}: {summary['run_dir']} step {summary['last_step']} "
                f"(checkpoint {summary['last_checkpoint']})", err=False)
     if final:
         click.echo(f"final loss {final['loss']:.4f}  ce {final['ce']:.4f}  "
                    f"accuracy {final['accuracy']:.4f}  lr {final['lr']:.3g}")
     sys.stdout.flush()
+    if by == "SIGINT":
+        sys.exit(130)

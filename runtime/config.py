@@ -78,7 +78,7 @@ class TrainError(ValueError):
 class NonFiniteLoss(TrainError):
     def __init__(self, step: int, loss: float, last_checkpoint: int | None):
         self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
-        kept = (f"the last good checkpoint (step {last_checkpoint}) is kept"
+        kept = (f"the last good (verified) checkpoint (step {last_checkpoint}) is kept"
                 if last_checkpoint is not None else "no checkpoint was written")
         super().__init__(f"non-finite loss {loss} at step {step}; training stopped; {kept}")
 
@@ -111,6 +111,7 @@ class TrainConfig:
     dtype: str = "float32"
     kernels: str = "auto"
     checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0   # also save when this much wall time passed (0: off)
     keep_checkpoints: tuple = ()
     runtime: str = "jax"
     resume: bool = False
@@ -120,8 +121,8 @@ class TrainConfig:
     compile_cache: str | None = None  # JAX persistent compilation cache directory (None: off)
 
     # fields that may differ between a run and its resumption
-    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "keep_checkpoints", "out",
-                         "compile_cache")
+    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes",
+                         "keep_checkpoints", "out", "compile_cache")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -196,6 +197,9 @@ class TrainConfig:
             bad("compile_cache", "must be a directory path or None")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             bad("checkpoint_every", "must be an integer >= 0 (0: only at the end)")
+        if (not isinstance(self.checkpoint_minutes, (int, float)) or not math.isfinite(self.checkpoint_minutes)
+                or self.checkpoint_minutes < 0):
+            bad("checkpoint_minutes", "must be a finite number >= 0 (0: off)")
         try:
             sharding.parse_mesh(self.mesh)
         except ValueError as e:

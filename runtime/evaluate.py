@@ -167,8 +167,12 @@ def save_stats(path, stats: dict) -> None:
 
 
 def load_stats(path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {name: z[name] for name in ("window_ids", "loss_sum", "correct", "n_tokens")}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in ("window_ids", "loss_sum", "correct", "n_tokens")}
+    except Exception as e:  # noqa: BLE001 - any unreadable cache is reported by name
+        raise ValueError(f"evaluation cache {str(path)!r} is unreadable ({type(e).__name__}); "
+                         "delete it to recompute") from None
 
 
 def format_table(rows: list[tuple[str, dict]], *, buckets_too: bool = True) -> str:

@@ -29,11 +29,11 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 
 import numpy as np
+
+from salt.data import outputs
 
 TOPK_MODES = ("zero", "exclude")
 SCORES_FORMAT = "salt-scores-v1"
@@ -172,41 +172,50 @@ class ScoreJob:
     force: bool = False
 
 
-def write_bytes_atomic(path: pathlib.Path, write) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+# atomic writers: the one implementation lives in salt.data.outputs (docs/safety.md)
+write_bytes_atomic = outputs.write_bytes
+save_npy_atomic = outputs.save_npy
 
 
 def save_npz_atomic(path, **arrays) -> None:
     """``np.savez`` to ``path`` (exact name, no suffix added) via a temp file and rename."""
-    write_bytes_atomic(pathlib.Path(path), lambda f: np.savez(f, **arrays))
+    outputs.save_npz(path, **arrays)
 
 
-def save_npy_atomic(path, array) -> None:
-    write_bytes_atomic(pathlib.Path(path), lambda f: np.save(f, array, allow_pickle=False))
+def _numpy_file_kind(path: pathlib.Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        return "npy"
+    if head[:4] == b"PK\x03\x04":
+        return "npz"
+    return "other"
 
 
-def load_window_ids(path) -> np.ndarray:
-    """A 1-D int64 array of window ids from a ``.npy`` file (``salt select`` output)."""
+def load_window_ids(path, what: str = "window-id") -> np.ndarray:
+    """A 1-D int64 array of window ids from a ``.npy`` file (``salt select`` output); errors name
+    the file (never suggest unpickling)."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise ValueError(f"window-id file {str(path)!r} does not exist")
+        raise ValueError(f"{what} file {str(path)!r} does not exist")
     try:
+        kind = _numpy_file_kind(path)
+        if kind == "npz":
+            raise ValueError(f"{what} file {str(path)!r} is a .npz archive; expected a .npy array of "
+                             "window ids (as `salt select` writes)")
+        if kind != "npy":
+            raise ValueError(f"{what} file {str(path)!r} is not a NumPy .npy file (no .npy header)")
         ids = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise ValueError(f"cannot read window ids from {str(path)!r}: {e}") from None
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{what} file {str(path)!r} is not a readable .npy array of window ids "
+                         f"(holds objects or is corrupt)") from None
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{what} file {str(path)!r} cannot be read ({e})") from None
     if not isinstance(ids, np.ndarray) or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{str(path)!r} must hold a 1-D integer array of window ids")
+        raise ValueError(f"{what} file {str(path)!r} must hold a 1-D integer array of window ids, got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {getattr(ids, 'shape', '')}")
     return ids.astype(np.int64)
 
 
@@ -216,10 +225,13 @@ def load_scores(path) -> dict:
     if not path.is_file():
         raise ValueError(f"scores file {str(path)!r} does not exist")
     try:
+        if _numpy_file_kind(path) != "npz":
+            raise ValueError("not a .npz archive")
         with np.load(path, allow_pickle=False) as z:
             out = {name: z[name] for name in z.files}
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read scores from {str(path)!r}: {e}") from None
+        why = str(e) if "pickle" not in str(e) else "holds objects"
+        raise ValueError(f"scores file {str(path)!r} is not a readable scores .npz ({why})") from None
     for name in ("window_ids", "scores"):
         if name not in out:
             raise ValueError(f"{str(path)!r} is not a SALT scores file (no {name!r} array)")
@@ -260,6 +272,24 @@ def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_win
     return pool, int(excluded_E.size)
 
 
+def _is_scores_file(path) -> bool:
+    """Whether ``path`` is a scores .npz that ``salt score`` wrote (what --force may replace)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "format" in z.files and str(z["format"]) == SCORES_FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+def _is_ids_file(path) -> bool:
+    """Whether ``path`` is a 1-D integer .npy (a selection ``salt select`` wrote)."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+        return isinstance(ids, np.ndarray) and ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def teacher_identity(path, step: int) -> str:
     return f"{os.path.abspath(path)}@{step}"
 
@@ -278,8 +308,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
 
     _check_mode(job.mode)
     out = pathlib.Path(job.out)
-    if out.exists() and not job.force:
-        raise ValueError(f"output {str(out)!r} already exists (use --force to overwrite)")
+    outputs.check_output_file(out, force=job.force, is_own=_is_scores_file)
     if job.batch < 1:
         raise ValueError(f"batch must be >= 1, got {job.batch}")
     if job.seq_len < 1:
@@ -319,13 +348,14 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     partial = out.with_name(out.name + ".partial")
     state_path = partial / "job.json"
     if partial.exists():
-        old = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        outputs.check_output_dir(partial, "score", mode="replace", what="partial results")
+        old = json.loads(state_path.read_text())  # valid: checked just above
         if old.get("fingerprint") != fingerprint:
             if not job.force:
                 raise ValueError(f"{str(partial)!r} holds partial scores of a different job "
                                  "(teacher, data, k, mode, seq_len, batch or pool differ); "
                                  "remove it or use --force")
-            shutil.rmtree(partial)
+            outputs.remove_tree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(state_path, lambda f: f.write(json.dumps(
         {"fingerprint": fingerprint, "teacher": ident, "n_pool": int(pool_N.size)}).encode()))
@@ -367,17 +397,25 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     finally:
         bar.close()
 
-    scores_N = np.concatenate([np.load(partial / f"chunk_{c:06d}.npz", allow_pickle=False)["scores"]
-                               for c in range(n_chunks)])
+    scores_N = np.concatenate([_read_chunk(partial / f"chunk_{c:06d}.npz") for c in range(n_chunks)])
     save_npz_atomic(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
                     mode=np.str_(job.mode), teacher=np.str_(ident), teacher_step=np.int64(teacher_step),
                     tokenizer_sha256=np.str_(store.tokenizer_sha256), seq_len=np.int64(job.seq_len),
                     n_excluded=np.int64(n_excluded), n_train_windows=np.int64(num_windows),
                     format=np.str_(SCORES_FORMAT))
-    shutil.rmtree(partial, ignore_errors=True)
+    outputs.remove_tree(partial)
     return {"out": str(out), "n_scored": int(pool_N.size), "n_excluded": n_excluded,
             "n_train_windows": num_windows,
             "resumed_chunks": int(done), "teacher": ident, "k": job.k, "mode": job.mode}
+
+
+def _read_chunk(path: pathlib.Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return np.asarray(z["scores"], np.float64)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"partial scores {str(path)!r} are unreadable ({type(e).__name__}); delete "
+                         "that file and re-run to recompute it") from None
 
 
 def _progress_bar(total: int, desc: str, enable: bool):
@@ -416,8 +454,7 @@ def select_top_m(window_ids_N: np.ndarray, scores_N: np.ndarray, m: int) -> np.n
 def select(scores_path, m: int, out_path, force: bool = False) -> np.ndarray:
     """Read scores, pick the top ``m`` (see :func:`select_top_m`), write them atomically as .npy."""
     out_path = pathlib.Path(out_path)
-    if out_path.exists() and not force:
-        raise ValueError(f"output {str(out_path)!r} already exists (use --force to overwrite)")
+    outputs.check_output_file(out_path, force=force, is_own=_is_ids_file)
     z = load_scores(scores_path)
     ids = select_top_m(z["window_ids"], z["scores"], m)
     save_npy_atomic(out_path, ids)

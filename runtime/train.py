@@ -10,8 +10,11 @@ Step ``j`` (1-based; the loader is asked for ``step0 = j - 1``):
 
 Both steps are compiled ahead of time at start-up (``jit(...).lower(...).compile()``).
 The reported metrics of step ``j`` are those of the parameters before its update.
-Checkpoints every ``checkpoint_every`` steps, at the end and on SIGTERM; ``resume``
-continues bit-identically (deterministic data order from ``step0``; no RNG in the step).
+Checkpoints every ``checkpoint_every`` steps, every ``checkpoint_minutes`` minutes of wall time,
+at the end and on SIGTERM / SIGINT (a second SIGINT aborts at once); ``resume`` continues
+bit-identically from the newest *verified* checkpoint (deterministic data order from ``step0``;
+no RNG in the step).  A KD run pins its teacher (step and manifest hash) at start; a resume
+uses exactly that teacher checkpoint or refuses.  Output-directory rules: docs/safety.md.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import pathlib
 import signal
 import sys
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salt.reference.config import VOCAB_FROM_DATA, ModelConfig, get_preset, param_count
+from salt.data import outputs
 from salt.runtime import checkpoint, model, optim, sharding
 from salt.runtime.config import (NonFiniteLoss, TrainConfig, TrainError, resolve_kernels,  # noqa: F401
                                  runtime_devices)
@@ -51,19 +54,15 @@ def _open_store(path: str):
 
 
 def _load_ids(path: str, what: str) -> np.ndarray:
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise TrainError(f"{what} file {path!r} does not exist")
+    from salt.runtime.score import load_window_ids
+
     try:
-        ids = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise TrainError(f"{what} file {path!r} is not a readable .npy array: {e}") from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise TrainError(f"{what} file {path!r} must hold a 1-D integer array of window ids, "
-                         f"got {ids.dtype} {ids.shape}")
+        ids = load_window_ids(path, what=f"--{what}")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if ids.size == 0:
-        raise TrainError(f"{what} file {path!r} is empty")
-    return ids.astype(np.int64)
+        raise TrainError(f"--{what} file {path!r} is empty")
+    return ids
 
 
 def student_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -76,14 +75,33 @@ def student_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     return config
 
 
-def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, mesh=None):
-    """(teacher config, params (sharded when ``mesh``), identity dict); checks tokenizer/vocab."""
+def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, mesh=None,
+                 pinned: dict | None = None):
+    """(teacher config, params (sharded when ``mesh``), identity dict); checks tokenizer/vocab.
+
+    ``pinned``: the identity a resumed run recorded at its start; exactly that step is loaded and
+    its manifest hash must match (a teacher checkpoint that is gone or changed is refused)."""
+    step = cfg.teacher_step
+    if pinned is not None:
+        step = pinned.get("step")
+        if not isinstance(step, int):
+            raise TrainError(f"run {cfg.out!r} records no teacher step to resume with: {pinned!r}")
     try:
-        run_dir, step = checkpoint.resolve(cfg.teacher, cfg.teacher_step)
-        meta = checkpoint.read_meta(run_dir, step)
+        run_dir, step = checkpoint.resolve(cfg.teacher, step)
+        digest = checkpoint.manifest_sha256(checkpoint.step_dir(run_dir, step))
+        meta = checkpoint.meta_of(run_dir, step)
         t_config = ModelConfig.from_dict(meta["config"])
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:
+        if pinned is not None:
+            raise TrainError(f"teacher {cfg.teacher!r}: the checkpoint this run started with (step "
+                             f"{pinned.get('step')}) cannot be used: {e}; the run cannot be resumed "
+                             "reproducibly") from None
         raise TrainError(f"teacher {cfg.teacher!r}: {e}") from None
+    if pinned is not None and pinned.get("manifest_sha256") not in (None, digest):
+        raise TrainError(f"teacher {cfg.teacher!r} step {step} changed since this run started "
+                         f"(manifest sha256 {digest[:16]}..., recorded "
+                         f"{str(pinned.get('manifest_sha256'))[:16]}...); refusing to resume with "
+                         "another teacher")
     t_sha = meta.get("tokenizer_sha256")
     if t_sha != tokenizer_sha256:
         raise TrainError(f"teacher {cfg.teacher!r} (step {step}) was trained with tokenizer sha256 "
@@ -94,7 +112,7 @@ def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, 
     shardings = sharding.param_shardings(t_config, mesh) if mesh is not None else None
     t_config, t_params, _ = checkpoint.load_params(run_dir, step, shardings=shardings)
     identity = {"path": str(pathlib.Path(run_dir).absolute()), "step": int(step),
-                "config": t_config.to_dict()}
+                "manifest_sha256": digest, "config": t_config.to_dict()}
     return t_config, t_params, identity
 
 
@@ -106,41 +124,55 @@ def _check_resume_config(saved: dict, cfg: TrainConfig) -> list[str]:
 
 
 class _Stop:
-    """SIGTERM flag: the loop saves a checkpoint after the current step and returns."""
+    """SIGTERM / SIGINT flag: the loop saves a checkpoint after the current step and returns.
+    A second SIGINT raises KeyboardInterrupt at once (abort without saving)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested = None  # the name of the signal that asked to stop
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handler(self, signum, frame):
-        self.requested = True
+        if self.requested == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
+            print(f"\n{self.requested}: saving a checkpoint after this step "
+                  f"{'(Ctrl-C again to abort)' if signum == signal.SIGINT else ''}",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-    """Drop metric lines past ``last_step`` (written after the checkpoint we resume from)."""
+    """Drop metric lines past ``last_step`` (written after the checkpoint we resume from).
+    A line that is not a step record (e.g. cut short by a kill) is reported and dropped."""
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
+            step = json.loads(line)["step"]
+            if not isinstance(step, int):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            print(f"warning: {path}:{lineno}: not a metrics record, dropped: {line[:80]!r}",
+                  file=sys.stderr, flush=True)
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+        if step <= last_step:
+            keep.append(line)
+    outputs.write_text(path, "".join(l + "\n" for l in keep))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -153,20 +185,24 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     tokenizer_sha = store.tokenizer_sha256
     config = student_config(cfg, store.vocab_size)
     run_dir = pathlib.Path(cfg.out)
-    ckpt_steps = checkpoint.all_steps(run_dir)
+    _check_out(cfg, run_dir)
     start_step = 0
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
-        raise TrainError(f"output directory {cfg.out!r} already exists and is not empty; pass "
-                         f"--resume to continue it or choose another --out")
-    if cfg.resume and ckpt_steps:
+    pinned_teacher = None
+    saved: dict = {}
+    if cfg.resume and run_dir.is_dir():
         saved_path = run_dir / "run_config.json"
-        saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+        saved = _read_json(saved_path, "run config") if saved_path.exists() else {}
         diffs = _check_resume_config(saved.get("train", {}), cfg)
         if diffs and not cfg.force:
             raise TrainError(f"cannot resume {cfg.out!r} with a different configuration (pass "
                              f"--force to override): " + "; ".join(diffs))
-        start_step = ckpt_steps[-1]
-        meta = checkpoint.read_meta(run_dir, start_step)
+        start_step = checkpoint.newest_intact(run_dir) or 0
+    if start_step > 0:
+        try:
+            meta = checkpoint.meta_of(run_dir, start_step)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        pinned_teacher = meta.get("teacher") or saved.get("teacher")
         if meta.get("tokenizer_sha256") != tokenizer_sha:
             raise TrainError(f"run {cfg.out!r} was trained with tokenizer sha256 "
                              f"{meta.get('tokenizer_sha256')}, but {cfg.data!r} uses {tokenizer_sha}")
@@ -183,9 +219,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.kd_steps > 0:
         if need_teacher:
             teacher["config"], teacher["params"], teacher["identity"] = load_teacher(
-                cfg, config, tokenizer_sha, mesh)
+                cfg, config, tokenizer_sha, mesh, pinned=pinned_teacher if start_step > 0 else None)
         else:  # resuming past the KD phase: record the identity, load nothing
-            teacher["identity"] = checkpoint.read_meta(run_dir, start_step).get("teacher")
+            teacher["identity"] = pinned_teacher
 
     if cfg.runtime == "reference":
         from salt.runtime.reference_train import train_reference
@@ -193,6 +229,35 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                                 progress)
     return _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_dir,
                       start_step, progress)
+
+
+def _read_json(path: pathlib.Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise TrainError(f"{what} {str(path)!r} is unreadable or not JSON ({e}); "
+                         "restore it or choose another --out") from None
+    if not isinstance(obj, dict):
+        raise TrainError(f"{what} {str(path)!r} is not a JSON object")
+    return obj
+
+
+def _check_out(cfg: TrainConfig, run_dir: pathlib.Path) -> None:
+    """The output rule (docs/safety.md), before any work: --out is created only if absent or
+    empty, resumed only if it is a run directory; it may not contain an input (a teacher, the
+    data, a subset), and must be writable."""
+    inputs = [x for x in (cfg.data, cfg.teacher, cfg.subset, cfg.exclude) if x]
+    try:
+        outputs.check_output_dir(run_dir, "run", mode="resume" if cfg.resume else "create",
+                                 inputs=inputs)
+    except outputs.OutputError as e:
+        raise TrainError(str(e)) from None
+    if cfg.teacher:  # a teacher run that would live where the student writes
+        t = pathlib.Path(cfg.teacher).absolute()
+        for parent in (t, *t.parents):
+            if parent == run_dir.absolute():
+                raise TrainError(f"--teacher {cfg.teacher!r} lies inside --out {cfg.out!r}: a run "
+                                 "cannot be its own teacher; choose another --out")
 
 
 def make_loaders(cfg, store, subset_ids, exclude_ids):
@@ -213,7 +278,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     teacher_params = teacher.pop("params")
     full_loader, kd_loader = make_loaders(cfg, store, subset_ids, exclude_ids)
     if start_step > 0:  # the data (pool, order, tokenizer) must be the one the run used
-        saved_state = checkpoint.read_meta(run_dir, start_step).get("loader_state")
+        saved_state = checkpoint.meta_of(run_dir, start_step).get("loader_state")
         loader = kd_loader if start_step < cfg.kd_steps else full_loader
         try:
             if saved_state is not None:
@@ -251,7 +316,10 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                   "teacher": teacher_identity, "param_count": param_count(config)}
     first_process = jax.process_index() == 0
     if first_process and (start_step == 0 or not (run_dir / "run_config.json").exists()):
-        checkpoint.write_json_atomic(run_dir / "run_config.json", run_record)
+        outputs.write_json(run_dir / "run_config.json", run_record)
+    if jax.process_index() == 0:  # incomplete/corrupt newer steps: kept aside, never reused
+        checkpoint.empty_trash(run_dir)
+        checkpoint.set_aside_newer(run_dir, start_step if start_step > 0 else None)
     metrics_path = run_dir / "metrics.jsonl"
     if first_process:
         _truncate_metrics(metrics_path, start_step)
@@ -271,6 +339,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     history: list[dict] = []
     bar = _progress(cfg.steps, start_step, progress)
     times = {"kd": [], "standard": []}
+    last_save_time = time.monotonic()
     try:
         with _Stop() as stop, open(metrics_path, "a") as metrics_file:
             for step in range(start_step + 1, cfg.steps + 1):
@@ -297,7 +366,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                           "grad_norm": m["grad_norm"],
                           "tokens_per_s": cfg.batch * cfg.seq_len / max(elapsed, 1e-9)}
                 if not math.isfinite(m["loss"]):
-                    raise NonFiniteLoss(step, m["loss"], last_saved)
+                    raise NonFiniteLoss(step, m["loss"], _verified_or_none(run_dir, last_saved))
                 if first_process:
                     metrics_file.write(json.dumps(finite_or_none(record)) + "\n")
                     metrics_file.flush()
@@ -305,9 +374,12 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", phase=phase)
                 periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-                if periodic or step == cfg.steps or step == cfg.kd_steps or stop.requested:
+                timed = (cfg.checkpoint_minutes > 0
+                         and time.monotonic() - last_save_time >= 60.0 * cfg.checkpoint_minutes)
+                if periodic or timed or step == cfg.steps or step == cfg.kd_steps or stop.requested:
                     checkpoint.save(run_dir, step, params, opt_state, meta_for(step), keep=keep)
                     last_saved = step
+                    last_save_time = time.monotonic()
                 if stop.requested:
                     break
     finally:
@@ -315,10 +387,22 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     interrupted = step < cfg.steps
     return {"run_dir": str(run_dir), "preset": cfg.preset, "model": config.to_dict(),
             "start_step": start_step, "last_step": step, "interrupted": interrupted,
+            "interrupted_by": stop.requested if interrupted else None,
             "last_checkpoint": last_saved, "compile_s": compile_s,
             "final": history[-1] if history else None,
             "kd_step_s": float(np.median(times["kd"])) if times["kd"] else None,
             "standard_step_s": float(np.median(times["standard"])) if times["standard"] else None}
+
+
+def _verified_or_none(run_dir, step):
+    """``step`` if its checkpoint verifies (what "the last good checkpoint" may name), else None."""
+    if step is None:
+        return None
+    try:
+        checkpoint.verify(run_dir, step)
+        return step
+    except checkpoint.CorruptCheckpoint:
+        return None
 
 
 def _progress(total, initial, enabled):

@@ -161,7 +161,9 @@ def test_cpu_steps_hold_no_tokens_by_vocab_buffer(kind):
     assert naive.memory_analysis().temp_size_in_bytes >= one_buffer
     assert _tokens_by_vocab_shapes(fused, tokens, BIG_VOCAB) == []
     temp = fused.memory_analysis().temp_size_in_bytes
-    assert temp < 0.25 * one_buffer, f"fused {kind} step: {temp} temporary bytes"
+    # (what remains: the scan's [tokens, 1024-column chunk] f32 tiles, the [V, D] f32 embedding
+    # gradient, parameters and optimizer temporaries; measured 9.3 MB standard, 15.7 MB KD)
+    assert temp < 0.5 * one_buffer, f"fused {kind} step: {temp} temporary bytes"
 
 
 @pytest.mark.tpu_aot

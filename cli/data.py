@@ -34,9 +34,12 @@ def data():
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Tokenizing processes [default: 1 below 4 MB of input, else min(2, CPUs)]; "
                    "the output does not depend on it.")
+@click.option("--sentinels", type=click.IntRange(min=0, max=1000), default=0, show_default=True,
+              help="Sentinel ids the trained tokenizer reserves for `salt train --objective ul2` "
+                   "(span corruption; 100 covers windows up to ~2K tokens).")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fraction, overwrite,
-                    skip_invalid, seed, workers, quiet):
+                    skip_invalid, seed, workers, sentinels, quiet):
     """Build a token store from SOURCES (files, directories, globs; .jsonl/.jsonl.gz/.jsonl.zst
     with one JSON object per line) or, with no SOURCES, from the embedded default corpus (the
     Python standard library's *.py files of this interpreter)."""
@@ -45,7 +48,8 @@ def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fra
     try:
         metadata = prepare(out_dir, list(sources) or None, vocab_size=vocab_size, tokenizer=tokenizer,
                 text_field=text_field, val_fraction=val_fraction, overwrite=overwrite,
-                skip_invalid=skip_invalid, seed=seed, progress=not quiet, workers=workers)
+                skip_invalid=skip_invalid, seed=seed, progress=not quiet, workers=workers,
+                sentinels=sentinels)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # e.g. --out under a file or in a read-only folder, disk full

@@ -52,7 +52,7 @@ def score(teacher, teacher_step, data_dir, k, seq_len, exclude_runs, exclude_fil
 @click.command("select")
 @click.option("--scores", "scores_path", required=True, type=click.Path(),
               help="Scores .npz written by `salt score`.")
-@click.option("--top-m", type=int, required=True, help="Number of windows to keep.")
+@click.option("--top-m", type=click.IntRange(min=1), required=True, help="Number of windows to keep.")
 @click.option("--out", required=True, type=click.Path(), help="Output .npy of window ids (int64).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 def select(scores_path, top_m, out, force):

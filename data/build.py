@@ -84,14 +84,15 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
             text_field: str = "text", val_fraction: float = DEFAULT_VAL_FRACTION,
             overwrite: bool = False, skip_invalid: bool = False, seed: int = 0,
             progress: bool = True, workers: int | None = None,
-            sample_bytes: int = DEFAULT_SAMPLE_BYTES) -> dict:
+            sample_bytes: int = DEFAULT_SAMPLE_BYTES, sentinels: int = 0) -> dict:
     """Build a token store in ``out_dir``; returns its metadata (also in ``metadata.json``).
 
     sources: paths, directories or globs (see ``salt.data.corpus``); None = the embedded
     default corpus (the interpreter's stdlib ``*.py``). tokenizer: an existing SentencePiece
     model to reuse (special ids must be pad=0 unk=1 bos=2 eos=3) instead of training one.
     workers: tokenising processes (default: 1 for inputs under 4 MB, else min(2, CPUs));
-    the output does not depend on it.
+    the output does not depend on it. sentinels: UL2 sentinel ids the trained tokenizer
+    reserves (``salt.data.tokenizer.sentinel_ids``); with ``tokenizer`` given, it has its own.
     """
     started = time.perf_counter()
     out = pathlib.Path(out_dir)
@@ -102,6 +103,9 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
 
     tokenizer_info: dict = {}
     if tokenizer is not None:
+        if sentinels:
+            raise ValueError(f"--sentinels applies to a tokenizer trained here; {os.fspath(tokenizer)!r} "
+                             "has its own (drop one of the two)")
         model_bytes = _read_tokenizer(tokenizer)
         sp = load_processor(model_bytes, name=repr(os.fspath(tokenizer)))
         if vocab_size is not None and vocab_size != sp.vocab_size():
@@ -111,7 +115,8 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
     else:
         model_bytes, tokenizer_info = _train_on_sample(
             corpus, vocab_size=vocab_size, text_field=text_field, val_fraction=val_fraction,
-            skip_invalid=skip_invalid, seed=seed, progress=progress, sample_bytes=sample_bytes)
+            skip_invalid=skip_invalid, seed=seed, progress=progress, sample_bytes=sample_bytes,
+            sentinels=sentinels)
         sp = load_processor(model_bytes)
     vocab = sp.vocab_size()
     dtype = store_format.token_dtype(vocab)
@@ -212,7 +217,7 @@ def _nonzero(counts: dict) -> str:
 
 
 def _train_on_sample(corpus: Corpus, *, vocab_size, text_field, val_fraction, skip_invalid, seed,
-                     progress, sample_bytes) -> tuple[bytes, dict]:
+                     progress, sample_bytes, sentinels=0) -> tuple[bytes, dict]:
     """Pass 1: sample train documents deterministically and train the tokenizer on them."""
     stats = CorpusStats()
     threshold = val_fraction * 2.0 ** 64
@@ -245,7 +250,7 @@ def _train_on_sample(corpus: Corpus, *, vocab_size, text_field, val_fraction, sk
               f"({held / 1e6:.1f} MB)...", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        model_bytes = train_tokenizer(sample, chosen)
+        model_bytes = train_tokenizer(sample, chosen, sentinels)
     except VocabSizeError as e:
         if vocab_size is not None or e.max_vocab_size is None:
             raise
@@ -254,7 +259,7 @@ def _train_on_sample(corpus: Corpus, *, vocab_size, text_field, val_fraction, sk
             print(f"default vocab_size={chosen} is too large for this corpus; "
                   f"using {e.max_vocab_size}", file=sys.stderr)
         chosen = e.max_vocab_size
-        model_bytes = train_tokenizer(sample, chosen)
+        model_bytes = train_tokenizer(sample, chosen, sentinels)
     info = {
         "trained": True,
         "model_type": TRAINER_OPTIONS["model_type"],
@@ -263,6 +268,7 @@ def _train_on_sample(corpus: Corpus, *, vocab_size, text_field, val_fraction, sk
         "sample_bytes": held,
         "sample_budget_bytes": sample_bytes,
         "corpus_bytes": corpus_bytes,
+        "sentinels": sentinels,
         "trainer_options": {k: v for k, v in TRAINER_OPTIONS.items() if k != "minloglevel"},
     }  # no timings here: they would break byte-identical outputs
     if progress:

@@ -22,6 +22,9 @@ valid Unicode document (tested; the full embedded corpus is checked by ``prepare
 counts any failure in ``metadata.json``).
 
 Special ids: pad=0, unk=1, bos=2, eos=3 (eos separates documents in the token stream).
+A tokenizer may also reserve ``n`` sentinel ids for the UL2 span-corruption objective
+(``salt data prepare --sentinels n``): control pieces ``<extra_id_0>`` … that no text ever
+encodes to (control pieces are not matched in input text), ids 4 … 3 + n.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ TRAINER_THREADS = 2
 # (SentencePiece skips over-long sentences, e.g. minified lines, instead).
 MAX_TRAINING_LINE_CHARS = 4096
 _SPACE_MARK = "\u2581"
+SENTINEL_PIECE = "<extra_id_{}>"
 
 TRAINER_OPTIONS = dict(
     model_type="unigram",
@@ -73,21 +77,28 @@ def training_lines(documents: Iterable[str]) -> Iterable[str]:
                 yield line[start:start + MAX_TRAINING_LINE_CHARS]
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int) -> bytes:
+def train_tokenizer(documents: Iterable[str], vocab_size: int, sentinels: int = 0) -> bytes:
     """Train the SentencePiece model on ``documents``; returns the serialized model.
+
+    ``sentinels``: number of UL2 sentinel ids to reserve (see :func:`sentinel_ids`).
 
     Deterministic: the same documents in the same order give byte-identical bytes.
     Raises ValueError when ``vocab_size`` does not fit the text (naming the sizes that do).
     """
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    if not isinstance(sentinels, int) or isinstance(sentinels, bool) or not 0 <= sentinels <= 1000:
+        raise ValueError(f"sentinels must be an integer in [0, 1000], got {sentinels!r}")
+    options = dict(TRAINER_OPTIONS)
+    if sentinels:
+        options["control_symbols"] = [SENTINEL_PIECE.format(i) for i in range(sentinels)]
     model = io.BytesIO()
     lines = list(training_lines(documents))
     if not lines:
         raise ValueError("cannot train a tokenizer: the corpus sample has no non-empty lines")
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
-                                       vocab_size=vocab_size, **TRAINER_OPTIONS)
+                                       vocab_size=vocab_size, **options)
     except RuntimeError as e:
         raise _vocab_error(str(e), vocab_size) from None
     return model.getvalue()
@@ -145,6 +156,16 @@ def check_special_ids(sp: spm.SentencePieceProcessor, where: str) -> None:
     if got != SPECIAL_IDS:
         raise ValueError(f"tokenizer {where}: special ids {got} differ from the required {SPECIAL_IDS} "
                          "(train it with salt data prepare, or with pad_id=0 unk_id=1 bos_id=2 eos_id=3)")
+
+
+def sentinel_ids(sp: spm.SentencePieceProcessor) -> list[int]:
+    """The reserved UL2 sentinel ids, in order (``<extra_id_0>`` first); empty if none."""
+    out = []
+    while True:
+        i = sp.piece_to_id(SENTINEL_PIECE.format(len(out)))
+        if i == sp.unk_id() or not sp.is_control(i):
+            return out
+        out.append(i)
 
 
 def space_mark_byte_ids(sp: spm.SentencePieceProcessor) -> list[int] | None:

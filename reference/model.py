@@ -121,16 +121,16 @@ def rope_tables(seq_len: int, head_dim: int, base: float, dtype):
     """cos/sin tables [T, head_dim/2]: angle[t, i] = t * base ** (-2 i / head_dim)."""
     half = head_dim // 2
     inv_freq = base ** (-2.0 * np.arange(half, dtype=np.float64) / head_dim)
-    angle_TxH = np.arange(seq_len, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(angle_TxH).astype(dtype), np.sin(angle_TxH).astype(dtype)
+    angle_TxJ = np.arange(seq_len, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angle_TxJ).astype(dtype), np.sin(angle_TxJ).astype(dtype)
 
 
-def rope(x_BxTxNxd, cos_TxH, sin_TxH, inverse=False):
+def rope(x_BxTxHxK, cos_TxJ, sin_TxJ, inverse=False):
     """Half-split rotary embedding; ``inverse=True`` rotates back (= the transpose)."""
-    half = x_BxTxNxd.shape[-1] // 2
-    x1, x2 = x_BxTxNxd[..., :half], x_BxTxNxd[..., half:]
-    c = cos_TxH[None, :, None, :]
-    s = sin_TxH[None, :, None, :]
+    half = x_BxTxHxK.shape[-1] // 2
+    x1, x2 = x_BxTxHxK[..., :half], x_BxTxHxK[..., half:]
+    c = cos_TxJ[None, :, None, :]
+    s = sin_TxJ[None, :, None, :]
     if inverse:
         s = -s
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
@@ -181,11 +181,11 @@ def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
     embed = params["embed"]
     dtype = embed.dtype
     c = config
-    D, H, K, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-    G = H // K
-    cos_TxH, sin_TxH = rope_tables(T, hd, c.rope_base, dtype)
+    D, H, G, K = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    R = H // G
+    cos_TxJ, sin_TxJ = rope_tables(T, K, c.rope_base, dtype)
     mask_Bx1x1xTxS = attention_mask(T, prefix_len_B)[:, None, None]
-    scale = 1.0 / math.sqrt(hd)
+    scale = 1.0 / math.sqrt(K)
 
     h_BxTxD = embed[tokens_BxT] * dtype.type(math.sqrt(D))
     layers = []
@@ -193,25 +193,25 @@ def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
         p = {k: v[l] for k, v in params["layers"].items()}
         lc = {"h_in": h_BxTxD}
         a_BxTxD, lc["attn_rinv"] = rmsnorm(h_BxTxD, p["attn_norm"], c.norm_eps)
-        q = dense(a_BxTxD, p["wq"]).reshape(B, T, H, hd)
-        k = dense(a_BxTxD, p["wk"]).reshape(B, T, K, hd)
-        v_BxTxKxd = dense(a_BxTxD, p["wv"]).reshape(B, T, K, hd)
-        qr = rope(q, cos_TxH, sin_TxH)
-        kr = rope(k, cos_TxH, sin_TxH)
-        # query head j = kv * G + g uses key/value head kv = j // G
-        q_BxKxGxTxd = qr.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
-        k_BxKx1xSxd = kr.transpose(0, 2, 1, 3)[:, :, None]
-        v_BxKx1xSxd = v_BxTxKxd.transpose(0, 2, 1, 3)[:, :, None]
-        scores = (q_BxKxGxTxd @ k_BxKx1xSxd.swapaxes(-1, -2)) * dtype.type(scale)
+        q = dense(a_BxTxD, p["wq"]).reshape(B, T, H, K)
+        k = dense(a_BxTxD, p["wk"]).reshape(B, T, G, K)
+        v_BxTxGxK = dense(a_BxTxD, p["wv"]).reshape(B, T, G, K)
+        qr = rope(q, cos_TxJ, sin_TxJ)
+        kr = rope(k, cos_TxJ, sin_TxJ)
+        # query head j = kv * R + r uses key/value head kv = j // R (R = H / G queries per kv head)
+        q_BxGxRxTxK = qr.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4)
+        k_BxGx1xSxK = kr.transpose(0, 2, 1, 3)[:, :, None]
+        v_BxGx1xSxK = v_BxTxGxK.transpose(0, 2, 1, 3)[:, :, None]
+        scores = (q_BxGxRxTxK @ k_BxGx1xSxK.swapaxes(-1, -2)) * dtype.type(scale)
         scores = np.where(mask_Bx1x1xTxS, scores, -np.inf)
         scores = scores - scores.max(axis=-1, keepdims=True)
-        probs_BxKxGxTxS = np.exp(scores)
-        probs_BxKxGxTxS /= probs_BxKxGxTxS.sum(axis=-1, keepdims=True)
-        o_BxKxGxTxd = probs_BxKxGxTxS @ v_BxKx1xSxd
-        o_BxTxHd = o_BxKxGxTxd.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-        h_BxTxD = h_BxTxD + dense(o_BxTxHd, p["wo"])
-        lc.update(a=a_BxTxD, q=q_BxKxGxTxd, k=k_BxKx1xSxd, v=v_BxKx1xSxd,
-                  probs=probs_BxKxGxTxS, o=o_BxTxHd, h_mid=h_BxTxD)
+        probs_BxGxRxTxS = np.exp(scores)
+        probs_BxGxRxTxS /= probs_BxGxRxTxS.sum(axis=-1, keepdims=True)
+        o_BxGxRxTxK = probs_BxGxRxTxS @ v_BxGx1xSxK
+        o_BxTxHK = o_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(B, T, H * K)
+        h_BxTxD = h_BxTxD + dense(o_BxTxHK, p["wo"])
+        lc.update(a=a_BxTxD, q=q_BxGxRxTxK, k=k_BxGx1xSxK, v=v_BxGx1xSxK,
+                  probs=probs_BxGxRxTxS, o=o_BxTxHK, h_mid=h_BxTxD)
         m_BxTxD, lc["mlp_rinv"] = rmsnorm(h_BxTxD, p["mlp_norm"], c.norm_eps)
         gate_BxTxF = dense(m_BxTxD, p["w_gate"])
         up_BxTxF = dense(m_BxTxD, p["w_up"])
@@ -225,7 +225,7 @@ def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
         return logits_BxTxV
     cache = {"tokens": tokens_BxT, "prefix_len": prefix_len_B, "layers": layers,
              "h_final": h_BxTxD, "final_rinv": final_rinv, "hidden_BxTxD": hidden_BxTxD,
-             "cos": cos_TxH, "sin": sin_TxH}
+             "cos": cos_TxJ, "sin": sin_TxJ}
     return logits_BxTxV, cache
 
 
@@ -243,13 +243,13 @@ def backward(params: dict, cache: dict, dlogits_BxTxV, config: ModelConfig) -> d
     dtype = embed.dtype
     tokens_BxT = cache["tokens"]
     B, T = tokens_BxT.shape
-    D, H, K, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-    G = H // K
+    D, H, G, K = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    R = H // G
     dlogits_BxTxV = np.asarray(dlogits_BxTxV, dtype=dtype)
     if dlogits_BxTxV.shape != (B, T, c.vocab_size):
         raise ValueError(f"dlogits has shape {dlogits_BxTxV.shape}, expected {(B, T, c.vocab_size)}")
-    scale = dtype.type(1.0 / math.sqrt(hd))
-    cos_TxH, sin_TxH = cache["cos"], cache["sin"]
+    scale = dtype.type(1.0 / math.sqrt(K))
+    cos_TxJ, sin_TxJ = cache["cos"], cache["sin"]
 
     # tied LM head: logits = hidden @ embed.T
     hidden_NxD = cache["hidden_BxTxD"].reshape(-1, D)
@@ -277,19 +277,19 @@ def backward(params: dict, cache: dict, dlogits_BxTxV, config: ModelConfig) -> d
         dx, dlayers["mlp_norm"][l] = rmsnorm_backward(dm, lc["h_mid"], lc["mlp_rinv"], p["mlp_norm"])
         dh = dh + dx
         # attention: h_mid = h_in + o @ wo
-        dlayers["wo"][l] = lc["o"].reshape(-1, H * hd).T @ dh.reshape(-1, D)
-        do_BxKxGxTxd = dense(dh, p["wo"].T).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)
+        dlayers["wo"][l] = lc["o"].reshape(-1, H * K).T @ dh.reshape(-1, D)
+        do_BxGxRxTxK = dense(dh, p["wo"].T).reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4)
         probs = lc["probs"]
-        dprobs = do_BxKxGxTxd @ lc["v"].swapaxes(-1, -2)
-        dv_BxKxSxd = (probs.swapaxes(-1, -2) @ do_BxKxGxTxd).sum(axis=2)
+        dprobs = do_BxGxRxTxK @ lc["v"].swapaxes(-1, -2)
+        dv_BxGxSxK = (probs.swapaxes(-1, -2) @ do_BxGxRxTxK).sum(axis=2)
         dscores = probs * (dprobs - np.sum(dprobs * probs, axis=-1, keepdims=True)) * scale
-        dq_BxKxGxTxd = dscores @ lc["k"]
-        dk_BxKxSxd = (dscores.swapaxes(-1, -2) @ lc["q"]).sum(axis=2)
-        dqr = dq_BxKxGxTxd.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
-        dkr = dk_BxKxSxd.transpose(0, 2, 1, 3)
-        dq = rope(dqr, cos_TxH, sin_TxH, inverse=True).reshape(-1, H * hd)
-        dk = rope(dkr, cos_TxH, sin_TxH, inverse=True).reshape(-1, K * hd)
-        dv = dv_BxKxSxd.transpose(0, 2, 1, 3).reshape(-1, K * hd)
+        dq_BxGxRxTxK = dscores @ lc["k"]
+        dk_BxGxSxK = (dscores.swapaxes(-1, -2) @ lc["q"]).sum(axis=2)
+        dqr = dq_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
+        dkr = dk_BxGxSxK.transpose(0, 2, 1, 3)
+        dq = rope(dqr, cos_TxJ, sin_TxJ, inverse=True).reshape(-1, H * K)
+        dk = rope(dkr, cos_TxJ, sin_TxJ, inverse=True).reshape(-1, G * K)
+        dv = dv_BxGxSxK.transpose(0, 2, 1, 3).reshape(-1, G * K)
         a_NxD = lc["a"].reshape(-1, D)
         dlayers["wq"][l] = a_NxD.T @ dq
         dlayers["wk"][l] = a_NxD.T @ dk

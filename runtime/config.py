@@ -82,6 +82,20 @@ class TrainConfig:
         d["keep_checkpoints"] = list(self.keep_checkpoints)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config a run recorded (``to_dict``); fields this version does not know are
+        ignored, fields the record lacks take their defaults."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a recorded train config must be a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("preset", "data", "out") if n not in d]
+        if missing:
+            raise ValueError(f"the recorded train config lacks {', '.join(missing)}")
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["keep_checkpoints"] = tuple(kwargs.get("keep_checkpoints") or ())
+        return cls(**kwargs)
+
     def validate(self) -> None:
         """Raise TrainError naming the first bad field."""
         def bad(field, why):

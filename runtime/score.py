@@ -107,25 +107,23 @@ def _check_mode(mode: str) -> None:
 def seen_windows(run_config: dict, data_dir, steps: int) -> tuple[int, np.ndarray]:
     """Window ids (at the run's own seq_len) that a run's loaders served in its first ``steps`` steps.
 
-    ``run_config`` is the TrainConfig dict a checkpoint records (``meta["run_config"]``): the loader
-    is rebuilt from its seq_len, batch, seed, exclude and (for the KD phase, steps
-    ``step0 < kd_steps``) subset, exactly as the trainer builds it.  Returns ``(seq_len, ids)``.
+    ``run_config`` is the TrainConfig dict a checkpoint records (``meta["run_config"]``); the
+    loaders are the trainer's own (:func:`salt.runtime.train.make_loaders`) for that config, the KD
+    loader serving steps ``step0 < kd_steps``.  Returns ``(seq_len, ids)``.
     """
-    from salt.data import Loader
+    from salt.runtime.config import TrainConfig
+    from salt.runtime.train import make_loaders
 
     try:
-        seq_len, batch, seed = int(run_config["seq_len"]), int(run_config["batch"]), int(run_config["seed"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"the run's recorded config lacks seq_len/batch/seed: {run_config!r}") from None
-    common = dict(seq_len=seq_len, global_batch=batch, seed=seed, split="train")
-    exclude = load_window_ids(run_config["exclude"]) if run_config.get("exclude") else None
-    full = Loader(data_dir, exclude=exclude, **common)
-    kd_steps = int(run_config.get("kd_steps") or 0)
-    kd = Loader(data_dir, subset=load_window_ids(run_config["subset"]), **common) \
-        if run_config.get("subset") and kd_steps > 0 else full
-    ids = [np.asarray((kd if step0 < kd_steps else full).window_ids(step0), dtype=np.int64)
+        cfg = TrainConfig.from_dict(run_config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the run's recorded config is unusable: {e}") from None
+    exclude = load_window_ids(cfg.exclude) if cfg.exclude else None
+    subset = load_window_ids(cfg.subset) if cfg.subset and cfg.kd_steps > 0 else None
+    full, kd = make_loaders(cfg, data_dir, subset, exclude)
+    ids = [np.asarray((kd if step0 < cfg.kd_steps else full).window_ids(step0), dtype=np.int64)
            for step0 in range(int(steps))]
-    return seq_len, (np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64))
+    return cfg.seq_len, (np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64))
 
 
 def overlapping_windows(seen_ids: np.ndarray, seen_seq_len: int, seq_len: int,
@@ -386,25 +384,27 @@ def _progress_bar(total: int, desc: str, enable: bool):
 # --------------------------------------------------------------------------- selection
 
 def select_top_m(window_ids_N: np.ndarray, scores_N: np.ndarray, m: int) -> np.ndarray:
-    """The ``m`` highest-scoring window ids, best first; ties by window id ascending (DESIGN §4).
+    """The ``m`` highest-scoring window ids, best first; ties by window id ascending (docs/design.md §4).
 
-    ``-inf`` (a window with nothing to take the median of) ranks last; NaN is rejected.
+    The ranking is the reference's (:func:`salt.reference.score.top_m_indices`, applied in window-id
+    order so that "lower index" means "lower window id"): ``-inf`` (a window with nothing to take the
+    median of) ranks last, NaN is rejected, ``m = 0`` selects nothing.
     """
+    from salt.reference.score import top_m_indices
+
     window_ids_N = np.asarray(window_ids_N, dtype=np.int64)
     scores_N = np.asarray(scores_N, dtype=np.float64)
     if window_ids_N.shape != scores_N.shape or window_ids_N.ndim != 1:
         raise ValueError("window_ids and scores must be equal-length 1-D arrays")
     if np.unique(window_ids_N).size != window_ids_N.size:
         raise ValueError("window_ids contain duplicates")
-    if not isinstance(m, (int, np.integer)) or m < 1:
-        raise ValueError(f"top-m must be a positive integer, got {m!r}")
-    if m > window_ids_N.size:
+    if isinstance(m, (int, np.integer)) and m > window_ids_N.size:
         raise ValueError(f"top-m={m} exceeds the number of scored windows ({window_ids_N.size})")
     if np.isnan(scores_N).any():
         bad = int(window_ids_N[np.argmax(np.isnan(scores_N))])
         raise ValueError(f"scores contain NaN (window id {bad})")
-    order = np.lexsort((window_ids_N, -scores_N))  # last key is primary: score descending
-    return window_ids_N[order[:m]]
+    by_id = np.argsort(window_ids_N, kind="stable")
+    return window_ids_N[by_id][top_m_indices(scores_N[by_id], m)]
 
 
 def select(scores_path, m: int, out_path, force: bool = False) -> np.ndarray:

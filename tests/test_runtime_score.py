@@ -58,8 +58,9 @@ def test_select_top_m_ties_by_window_id():
     np.testing.assert_array_equal(S.select_top_m(ids, scores, 5), [3, 5, 7, 9, 1])
     with pytest.raises(ValueError, match="exceeds"):
         S.select_top_m(ids, scores, 6)
-    with pytest.raises(ValueError, match="positive"):
-        S.select_top_m(ids, scores, 0)
+    assert S.select_top_m(ids, scores, 0).size == 0  # as the reference: m = 0 selects nothing
+    with pytest.raises(ValueError, match="integer"):
+        S.select_top_m(ids, scores, -1)
     with pytest.raises(ValueError, match="NaN"):
         S.select_top_m(ids, np.array([1.0, np.nan, 0, 0, 0]), 2)
 

@@ -21,6 +21,8 @@ def save_checkpoint(run_dir, config, params, store, step, run_config=None):
 
     meta = {"config": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
             "vocab_size": int(store.vocab_size), "teacher": None, "preset": config.name}
-    if run_config is not None:
-        meta["run_config"] = run_config
+    if run_config is not None:  # recorded as the trainer records it: a whole TrainConfig
+        from salt.runtime.config import TrainConfig
+        base = TrainConfig(preset=config.name, data=str(store.path), out=str(run_dir))
+        meta["run_config"] = {**base.to_dict(), **run_config}
     checkpoint.save(run_dir, step, params, {"count": np.zeros((), np.int32)}, meta)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import click
 
@@ -57,7 +56,7 @@ def plan(topology, student, teacher, batch, seq_len, mesh, optimizer, dtype, ker
     FLOPs, the roofline step time and the predicted KD overhead."""
     from salt.runtime.plan import PlanError, format_plan, plan as make_plan
 
-    def progress(text):
+    def progress(text):  # on stderr: stdout holds only the report
         click.echo(text, err=True)
 
     try:
@@ -65,7 +64,7 @@ def plan(topology, student, teacher, batch, seq_len, mesh, optimizer, dtype, ker
                            seq_len=seq_len, mesh=mesh, optimizer=optimizer, dtype=dtype,
                            kernels=kernels, remat=remat, vocab=vocab, grad_accum=grad_accum,
                            search=search, max_search_compiles=search_compiles,
-                           progress=None if as_json and not sys.stderr.isatty() else progress)
+                           progress=progress)
     except PlanError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else format_plan(result))

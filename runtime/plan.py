@@ -286,30 +286,40 @@ def plan(*, topology: str, student: str, teacher: str | None, batch: int, seq_le
         raise PlanError(f"--batch {batch} must be a multiple of the mesh's data axis ({data})"
                         + (f" times --grad-accum ({grad_accum})" if grad_accum != 1 else ""))
     per_chip = batch // data
-    steps = {}
-    for kind, t in (("standard", None), ("kd", t_cfg)):
-        if kind == "kd" and t is None:
-            continue
-        say(f"compiling the {kind} step for {topology} (per-chip batch {per_chip})")
-        step = _compile_and_measure(s_cfg, t, cfg, mesh_obj, batch)
+    capacity = chip.allocatable_bytes
+
+    def compile_at(kind, t, b):
+        say(f"compiling the {kind} step for {topology} at per-chip batch {b}")
+        step = _compile_and_measure(s_cfg, t, cfg, mesh_obj, b * data)
         mem = step["memory"]
-        step["fits"] = mem is not None and mem["total"] <= chip.allocatable_bytes
-        step["hbm_fraction"] = None if mem is None else mem["total"] / chip.allocatable_bytes
+        say(f"  {kind} step, per-chip batch {b}: " + (
+            f"{mem['total'] / GiB:.2f} GiB of {capacity / GiB:.2f} "
+            f"({'fits' if mem['total'] <= capacity else 'does not fit'}), "
+            f"compiled in {step['compile_s']:.1f} s" if mem else step["error"]))
+        return step
+
+    kinds = [("standard", None)] + ([("kd", t_cfg)] if t_cfg is not None else [])
+    steps = {}
+    for kind, t in kinds:  # both steps at the asked batch first, then the searches
+        step = compile_at(kind, t, per_chip)
+        mem = step["memory"]
+        step["fits"] = mem is not None and mem["total"] <= capacity
+        step["hbm_fraction"] = None if mem is None else mem["total"] / capacity
         flops = step_flops(s_cfg, t, batch, seq_len, remat)
         step["flops"] = flops
         step["flops_per_chip"] = {k: v / chips for k, v in flops.items()}
         moved = 0 if mem is None else mem["arguments"] + mem["outputs"]
         step["roofline"] = roofline(step["flops_per_chip"]["executed"], moved, chip)
         step["tokens_per_s"] = batch * seq_len / step["roofline"]["step_s"]
-        if search:
-            def measure(b, t=t, kind=kind):
-                say(f"compiling the {kind} step at per-chip batch {b} (batch search)")
-                m = _compile_and_measure(s_cfg, t, cfg, mesh_obj, b * data)["memory"]
-                return None if m is None else m["total"]
-            known = {per_chip: None if mem is None else mem["total"]}
-            step["max_per_chip_batch"] = search_max_batch(
-                measure, known, capacity=chip.allocatable_bytes, max_compiles=max_search_compiles)
         steps[kind] = step
+    for kind, t in kinds if search else ():
+        def measure(b, t=t, kind=kind):
+            m = compile_at(kind, t, b)["memory"]
+            return None if m is None else m["total"]
+        mem = steps[kind]["memory"]
+        steps[kind]["max_per_chip_batch"] = search_max_batch(
+            measure, {per_chip: None if mem is None else mem["total"]}, capacity=capacity,
+            max_compiles=max_search_compiles)
     result = {
         "topology": topology, "chip": dataclasses.asdict(chip), "chips": chips,
         "mesh": dict(mesh_obj.shape), "student": s_cfg.to_dict(),

@@ -99,7 +99,7 @@ def test_tiny_plan_on_v5e(tiny_plan):
         step = r["steps"][kind]
         mem = step["memory"]
         assert step["error"] is None and step["compile_s"] > 0 and step["fits"]
-        assert mem["arguments"] > 0 and mem["outputs"] > 0 and mem["temporaries"] > 0
+        assert mem["arguments"] > 0 and mem["outputs"] > 0 and mem["temporaries"] >= 0
         assert mem["aliased"] > 0  # params and optimizer state are donated
         assert mem["total"] == (mem["arguments"] + mem["temporaries"] + mem["outputs"]
                                 - mem["aliased"] + mem["code"])

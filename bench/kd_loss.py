@@ -52,7 +52,7 @@ def _parse_shape(text: str):
 def executed_flops(kind, impl, n, vocab, d_s, d_t):
     """Analytic flops the implementation executes (the fused ones recompute logits backward)."""
     from salt.kernels import fused_linear_kd
-    from salt.kernels.kd_loss import bwd_flops, fwd_flops
+    from salt.kernels.logits_kd import bwd_flops, fwd_flops
 
     if kind == "logits":
         return fwd_flops(n, vocab) + bwd_flops(n, vocab)
@@ -91,7 +91,7 @@ def _inputs(kind, n, vocab, d_s, d_t, dtype, seed):
 def _fwd_bwd(kind, impl, omega=0.667, rho=0.25):
     import jax
     from salt.kernels.fused_linear_kd import fused_linear_kd_loss
-    from salt.kernels.kd_loss import kd_loss
+    from salt.kernels.logits_kd import kd_loss
 
     if kind == "logits":
         def f(s, t, y):

@@ -10,7 +10,10 @@ mesh.  Reported:
   difference in percentage points (issue target: within 5);
 * tokens/s of each step; achieved FLOP/s (analytic FLOPs / time) and its fraction of this
   machine's measured float32 matmul rate (a jitted square matmul, timed first);
-* the compiled temporary memory (``memory_analysis().temp_size_in_bytes``) of both steps.
+* the compiled temporary memory (``memory_analysis().temp_size_in_bytes``) of both steps;
+* unless ``--no-compare``: the same two steps with the full-logits loss (``loss_kernels="naive"``,
+  the trainer's loss before the fused-linear kernels; attention unchanged), and the fused path's
+  time and memory relative to it.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def measure_matmul_rate(n: int = 1024, iters: int = 10) -> float:
 def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: int, seq_len: int,
                   optimizer: str = "adafactor", dtype: str = "float32", iters: int = 10,
                   warmup: int = 2, transition: str = "step", matmul_n: int = 1024,
-                  kernels: str = "auto",
+                  kernels: str = "auto", loss_kernels: str | None = None,
                   progress: bool = True) -> dict:
     import jax
     import numpy as np
@@ -75,8 +78,17 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     for kind, t_cfg, t_abs in (("standard", None, None),
                                ("kd", teacher, step_mod.abstract_of(t_params))):
         start = time.perf_counter()
-        compiled[kind] = step_mod.compiled_step(student, t_cfg, cfg, mesh, params_abs, opt_abs, t_abs,
-                                             step_mod.abstract_of(windows))
+        if loss_kernels is None:  # the trainer's own executable
+            compiled[kind] = step_mod.compiled_step(student, t_cfg, cfg, mesh, params_abs, opt_abs, t_abs,
+                                                    step_mod.abstract_of(windows))
+        else:
+            fn = step_mod.make_step_fn(student, t_cfg, optimizer, transition=transition, rho=cfg.rho,
+                                       dtype=dtype, kernels=resolve_kernels(kernels), mesh=mesh,
+                                       loss_kernels=loss_kernels)
+            out_sh = (step_mod.shardings_of(params_abs), step_mod.shardings_of(opt_abs),
+                      sharding.replicated(mesh))
+            compiled[kind] = step_mod.compile_step(fn, params_abs, opt_abs, t_abs, step_mod.abstract_of(windows),
+                                                   mesh=mesh, out_shardings=out_sh)
         compiled[kind + "_compile_s"] = time.perf_counter() - start
 
     step_arr = jax.device_put(np.int32(1), sharding.replicated(mesh))
@@ -116,6 +128,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         "student_params": param_count(student), "teacher_params": param_count(teacher),
         "batch": batch, "seq_len": seq_len, "optimizer": optimizer, "dtype": dtype,
         "kernels": resolve_kernels(kernels),
+        "loss_kernels": loss_kernels or resolve_kernels(kernels),
         "iters": iters, "device": str(jax.devices()[0].device_kind),
         "standard_step_s": t_std, "kd_step_s": t_kd,
         "measured_ratio": measured, "predicted_ratio": predicted,
@@ -163,6 +176,18 @@ def format_report(r: dict) -> str:
         f"{r['predicted_ratio']:.3f} ({r['difference_pp']:+.1f} percentage points)",
         f"float32 matmul rate of this machine: {r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s",
     ]
+    base = r.get("full_logits")
+    if base:
+        lines += [
+            f"full-logits loss (loss kernels {base['loss_kernels']}, the trainer's loss before the fused "
+            f"kernels; same attention):",
+            f"{'standard':<10}{base['standard_step_s'] * 1e3:>10.1f}ms{mb(base['standard_temp_bytes']):>12}"
+            f"   fused/full-logits time {r['standard_step_s'] / base['standard_step_s']:.3f}",
+            f"{'kd':<10}{base['kd_step_s'] * 1e3:>10.1f}ms{mb(base['kd_temp_bytes']):>12}"
+            f"   fused/full-logits time {r['kd_step_s'] / base['kd_step_s']:.3f}",
+            f"KD/standard time ratio with full logits: {base['measured_ratio']:.3f} "
+            f"({base['difference_pp']:+.1f} pp vs the FLOP prediction)",
+        ]
     return "\n".join(lines)
 
 
@@ -179,13 +204,17 @@ def format_report(r: dict) -> str:
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--kernels", type=click.Choice(["auto", "pallas", "xla", "naive"]), default="auto",
               show_default=True, help="Attention / KD-loss implementation (as salt train).")
+@click.option("--compare/--no-compare", default=True, show_default=True,
+              help="Also time the steps with the full-logits loss (--kernels naive's loss).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def cli(student, teacher, vocab, batch, seq_len, optimizer, dtype, iters, warmup, kernels, as_json):
+def cli(student, teacher, vocab, batch, seq_len, optimizer, dtype, iters, warmup, kernels, compare, as_json):
     """KD-step vs standard-step time (vs the FLOP prediction), tokens/s, FLOP/s, memory."""
+    common = dict(vocab=vocab, batch=batch, seq_len=seq_len, optimizer=optimizer, dtype=dtype, iters=iters,
+                  warmup=warmup, kernels=kernels)
     try:
-        result = run_benchmark(student, teacher, vocab=vocab, batch=batch, seq_len=seq_len,
-                               optimizer=optimizer, dtype=dtype, iters=iters, warmup=warmup,
-                               kernels=kernels)
+        result = run_benchmark(student, teacher, **common)
+        if compare:
+            result["full_logits"] = run_benchmark(student, teacher, loss_kernels="naive", **common)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else format_report(result))

@@ -68,14 +68,17 @@ def prepare_command(sources, out_dir, vocab_size, tokenizer, text_field, val_fra
 @data.command("info", short_help="Summarise and check a token store.")
 @click.argument("store_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full metadata.json.")
-def info_command(store_dir, as_json):
+@click.option("--verify", is_flag=True,
+              help="Re-check every token id and document offset from scratch (reads the whole store).")
+def info_command(store_dir, as_json, verify):
     """Summarise the token store in STORE_DIR (and check that it is complete)."""
     from salt.data.build import summary_lines
     from salt.data.store import TokenStore
 
     try:
         store = TokenStore(store_dir)
-    except ValueError as e:
+        facts = store.verify() if verify else None
+    except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(store.metadata, indent=2, sort_keys=True))
@@ -88,3 +91,6 @@ def info_command(store_dir, as_json):
         click.echo(f"corpus: {corpus.get('num_files')} files from {corpus.get('sources')}")
     for line in summary_lines(store.metadata):
         click.echo(line)
+    if facts is not None:
+        click.echo("verified: " + "; ".join(f"{s}: {f['documents']:,} documents, max token id {f['max_id']}"
+                                            for s, f in facts.items()) + f" < vocab_size {store.vocab_size}")

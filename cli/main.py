@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -82,13 +83,49 @@ def _default_jax_platforms() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves a checkpoint instead)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+def _error(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
 def main(argv=None):
+    """Run the CLI. User errors, interrupts and OS errors end with one line on stderr and a
+    non-zero exit code, never a traceback (docs/safety.md): ClickException -> its code (1, 2 for
+    usage); Ctrl-C -> 130; SIGTERM outside the training loop -> 143; OSError -> 1."""
     _default_jax_platforms()
     try:
-        return cli.main(args=argv, prog_name="salt", standalone_mode=True)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        rv = cli.main(args=argv, prog_name="salt", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("interrupted (Ctrl-C); nothing more was saved", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("terminated (SIGTERM); nothing more was saved", err=True)
+        sys.exit(143)
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        _error(f"cannot access{where}: {e.strerror or e}", 1)
+    except MemoryError:
+        _error("out of host memory; try a smaller --batch", 1)
+    except Exception as e:  # noqa: BLE001
+        if "RESOURCE_EXHAUSTED" in str(e):  # XLA out of device memory
+            _error(f"out of device memory ({str(e).splitlines()[0][:200]}); try a smaller --batch", 1)
+        raise
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -56,22 +56,44 @@ def _keep(ctx, param, value):
               show_default=True,
               help="Attention / KD-loss implementation: pallas (TPU), xla (chunked pure JAX), "
                    "naive (full-size maths); auto = pallas on TPU, xla elsewhere.")
+@click.option("--objective", type=click.Choice(["causal", "ul2"]), default="causal", show_default=True,
+              help="causal: next-token LM; ul2: the paper's UL2 mixture (causal, prefix LM, span "
+                   "corruption 15%/3 and 50%/32 at 6:2:1:1; loss and KD on targets only; needs a "
+                   "store prepared with --sentinels).")
 @click.option("--remat/--no-remat", default=False, show_default=True,
               help="Recompute layer activations in the backward.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Save every N steps (always at the end, at n_kd and on SIGTERM).")
+@click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Also save when this many minutes passed since the last save (0: off), so an "
+                   "interrupted run loses at most that much.")
 @click.option("--keep", "keep_checkpoints", callback=_keep, default="",
               help="Comma-separated steps whose checkpoints are kept (besides the latest and n_kd).")
-@click.option("--runtime", type=click.Choice(["jax", "reference"]), default="jax", show_default=True,
-              help="'reference': the NumPy reference trainer on the same batches (tiny models).")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Microbatches per step (gradients accumulated inside the compiled step, one "
+                   "update): the same step as the whole batch, on less memory. Must divide --batch.")
+@click.option("--runtime", type=click.Choice(["jax", "tpu", "gpu", "cpu", "reference"]), default="jax",
+              show_default=True,
+              help="tpu / gpu / cpu: the JAX runtime on that platform's devices (an error if there are "
+                   "none); jax: JAX's default platform; reference: the NumPy reference trainer on the "
+                   "same batches (tiny models).")
+@click.option("--compile-cache", default=None, metavar="DIR",
+              help="JAX persistent compilation cache (reused across runs); 'off' disables it. "
+                   "Default: $SALT_COMPILE_CACHE, else ~/.cache/salt/jax-compile.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Resume even if the configuration changed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def train(as_json, progress, **options):
     """Train a student (or a teacher: --kd-steps 0) and write checkpoints and metrics.jsonl."""
+    from salt.runtime.config import COMPILE_CACHE_OFF, default_compile_cache
     from salt.runtime.train import TrainConfig, TrainError, train as run_train
 
+    cache = options["compile_cache"]
+    if cache is None:
+        options["compile_cache"] = default_compile_cache()
+    elif cache.strip().lower() in COMPILE_CACHE_OFF:
+        options["compile_cache"] = None
     cfg = TrainConfig(**options)
     try:
         summary = run_train(cfg, progress=progress)
@@ -79,12 +101,17 @@ def train(as_json, progress, **options):
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
+        if summary.get("interrupted_by") == "SIGINT":
+            sys.exit(130)
         return
     final = summary.get("final") or {}
-    status = "interrupted (SIGTERM), checkpoint saved" if summary["interrupted"] else "done"
+    by = summary.get("interrupted_by")
+    status = f"interrupted ({by}), checkpoint saved" if summary["interrupted"] else "done"
     click.echo(f"{status}: {summary['run_dir']} step {summary['last_step']} "
                f"(checkpoint {summary['last_checkpoint']})", err=False)
     if final:
         click.echo(f"final loss {final['loss']:.4f}  ce {final['ce']:.4f}  "
                    f"accuracy {final['accuracy']:.4f}  lr {final['lr']:.3g}")
     sys.stdout.flush()
+    if by == "SIGINT":
+        sys.exit(130)

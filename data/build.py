@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import heapq
-import json
 import multiprocessing
 import os
 import pathlib
@@ -33,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from salt.data import store as store_format
+from salt.data import outputs, store as store_format
 from salt.data.corpus import Corpus, CorpusStats, embedded_corpus, iter_documents, resolve_sources
 from salt.data.tokenizer import (EOS_ID, SPECIAL_IDS, TRAINER_OPTIONS, VocabSizeError,
                                  encode_document, load_processor, sha256_bytes,
@@ -97,8 +96,9 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
     started = time.perf_counter()
     out = pathlib.Path(out_dir)
     _check_args(vocab_size, tokenizer, val_fraction, seed, workers, sample_bytes, text_field)
-    _check_out_dir(out, overwrite)
     corpus = embedded_corpus() if sources is None else resolve_sources(sources)
+    inputs = list(corpus.files) + ([pathlib.Path(tokenizer)] if tokenizer is not None else [])
+    _check_out_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)  # fail now (OSError), not after the work
 
     tokenizer_info: dict = {}
@@ -159,10 +159,10 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
             "skipped": stats.skipped_summary(),
             "roundtrip_failures": roundtrip_failures,
         }
-        _write_atomic_json(tmp / store_format.METADATA_FILE, metadata)
-        _fsync_dir(tmp)
-        _check_out_dir(out, overwrite)  # may have appeared while we worked
-        _move_into_place(tmp, out)
+        outputs.write_json(tmp / store_format.METADATA_FILE, metadata)
+        outputs.fsync_dir(tmp)
+        _check_out_dir(out, overwrite, inputs)  # may have appeared while we worked
+        outputs.move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -189,14 +189,10 @@ def _check_args(vocab_size, tokenizer, val_fraction, seed, workers, sample_bytes
         raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
 
 
-def _check_out_dir(out: pathlib.Path, overwrite: bool):
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a directory")
-    if not overwrite and any(out.iterdir()):
-        raise ValueError(f"output directory {out} already exists and is not empty; "
-                         "pass --overwrite (overwrite=True) to replace it")
+def _check_out_dir(out: pathlib.Path, overwrite: bool, inputs):
+    """The safety rule (salt.data.outputs): --overwrite replaces only a token store that holds
+    nothing else and none of the inputs."""
+    outputs.check_output_dir(out, "store", mode="replace" if overwrite else "create", inputs=inputs)
 
 
 def _read_tokenizer(path) -> bytes:
@@ -388,36 +384,7 @@ def _tokenize_to(directory: pathlib.Path, corpus: Corpus, stats: CorpusStats, *,
     return {s: w.counts() for s, w in writers.items()}, failures
 
 
-# ---- finishing ------------------------------------------------------------------------------
-
-def _write_atomic_json(path: pathlib.Path, obj: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: pathlib.Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _move_into_place(tmp: pathlib.Path, out: pathlib.Path):
-    if out.exists():
-        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "store")
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-    _fsync_dir(out.parent)
-
+# ---- summary --------------------------------------------------------------------------------
 
 def summary_lines(metadata: dict) -> list[str]:
     """Human-readable summary of a store's metadata (used by prepare and the CLI)."""

@@ -7,7 +7,13 @@ A *source* is a path (file or directory) or a glob pattern. Files are read as fo
   the document text under ``text_field``; streamed line by line (never the whole file).
 * any other ``*.gz`` / ``*.zst`` / ``*.zstd``: one compressed text document.
 * any other file: one text document (a file holding a NUL byte is treated as binary,
-  skipped and counted).
+  skipped and counted). A file (or decompressed stream) larger than ``LARGE_DOCUMENT_BYTES``
+  (16 MiB) is streamed instead: it is cut at line ends into documents of about
+  ``SEGMENT_BYTES`` (1 MiB) each (counted in ``split_large_files``; a piece holding a NUL byte
+  is skipped and counted in ``binary_segments``), so no single file is ever held in memory.
+
+A JSONL line nested deeper than ``MAX_JSON_DEPTH`` (64) arrays/objects is an invalid line
+(an error naming the file and line, or skipped and counted with ``skip_invalid``).
 
 Directories are walked recursively in sorted order, skipping hidden entries (names starting
 with ``.``); globs are expanded (``**`` allowed) in sorted order. The embedded default
@@ -26,6 +32,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import sys
 import sysconfig
 import zlib
@@ -33,10 +40,14 @@ from collections.abc import Iterator, Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
 _REPLACEMENT_BYTES = REPLACEMENT_CHAR.encode("utf-8")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
 _GZIP_SUFFIXES = (".gz",)
 _ZSTD_SUFFIXES = (".zst", ".zstd")
 _READ_CHUNK_BYTES = 1 << 20
+LARGE_DOCUMENT_BYTES = 16 << 20
+SEGMENT_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64
 
 
 @dataclasses.dataclass
@@ -52,6 +63,8 @@ class CorpusStats:
     missing_field_lines: int = 0      # object without a string text field (skipped with skip_invalid)
     non_utf8_documents: int = 0       # documents in which invalid UTF-8 was replaced by U+FFFD
     replaced_characters: int = 0      # number of U+FFFD characters introduced by that replacement
+    split_large_files: int = 0        # files over LARGE_DOCUMENT_BYTES read as ~1 MiB pieces
+    binary_segments: int = 0          # pieces of such files holding a NUL byte (skipped)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,20 +184,88 @@ def iter_documents(corpus: Corpus, stats: CorpusStats, *, text_field: str = "tex
             if name.endswith(_JSONL_SUFFIXES):
                 yield from _iter_jsonl(path, stats, text_field, skip_invalid)
             else:
-                data = b"".join(_iter_file_chunks(path))
-                if b"\x00" in data:
-                    stats.binary_files += 1
-                else:
-                    text = _decode(data, stats)
-                    if text:
-                        stats.documents += 1
-                        yield text
-                    else:
-                        stats.empty_documents += 1
+                yield from _iter_text_file(path, stats)
         except OSError as e:
             raise ValueError(f"{path}: cannot read: {e}") from None
         if on_file is not None:
             on_file(path)
+
+
+def _iter_text_file(path: pathlib.Path, stats: CorpusStats) -> Iterator[str]:
+    """One document per file, or ~SEGMENT_BYTES pieces cut at line ends for a large file."""
+    chunks = _iter_file_chunks(path)
+    held, size = [], 0
+    for chunk in chunks:
+        held.append(chunk)
+        size += len(chunk)
+        if size > LARGE_DOCUMENT_BYTES:
+            stats.split_large_files += 1
+            yield from _iter_segments(held, chunks, stats)
+            return
+    data = b"".join(held)
+    if b"\x00" in data:
+        stats.binary_files += 1
+        return
+    yield from _one_document(data, stats)
+
+
+def _one_document(data: bytes, stats: CorpusStats) -> Iterator[str]:
+    text = _decode(data, stats)
+    if text:
+        stats.documents += 1
+        yield text
+    else:
+        stats.empty_documents += 1
+
+
+def _iter_segments(held: list[bytes], chunks: Iterator[bytes], stats: CorpusStats) -> Iterator[str]:
+    """Cut a byte stream into pieces of about SEGMENT_BYTES, each ending at a line end (or, for a
+    line longer than that, at a UTF-8 character boundary), and yield each as a document."""
+    buf = bytearray()
+
+    def cut(final: bool):
+        nonlocal buf
+        # a cut needs the byte after the piece (is it inside a character?), so only cut a buffer
+        # longer than a piece until the stream ends
+        while len(buf) > SEGMENT_BYTES or (final and buf):
+            if len(buf) <= SEGMENT_BYTES:
+                end = len(buf)
+            else:
+                end = buf.rfind(b"\n", 0, SEGMENT_BYTES) + 1
+                if end == 0:  # no line end: back off to the start of a UTF-8 character
+                    end = SEGMENT_BYTES
+                    while end > 1 and (buf[end] & 0xC0) == 0x80:
+                        end -= 1
+            piece = bytes(buf[:end])
+            del buf[:end]
+            if b"\x00" in piece:
+                stats.binary_segments += 1
+            else:
+                yield from _one_document(piece, stats)
+
+    for chunk in held:
+        buf += chunk
+        yield from cut(False)
+    held.clear()
+    for chunk in chunks:
+        buf += chunk
+        yield from cut(False)
+    yield from cut(True)
+
+
+def _json_too_deep(line: str) -> bool:
+    """Whether a JSON text nests arrays/objects deeper than MAX_JSON_DEPTH (strings ignored)."""
+    if line.count("[") + line.count("{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for ch in _JSON_STRING.sub("", line):
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
 
 
 def _iter_jsonl(path: pathlib.Path, stats: CorpusStats, text_field: str,
@@ -196,12 +277,16 @@ def _iter_jsonl(path: pathlib.Path, stats: CorpusStats, text_field: str,
         # Decode the line ourselves so that invalid UTF-8 is replaced and counted.
         line_text = _decode(line, stats)
         try:
+            if _json_too_deep(line_text):
+                raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", line_text, 0)
             record = json.loads(line_text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             if skip_invalid:
                 stats.invalid_json_lines += 1
                 continue
-            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+            what = (f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError)
+                    else "nested too deeply")
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({what}); "
                              "pass --skip-invalid to skip and count such lines") from None
         if not isinstance(record, dict):
             if skip_invalid:

@@ -7,6 +7,11 @@ Layout of a store directory::
     train.tokens.bin          flat token ids of the train split, native-endian uint16 or uint32
     train.doc_offsets.bin     int64 [documents + 1]: document d is tokens[off[d]:off[d+1]]
     val.tokens.bin, val.doc_offsets.bin
+    token_check.json          cache of the token-id check (size, mtime and max id of each split)
+
+Opening a store checks that every token id is below ``vocab_size`` (a max over the memory map,
+cached in ``token_check.json`` and redone when a tokens file's size or mtime changes);
+:meth:`TokenStore.verify` (``salt data info --verify``) re-checks everything from scratch.
 
 Each document's tokens end with EOS (id 3), so the flat stream is
 ``doc0 EOS doc1 EOS ...``. The store is opened read-only with memory maps.
@@ -24,6 +29,8 @@ FORMAT_NAME = "salt-token-store"
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKEN_CHECK_FILE = "token_check.json"
+_MAX_CHUNK = 1 << 24  # tokens per slice of the max scan
 SPLITS = ("train", "val")
 OFFSET_DTYPE = np.dtype("<i8")
 
@@ -96,6 +103,68 @@ class TokenStore:
             self._check_size(offsets_file(split), (self.num_documents(split) + 1) * OFFSET_DTYPE.itemsize)
         self._tokens: dict[str, np.ndarray] = {}
         self._offsets: dict[str, np.ndarray] = {}
+        self._check_token_ids(use_cache=True)
+
+    def _check_token_ids(self, *, use_cache: bool) -> dict:
+        """Every id < vocab_size in both splits (ValueError naming the file otherwise)."""
+        cache_path = self.path / TOKEN_CHECK_FILE
+        cache = {}
+        if use_cache and cache_path.is_file():
+            try:
+                cache = json.loads(cache_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+                cache = {}
+        fresh, changed = {}, False
+        for split in SPLITS:
+            path = self.path / tokens_file(split)
+            st = path.stat()
+            entry = cache.get(split) if isinstance(cache, dict) else None
+            key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if (isinstance(entry, dict) and {k: entry.get(k) for k in key} == key
+                    and isinstance(entry.get("max_id"), int)):
+                max_id = entry["max_id"]
+            else:
+                tokens = self.tokens(split)
+                max_id = -1
+                for start in range(0, len(tokens), _MAX_CHUNK):
+                    max_id = max(max_id, int(tokens[start:start + _MAX_CHUNK].max()))
+                changed = True
+            if max_id >= self.vocab_size:
+                raise ValueError(f"token store {self.path}: {path} holds token id {max_id} >= vocab_size "
+                                 f"{self.vocab_size}; the store is corrupt (re-run `salt data prepare`)")
+            fresh[split] = dict(key, max_id=max_id)
+        if changed:
+            try:  # a cache only: a read-only store is checked again next time
+                from salt.data import outputs
+                outputs.write_json(cache_path, fresh)
+            except OSError:
+                pass
+        return fresh
+
+    def verify(self) -> dict:
+        """Full check (``salt data info --verify``): token ids < vocab (no cache), document offsets
+        start at 0, never decrease, end at the token count, and every document ends with EOS.
+        Returns per-split facts; raises ValueError naming the file and position otherwise."""
+        from salt.data.tokenizer import EOS_ID
+
+        facts = self._check_token_ids(use_cache=False)
+        for split in SPLITS:
+            offsets, tokens = self.doc_offsets(split), self.tokens(split)
+            name = self.path / offsets_file(split)
+            if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens):
+                raise ValueError(f"token store {self.path}: {name} must start at 0 and end at "
+                                 f"{len(tokens)} (the token count)")
+            steps = np.diff(offsets)
+            if (steps < 1).any():
+                d = int(np.argmax(steps < 1))
+                raise ValueError(f"token store {self.path}: {name}: document {d} is empty or ends "
+                                 "before it starts")
+            if len(tokens) and (tokens[offsets[1:] - 1] != EOS_ID).any():
+                d = int(np.argmax(tokens[offsets[1:] - 1] != EOS_ID))
+                raise ValueError(f"token store {self.path}: document {d} of {tokens_file(split)} "
+                                 "does not end with EOS")
+            facts[split]["documents"] = int(len(offsets) - 1)
+        return facts
 
     def _check_size(self, name: str, expected: int):
         path = self.path / name

@@ -5,5 +5,5 @@ Public entry points: ``kd_loss``, ``fused_linear_kd_loss``, ``mqa_attention``; e
 ``interpret=True`` to run the Pallas kernel on the CPU.
 """
 from salt.kernels.attention import AttentionBlockSizes, mqa_attention  # noqa: F401
-from salt.kernels.fused_linear_kd import fused_linear_kd_loss  # noqa: F401
-from salt.kernels.kd_loss import kd_loss  # noqa: F401
+from salt.kernels.fused_linear_kd import fused_linear_ce_loss, fused_linear_kd_loss  # noqa: F401
+from salt.kernels.logits_kd import kd_loss  # noqa: F401

@@ -1,10 +1,10 @@
-"""Fused-linear KD loss: the KD loss of :mod:`salt.kernels.kd_loss` from final hidden states and
+"""Fused-linear KD loss: the KD loss of :mod:`salt.kernels.logits_kd` from final hidden states and
 tied embedding matrices, without ever writing the ``[tokens, vocab]`` logits.
 
 ``s = student_hidden @ student_embedding.T`` (``[N, D_s] x [V, D_s]``) and
 ``t = teacher_hidden @ teacher_embedding.T`` (``[N, D_t] x [V, D_t]``, ``D_t != D_s`` in general)
 are formed tile by tile and folded into the same online row statistics
-as the logits kernel (:mod:`salt.kernels.kd_loss`, docs/design.md §2 maths).
+as the logits kernel (:mod:`salt.kernels.logits_kd`, docs/design.md §2 maths).
 
 Gradients (``custom_vjp`` on the per-row loss): with ``dS = g·(P − (1−ω)·onehot − ω·Q)`` recomputed
 tile by tile, ``d student_hidden = dS @ E_s`` and ``d student_embedding = dSᵀ @ h_s`` (and
@@ -25,13 +25,15 @@ and V by masking: columns past V
   dtype for the gradient matmuls.
 * ``"xla"``: ``lax.scan`` over vocabulary chunks (forward: statistics; backward: recompute the
   chunk's logits, accumulate ``d h_s`` in the carry and add the chunk's ``d E_s`` rows in place).
-* ``"naive"``: full logits + :func:`salt.kernels.kd_loss.kd_loss` naive maths, autodiff.
+* ``"naive"``: full logits + :func:`salt.kernels.logits_kd.loss_naive`, autodiff.
+
+:func:`fused_linear_ce_loss` is the same family without a teacher (the standard step, ``salt
+score``, ``salt eval``): the teacher's matmul, statistics and ``Q`` term are left out.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# The module, not the function: ``salt.kernels`` re-exports the function ``kd_loss`` under the
-# submodule's name, so ``from salt.kernels import kd_loss`` (or ``import ... as``) yields the function.
-_kd = importlib.import_module("salt.kernels.kd_loss")
+from salt.kernels import logits_kd as _kd
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 
@@ -133,9 +133,9 @@ def analytic_flops(n, vocab, d_s, d_t, *, backward=True, schedule="pallas"):
 # naive
 # ----------------------------------------------------------------------------------------------
 
-def _loss_naive(hs, es, ht, et, y, omega, rho):
+def _loss_naive(hs, es, teacher, y, omega, rho):
     s = jnp.dot(hs, es.T, preferred_element_type=jnp.float32)
-    t = jnp.dot(ht, et.T, preferred_element_type=jnp.float32)
+    t = None if teacher is None else jnp.dot(teacher[0], teacher[1].T, preferred_element_type=jnp.float32)
     return _kd.loss_naive(s, t, y, omega, rho)
 
 
@@ -143,41 +143,49 @@ def _loss_naive(hs, es, ht, et, y, omega, rho):
 # xla
 # ----------------------------------------------------------------------------------------------
 
-def _chunk_logits(hs, es, ht, et, j, chunk, vocab, rho):
+def _label_logit(hs, es, y):
+    """``θ_n = h_n · E[y_n]`` in float32 (the threshold of the ``n_gt`` count)."""
+    es_y = jnp.take(es, y, axis=0, mode="clip")
+    return jnp.sum(hs.astype(jnp.float32) * es_y.astype(jnp.float32), axis=1)
+
+
+def _chunk_logits(hs, es, teacher, j, chunk, vocab, rho):
     start = jnp.minimum(j * chunk, vocab - chunk)
     es_c = lax.dynamic_slice_in_dim(es, start, chunk, axis=0)
-    et_c = lax.dynamic_slice_in_dim(et, start, chunk, axis=0)
     s_c = lax.dot_general(hs, es_c, _NT, preferred_element_type=jnp.float32)
-    rt_c = rho * lax.dot_general(ht, et_c, _NT, preferred_element_type=jnp.float32)
+    rt_c = None
+    if teacher is not None:
+        ht, et = teacher
+        et_c = lax.dynamic_slice_in_dim(et, start, chunk, axis=0)
+        rt_c = rho * lax.dot_general(ht, et_c, _NT, preferred_element_type=jnp.float32)
     cols_1xC = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
     return start, es_c, s_c, rt_c, cols_1xC, cols_1xC >= j * chunk
 
 
-def _stats_xla(hs, es, ht, et, y, rho, chunk):
+def _stats_xla(hs, es, teacher, y, rho, chunk):
     n, vocab = hs.shape[0], es.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
-    y_Nx1 = y[:, None]
+    y_Nx1, theta_Nx1 = y[:, None], _label_logit(hs, es, y)[:, None]
 
     def body(carry, j):
-        _, _, s_c, rt_c, cols, valid = _chunk_logits(hs, es, ht, et, j, chunk, vocab, rho)
-        return _kd.stats_update(carry, s_c, rt_c, valid, cols == y_Nx1), None
+        _, _, s_c, rt_c, cols, valid = _chunk_logits(hs, es, teacher, j, chunk, vocab, rho)
+        return _kd.stats_update(carry, s_c, rt_c, valid, cols, y_Nx1, theta_Nx1), None
 
-    carry, _ = lax.scan(body, _kd.stats_init((n, 1)), jnp.arange(n_chunks))
-    return tuple(x[:, 0] for x in _kd.stats_finish(carry))
+    carry, _ = lax.scan(body, _kd.stats_init((n, 1), teacher=teacher is not None), jnp.arange(n_chunks))
+    return {k: v[:, 0] for k, v in _kd.stats_finish(carry).items()}
 
 
-def _grad_xla(hs, es, ht, et, y, stats, coefs, rho, chunk):
+def _grad_xla(hs, es, teacher, y, rows, rho, chunk):
     vocab = es.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
-    m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
-    rows = [x[:, None] for x in (m_s, log_l_s, m_t, log_l_t, *coefs)]
+    rows = {k: v[:, None] for k, v in rows.items()}
     y_Nx1 = y[:, None]
-    hs_clean = jnp.where(rows[4] != 0.0, hs, jnp.zeros_like(hs))  # masked rows may hold garbage
+    hs_clean = jnp.where(rows["g_p"] != 0.0, hs, jnp.zeros_like(hs))  # masked rows may hold garbage
 
     def body(carry, j):
         dhs_NxD, des_VxD = carry
-        start, es_c, s_c, rt_c, cols, valid = _chunk_logits(hs, es, ht, et, j, chunk, vocab, rho)
-        ds_NxC = _kd.grad_tile(s_c, rt_c, cols == y_Nx1, *rows)
+        start, es_c, s_c, rt_c, cols, valid = _chunk_logits(hs, es, teacher, j, chunk, vocab, rho)
+        ds_NxC = _kd.grad_tile(s_c, rt_c, cols == y_Nx1, rows)
         ds_NxC = jnp.where(valid, ds_NxC, 0.0).astype(es.dtype)
         dhs_NxD = dhs_NxD + jnp.dot(ds_NxC, es_c, preferred_element_type=jnp.float32)
         des_CxD = lax.dot_general(ds_NxC, hs_clean, (((0,), (0,)), ((), ())),
@@ -195,74 +203,81 @@ def _grad_xla(hs, es, ht, et, y, stats, coefs, rho, chunk):
 # pallas (TPU / Mosaic)
 # ----------------------------------------------------------------------------------------------
 
-def _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho):
-    s = lax.dot_general(hs_ref[...], es_ref[...], _NT, preferred_element_type=jnp.float32)
-    rt = rho * lax.dot_general(ht_ref[...], et_ref[...], _NT, preferred_element_type=jnp.float32)
+def _matrix_names(teacher: bool) -> tuple:
+    return ("hs", "es", "ht", "et") if teacher else ("hs", "es")
+
+
+def _logit_tiles(ins, rho):
+    s = lax.dot_general(ins["hs"][...], ins["es"][...], _NT, preferred_element_type=jnp.float32)
+    if "ht" not in ins:
+        return s, None
+    rt = rho * lax.dot_general(ins["ht"][...], ins["et"][...], _NT, preferred_element_type=jnp.float32)
     return s, rt
 
 
-def _fwd_kernel(hs_ref, es_ref, ht_ref, et_ref, y_ref, *refs, rho, vocab, block_vocab):
-    s, rt = _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho)
-    _kd.stats_kernel_step(s, rt, y_ref, refs, vocab=vocab, block_vocab=block_vocab)
+def _fwd_kernel(*refs, teacher, rho, vocab, block_vocab):
+    ins, outs, acc = _kd.bind(refs, _matrix_names(teacher) + ("y", "theta"), _kd.stat_names(teacher),
+                              _kd.carry_names(teacher))
+    s, rt = _logit_tiles(ins, rho)
+    _kd.stats_kernel_step(s, rt, ins, outs, acc, vocab=vocab, block_vocab=block_vocab)
 
 
-def _grad_logits_tile(refs, *, rho, row0, col0, n_tokens, vocab):
+def _grad_logits_tile(ins, rows, *, rho, row0, col0, n_tokens, vocab):
     """dS tile with rows >= N and columns >= V zeroed."""
-    hs_ref, es_ref, ht_ref, et_ref, y_ref, *row_refs = refs
-    s, rt = _logit_tiles(hs_ref, es_ref, ht_ref, et_ref, rho)
+    s, rt = _logit_tiles(ins, rho)
     cols = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    rows = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    ds = _kd.grad_tile(s, rt, cols == y_ref[...], *(r[...] for r in row_refs))
-    return jnp.where((cols < vocab) & (rows < n_tokens), ds, 0.0)
+    row_ids = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    ds = _kd.grad_tile(s, rt, cols == ins["y"][...], {k: r[...] for k, r in rows.items()})
+    return jnp.where((cols < vocab) & (row_ids < n_tokens), ds, 0.0)
 
 
-_N_BWD_INPUTS = 5 + 7  # hs, es, ht, et, y + (m_s, log_l_s, m_t, log_l_t, g_p, g_y, g_q)
-_G_P_REF = 9  # position of g_p (the per-row loss cotangent) among the backward inputs
-
-
-def _bwd_hidden_kernel(*refs, rho, n_tokens, vocab, block_tokens, block_vocab):
-    in_refs, (dhs_ref, *scratch) = refs[:_N_BWD_INPUTS], refs[_N_BWD_INPUTS:]
-    acc = scratch[0] if scratch else dhs_ref  # f32 output: accumulate in the resident output block
+def _bwd_hidden_kernel(*refs, teacher, row_names, acc_scratch, rho, n_tokens, vocab, block_tokens,
+                       block_vocab):
+    ins, rows, outs, scratch = _kd.bind(refs, _matrix_names(teacher) + ("y",), row_names, ("dhs",),
+                                        ("acc",) if acc_scratch else ())
+    acc = scratch.get("acc", outs["dhs"])  # f32 output: accumulate in the resident output block
     i, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
         acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
-    ds = _grad_logits_tile(in_refs, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
+    ds = _grad_logits_tile(ins, rows, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
                            n_tokens=n_tokens, vocab=vocab)
-    es = in_refs[1][...]
+    es = ins["es"][...]
     es_rows = j * block_vocab + lax.broadcasted_iota(jnp.int32, (es.shape[0], 1), 0)
     es = jnp.where(es_rows < vocab, es, jnp.zeros_like(es))  # padded embedding rows -> 0
     acc[...] += jnp.dot(ds.astype(es.dtype), es, preferred_element_type=jnp.float32)
 
-    if scratch:
+    if acc_scratch:
         @pl.when(j == pl.num_programs(1) - 1)
         def _finish():
-            dhs_ref[...] = acc[...].astype(dhs_ref.dtype)
+            outs["dhs"][...] = acc[...].astype(outs["dhs"].dtype)
 
 
-def _bwd_embed_kernel(*refs, rho, n_tokens, vocab, block_tokens, block_vocab):
-    in_refs, (des_ref, *scratch) = refs[:_N_BWD_INPUTS], refs[_N_BWD_INPUTS:]
-    acc = scratch[0] if scratch else des_ref  # f32 output: accumulate in the resident output block
+def _bwd_embed_kernel(*refs, teacher, row_names, acc_scratch, rho, n_tokens, vocab, block_tokens,
+                      block_vocab):
+    ins, rows, outs, scratch = _kd.bind(refs, _matrix_names(teacher) + ("y",), row_names, ("des",),
+                                        ("acc",) if acc_scratch else ())
+    acc = scratch.get("acc", outs["des"])  # f32 output: accumulate in the resident output block
     j, i = pl.program_id(0), pl.program_id(1)  # grid (vocab blocks, token blocks)
 
     @pl.when(i == 0)
     def _init():
         acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
-    ds = _grad_logits_tile(in_refs, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
+    ds = _grad_logits_tile(ins, rows, rho=rho, row0=i * block_tokens, col0=j * block_vocab,
                            n_tokens=n_tokens, vocab=vocab)
-    hs = in_refs[0][...]
+    hs = ins["hs"][...]
     hs_rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (hs.shape[0], 1), 0)
-    keep = (hs_rows < n_tokens) & (in_refs[_G_P_REF][...] != 0.0)  # padded rows, zero-cotangent (masked) rows
+    keep = (hs_rows < n_tokens) & (rows["g_p"][...] != 0.0)  # padded rows, zero-cotangent (masked) rows
     hs = jnp.where(keep, hs, jnp.zeros_like(hs))
     acc[...] += jnp.dot(ds.T.astype(hs.dtype), hs, preferred_element_type=jnp.float32)
 
-    if scratch:
+    if acc_scratch:
         @pl.when(i == pl.num_programs(1) - 1)
         def _finish():
-            des_ref[...] = acc[...].astype(des_ref.dtype)
+            outs["des"][...] = acc[...].astype(outs["des"].dtype)
 
 
 def _acc_scratch(shape, out_dtype):
@@ -275,7 +290,7 @@ def _nbytes(*arrays):
 
 
 def _specs(bt, bv, d_s, d_t, token_axis):
-    """Block specs for (hs, es, ht, et) and a per-row spec; ``token_axis`` is the grid axis that
+    """Block specs for (hs, es[, ht, et]) and a per-row spec; ``token_axis`` is the grid axis that
     walks token blocks (0 for the (tokens, vocab) grids, 1 for the (vocab, tokens) grid)."""
     if token_axis == 0:
         tok = lambda i, j: (i, 0)  # noqa: E731
@@ -283,126 +298,165 @@ def _specs(bt, bv, d_s, d_t, token_axis):
     else:
         tok = lambda j, i: (i, 0)  # noqa: E731
         voc = lambda j, i: (j, 0)  # noqa: E731
-    return ([pl.BlockSpec((bt, d_s), tok), pl.BlockSpec((bv, d_s), voc),
-             pl.BlockSpec((bt, d_t), tok), pl.BlockSpec((bv, d_t), voc)],
-            _kd.row_spec(bt, token_axis))
+    mats = [pl.BlockSpec((bt, d_s), tok), pl.BlockSpec((bv, d_s), voc)]
+    if d_t:
+        mats += [pl.BlockSpec((bt, d_t), tok), pl.BlockSpec((bv, d_t), voc)]
+    return mats, _kd.row_spec(bt, token_axis)
 
 
-def _blocks_for(hs, es, ht, block_sizes):
-    return choose_blocks(hs.shape[0], es.shape[0], hs.shape[1], ht.shape[1],
-                         max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
+def _dims(hs, es, teacher):
+    return hs.shape[0], es.shape[0], hs.shape[1], 0 if teacher is None else teacher[0].shape[1]
 
 
-def _stats_pallas(hs, es, ht, et, y, rho, block_sizes, interpret):
-    n, d_s = hs.shape
-    vocab, d_t = es.shape[0], ht.shape[1]
-    bt, bv = _blocks_for(hs, es, ht, block_sizes)
+def _blocks_for(hs, es, teacher, block_sizes):
+    n, vocab, d_s, d_t = _dims(hs, es, teacher)
+    return choose_blocks(n, vocab, d_s, d_t, max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
+
+
+def _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret):
+    n, vocab, d_s, d_t = _dims(hs, es, teacher)
+    bt, bv = _blocks_for(hs, es, teacher, block_sizes)
     mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=0)
     n_tok_blocks = pl.cdiv(n, bt)
+    has_teacher = teacher is not None
+    names = _kd.stat_names(has_teacher)
+    embeddings = (es,) if teacher is None else (es, teacher[1])
     outs = pl.pallas_call(
-        functools.partial(_fwd_kernel, rho=rho, vocab=vocab, block_vocab=bv),
+        functools.partial(_fwd_kernel, teacher=has_teacher, rho=rho, vocab=vocab, block_vocab=bv),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(n_tok_blocks, pl.cdiv(vocab, bv)),
-            in_specs=mats + [rspec], out_specs=[rspec] * _kd.N_STATS,
-            scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * 7),
-        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * _kd.N_STATS,
+            in_specs=mats + [rspec, rspec], out_specs=[rspec] * len(names),
+            scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * len(_kd.carry_names(has_teacher))),
+        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * len(names),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
             flops=int(analytic_flops(n, vocab, d_s, d_t, backward=False)),
-            transcendentals=int(2 * n * vocab),
-            bytes_accessed=int(_nbytes(hs, ht) + n_tok_blocks * _nbytes(es, et) + 32 * n)),
+            transcendentals=int((2 if has_teacher else 1) * n * vocab),
+            bytes_accessed=int(_nbytes(hs, *(teacher or ())[:1]) + n_tok_blocks * _nbytes(*embeddings)
+                               + 4 * (2 + len(names)) * n)),
         interpret=interpret,
-        name="fused_linear_kd_fwd",
-    )(hs, es, ht, et, y[:, None])
-    return tuple(o[:, 0] for o in outs)
+        name="fused_linear_kd_fwd" if has_teacher else "fused_linear_ce_fwd",
+    )(hs, es, *(teacher or ()), y[:, None], _label_logit(hs, es, y)[:, None])
+    return {k: o[:, 0] for k, o in zip(names, outs)}
 
 
-def _grad_pallas(hs, es, ht, et, y, stats, coefs, rho, block_sizes, interpret):
-    n, d_s = hs.shape
-    vocab, d_t = es.shape[0], ht.shape[1]
-    bt, bv = _blocks_for(hs, es, ht, block_sizes)
+def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret):
+    n, vocab, d_s, d_t = _dims(hs, es, teacher)
+    bt, bv = _blocks_for(hs, es, teacher, block_sizes)
     n_tok_blocks, n_voc_blocks = pl.cdiv(n, bt), pl.cdiv(vocab, bv)
-    m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
-    operands = (hs, es, ht, et, y[:, None], *_kd.as_rows(m_s, log_l_s, m_t, log_l_t, *coefs))
+    row_names, row_operands = _kd.ordered_rows(rows)
+    operands = (hs, es, *(teacher or ()), y[:, None], *row_operands)
+    has_teacher = teacher is not None
     one_kernel_flops = int(logits_flops(n, vocab, d_s, d_t) + grad_matmul_flops(n, vocab, d_s) // 2
                            + _kd.bwd_flops(n, vocab))
-    static = dict(rho=rho, n_tokens=n, vocab=vocab, block_tokens=bt, block_vocab=bv)
+    hidden_bytes = _nbytes(hs, *(teacher or ())[:1])
+    embed_bytes = _nbytes(es, *(teacher or ())[1:])
+    prefix = "fused_linear_kd" if has_teacher else "fused_linear_ce"
 
-    mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=0)
-    dhs = pl.pallas_call(
-        functools.partial(_bwd_hidden_kernel, **static),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=(n_tok_blocks, n_voc_blocks),
-            in_specs=mats + [rspec] * 8, out_specs=pl.BlockSpec((bt, d_s), lambda i, j: (i, 0)),
-            scratch_shapes=_acc_scratch((bt, d_s), hs.dtype)),
-        out_shape=jax.ShapeDtypeStruct(hs.shape, hs.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        cost_estimate=pl.CostEstimate(
-            flops=one_kernel_flops, transcendentals=int(2 * n * vocab),
-            bytes_accessed=int(2 * _nbytes(hs) + _nbytes(ht) + n_tok_blocks * _nbytes(es, et) + 32 * n)),
-        interpret=interpret,
-        name="fused_linear_kd_bwd_hidden",
-    )(*operands)
+    def call(kernel, grid, token_axis, out_spec, out, acc_shape, bytes_accessed, name):
+        mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=token_axis)
+        scratch = _acc_scratch(acc_shape, out.dtype)
+        return pl.pallas_call(
+            functools.partial(kernel, teacher=has_teacher, row_names=row_names, acc_scratch=bool(scratch),
+                              rho=rho, n_tokens=n, vocab=vocab, block_tokens=bt, block_vocab=bv),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=0, grid=grid, in_specs=mats + [rspec] * (1 + len(row_names)),
+                out_specs=out_spec, scratch_shapes=scratch),
+            out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+            cost_estimate=pl.CostEstimate(flops=one_kernel_flops,
+                                          transcendentals=int((2 if has_teacher else 1) * n * vocab),
+                                          bytes_accessed=int(bytes_accessed)),
+            interpret=interpret,
+            name=name,
+        )(*operands)
 
-    mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=1)
-    des = pl.pallas_call(
-        functools.partial(_bwd_embed_kernel, **static),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=(n_voc_blocks, n_tok_blocks),
-            in_specs=mats + [rspec] * 8, out_specs=pl.BlockSpec((bv, d_s), lambda j, i: (j, 0)),
-            scratch_shapes=_acc_scratch((bv, d_s), es.dtype)),
-        out_shape=jax.ShapeDtypeStruct(es.shape, es.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        cost_estimate=pl.CostEstimate(
-            flops=one_kernel_flops, transcendentals=int(2 * n * vocab),
-            bytes_accessed=int(2 * _nbytes(es) + _nbytes(et) + n_voc_blocks * (_nbytes(hs, ht) + 32 * n))),
-        interpret=interpret,
-        name="fused_linear_kd_bwd_embedding",
-    )(*operands)
+    dhs = call(_bwd_hidden_kernel, (n_tok_blocks, n_voc_blocks), 0,
+               pl.BlockSpec((bt, d_s), lambda i, j: (i, 0)), hs, (bt, d_s),
+               _nbytes(hs) + hidden_bytes + n_tok_blocks * embed_bytes + 32 * n, prefix + "_bwd_hidden")
+    des = call(_bwd_embed_kernel, (n_voc_blocks, n_tok_blocks), 1,
+               pl.BlockSpec((bv, d_s), lambda j, i: (j, 0)), es, (bv, d_s),
+               _nbytes(es) + embed_bytes + n_voc_blocks * (hidden_bytes + 32 * n), prefix + "_bwd_embedding")
     return dhs, des
 
 
 # ----------------------------------------------------------------------------------------------
-# custom_vjp core
+# custom_vjp core (``teacher`` is ``(ht, et)`` or None: the cross-entropy alone)
 # ----------------------------------------------------------------------------------------------
 
-def _stats(hs, es, ht, et, y, rho, cfg):
+def _stats(hs, es, teacher, y, rho, cfg):
     impl, block_sizes, interpret = cfg
     if impl == "xla":
-        return _stats_xla(hs, es, ht, et, y, rho, block_sizes.chunk_vocab)
-    return _stats_pallas(hs, es, ht, et, y, rho, block_sizes, interpret)
+        return _stats_xla(hs, es, teacher, y, rho, block_sizes.chunk_vocab)
+    return _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _loss_core(hs, es, ht, et, y, omega, rho, cfg):
-    return _kd.loss_from_stats(_stats(hs, es, ht, et, y, rho, cfg), omega)
+def _outputs(stats, y, omega):
+    loss, parts = _kd.loss_from_stats(stats, omega)
+    return loss, _kd.with_correct(parts, stats, y)
 
 
-def _loss_core_fwd(hs, es, ht, et, y, omega, rho, cfg):
-    stats = _stats(hs, es, ht, et, y, rho, cfg)
-    return _kd.loss_from_stats(stats, omega), (hs, es, ht, et, y, omega, stats)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _loss_core(hs, es, teacher, y, omega, rho, cfg):
+    return _outputs(_stats(hs, es, teacher, y, rho, cfg), y, omega)
+
+
+def _loss_core_fwd(hs, es, teacher, y, omega, rho, cfg):
+    stats = _stats(hs, es, teacher, y, rho, cfg)
+    return _outputs(stats, y, omega), (hs, es, teacher, y, omega, stats)
 
 
 def _loss_core_bwd(rho, cfg, res, cotangents):
-    hs, es, ht, et, y, omega, stats = res
-    g = cotangents[0]  # parts (ce, kd, kl) are monitoring values: their cotangents are ignored
-    coefs = _kd.grad_coefficients(g, omega)
+    hs, es, teacher, y, omega, stats = res
+    g = cotangents[0]  # the parts are monitoring values: their cotangents are ignored
+    rows = _kd.grad_rows(stats, g, omega)
     impl, block_sizes, interpret = cfg
     if impl == "xla":
-        dhs, des = _grad_xla(hs, es, ht, et, y, stats, coefs, rho, block_sizes.chunk_vocab)
+        dhs, des = _grad_xla(hs, es, teacher, y, rows, rho, block_sizes.chunk_vocab)
     else:
-        dhs, des = _grad_pallas(hs, es, ht, et, y, stats, coefs, rho, block_sizes, interpret)
+        dhs, des = _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret)
+    if teacher is None:
+        return dhs, des, None, None, jnp.zeros_like(omega)
     # No gradient flows to the teacher: its cotangents are zero by definition.
-    return (dhs, des, jnp.zeros_like(ht), jnp.zeros_like(et), None,
-            _kd.omega_cotangent(g, stats, omega))
+    return (dhs, des, jax.tree.map(jnp.zeros_like, teacher), None, _kd.omega_cotangent(g, stats, omega))
 
 
 _loss_core.defvjp(_loss_core_fwd, _loss_core_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
-# public entry point
+# public entry points
 # ----------------------------------------------------------------------------------------------
+
+def _check_matrices(**arrays):
+    arrays = {k: _kd._float_input(k, v) for k, v in arrays.items()}
+    for name, x in arrays.items():
+        if x.ndim != 2 or 0 in x.shape:
+            raise ValueError(f"{name} must be a non-empty 2-D array, got shape {x.shape}")
+    return arrays
+
+
+def _check_pair(hidden, embedding, who):
+    if hidden.shape[1] != embedding.shape[1]:
+        raise ValueError(f"{who}_hidden {hidden.shape} and {who}_embedding {embedding.shape} disagree on "
+                         f"D_{who[0]}")
+
+
+def _run(hs, es, teacher, labels, mask, omega, rho, impl, interpret, block_sizes, return_parts):
+    labels, valid = _kd.check_labels_mask(labels, mask, (hs.shape[0],))
+    impl = _kd.check_impl(impl)
+    block_sizes = FusedKDBlockSizes() if block_sizes is None else block_sizes
+    if not isinstance(block_sizes, FusedKDBlockSizes):
+        raise ValueError(f"block_sizes must be a FusedKDBlockSizes, got {type(block_sizes).__name__}")
+    if impl == "naive":
+        keep_Nx1 = valid[:, None]  # masked rows may hold garbage: zero them
+        if teacher is not None:
+            teacher = (lax.stop_gradient(jnp.where(keep_Nx1, teacher[0], 0)), lax.stop_gradient(teacher[1]))
+        outputs = _loss_naive(jnp.where(keep_Nx1, hs, 0), es, teacher, labels, omega, rho)
+    else:
+        outputs = _loss_core(hs, es, teacher, labels, omega, rho, (impl, block_sizes, interpret))
+    return _kd.finish_output(outputs, valid, return_parts)
+
 
 def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teacher_embedding, labels,
                          omega, rho, mask=None, *, impl=None, interpret=False, block_sizes=None,
@@ -416,38 +470,37 @@ def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teac
       omega: weight in [0, 1], Python number or (traced) scalar; rho: Python number > 0 (static).
       mask: optional ``[N]``; masked tokens give loss 0 and no gradient.
       impl: "pallas" | "xla" | "naive" (None: "pallas" on TPU, else "xla"); interpret: for pallas.
-      block_sizes: :class:`FusedKDBlockSizes`; return_parts: also ``{"ce", "kd", "kl"}``.
+      block_sizes: :class:`FusedKDBlockSizes`; return_parts: also ``{"ce", "kd", "kl", "correct",
+        "n_greater"}`` (see :func:`salt.kernels.logits_kd.kd_loss`; monitoring values, no gradient).
 
     Returns float32 ``[N]`` (and the parts dict).  Gradients flow to ``student_hidden``,
     ``student_embedding`` (and ``omega``); the teacher's arrays get ZERO cotangents.
     """
-    arrays = {"student_hidden": student_hidden, "student_embedding": student_embedding,
-              "teacher_hidden": teacher_hidden, "teacher_embedding": teacher_embedding}
-    arrays = {k: _kd._float_input(k, v) for k, v in arrays.items()}
-    for name, x in arrays.items():
-        if x.ndim != 2 or 0 in x.shape:
-            raise ValueError(f"{name} must be a non-empty 2-D array, got shape {x.shape}")
-    hs, es = arrays["student_hidden"], arrays["student_embedding"]
-    ht, et = arrays["teacher_hidden"], arrays["teacher_embedding"]
-    if hs.shape[1] != es.shape[1]:
-        raise ValueError(f"student_hidden {hs.shape} and student_embedding {es.shape} disagree on D_s")
-    if ht.shape[1] != et.shape[1]:
-        raise ValueError(f"teacher_hidden {ht.shape} and teacher_embedding {et.shape} disagree on D_t")
+    a = _check_matrices(student_hidden=student_hidden, student_embedding=student_embedding,
+                        teacher_hidden=teacher_hidden, teacher_embedding=teacher_embedding)
+    hs, es = a["student_hidden"], a["student_embedding"]
+    ht, et = a["teacher_hidden"], a["teacher_embedding"]
+    _check_pair(hs, es, "student")
+    _check_pair(ht, et, "teacher")
     if hs.shape[0] != ht.shape[0]:
         raise ValueError(f"student_hidden has {hs.shape[0]} tokens, teacher_hidden {ht.shape[0]}")
     if es.shape[0] != et.shape[0]:
         raise ValueError(f"student_embedding has vocab {es.shape[0]}, teacher_embedding {et.shape[0]}")
-    labels, valid = _kd.check_labels_mask(labels, mask, (hs.shape[0],))
     omega = jnp.asarray(_kd.check_omega(omega), jnp.float32)
-    impl = _kd.check_impl(impl)
-    rho = _kd.check_rho(rho)
-    block_sizes = FusedKDBlockSizes() if block_sizes is None else block_sizes
-    if not isinstance(block_sizes, FusedKDBlockSizes):
-        raise ValueError(f"block_sizes must be a FusedKDBlockSizes, got {type(block_sizes).__name__}")
-    if impl == "naive":
-        keep_Nx1 = valid[:, None]  # masked rows may hold garbage: zero them
-        outputs = _loss_naive(jnp.where(keep_Nx1, hs, 0), es, lax.stop_gradient(jnp.where(keep_Nx1, ht, 0)),
-                              lax.stop_gradient(et), labels, omega, rho)
-    else:
-        outputs = _loss_core(hs, es, ht, et, labels, omega, rho, (impl, block_sizes, interpret))
-    return _kd.finish_output(outputs, valid, return_parts)
+    return _run(hs, es, (ht, et), labels, mask, omega, _kd.check_rho(rho), impl, interpret, block_sizes,
+                return_parts)
+
+
+def fused_linear_ce_loss(hidden, embedding, labels, mask=None, *, impl=None, interpret=False,
+                         block_sizes=None, return_parts=False):
+    """Per-token cross-entropy ``lse(s) − s_y`` with logits ``s = hidden @ embedding.T`` never stored:
+    the same kernels as :func:`fused_linear_kd_loss` without the teacher's matmul and statistics.
+
+    ``hidden``: ``[N, D]``; ``embedding``: ``[V, D]``; ``labels``/``mask``/``impl``/``interpret``/
+    ``block_sizes`` as there.  ``return_parts``: also ``{"ce", "correct", "n_greater"}`` (the label
+    is in the top-k iff ``n_greater < k``).  Gradients flow to ``hidden`` and ``embedding``.
+    """
+    a = _check_matrices(student_hidden=hidden, student_embedding=embedding)
+    hs, es = a["student_hidden"], a["student_embedding"]
+    _check_pair(hs, es, "student")
+    return _run(hs, es, None, labels, mask, jnp.float32(0.0), 1.0, impl, interpret, block_sizes, return_parts)

@@ -88,7 +88,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import zipfile
 
 import numpy as np
@@ -355,17 +354,9 @@ def _select(names):
 
 def write_npz_atomic(path: pathlib.Path, arrays: dict) -> None:
     """``np.savez_compressed`` to a temporary file in the same folder, then rename over ``path``."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; golden files are shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from salt.data import outputs
+
+    outputs.save_npz(path, compressed=True, **arrays)
 
 
 def generate(directory, names=None, progress: bool = True) -> list[pathlib.Path]:

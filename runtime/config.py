@@ -8,24 +8,68 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 
 from salt.reference.config import get_preset
 from salt.runtime import losses, optim, sharding
 
-RUNTIMES = ("jax", "reference")
+# "jax": the JAX runtime on the default platform; "tpu" / "gpu" / "cpu": on that platform's devices;
+# "reference": the NumPy reference trainer (tiny models).
+JAX_PLATFORMS = ("tpu", "gpu", "cpu")
+RUNTIMES = ("jax",) + JAX_PLATFORMS + ("reference",)
 KERNELS = ("auto", "pallas", "xla", "naive")
+OBJECTIVES = ("causal", "ul2")  # ul2: the mixture of salt.data.ul2 (docs/design.md §7)
 DTYPES = ("float32", "bfloat16")
+COMPILE_CACHE_ENV = "SALT_COMPILE_CACHE"
+COMPILE_CACHE_OFF = ("", "off", "none")
 
 
-def resolve_kernels(name: str) -> str:
+def resolve_kernels(name: str, platform: str | None = None) -> str:
     """``--kernels``: "pallas" (TPU kernels), "xla" (their pure-JAX chunked paths: no
-    ``[tokens, vocab]`` probabilities, flash attention) or "naive" (plain full-size maths);
-    "auto" is Pallas on TPU and "xla" elsewhere."""
+    ``[tokens, vocab]`` logits or probabilities, flash attention) or "naive" (plain full-size
+    maths); "auto" is Pallas on TPU and "xla" elsewhere (``platform``: default JAX's)."""
     if name == "auto":
-        return "pallas" if jax.default_backend() == "tpu" else "xla"
+        return "pallas" if (platform or jax.default_backend()) == "tpu" else "xla"
     return name
+
+
+def _platform_devices(platform: str) -> list:
+    try:
+        return list(jax.devices(platform))
+    except RuntimeError:  # unknown or uninitialisable backend
+        return []
+
+
+def runtime_devices(runtime: str) -> list:
+    """The devices ``--runtime`` runs on ("jax" and "reference": JAX's default devices).  A
+    platform without devices raises :class:`TrainError` naming what was found."""
+    if runtime not in JAX_PLATFORMS:
+        return list(jax.devices())
+    devices = _platform_devices(runtime)
+    if devices:
+        return devices
+    found = {}
+    for d in jax.devices():
+        found[d.platform] = found.get(d.platform, 0) + 1
+    found_text = ", ".join(f"{n} {p} device{'s' if n > 1 else ''}" for p, n in found.items()) or "none"
+    hint = ""
+    if runtime == "tpu":
+        hint = ("; to size a TPU run from this host (ahead-of-time compiled for a topology, no TPU "
+                "needed) use `salt plan --topology ...`")
+    raise TrainError(f"runtime={runtime!r}: JAX finds no {runtime.upper()} devices on this host "
+                     f"(found: {found_text}){hint}")
+
+
+def default_compile_cache() -> str | None:
+    """``$SALT_COMPILE_CACHE`` ("off" disables), else ``$XDG_CACHE_HOME/salt/jax-compile``
+    (``~/.cache/salt/jax-compile``)."""
+    env = os.environ.get(COMPILE_CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in COMPILE_CACHE_OFF else env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "salt", "jax-compile")
 
 
 class TrainError(ValueError):
@@ -35,7 +79,7 @@ class TrainError(ValueError):
 class NonFiniteLoss(TrainError):
     def __init__(self, step: int, loss: float, last_checkpoint: int | None):
         self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
-        kept = (f"the last good checkpoint (step {last_checkpoint}) is kept"
+        kept = (f"the last good (verified) checkpoint (step {last_checkpoint}) is kept"
                 if last_checkpoint is not None else "no checkpoint was written")
         super().__init__(f"non-finite loss {loss} at step {step}; training stopped; {kept}")
 
@@ -68,14 +112,19 @@ class TrainConfig:
     dtype: str = "float32"
     kernels: str = "auto"
     checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0   # also save when this much wall time passed (0: off)
     keep_checkpoints: tuple = ()
     runtime: str = "jax"
     resume: bool = False
     force: bool = False
     remat: bool = False
+    objective: str = "causal"
+    grad_accum: int = 1
+    compile_cache: str | None = None  # JAX persistent compilation cache directory (None: off)
 
     # fields that may differ between a run and its resumption
-    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "keep_checkpoints", "out")
+    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes",
+                         "keep_checkpoints", "out", "compile_cache")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -104,7 +153,7 @@ class TrainConfig:
             get_preset(self.preset)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        for field in ("steps", "batch", "seq_len"):
+        for field in ("steps", "batch", "seq_len", "grad_accum"):
             v = getattr(self, field)
             if not isinstance(v, int) or v < 1:
                 bad(field, "must be an integer >= 1")
@@ -142,10 +191,21 @@ class TrainConfig:
             bad("dtype", f"must be one of {DTYPES}")
         if self.kernels not in KERNELS:
             bad("kernels", f"must be one of {KERNELS}")
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"must be one of {OBJECTIVES}")
+        if self.objective != "causal" and self.runtime == "reference":
+            bad("objective", "the reference runtime trains the causal objective only")
         if self.runtime not in RUNTIMES:
             bad("runtime", f"must be one of {RUNTIMES}")
+        if self.batch % self.grad_accum:
+            bad("grad_accum", f"must divide batch={self.batch} (microbatches of equal size)")
+        if self.compile_cache is not None and not isinstance(self.compile_cache, str):
+            bad("compile_cache", "must be a directory path or None")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             bad("checkpoint_every", "must be an integer >= 0 (0: only at the end)")
+        if (not isinstance(self.checkpoint_minutes, (int, float)) or not math.isfinite(self.checkpoint_minutes)
+                or self.checkpoint_minutes < 0):
+            bad("checkpoint_minutes", "must be a finite number >= 0 (0: off)")
         try:
             sharding.parse_mesh(self.mesh)
         except ValueError as e:

@@ -23,23 +23,23 @@ BUCKETS = ("easy", "medium", "hard")
 
 
 @functools.lru_cache(maxsize=16)
-def _stats_fn(config):
-    """``jit``-ed per-position ``(ce_BxT, correct_BxT)`` of one model config (cached, so that
-    evaluating many checkpoints of a run compiles once)."""
+def _stats_fn(config, mesh=None, kernels: str = "auto"):
+    """``jit``-ed per-position ``(ce_BxT, correct_BxT)`` of one model config from the final hidden
+    states and the tied embedding through the fused-linear kernel (no ``[tokens, vocab]`` logits;
+    :func:`salt.runtime.losses.token_parts`).  ``mesh``: the devices' mesh (axis ``data``) of the
+    batch.  Cached, so that evaluating many checkpoints of a run compiles once."""
     import jax
-    import jax.numpy as jnp
 
-    from salt.runtime import model
+    from salt.runtime import losses, model
+    from salt.runtime.config import resolve_kernels
+
+    impl = resolve_kernels(kernels)
 
     @jax.jit
     def stats(params, windows_BxT1):
-        targets_BxT = windows_BxT1[:, 1:]
-        logits_BxTxV = model.forward(params, windows_BxT1[:, :-1], config).astype(jnp.float32)
-        lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-        target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-        ce_BxT = lse_BxT - target_logit_BxT
-        correct_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-        return ce_BxT, correct_BxT
+        hidden = model.hidden(params, windows_BxT1[:, :-1], config, attention_impl=impl, mesh=mesh)
+        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh)
+        return parts["ce"], parts["correct"] > 0.5
 
     return stats
 
@@ -68,7 +68,7 @@ def window_stats(params, config, data_dir, *, seq_len: int, batch_size: int = 32
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
 
-    stats = _stats_fn(config)
+    stats = _stats_fn(config, mesh)
 
     ids_out, loss_out, correct_out = [], [], []
     bar = tqdm(desc=desc, unit="win", file=sys.stderr, disable=not progress, dynamic_ncols=True,
@@ -167,8 +167,12 @@ def save_stats(path, stats: dict) -> None:
 
 
 def load_stats(path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {name: z[name] for name in ("window_ids", "loss_sum", "correct", "n_tokens")}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in ("window_ids", "loss_sum", "correct", "n_tokens")}
+    except Exception as e:  # noqa: BLE001 - any unreadable cache is reported by name
+        raise ValueError(f"evaluation cache {str(path)!r} is unreadable ({type(e).__name__}); "
+                         "delete it to recompute") from None
 
 
 def format_table(rows: list[tuple[str, dict]], *, buckets_too: bool = True) -> str:

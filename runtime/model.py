@@ -173,7 +173,7 @@ def _sharded_kernel_attention(kernel, q, k, v, prefix_len_B, mesh):
     batch over ``data`` and, when the head counts allow it, query (and kv) heads over
     ``model``; otherwise the heads are replicated along ``model``."""
     from jax.sharding import PartitionSpec as P
-    m = mesh.shape["model"]
+    m = mesh.shape.get("model", 1)  # a data-only mesh (score, eval) has no model axis
     H, G = q.shape[2], k.shape[2]
     data = "data" if q.shape[0] % mesh.shape["data"] == 0 else None
     if m > 1 and G == 1 and H % m == 0:

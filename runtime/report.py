@@ -199,9 +199,9 @@ def plot_val_curves(curves: dict, out_dir, n_kd: int | None = None,
 
 
 def _savefig_atomic(fig, path: pathlib.Path) -> None:
-    from salt.runtime.score import write_bytes_atomic
+    from salt.data import outputs
 
-    write_bytes_atomic(path, lambda f: fig.savefig(f, format="png"))
+    outputs.write_bytes(path, lambda f: fig.savefig(f, format="png"))
 
 
 # --------------------------------------------------------------------------- markdown

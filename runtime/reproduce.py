@@ -189,6 +189,9 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
 
     cfg.validate()
     out = pathlib.Path(cfg.out)
+    from salt.data import outputs  # the output rule of docs/safety.md (OUT, OUT/data, OUT/runs/*)
+    outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
+                             inputs=[cfg.data] if force and cfg.data else ())
     if force and (out / "state.json").is_file():
         for child in ("runs", "eval", "scores.npz", "selection.npy", "results.json", "report.md"):
             p = out / child

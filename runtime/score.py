@@ -29,11 +29,11 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 
 import numpy as np
+
+from salt.data import outputs
 
 TOPK_MODES = ("zero", "exclude")
 SCORES_FORMAT = "salt-scores-v1"
@@ -42,36 +42,42 @@ SCORES_FORMAT = "salt-scores-v1"
 # --------------------------------------------------------------------------- per-token terms
 
 def token_terms(logits_BxTxV, targets_BxT, k: int):
-    """Per-position teacher cross-entropy and top-k membership (JAX).
+    """Per-position cross-entropy and top-k membership from full logits (the ``naive`` cross-check
+    of :func:`make_token_terms_fn`; the maths is :func:`salt.kernels.logits_kd.loss_naive`'s).
 
     Returns ``(ce_BxT float32, in_topk_BxT bool)`` where ``in_topk`` holds iff fewer than ``k``
     vocabulary entries have a logit strictly greater than the target's.
     """
-    import jax
-    import jax.numpy as jnp
+    from salt.kernels.logits_kd import loss_naive
 
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    target_logit_BxT = jnp.take_along_axis(
-        logits_BxTxV, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    ce_BxT = lse_BxT - target_logit_BxT
-    n_greater_BxT = jnp.sum(logits_BxTxV > target_logit_BxT[..., None], axis=-1, dtype=jnp.int32)
-    return ce_BxT, n_greater_BxT < k
+    B, T, V = logits_BxTxV.shape
+    ce_N, parts = loss_naive(logits_BxTxV.reshape(B * T, V), None, targets_BxT.reshape(B * T).astype("int32"),
+                             0.0, 1.0)
+    return ce_N.reshape(B, T), (parts["n_greater"] < k).reshape(B, T)
 
 
 @functools.lru_cache(maxsize=16)
-def make_token_terms_fn(config, k: int):
+def make_token_terms_fn(config, k: int, mesh=None, kernels: str = "auto"):
     """``jit``-ed ``(params, windows_BxT1) -> (ce_BxT, in_topk_BxT)``: teacher forward on the
-    inputs ``w[:, :-1]`` and :func:`token_terms` against the targets ``w[:, 1:]`` (cached per
-    model config and k, so repeated jobs compile once)."""
+    inputs ``w[:, :-1]``, then the per-position CE and the rank of the target (number of logits
+    strictly above it) from the final hidden states and the tied embedding through the
+    fused-linear kernel (:func:`salt.runtime.losses.token_parts`; no ``[tokens, vocab]`` logits
+    unless ``kernels="naive"``).  ``mesh``: the devices' mesh (axis ``data``) the batch is sharded
+    on (the kernels then run per shard).  Cached per model config, k, mesh and kernels, so repeated
+    jobs compile once."""
     import jax
 
-    from salt.runtime import model
+    from salt.runtime import losses, model
+    from salt.runtime.config import resolve_kernels
+
+    impl = resolve_kernels(kernels)
 
     @jax.jit
     def terms(params, windows_BxT1):
-        logits_BxTxV = model.forward(params, windows_BxT1[:, :-1], config)
-        return token_terms(logits_BxTxV, windows_BxT1[:, 1:], k)
+        inputs = windows_BxT1[:, :-1]
+        hidden = model.hidden(params, inputs, config, attention_impl=impl, mesh=mesh)
+        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh)
+        return parts["ce"], parts["n_greater"] < k
 
     return terms
 
@@ -166,41 +172,50 @@ class ScoreJob:
     force: bool = False
 
 
-def write_bytes_atomic(path: pathlib.Path, write) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+# atomic writers: the one implementation lives in salt.data.outputs (docs/safety.md)
+write_bytes_atomic = outputs.write_bytes
+save_npy_atomic = outputs.save_npy
 
 
 def save_npz_atomic(path, **arrays) -> None:
     """``np.savez`` to ``path`` (exact name, no suffix added) via a temp file and rename."""
-    write_bytes_atomic(pathlib.Path(path), lambda f: np.savez(f, **arrays))
+    outputs.save_npz(path, **arrays)
 
 
-def save_npy_atomic(path, array) -> None:
-    write_bytes_atomic(pathlib.Path(path), lambda f: np.save(f, array, allow_pickle=False))
+def _numpy_file_kind(path: pathlib.Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        return "npy"
+    if head[:4] == b"PK\x03\x04":
+        return "npz"
+    return "other"
 
 
-def load_window_ids(path) -> np.ndarray:
-    """A 1-D int64 array of window ids from a ``.npy`` file (``salt select`` output)."""
+def load_window_ids(path, what: str = "window-id") -> np.ndarray:
+    """A 1-D int64 array of window ids from a ``.npy`` file (``salt select`` output); errors name
+    the file (never suggest unpickling)."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise ValueError(f"window-id file {str(path)!r} does not exist")
+        raise ValueError(f"{what} file {str(path)!r} does not exist")
     try:
+        kind = _numpy_file_kind(path)
+        if kind == "npz":
+            raise ValueError(f"{what} file {str(path)!r} is a .npz archive; expected a .npy array of "
+                             "window ids (as `salt select` writes)")
+        if kind != "npy":
+            raise ValueError(f"{what} file {str(path)!r} is not a NumPy .npy file (no .npy header)")
         ids = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise ValueError(f"cannot read window ids from {str(path)!r}: {e}") from None
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{what} file {str(path)!r} is not a readable .npy array of window ids "
+                         f"(holds objects or is corrupt)") from None
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{what} file {str(path)!r} cannot be read ({e})") from None
     if not isinstance(ids, np.ndarray) or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{str(path)!r} must hold a 1-D integer array of window ids")
+        raise ValueError(f"{what} file {str(path)!r} must hold a 1-D integer array of window ids, got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {getattr(ids, 'shape', '')}")
     return ids.astype(np.int64)
 
 
@@ -210,10 +225,13 @@ def load_scores(path) -> dict:
     if not path.is_file():
         raise ValueError(f"scores file {str(path)!r} does not exist")
     try:
+        if _numpy_file_kind(path) != "npz":
+            raise ValueError("not a .npz archive")
         with np.load(path, allow_pickle=False) as z:
             out = {name: z[name] for name in z.files}
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read scores from {str(path)!r}: {e}") from None
+        why = str(e) if "pickle" not in str(e) else "holds objects"
+        raise ValueError(f"scores file {str(path)!r} is not a readable scores .npz ({why})") from None
     for name in ("window_ids", "scores"):
         if name not in out:
             raise ValueError(f"{str(path)!r} is not a SALT scores file (no {name!r} array)")
@@ -254,6 +272,24 @@ def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_win
     return pool, int(excluded_E.size)
 
 
+def _is_scores_file(path) -> bool:
+    """Whether ``path`` is a scores .npz that ``salt score`` wrote (what --force may replace)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "format" in z.files and str(z["format"]) == SCORES_FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+def _is_ids_file(path) -> bool:
+    """Whether ``path`` is a 1-D integer .npy (a selection ``salt select`` wrote)."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+        return isinstance(ids, np.ndarray) and ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def teacher_identity(path, step: int) -> str:
     return f"{os.path.abspath(path)}@{step}"
 
@@ -272,8 +308,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
 
     _check_mode(job.mode)
     out = pathlib.Path(job.out)
-    if out.exists() and not job.force:
-        raise ValueError(f"output {str(out)!r} already exists (use --force to overwrite)")
+    outputs.check_output_file(out, force=job.force, is_own=_is_scores_file)
     if job.batch < 1:
         raise ValueError(f"batch must be >= 1, got {job.batch}")
     if job.seq_len < 1:
@@ -313,13 +348,14 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     partial = out.with_name(out.name + ".partial")
     state_path = partial / "job.json"
     if partial.exists():
-        old = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        outputs.check_output_dir(partial, "score", mode="replace", what="partial results")
+        old = json.loads(state_path.read_text())  # valid: checked just above
         if old.get("fingerprint") != fingerprint:
             if not job.force:
                 raise ValueError(f"{str(partial)!r} holds partial scores of a different job "
                                  "(teacher, data, k, mode, seq_len, batch or pool differ); "
                                  "remove it or use --force")
-            shutil.rmtree(partial)
+            outputs.remove_tree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(state_path, lambda f: f.write(json.dumps(
         {"fingerprint": fingerprint, "teacher": ident, "n_pool": int(pool_N.size)}).encode()))
@@ -331,7 +367,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
 
-    terms = make_token_terms_fn(config, job.k)
+    terms = make_token_terms_fn(config, job.k, mesh)
     chunk = batch * job.chunk_batches
     n_chunks = -(-pool_N.size // chunk)
     done = sum((partial / f"chunk_{c:06d}.npz").is_file() for c in range(n_chunks))
@@ -361,17 +397,25 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     finally:
         bar.close()
 
-    scores_N = np.concatenate([np.load(partial / f"chunk_{c:06d}.npz", allow_pickle=False)["scores"]
-                               for c in range(n_chunks)])
+    scores_N = np.concatenate([_read_chunk(partial / f"chunk_{c:06d}.npz") for c in range(n_chunks)])
     save_npz_atomic(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
                     mode=np.str_(job.mode), teacher=np.str_(ident), teacher_step=np.int64(teacher_step),
                     tokenizer_sha256=np.str_(store.tokenizer_sha256), seq_len=np.int64(job.seq_len),
                     n_excluded=np.int64(n_excluded), n_train_windows=np.int64(num_windows),
                     format=np.str_(SCORES_FORMAT))
-    shutil.rmtree(partial, ignore_errors=True)
+    outputs.remove_tree(partial)
     return {"out": str(out), "n_scored": int(pool_N.size), "n_excluded": n_excluded,
             "n_train_windows": num_windows,
             "resumed_chunks": int(done), "teacher": ident, "k": job.k, "mode": job.mode}
+
+
+def _read_chunk(path: pathlib.Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return np.asarray(z["scores"], np.float64)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"partial scores {str(path)!r} are unreadable ({type(e).__name__}); delete "
+                         "that file and re-run to recompute it") from None
 
 
 def _progress_bar(total: int, desc: str, enable: bool):
@@ -410,8 +454,7 @@ def select_top_m(window_ids_N: np.ndarray, scores_N: np.ndarray, m: int) -> np.n
 def select(scores_path, m: int, out_path, force: bool = False) -> np.ndarray:
     """Read scores, pick the top ``m`` (see :func:`select_top_m`), write them atomically as .npy."""
     out_path = pathlib.Path(out_path)
-    if out_path.exists() and not force:
-        raise ValueError(f"output {str(out_path)!r} already exists (use --force to overwrite)")
+    outputs.check_output_file(out_path, force=force, is_own=_is_ids_file)
     z = load_scores(scores_path)
     ids = select_top_m(z["window_ids"], z["scores"], m)
     save_npy_atomic(out_path, ids)

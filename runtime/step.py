@@ -5,17 +5,21 @@ One pure function serves both phases: with a teacher it is the KD step (loss
 ``(1-ω_j)·ce + ω_j·kd``, ω_j computed inside the step from ``j``, the teacher under
 ``stop_gradient``), without one the standard (CE) step.  The schedules' constants are runtime
 scalars (``hyper``) so one executable serves every run with the same shapes; executables are
-AOT-compiled (``jit(...).lower(...).compile()``) and shared within a process.
+AOT-compiled (``jit(...).lower(...).compile()``), shared within a process and, with a
+``compile_cache`` directory, kept across processes by JAX's persistent compilation cache.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from salt.reference.config import ModelConfig
 from salt.runtime import losses, model, optim, sharding
-from salt.runtime.config import TrainConfig, resolve_kernels
+from salt.runtime.config import TrainConfig, TrainError, resolve_kernels
 
 HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay", "omega",
                 "kd_steps", "kd_steps1")
@@ -31,38 +35,118 @@ def hyperparameters(cfg: TrainConfig) -> dict:
     return {k: np.float32(v) for k, v in values.items()}
 
 
-def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: str, *,
-                 transition: str = "step", rho: float = 0.25, dtype: str = "float32",
-                 kernels: str = "xla", remat: bool = False, mesh=None):
-    """The pure train step ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
-    -> (params, opt_state, metrics)``; ``teacher`` None builds the standard (CE) step.
-    ``step`` is the 1-based step number; ``hyper`` the dict of :func:`hyperparameters`."""
-    compute_dtype = jnp.dtype(dtype)
-    direction = optim.make_direction(optimizer)
+def split_batch(batch):
+    """A step's batch: the windows ``[B, T+1]`` alone (causal LM), or a dict with ``tokens``
+    ``[B, T+1]``, ``prefix_len`` ``[B]`` (bidirectional prefix) and ``mask`` ``[B, T]`` (the target
+    positions that are scored), as the UL2 objective builds it (:mod:`salt.data.ul2`)."""
+    if isinstance(batch, dict):
+        return batch["tokens"], batch.get("prefix_len"), batch.get("mask")
+    return batch, None, None
 
-    def loss_fn(params, teacher_params, windows_BxT1, step, hyper):
+
+def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transition: str = "step",
+                 rho: float = 0.25, dtype: str = "float32", kernels: str = "xla", remat: bool = False,
+                 mesh=None, grad_accum: int = 1, loss_kernels: str | None = None):
+    """``(params, teacher_params, windows_BxT1, step, hyper) -> (grads, metrics)``: the gradient
+    of the batch-mean loss and the batch-mean metrics; ``teacher`` None: the standard (CE) loss.
+
+    The loss comes from the final hidden states and tied embeddings through the fused-linear
+    kernels (:func:`salt.runtime.losses.token_parts`): no ``[tokens, vocab]`` logits unless
+    ``kernels="naive"``.  ``grad_accum`` K > 1: the batch is split into K microbatches (microbatch
+    ``k`` holds rows ``k, K + k, 2K + k, …``, so each device keeps its own rows) that run one after
+    another in a ``lax.scan``; their gradients and metrics are averaged and ONE optimizer update
+    follows — the large batch's step up to float rounding (every microbatch has the same number of
+    positions, so the mean of the microbatch means is the batch mean).  ``loss_kernels``: the
+    loss's implementation when it should differ from ``kernels`` (benchmarks: fused vs full-logits
+    loss with the same attention)."""
+    compute_dtype = jnp.dtype(dtype)
+    loss_impl = kernels if loss_kernels is None else loss_kernels
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
+
+    def loss_fn(params, teacher_params, batch, step, hyper, n_valid=None):
+        windows_BxT1, prefix_B, mask_BxT = split_batch(batch)
         inputs, labels = windows_BxT1[:, :-1], windows_BxT1[:, 1:]
-        logits = model.forward(params, inputs, student, dtype=compute_dtype,
-                               attention_impl=kernels, remat=remat, mesh=mesh)
+        hidden = model.hidden(params, inputs, student, prefix_B, dtype=compute_dtype,
+                              attention_impl=kernels, remat=remat, mesh=mesh)
         if teacher is None:
-            parts = losses.ce_parts(logits, labels)
-            parts["loss"] = parts["ce"]
+            parts = losses.token_parts(hidden, params["embed"], labels, impl=loss_impl, mesh=mesh)
             omega = jnp.float32(0.0)
-        else:
-            t_logits = jax.lax.stop_gradient(model.forward(
-                teacher_params, inputs, teacher, dtype=compute_dtype, attention_impl=kernels,
-                remat=remat, mesh=mesh))
+        else:  # the teacher reads the same input (same bidirectional prefix)
+            t_hidden = jax.lax.stop_gradient(model.hidden(
+                teacher_params, inputs, teacher, prefix_B, dtype=compute_dtype,
+                attention_impl=kernels, remat=remat, mesh=mesh))
             omega = losses.omega_at(step, hyper["omega"], hyper["kd_steps"], transition,
                                     hyper["kd_steps1"])
-            parts = losses.kd_loss(logits, t_logits, labels, omega, rho, impl=kernels, mesh=mesh)
-        metrics = {k: losses.batch_mean(v) for k, v in parts.items() if k != "correct"}
-        metrics["accuracy"] = losses.batch_mean(parts["correct"])
+            parts = losses.token_parts(hidden, params["embed"], labels,
+                                       teacher=(t_hidden, teacher_params["embed"]), omega=omega,
+                                       rho=rho, impl=loss_impl, mesh=mesh)
+        if mask_BxT is None:
+            mean = losses.batch_mean
+        else:  # loss and KD on the target positions only; ``n_valid``: the whole batch's count
+            m = mask_BxT.astype(jnp.float32)
+            denominator = jnp.maximum(jnp.sum(m), 1.0) if n_valid is None else n_valid
+
+            def mean(v):
+                return jnp.sum(v.astype(jnp.float32) * m) / denominator
+        metrics = {k: mean(parts[k]) for k in ("loss", "ce", "kd", "kl") if k in parts}
+        metrics["accuracy"] = mean(parts["correct"])
         metrics["omega"] = omega
         return metrics["loss"], metrics
 
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def accumulated_grads(params, teacher_params, batch, step, hyper):
+        if grad_accum == 1:
+            return grad_fn(params, teacher_params, batch, step, hyper)
+        B = split_batch(batch)[0].shape[0]
+        if B % grad_accum:
+            raise ValueError(f"batch {B} is not divisible by grad_accum={grad_accum}")
+
+        def micro(x):  # [B, ...] -> [K, B/K, ...]
+            x = x.reshape(B // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+            if mesh is not None and mesh.size > 1 and (B // grad_accum) % mesh.shape["data"] == 0:
+                x = jax.lax.with_sharding_constraint(
+                    x, NamedSharding(mesh, P(None, "data", *([None] * (x.ndim - 2)))))
+            return x
+
+        micro_batches = jax.tree.map(micro, batch)
+        mask_BxT = split_batch(batch)[2]
+        # with a target mask the microbatches hold different numbers of targets: each one's sum
+        # is divided by the whole batch's count and the results are added (not averaged)
+        n_valid = None if mask_BxT is None else jnp.maximum(jnp.sum(mask_BxT.astype(jnp.float32)), 1.0)
+
+        def body(total, micro_batch):
+            value = grad_fn(params, teacher_params, micro_batch, step, hyper, n_valid)
+            return jax.tree.map(jnp.add, total, value), None
+
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        shapes = jax.eval_shape(grad_fn, params, teacher_params, first, step, hyper, n_valid)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(body, zeros, micro_batches)
+        if n_valid is not None:
+            grads, metrics = total
+            return grads, dict(metrics, omega=metrics["omega"] / grad_accum)
+        return jax.tree.map(lambda x: x / grad_accum, total)
+
+    return accumulated_grads
+
+
+def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: str, *,
+                 transition: str = "step", rho: float = 0.25, dtype: str = "float32",
+                 kernels: str = "xla", remat: bool = False, mesh=None, grad_accum: int = 1,
+                 loss_kernels: str | None = None):
+    """The pure train step ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
+    -> (params, opt_state, metrics)``; ``teacher`` None builds the standard (CE) step.
+    ``step`` is the 1-based step number; ``hyper`` the dict of :func:`hyperparameters`.
+    Gradients and metrics from :func:`make_grad_fn` (same arguments), then one optimizer update."""
+    direction = optim.make_direction(optimizer)
+    accumulated_grads = make_grad_fn(student, teacher, transition=transition, rho=rho, dtype=dtype,
+                                     kernels=kernels, remat=remat, mesh=mesh, grad_accum=grad_accum,
+                                     loss_kernels=loss_kernels)
+
     def step_fn(params, opt_state, teacher_params, windows_BxT1, step, hyper):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, teacher_params, windows_BxT1,
-                                                         step, hyper)
+        grads, metrics = accumulated_grads(params, teacher_params, windows_BxT1, step, hyper)
         grads, metrics["grad_norm"] = optim.clip_by_global_norm(grads, hyper["clip"])
         lr = optim.lr_at(step, hyper["lr"], hyper["warmup"], hyper["steps"], hyper["final_lr"])
         metrics["lr"] = lr
@@ -90,6 +174,26 @@ def compile_step(step_fn, params_abstract, opt_abstract, teacher_abstract, windo
     return lowered if lower_only else lowered.compile()
 
 
+def use_compile_cache(directory: str | None) -> None:
+    """Point JAX's persistent compilation cache at ``directory`` (created if needed), so that
+    executables are reused across processes (``salt train`` / ``salt plan`` at paper scale compile
+    for minutes); None leaves the cache as it is (off unless configured).  Every executable is
+    cached (no minimum compile time); the cache is trusted code: keep it private to the user."""
+    if directory is None:
+        return
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    path = os.path.abspath(os.path.expanduser(directory))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"compile_cache={directory!r}: cannot create the directory: {e}") from None
+    if jax.config.jax_compilation_cache_dir != path:
+        cc.set_cache_dir(path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        cc.reset_cache()  # the next compile opens the cache at the new directory
+
+
 _COMPILED: dict = {}
 _COMPILED_MAX = 16
 
@@ -99,17 +203,19 @@ def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs,
     """The AOT-compiled step for this run, shared by runs in one process with the same
     model(s), optimizer, transition, dtype, kernels, shapes and mesh (e.g. the four
     students of ``salt reproduce``)."""
-    kernels = resolve_kernels(cfg.kernels)
+    use_compile_cache(cfg.compile_cache)
+    kernels = resolve_kernels(cfg.kernels, mesh.devices.flat[0].platform)
     key = (student, teacher, cfg.optimizer, cfg.transition if teacher is not None else None,
            float(cfg.rho) if teacher is not None else None, cfg.dtype, kernels, cfg.remat,
-           windows_abs.shape,
+           cfg.grad_accum, jax.tree.structure(windows_abs),
+           tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(windows_abs)),
            tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)
     if key not in _COMPILED:
         if len(_COMPILED) >= _COMPILED_MAX:
             _COMPILED.pop(next(iter(_COMPILED)))
         fn = make_step_fn(student, teacher, cfg.optimizer, transition=cfg.transition,
                           rho=float(cfg.rho), dtype=cfg.dtype, kernels=kernels,
-                          remat=cfg.remat, mesh=mesh)
+                          remat=cfg.remat, mesh=mesh, grad_accum=cfg.grad_accum)
         out_sh = (shardings_of(params_abs), shardings_of(opt_abs), sharding.replicated(mesh))
         _COMPILED[key] = compile_step(fn, params_abs, opt_abs, teacher_abs, windows_abs,
                                       mesh=mesh, out_shardings=out_sh)

@@ -10,15 +10,18 @@ Step ``j`` (1-based; the loader is asked for ``step0 = j - 1``):
 
 Both steps are compiled ahead of time at start-up (``jit(...).lower(...).compile()``).
 The reported metrics of step ``j`` are those of the parameters before its update.
-Checkpoints every ``checkpoint_every`` steps, at the end and on SIGTERM; ``resume``
-continues bit-identically (deterministic data order from ``step0``; no RNG in the step).
+Checkpoints every ``checkpoint_every`` steps, every ``checkpoint_minutes`` minutes of wall time,
+at the end and on SIGTERM / SIGINT (a second SIGINT aborts at once); ``resume`` continues
+bit-identically from the newest *verified* checkpoint (deterministic data order from ``step0``;
+no RNG in the step).  A KD run pins its teacher (step and manifest hash) at start; a resume
+uses exactly that teacher checkpoint or refuses.  Output-directory rules: docs/safety.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
-import os
 import pathlib
 import signal
 import sys
@@ -30,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from salt.reference.config import VOCAB_FROM_DATA, ModelConfig, get_preset, param_count
+from salt.data import outputs
 from salt.runtime import checkpoint, model, optim, sharding
-from salt.runtime.config import NonFiniteLoss, TrainConfig, TrainError, resolve_kernels  # noqa: F401
+from salt.runtime.config import (NonFiniteLoss, TrainConfig, TrainError, resolve_kernels,  # noqa: F401
+                                 runtime_devices)
 from salt.runtime.step import (abstract_of, compiled_step, hyperparameters, opt_state_abstract,
                                shardings_of)
 
@@ -49,19 +54,15 @@ def _open_store(path: str):
 
 
 def _load_ids(path: str, what: str) -> np.ndarray:
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise TrainError(f"{what} file {path!r} does not exist")
+    from salt.runtime.score import load_window_ids
+
     try:
-        ids = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise TrainError(f"{what} file {path!r} is not a readable .npy array: {e}") from None
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise TrainError(f"{what} file {path!r} must hold a 1-D integer array of window ids, "
-                         f"got {ids.dtype} {ids.shape}")
+        ids = load_window_ids(path, what=f"--{what}")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if ids.size == 0:
-        raise TrainError(f"{what} file {path!r} is empty")
-    return ids.astype(np.int64)
+        raise TrainError(f"--{what} file {path!r} is empty")
+    return ids
 
 
 def student_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -74,14 +75,33 @@ def student_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     return config
 
 
-def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, mesh=None):
-    """(teacher config, params (sharded when ``mesh``), identity dict); checks tokenizer/vocab."""
+def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, mesh=None,
+                 pinned: dict | None = None):
+    """(teacher config, params (sharded when ``mesh``), identity dict); checks tokenizer/vocab.
+
+    ``pinned``: the identity a resumed run recorded at its start; exactly that step is loaded and
+    its manifest hash must match (a teacher checkpoint that is gone or changed is refused)."""
+    step = cfg.teacher_step
+    if pinned is not None:
+        step = pinned.get("step")
+        if not isinstance(step, int):
+            raise TrainError(f"run {cfg.out!r} records no teacher step to resume with: {pinned!r}")
     try:
-        run_dir, step = checkpoint.resolve(cfg.teacher, cfg.teacher_step)
-        meta = checkpoint.read_meta(run_dir, step)
+        run_dir, step = checkpoint.resolve(cfg.teacher, step)
+        digest = checkpoint.manifest_sha256(checkpoint.step_dir(run_dir, step))
+        meta = checkpoint.meta_of(run_dir, step)
         t_config = ModelConfig.from_dict(meta["config"])
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:
+        if pinned is not None:
+            raise TrainError(f"teacher {cfg.teacher!r}: the checkpoint this run started with (step "
+                             f"{pinned.get('step')}) cannot be used: {e}; the run cannot be resumed "
+                             "reproducibly") from None
         raise TrainError(f"teacher {cfg.teacher!r}: {e}") from None
+    if pinned is not None and pinned.get("manifest_sha256") not in (None, digest):
+        raise TrainError(f"teacher {cfg.teacher!r} step {step} changed since this run started "
+                         f"(manifest sha256 {digest[:16]}..., recorded "
+                         f"{str(pinned.get('manifest_sha256'))[:16]}...); refusing to resume with "
+                         "another teacher")
     t_sha = meta.get("tokenizer_sha256")
     if t_sha != tokenizer_sha256:
         raise TrainError(f"teacher {cfg.teacher!r} (step {step}) was trained with tokenizer sha256 "
@@ -92,52 +112,67 @@ def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, 
     shardings = sharding.param_shardings(t_config, mesh) if mesh is not None else None
     t_config, t_params, _ = checkpoint.load_params(run_dir, step, shardings=shardings)
     identity = {"path": str(pathlib.Path(run_dir).absolute()), "step": int(step),
-                "config": t_config.to_dict()}
+                "manifest_sha256": digest, "config": t_config.to_dict()}
     return t_config, t_params, identity
 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig) -> list[str]:
     now = cfg.to_dict()
-    return [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now
-            if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields newer than the run
+    return [f"{k}: saved {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
+            if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]]
 
 
 class _Stop:
-    """SIGTERM flag: the loop saves a checkpoint after the current step and returns."""
+    """SIGTERM / SIGINT flag: the loop saves a checkpoint after the current step and returns.
+    A second SIGINT raises KeyboardInterrupt at once (abort without saving)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested = None  # the name of the signal that asked to stop
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handler(self, signum, frame):
-        self.requested = True
+        if self.requested == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
+            print(f"\n{self.requested}: saving a checkpoint after this step "
+                  f"{'(Ctrl-C again to abort)' if signum == signal.SIGINT else ''}",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-    """Drop metric lines past ``last_step`` (written after the checkpoint we resume from)."""
+    """Drop metric lines past ``last_step`` (written after the checkpoint we resume from).
+    A line that is not a step record (e.g. cut short by a kill) is reported and dropped."""
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
+            step = json.loads(line)["step"]
+            if not isinstance(step, int):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            print(f"warning: {path}:{lineno}: not a metrics record, dropped: {line[:80]!r}",
+                  file=sys.stderr, flush=True)
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+        if step <= last_step:
+            keep.append(line)
+    outputs.write_text(path, "".join(l + "\n" for l in keep))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -150,27 +185,32 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     tokenizer_sha = store.tokenizer_sha256
     config = student_config(cfg, store.vocab_size)
     run_dir = pathlib.Path(cfg.out)
-    ckpt_steps = checkpoint.all_steps(run_dir)
+    _check_out(cfg, run_dir)
     start_step = 0
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
-        raise TrainError(f"output directory {cfg.out!r} already exists and is not empty; pass "
-                         f"--resume to continue it or choose another --out")
-    if cfg.resume and ckpt_steps:
+    pinned_teacher = None
+    saved: dict = {}
+    if cfg.resume and run_dir.is_dir():
         saved_path = run_dir / "run_config.json"
-        saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+        saved = _read_json(saved_path, "run config") if saved_path.exists() else {}
         diffs = _check_resume_config(saved.get("train", {}), cfg)
         if diffs and not cfg.force:
             raise TrainError(f"cannot resume {cfg.out!r} with a different configuration (pass "
                              f"--force to override): " + "; ".join(diffs))
-        start_step = ckpt_steps[-1]
-        meta = checkpoint.read_meta(run_dir, start_step)
+        start_step = checkpoint.newest_intact(run_dir) or 0
+    if start_step > 0:
+        try:
+            meta = checkpoint.meta_of(run_dir, start_step)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        pinned_teacher = meta.get("teacher") or saved.get("teacher")
         if meta.get("tokenizer_sha256") != tokenizer_sha:
             raise TrainError(f"run {cfg.out!r} was trained with tokenizer sha256 "
                              f"{meta.get('tokenizer_sha256')}, but {cfg.data!r} uses {tokenizer_sha}")
     subset_ids = _load_ids(cfg.subset, "subset") if cfg.subset else None
     exclude_ids = _load_ids(cfg.exclude, "exclude") if cfg.exclude else None
+    sentinels = _ul2_sentinels(cfg, store) if cfg.objective == "ul2" else None
 
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh, devices=runtime_devices(cfg.runtime))
     if cfg.batch % mesh.shape["data"]:
         raise TrainError(f"batch={cfg.batch} is not divisible by the data axis "
                          f"({mesh.shape['data']}) of mesh {cfg.mesh!r}")
@@ -180,16 +220,45 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.kd_steps > 0:
         if need_teacher:
             teacher["config"], teacher["params"], teacher["identity"] = load_teacher(
-                cfg, config, tokenizer_sha, mesh)
+                cfg, config, tokenizer_sha, mesh, pinned=pinned_teacher if start_step > 0 else None)
         else:  # resuming past the KD phase: record the identity, load nothing
-            teacher["identity"] = checkpoint.read_meta(run_dir, start_step).get("teacher")
+            teacher["identity"] = pinned_teacher
 
     if cfg.runtime == "reference":
         from salt.runtime.reference_train import train_reference
         return train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_dir,
                                 progress)
     return _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_dir,
-                      start_step, progress)
+                      start_step, progress, sentinels)
+
+
+def _read_json(path: pathlib.Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise TrainError(f"{what} {str(path)!r} is unreadable or not JSON ({e}); "
+                         "restore it or choose another --out") from None
+    if not isinstance(obj, dict):
+        raise TrainError(f"{what} {str(path)!r} is not a JSON object")
+    return obj
+
+
+def _check_out(cfg: TrainConfig, run_dir: pathlib.Path) -> None:
+    """The output rule (docs/safety.md), before any work: --out is created only if absent or
+    empty, resumed only if it is a run directory; it may not contain an input (a teacher, the
+    data, a subset), and must be writable."""
+    inputs = [x for x in (cfg.data, cfg.teacher, cfg.subset, cfg.exclude) if x]
+    try:
+        outputs.check_output_dir(run_dir, "run", mode="resume" if cfg.resume else "create",
+                                 inputs=inputs)
+    except outputs.OutputError as e:
+        raise TrainError(str(e)) from None
+    if cfg.teacher:  # a teacher run that would live where the student writes
+        t = pathlib.Path(cfg.teacher).absolute()
+        for parent in (t, *t.parents):
+            if parent == run_dir.absolute():
+                raise TrainError(f"--teacher {cfg.teacher!r} lies inside --out {cfg.out!r}: a run "
+                                 "cannot be its own teacher; choose another --out")
 
 
 def make_loaders(cfg, store, subset_ids, exclude_ids):
@@ -204,13 +273,50 @@ def make_loaders(cfg, store, subset_ids, exclude_ids):
     return full, kd
 
 
+def batch_abstract(cfg, mesh):
+    """The abstract step input: windows ``[B, T+1]`` (causal), or for UL2 the dict of
+    :func:`salt.runtime.step.split_batch` (tokens, prefix lengths, target mask)."""
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+    tokens = spec((cfg.batch, cfg.seq_len + 1), jnp.int32)
+    if cfg.objective == "causal":
+        return tokens
+    return {"tokens": tokens, "prefix_len": spec((cfg.batch,), jnp.int32),
+            "mask": spec((cfg.batch, cfg.seq_len), jnp.bool_)}
+
+
+def step_batch(cfg, loader, step0: int, mesh, sentinels):
+    """The global step input of 0-based ``step0`` from this process's windows (UL2 examples are
+    a function of seed, step and global slot, so every process builds its own share)."""
+    local = loader.batch(step0)
+    if cfg.objective == "causal":
+        return sharding.global_batch_array(local, mesh, cfg.batch)
+    from salt.data import PAD_ID, ul2
+    tokens, prefix_B, mask_BxT, _ = ul2.batch(
+        local, seed=cfg.seed, step=step0, sentinels=sentinels, pad_id=PAD_ID,
+        first_slot=loader.process_index * loader.local_batch, global_batch=cfg.batch)
+    return {"tokens": sharding.global_batch_array(tokens, mesh, cfg.batch),
+            "prefix_len": sharding.global_batch_array(prefix_B.astype(np.int32), mesh, cfg.batch),
+            "mask": sharding.global_batch_array(mask_BxT, mesh, cfg.batch)}
+
+
+def _ul2_sentinels(cfg, store) -> list[int]:
+    from salt.data.tokenizer import sentinel_ids
+    ids = sentinel_ids(store.processor())
+    if not ids:
+        raise TrainError(f"objective='ul2' needs sentinel ids for span corruption, but the tokenizer of "
+                         f"{cfg.data!r} reserves none: prepare the data with "
+                         f"`salt data prepare --sentinels 100`")
+    return ids
+
+
 def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_dir, start_step,
-               progress):
+               progress, sentinels):
     teacher_config, teacher_identity = teacher["config"], teacher["identity"]
     teacher_params = teacher.pop("params")
     full_loader, kd_loader = make_loaders(cfg, store, subset_ids, exclude_ids)
     if start_step > 0:  # the data (pool, order, tokenizer) must be the one the run used
-        saved_state = checkpoint.read_meta(run_dir, start_step).get("loader_state")
+        saved_state = checkpoint.meta_of(run_dir, start_step).get("loader_state")
         loader = kd_loader if start_step < cfg.kd_steps else full_loader
         try:
             if saved_state is not None:
@@ -231,8 +337,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     else:
         params, opt_state, _ = checkpoint.restore(run_dir, start_step, params_abs, opt_abs)
 
-    windows_abs = jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len + 1), jnp.int32,
-                                       sharding=sharding.batch_sharding(mesh))
+    windows_abs = batch_abstract(cfg, mesh)
     t0 = time.perf_counter()
     std_step = kd_step = None
     if cfg.kd_steps < cfg.steps:
@@ -250,7 +355,10 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                   "teacher": teacher_identity, "param_count": param_count(config)}
     first_process = jax.process_index() == 0
     if first_process and (start_step == 0 or not (run_dir / "run_config.json").exists()):
-        checkpoint.write_json_atomic(run_dir / "run_config.json", run_record)
+        outputs.write_json(run_dir / "run_config.json", run_record)
+    if jax.process_index() == 0:  # incomplete/corrupt newer steps: kept aside, never reused
+        checkpoint.empty_trash(run_dir)
+        checkpoint.set_aside_newer(run_dir, start_step if start_step > 0 else None)
     metrics_path = run_dir / "metrics.jsonl"
     if first_process:
         _truncate_metrics(metrics_path, start_step)
@@ -270,6 +378,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     history: list[dict] = []
     bar = _progress(cfg.steps, start_step, progress)
     times = {"kd": [], "standard": []}
+    last_save_time = time.monotonic()
     try:
         with _Stop() as stop, open(metrics_path, "a") as metrics_file:
             for step in range(start_step + 1, cfg.steps + 1):
@@ -278,8 +387,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                     teacher_params = kd_step = None  # the switch: drop the teacher
                     gc.collect()
                 loader = kd_loader if kd_phase else full_loader
-                local = loader.batch(step - 1)
-                windows = sharding.global_batch_array(local, mesh, cfg.batch)
+                windows = step_batch(cfg, loader, step - 1, mesh, sentinels)
                 step_arr = jax.device_put(np.int32(step), step_sharding)
                 t_start = time.perf_counter()
                 if kd_phase:
@@ -296,7 +404,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                           "grad_norm": m["grad_norm"],
                           "tokens_per_s": cfg.batch * cfg.seq_len / max(elapsed, 1e-9)}
                 if not math.isfinite(m["loss"]):
-                    raise NonFiniteLoss(step, m["loss"], last_saved)
+                    raise NonFiniteLoss(step, m["loss"], _verified_or_none(run_dir, last_saved))
                 if first_process:
                     metrics_file.write(json.dumps(finite_or_none(record)) + "\n")
                     metrics_file.flush()
@@ -304,9 +412,12 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", phase=phase)
                 periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-                if periodic or step == cfg.steps or step == cfg.kd_steps or stop.requested:
+                timed = (cfg.checkpoint_minutes > 0
+                         and time.monotonic() - last_save_time >= 60.0 * cfg.checkpoint_minutes)
+                if periodic or timed or step == cfg.steps or step == cfg.kd_steps or stop.requested:
                     checkpoint.save(run_dir, step, params, opt_state, meta_for(step), keep=keep)
                     last_saved = step
+                    last_save_time = time.monotonic()
                 if stop.requested:
                     break
     finally:
@@ -314,10 +425,22 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     interrupted = step < cfg.steps
     return {"run_dir": str(run_dir), "preset": cfg.preset, "model": config.to_dict(),
             "start_step": start_step, "last_step": step, "interrupted": interrupted,
+            "interrupted_by": stop.requested if interrupted else None,
             "last_checkpoint": last_saved, "compile_s": compile_s,
             "final": history[-1] if history else None,
             "kd_step_s": float(np.median(times["kd"])) if times["kd"] else None,
             "standard_step_s": float(np.median(times["standard"])) if times["standard"] else None}
+
+
+def _verified_or_none(run_dir, step):
+    """``step`` if its checkpoint verifies (what "the last good checkpoint" may name), else None."""
+    if step is None:
+        return None
+    try:
+        checkpoint.verify(run_dir, step)
+        return step
+    except checkpoint.CorruptCheckpoint:
+        return None
 
 
 def _progress(total, initial, enabled):

@@ -107,5 +107,8 @@ def test_bench_data_refuses_an_existing_out(tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
     result = CliRunner().invoke(cli, ["bench", "data", "--out", str(tmp_path), "--json"])
     assert result.exit_code != 0
-    assert "--overwrite" in result.output and "Traceback" not in result.output
+    assert "not a SALT store" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+    result = CliRunner().invoke(cli, ["bench", "data", "--out", str(tmp_path), "--json", "--overwrite"])
+    assert result.exit_code != 0 and "refusing to replace" in result.output
     assert (tmp_path / "keep.txt").read_text() == "user data"

@@ -100,8 +100,8 @@ def test_split_is_by_document_hash_and_seed(corpus, tmp_path):
     assert TokenStore(tmp_path / "s2").tokens("val").tobytes() != store.tokens("val").tobytes()
 
 
-def _tree_bytes(path):
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+def _tree_bytes(path):  # the store's content (token_check.json is a cache written on open)
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name != "token_check.json"}
 
 
 def test_same_inputs_give_byte_identical_outputs(corpus, store_dir, tmp_path):
@@ -131,14 +131,22 @@ def test_existing_output_directory_is_refused_unless_overwrite(corpus, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="out already exists.*--overwrite"):
+    with pytest.raises(ValueError, match="out' already exists.*not a SALT store"):
         prepare(out, [root / "plain"], vocab_size=300, progress=False, workers=1)
     assert (out / "precious.txt").read_text() == "keep me"
-    prepare(out, [root / "plain"], vocab_size=300, overwrite=True, progress=False, workers=1)
-    assert not (out / "precious.txt").exists() and TokenStore(out).vocab_size == 300
-    assert sorted(os.listdir(tmp_path)) == ["out"]
+    # --overwrite never replaces a directory that is not a token store (docs/safety.md)
+    with pytest.raises(ValueError, match="not a SALT output directory.*refusing to replace"):
+        prepare(out, [root / "plain"], vocab_size=300, overwrite=True, progress=False, workers=1)
+    assert (out / "precious.txt").read_text() == "keep me"
+    store = tmp_path / "store"
+    prepare(store, [root / "plain"], vocab_size=300, progress=False, workers=1)
+    with pytest.raises(ValueError, match="store' already exists.*--overwrite"):
+        prepare(store, [root / "plain"], vocab_size=300, progress=False, workers=1)
+    prepare(store, [root / "plain"], vocab_size=300, overwrite=True, progress=False, workers=1)
+    assert TokenStore(store).vocab_size == 300
+    assert sorted(os.listdir(tmp_path)) == ["out", "store"]
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(ValueError, match="afile exists and is not a directory"):
+    with pytest.raises(ValueError, match="afile. exists and is not a directory"):
         prepare(tmp_path / "afile", [root / "plain"], vocab_size=300, overwrite=True, progress=False)
 
 

@@ -4,9 +4,13 @@ import json
 
 from click.testing import CliRunner
 
+import jax
+import jax.numpy as jnp
+
 from salt.bench import kd_loss as bench
-from salt.kernels import fused_linear_kd
-from salt.kernels.kd_loss import bwd_flops, fwd_flops
+from salt.kernels.fused_linear_kd import fused_linear_kd_loss
+from salt.kernels.logits_kd import bwd_flops, fwd_flops
+from matmul_count import matmul_flops
 
 
 def test_bench_runs_both_kinds(monkeypatch):
@@ -20,10 +24,21 @@ def test_bench_runs_both_kinds(monkeypatch):
     for r in rows:
         assert r["max_rel_err_vs_baseline"] <= 1e-5, r
         assert r["median_s"] > 0 and r["temp_bytes"] >= 0 and r["roofline_fraction"] > 0, r
-        if r["kind"] == "logits":
+        if r["kind"] == "fused":  # the matmuls of the traced program, plus the elementwise estimate
+            assert r["executed_flops"] == fused_matmul_flops(r["impl"]) + fwd_flops(40, 300) + bwd_flops(40, 300)
+        else:  # no matmul: the elementwise estimate alone
             assert r["executed_flops"] == fwd_flops(40, 300) + bwd_flops(40, 300)
-        else:
-            assert r["executed_flops"] == fused_linear_kd.analytic_flops(40, 300, 16, 8, schedule=r["impl"])
+
+
+def fused_matmul_flops(impl):
+    S = jax.ShapeDtypeStruct
+
+    def fwd_bwd(hs, es, ht, et, y):
+        loss = lambda a, b: fused_linear_kd_loss(a, b, ht, et, y, 0.5, 0.25, impl=impl).sum()  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1))(hs, es)
+
+    return matmul_flops(fwd_bwd, S((40, 16), jnp.float32), S((300, 16), jnp.float32), S((40, 8), jnp.float32),
+                        S((300, 8), jnp.float32), S((40,), jnp.int32))
 
 
 def test_bench_bad_shape_is_a_clean_error():

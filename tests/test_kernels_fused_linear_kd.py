@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from salt.kernels.fused_linear_kd import FusedKDBlockSizes, choose_blocks, fused_linear_kd_loss
+from salt.kernels.fused_linear_kd import (FusedKDBlockSizes, choose_blocks, fused_linear_ce_loss,
+                                          fused_linear_kd_loss)
 from salt.reference import losses as ref
+from salt.reference import score as ref_score
 from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
+from matmul_count import matmul_flops
 
 SMALL_BLOCKS = FusedKDBlockSizes(block_tokens=16, block_vocab=128, chunk_vocab=128)
 
@@ -55,6 +58,7 @@ def check(impl, case, omegas, rho, tol, block_sizes=SMALL_BLOCKS, interpret=None
         assert_close(loss, expected["loss"], tol, f"loss (omega={omega})")
         for name in ("ce", "kd", "kl"):
             assert_close(parts[name], expected[name], tol, f"{name} (omega={omega})")
+        check_ranks(parts, s64, y, mask)
         g_logits = ref.kd_loss_grad(s64, t64, y, omega, rho, mask) * w[:, None]
         assert d_hs.dtype == hs.dtype and d_es.dtype == es.dtype
         assert_close(d_hs, g_logits @ es64, tol, f"d student_hidden (omega={omega})")
@@ -63,6 +67,49 @@ def check(impl, case, omegas, rho, tol, block_sizes=SMALL_BLOCKS, interpret=None
             "gradient leaked into the teacher"
         assert_close(d_omega, np.sum(w * (expected["kd"] - expected["ce"])), tol * float(np.sum(w)),
                      "d omega")
+
+
+def check_ranks(parts, s64, y, mask):
+    """``correct`` = (argmax == label) and ``n_greater`` (logits strictly above the label's) against
+    float64 logits; the top-k memberships they imply against salt.reference.score."""
+    keep = np.asarray(mask, bool)
+    correct = np.asarray(parts["correct"])
+    n_greater = np.asarray(parts["n_greater"])
+    np.testing.assert_array_equal(correct[keep], (np.argmax(s64, axis=1) == y)[keep].astype(np.float32))
+    s_y = np.take_along_axis(s64, y[:, None].clip(0, s64.shape[1] - 1), axis=1)
+    np.testing.assert_array_equal(n_greater[keep], np.sum(s64 > s_y, axis=1)[keep])
+    assert not correct[~keep].any() and not n_greater[~keep].any()
+    for k in (1, 5):
+        _, in_topk = ref_score.token_costs(s64[keep][None], y[keep][None], k)
+        np.testing.assert_array_equal(n_greater[keep] < k, in_topk[0], err_msg=f"top-{k}")
+
+
+@functools.lru_cache(maxsize=None)
+def _ce_and_grads(impl, block_sizes, interpret):
+    def objective(hs, es, y, mask, w):
+        loss, parts = fused_linear_ce_loss(hs, es, y, mask, impl=impl, interpret=interpret,
+                                           block_sizes=block_sizes, return_parts=True)
+        return jnp.sum(w * loss), (loss, parts)
+
+    return jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
+
+
+def check_ce(impl, case, tol, block_sizes=SMALL_BLOCKS):
+    hs, es, _, _, y, mask = case
+    fn = _ce_and_grads(impl, block_sizes, impl == "pallas")
+    w = np.random.default_rng(12).uniform(0.5, 1.5, size=y.shape).astype(np.float32)
+    hs64, es64 = (np.asarray(a, dtype=np.float64) for a in (hs, es))
+    s64 = hs64 @ es64.T
+    (_, (loss, parts)), (d_hs, d_es) = fn(hs, es, y, mask, w)
+    expected = ref.ce_loss(s64, y, mask)
+    assert_close(loss, expected, tol, "ce loss")
+    assert_close(parts["ce"], expected, tol, "ce part")
+    assert set(parts) == {"ce", "correct", "n_greater"}
+    check_ranks(parts, s64, y, mask)
+    g_logits = ref.ce_loss_grad(s64, y, mask) * w[:, None]
+    assert d_hs.dtype == hs.dtype and d_es.dtype == es.dtype
+    assert_close(d_hs, g_logits @ es64, tol, "d hidden")
+    assert_close(d_es, g_logits.T @ hs64, tol, "d embedding")
 
 
 # 37 tokens x 300 vocab, D_s=24 != D_t=16 with blocks 16 x 128 (xla chunks 128): ragged in tokens
@@ -123,12 +170,63 @@ def test_masked_rows_may_hold_garbage(impl):
     assert_close(d_es, g.T @ hs[keep].astype(np.float64), F32_TOL, "d_es")
 
 
+@pytest.mark.parametrize("impl", ["xla", "naive", "pallas"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cross_entropy_ragged(impl, dtype):
+    """fused_linear_ce_loss (the standard step's, score's and eval's loss): ragged tokens and
+    vocab, masked, f32 and bf16 inputs; loss, gradients, accuracy and ranks vs the reference."""
+    if dtype == "float32":
+        check_ce(impl, make_case(*RAGGED, seed=7), F32_TOL)
+    else:
+        case = make_case(30, 260, 32, 16, seed=8, dtype=ml_dtypes.bfloat16)
+        check_ce(impl, tuple(jnp.asarray(a) for a in case[:4]) + case[4:], BF16_TOL)
+
+
+def test_ranks_with_ties_and_first_argmax():
+    """Equal embedding rows give tied logits: ``correct`` follows the FIRST maximum (as argmax),
+    ``n_greater`` counts only strictly greater logits, across vocab blocks."""
+    hs, es, _, _, y, _ = make_case(16, 300, 8, 8, seed=9)
+    es /= np.linalg.norm(es, axis=1, keepdims=True)  # unit rows: h = E[3] makes column 3 the maximum
+    es[250] = es[3]            # column 250 ties column 3 (different vocab blocks of 128)
+    hs[:] = es[3] * 4.0
+    y[:8], y[8:] = 3, 250
+    for impl in ("xla", "naive", "pallas"):
+        _, parts = fused_linear_ce_loss(hs, es, y, impl=impl, interpret=True, block_sizes=SMALL_BLOCKS,
+                                        return_parts=True)
+        np.testing.assert_array_equal(np.asarray(parts["correct"]), [1.0] * 8 + [0.0] * 8, err_msg=impl)
+        np.testing.assert_array_equal(np.asarray(parts["n_greater"]), 0.0, err_msg=impl)
+
+
 def test_tpu_interpreter_race_detection():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
 
     params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
     check("pallas", make_case(20, 200, 16, 8, seed=6), (0.667,), 0.25, F32_TOL, interpret=params)
     assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla", "naive"])
+def test_analytic_flops_count_the_traced_matmuls(impl):
+    """``analytic_flops`` minus its elementwise estimate equals the matmul flops of the traced
+    forward + backward (dot_generals walked through the xla scans and the Pallas grids): 3 logit
+    passes for pallas (forward + two backward kernels), 2 for xla, 1 for naive, plus the two
+    gradient matmuls.  Shapes divisible by the blocks (a Pallas grid computes whole blocks)."""
+    from salt.kernels import fused_linear_kd as F
+    from salt.kernels.logits_kd import bwd_flops, fwd_flops
+
+    n, vocab, d_s, d_t = 64, 512, 32, 16
+    blocks = FusedKDBlockSizes(block_tokens=32, block_vocab=128, chunk_vocab=128)
+    S = jax.ShapeDtypeStruct
+
+    def fwd_bwd(hs, es, ht, et, y):
+        loss = lambda a, b: fused_linear_kd_loss(a, b, ht, et, y, 0.5, 0.25, impl=impl,  # noqa: E731
+                                                 interpret=True, block_sizes=blocks).sum()
+        return jax.value_and_grad(loss, argnums=(0, 1))(hs, es)
+
+    traced = matmul_flops(fwd_bwd, S((n, d_s), jnp.float32), S((vocab, d_s), jnp.float32),
+                          S((n, d_t), jnp.float32), S((vocab, d_t), jnp.float32), S((n,), jnp.int32))
+    elementwise = fwd_flops(n, vocab) + (2 if impl == "pallas" else 1) * bwd_flops(n, vocab)
+    assert F.analytic_flops(n, vocab, d_s, d_t, schedule=impl) - elementwise == traced
 
 
 def test_default_block_choice_fits_budget_and_prefers_token_rows():

@@ -1,4 +1,4 @@
-"""salt.kernels.kd_loss against the float64 reference (salt.reference.losses) and its golden file.
+"""salt.kernels.kd_loss (kernels/logits_kd.py) against the float64 reference and its golden file.
 
 Pallas kernels run in interpret mode on the CPU (one case also under the TPU interpreter with race
 detection).  Tolerances are fixed: float32 inputs 1e-5 relative (absolute floor 1e-5), bfloat16
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from salt.kernels.kd_loss import KDBlockSizes, default_impl, kd_loss
+from salt.kernels.logits_kd import KDBlockSizes, default_impl, kd_loss
 from salt.reference import losses as ref
 from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
 

@@ -10,7 +10,7 @@ import pytest
 
 from salt.kernels import fused_linear_kd, tpu_aot
 from salt.kernels.fused_linear_kd import fused_linear_kd_loss
-from salt.kernels.kd_loss import bwd_flops, fwd_flops, kd_loss
+from salt.kernels.logits_kd import bwd_flops, fwd_flops, kd_loss
 
 needs_libtpu = pytest.mark.skipif(not tpu_aot.libtpu_available(), reason="libtpu is not installed")
 S = jax.ShapeDtypeStruct
@@ -92,13 +92,11 @@ def test_fused_representative(topology):
 @needs_libtpu
 def test_analytic_flops_match_xla_counting():
     """The analytic components checked against XLA's own count of the naive path (one logit pass +
-    the two gradient matmuls + elementwise); the pallas count adds two recomputed logit passes."""
+    the two gradient matmuls + elementwise).  (The recomputed logit passes of the pallas and xla
+    schedules are counted from their traced programs in test_kernels_fused_linear_kd.py.)"""
     n, vocab, d_s, d_t = 256, 2048, 512, 256
     compiled = _compile_fused("v5e", n, vocab, d_s, d_t, jnp.float32, impl="naive")
     _assert_flops(compiled, fused_linear_kd.analytic_flops(n, vocab, d_s, d_t, schedule="naive"))
-    pallas = fused_linear_kd.analytic_flops(n, vocab, d_s, d_t)
-    naive = fused_linear_kd.analytic_flops(n, vocab, d_s, d_t, schedule="naive")
-    assert pallas - naive == 2 * fused_linear_kd.logits_flops(n, vocab, d_s, d_t) + bwd_flops(n, vocab)
 
 
 @pytest.mark.tpu_aot

@@ -1,4 +1,7 @@
-"""Fused KD loss from student and teacher logits (docs/design.md §2).
+"""Fused KD loss from student and teacher logits (docs/design.md §2): ``salt.kernels.kd_loss``.
+
+(The module is ``logits_kd`` so that the function ``salt.kernels.kd_loss`` does not shadow it; it
+also holds the online row statistics that :mod:`salt.kernels.fused_linear_kd` shares.)
 
 Per target position, with student logits ``s``, teacher logits ``t``, label ``y``, weight ``ω``
 and teacher temperature ``ρ``::
@@ -29,7 +32,8 @@ Implementations (``impl=``):
 * ``"xla"``: pure JAX; a ``lax.scan`` over vocabulary chunks with the same online maths (the last
   chunk is shifted left to end at ``V`` and its already-counted columns are masked, so nothing is
   padded or copied); the backward is one fused elementwise pass.
-* ``"naive"``: the textbook formulas with full ``[N, V]`` softmaxes and autodiff.  For tests/benches.
+* ``"naive"``: the textbook formulas with full ``[N, V]`` softmaxes and autodiff (:func:`loss_naive`,
+  the project's one full-logits path: the cross-check of the others).
 
 ``omega`` may be a traced scalar (the trainer changes ω per step inside one compiled step);
 ``rho`` must be a Python number (static: it is baked into the kernels).
@@ -76,36 +80,67 @@ class KDBlockSizes:
 # All sums are kept RELATIVE to the running maxima so that logits of magnitude 1e4 lose no
 # precision in float32: with m_s = max s and m_t = max ρt the statistics of a row are
 #   m_s, log_l_s  (lse(s) = m_s + log_l_s),     d_y  = m_s − s_y  (≥ 0),
+#   arg = first index of max s,                  n_gt = #{v ≠ y : s_v > θ}  (θ: the label's logit),
 #   qs_c = Σ Q·(s − m_s),                        m_t, log_l_t  (lse(ρt) = m_t + log_l_t),
 #   qrt_c = Σ Q·(ρt − m_t)
-# and  ce = log_l_s + d_y,  kd = log_l_s − qs_c,  H(Q) = log_l_t − qrt_c,  KL = kd − H(Q).
+# and  ce = log_l_s + d_y,  kd = log_l_s − qs_c,  H(Q) = log_l_t − qrt_c,  KL = kd − H(Q),
+# correct = (arg == y),  y in the top-k  ⇔  n_gt < k.
+# Without a teacher (the cross-entropy kernels) only the student statistics exist.
+# Statistics travel as dicts keyed by these names (kernel refs are looked up by name too).
 # ----------------------------------------------------------------------------------------------
 
-N_STATS = 7
+STUDENT_CARRY = ("m_s", "l_s", "s_y", "arg", "n_gt")
+TEACHER_CARRY = ("m_t", "l_t", "a_qs", "a_qrt")
+STUDENT_STATS = ("m_s", "log_l_s", "d_y", "arg", "n_gt")
+TEACHER_STATS = ("m_t", "log_l_t", "qs_c", "qrt_c")
 
 
-def stats_init(shape):
-    """Initial carry ``(m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y)`` for rows of ``shape``."""
-    neg = jnp.full(shape, _NEG_INF, jnp.float32)
-    zero = jnp.zeros(shape, jnp.float32)
-    return (neg, zero, neg, zero, zero, zero, zero)
+def carry_names(teacher: bool) -> tuple:
+    return STUDENT_CARRY + (TEACHER_CARRY if teacher else ())
 
 
-def stats_update(carry, s_f32, rt_f32, valid, onehot):
+def stat_names(teacher: bool) -> tuple:
+    return STUDENT_STATS + (TEACHER_STATS if teacher else ())
+
+
+def stats_init(shape, teacher: bool) -> dict:
+    """Initial carry for rows of ``shape`` (see :func:`stats_update`)."""
+    init = {"m_s": _NEG_INF, "m_t": _NEG_INF}
+    return {k: jnp.full(shape, init.get(k, 0.0), jnp.float32) for k in carry_names(teacher)}
+
+
+def stats_update(carry, s_f32, rt_f32, valid, cols, y, theta):
     """Fold one tile into the running statistics.
 
     ``s_f32``/``rt_f32``: ``[n, c]`` student logits and ρ·teacher logits (float32, may hold garbage
-    where not ``valid``); ``valid``: broadcastable to ``[n, c]`` (column inside the vocabulary and
-    not yet counted); ``onehot``: ``[n, c]`` bool, column == label.  Carry entries are ``[n, 1]``:
-    running maxima ``m_s``, ``m_t``; ``l_s = Σ exp(s − m_s)``; ``l_t = Σ exp(ρt − m_t)``;
-    ``a_qs = Σ exp(ρt − m_t)·(s − m_s)``; ``a_qrt = Σ exp(ρt − m_t)·(ρt − m_t)``; ``s_y``.
+    where not ``valid``; ``rt_f32`` None without a teacher); ``valid``: broadcastable to ``[n, c]``
+    (column inside the vocabulary and not yet counted); ``cols``: int32 column indices
+    broadcastable to ``[n, c]``; ``y``/``theta``: ``[n, 1]`` labels and the label's logit (the
+    threshold of ``n_gt``).  Carry entries are ``[n, 1]``: running maxima ``m_s``, ``m_t``;
+    ``l_s = Σ exp(s − m_s)``; ``l_t = Σ exp(ρt − m_t)``; ``a_qs = Σ exp(ρt − m_t)·(s − m_s)``;
+    ``a_qrt = Σ exp(ρt − m_t)·(ρt − m_t)``; ``s_y``; ``arg`` (float32 index of the first maximum);
+    ``n_gt`` (float32 count).
     """
-    m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y = carry
+    out = {}
+    m_s = carry["m_s"]
     s_valid = jnp.where(valid, s_f32, _NEG_INF)
+    tile_max = jnp.max(s_valid, axis=1, keepdims=True)
+    m_s_new = jnp.maximum(m_s, tile_max)
+    cols_f = jnp.broadcast_to(cols, s_f32.shape).astype(jnp.float32)
+    tile_arg = jnp.min(jnp.where(s_valid == tile_max, cols_f, jnp.inf), axis=1, keepdims=True)
+    out["arg"] = jnp.where(tile_max > m_s, tile_arg, carry["arg"])  # ties: the earlier index stays
+    onehot = jnp.logical_and(cols == y, valid)
+    above = jnp.logical_and(jnp.logical_and(valid, cols != y), s_f32 > theta)
+    out["n_gt"] = carry["n_gt"] + jnp.sum(above.astype(jnp.float32), axis=1, keepdims=True)
+    out["s_y"] = carry["s_y"] + jnp.sum(jnp.where(onehot, s_f32, 0.0), axis=1, keepdims=True)
+    out["l_s"] = carry["l_s"] * jnp.exp(m_s - m_s_new) + jnp.sum(jnp.exp(s_valid - m_s_new), axis=1,
+                                                                 keepdims=True)
+    out["m_s"] = m_s_new
+    if rt_f32 is None:
+        return out
+    m_t, l_t = carry["m_t"], carry["l_t"]
     rt_valid = jnp.where(valid, rt_f32, _NEG_INF)
-    m_s_new = jnp.maximum(m_s, jnp.max(s_valid, axis=1, keepdims=True))
     m_t_new = jnp.maximum(m_t, jnp.max(rt_valid, axis=1, keepdims=True))
-    alpha_s = jnp.exp(m_s - m_s_new)
     alpha_t = jnp.exp(m_t - m_t_new)
     # shifts of the reference points (0 before the first tile, where the sums are still 0)
     shift_s = jnp.where(m_s == _NEG_INF, 0.0, m_s_new - m_s)
@@ -113,62 +148,83 @@ def stats_update(carry, s_f32, rt_f32, valid, onehot):
     p_t = jnp.exp(rt_valid - m_t_new)  # unnormalised teacher probabilities of the tile, 0 if invalid
     s_c = jnp.where(valid, s_f32 - m_s_new, 0.0)
     rt_c = jnp.where(valid, rt_f32 - m_t_new, 0.0)
-    l_s = l_s * alpha_s + jnp.sum(jnp.exp(s_valid - m_s_new), axis=1, keepdims=True)
-    a_qs = (a_qs - shift_s * l_t) * alpha_t + jnp.sum(p_t * s_c, axis=1, keepdims=True)
-    a_qrt = (a_qrt - shift_t * l_t) * alpha_t + jnp.sum(p_t * rt_c, axis=1, keepdims=True)
-    l_t = l_t * alpha_t + jnp.sum(p_t, axis=1, keepdims=True)
-    s_y = s_y + jnp.sum(jnp.where(jnp.logical_and(onehot, valid), s_f32, 0.0), axis=1, keepdims=True)
-    return (m_s_new, l_s, m_t_new, l_t, a_qs, a_qrt, s_y)
+    out["a_qs"] = (carry["a_qs"] - shift_s * l_t) * alpha_t + jnp.sum(p_t * s_c, axis=1, keepdims=True)
+    out["a_qrt"] = (carry["a_qrt"] - shift_t * l_t) * alpha_t + jnp.sum(p_t * rt_c, axis=1, keepdims=True)
+    out["l_t"] = l_t * alpha_t + jnp.sum(p_t, axis=1, keepdims=True)
+    out["m_t"] = m_t_new
+    return out
 
 
-def stats_finish(carry):
-    """Carry -> ``(m_s, log_l_s, d_y, qs_c, m_t, log_l_t, qrt_c)`` (see the section comment)."""
-    m_s, l_s, m_t, l_t, a_qs, a_qrt, s_y = carry
-    return (m_s, jnp.log(l_s), m_s - s_y, a_qs / l_t, m_t, jnp.log(l_t), a_qrt / l_t)
+def stats_finish(carry) -> dict:
+    """Carry -> the statistics of the section comment (``STUDENT_STATS`` [+ ``TEACHER_STATS``])."""
+    stats = {"m_s": carry["m_s"], "log_l_s": jnp.log(carry["l_s"]), "d_y": carry["m_s"] - carry["s_y"],
+             "arg": carry["arg"], "n_gt": carry["n_gt"]}
+    if "m_t" in carry:
+        stats.update(m_t=carry["m_t"], log_l_t=jnp.log(carry["l_t"]), qs_c=carry["a_qs"] / carry["l_t"],
+                     qrt_c=carry["a_qrt"] / carry["l_t"])
+    return stats
 
 
-def grad_tile(s_f32, rt_f32, onehot, m_s, log_l_s, m_t, log_l_t, g_p, g_y, g_q):
-    """``g_p·P − g_y·onehot − g_q·Q`` for one tile (row vectors ``[n, 1]``); with ``g_p = g``,
-    ``g_y = (1−ω)·g``, ``g_q = ω·g`` this is ``g·(P − (1−ω)·onehot − ω·Q)``."""
-    p = jnp.exp((s_f32 - m_s) - log_l_s)
-    q = jnp.exp((rt_f32 - m_t) - log_l_t)
-    ds = g_p * p - g_q * q - jnp.where(onehot, g_y, 0.0)
+def grad_tile(s_f32, rt_f32, onehot, rows):
+    """``g_p·P − g_y·onehot − g_q·Q`` for one tile (``rows``: dict of ``[n, 1]`` row vectors
+    ``m_s, log_l_s, g_p, g_y`` [+ ``m_t, log_l_t, g_q``]); with ``g_p = g``, ``g_y = (1−ω)·g``,
+    ``g_q = ω·g`` this is ``g·(P − (1−ω)·onehot − ω·Q)``; without a teacher ``g·(P − onehot)``."""
+    p = jnp.exp((s_f32 - rows["m_s"]) - rows["log_l_s"])
+    ds = rows["g_p"] * p - jnp.where(onehot, rows["g_y"], 0.0)
+    if rt_f32 is not None:
+        ds = ds - rows["g_q"] * jnp.exp((rt_f32 - rows["m_t"]) - rows["log_l_t"])
     # rows with a zero cotangent (masked rows, whose logits may be garbage) get exactly 0
-    return jnp.where(g_p != 0.0, ds, 0.0)
+    return jnp.where(rows["g_p"] != 0.0, ds, 0.0)
+
+
+GRAD_ROWS_STATS = ("m_s", "log_l_s", "m_t", "log_l_t")
+
+
+def grad_rows(stats, g, omega) -> dict:
+    """The per-row ``[N]`` inputs of :func:`grad_tile`: the statistics it needs and
+    ``(g_p, g_y, g_q) = (g, (1−ω)·g, ω·g)`` (no ``g_q`` and ``ω = 0`` without a teacher)."""
+    g = g.astype(jnp.float32)
+    rows = {k: stats[k] for k in GRAD_ROWS_STATS if k in stats}
+    if "m_t" in stats:
+        rows.update(g_p=g, g_y=(1.0 - omega) * g, g_q=omega * g)
+    else:
+        rows.update(g_p=g, g_y=g)
+    return rows
 
 
 def loss_from_stats(stats, omega):
-    """Row statistics -> ``(loss, ce, kd, kl)`` (each ``[N]`` float32, not masked)."""
-    m_s, log_l_s, d_y, qs_c, m_t, log_l_t, qrt_c = stats
-    ce = log_l_s + d_y
-    kd = log_l_s - qs_c
-    kl = kd - (log_l_t - qrt_c)
-    loss = log_l_s + (1.0 - omega) * d_y - omega * qs_c
-    return loss, ce, kd, kl
+    """Row statistics -> ``(loss, parts)`` (each ``[N]`` float32, not masked); ``parts`` has
+    ``ce``, ``correct`` (1.0 where argmax == label), ``n_greater`` and, with a teacher, ``kd``, ``kl``.
+    Without a teacher the loss is ``ce`` (``omega`` is ignored)."""
+    ce = stats["log_l_s"] + stats["d_y"]
+    parts = {"ce": ce, "n_greater": stats["n_gt"]}
+    if "qs_c" not in stats:
+        return ce, parts
+    kd = stats["log_l_s"] - stats["qs_c"]
+    parts.update(kd=kd, kl=kd - (stats["log_l_t"] - stats["qrt_c"]))
+    loss = stats["log_l_s"] + (1.0 - omega) * stats["d_y"] - omega * stats["qs_c"]
+    return loss, parts
 
 
-def grad_coefficients(g, omega):
-    """Per-row ``(g_p, g_y, g_q) = (g, (1−ω)·g, ω·g)`` as float32 ``[N]``."""
-    g = g.astype(jnp.float32)
-    return g, (1.0 - omega) * g, omega * g
+def with_correct(parts, stats, labels_N):
+    """Add ``correct`` (float32 1.0 where the first argmax is the label) to ``parts``."""
+    return dict(parts, correct=(stats["arg"] == labels_N.astype(jnp.float32)).astype(jnp.float32))
 
 
 def omega_cotangent(g, stats, omega):
     """``Σ_rows g·∂loss/∂ω = Σ g·(−d_y − qs_c)`` in ``omega``'s dtype and shape."""
-    _, _, d_y, qs_c, _, _, _ = stats
     g = g.astype(jnp.float32)
-    per_row = jnp.where(g != 0.0, g * (-d_y - qs_c), 0.0)  # masked rows may hold garbage stats
+    per_row = jnp.where(g != 0.0, g * (-stats["d_y"] - stats["qs_c"]), 0.0)  # masked rows: garbage stats
     return jnp.sum(per_row).astype(omega.dtype).reshape(omega.shape)
 
 
 def finish_output(outputs, valid_rows, return_parts):
-    """Mask ``(loss, ce, kd, kl)`` rows; parts are monitoring values without gradient."""
-    loss, ce, kd, kl = outputs
+    """Mask the loss and the parts' rows; parts are monitoring values without gradient."""
+    loss, parts = outputs
     loss = jnp.where(valid_rows, loss, 0.0)
     if not return_parts:
         return loss
-    parts = {name: lax.stop_gradient(jnp.where(valid_rows, value, 0.0))
-             for name, value in (("ce", ce), ("kd", kd), ("kl", kl))}
+    parts = {name: lax.stop_gradient(jnp.where(valid_rows, value, 0.0)) for name, value in parts.items()}
     return loss, parts
 
 
@@ -232,19 +288,28 @@ def _float_input(name, x):
 
 
 # ----------------------------------------------------------------------------------------------
-# naive
+# naive: THE plain full-logits path (also used by fused_linear_kd's "naive" and the runtime's
+# ``--kernels naive`` cross-check)
 # ----------------------------------------------------------------------------------------------
 
 def loss_naive(s_NxV, t_NxV, y_N, omega, rho):
-    """Textbook ``(loss, ce, kd, kl)`` with full ``[N, V]`` log-softmaxes (autodiff gradient)."""
-    log_p = jax.nn.log_softmax(s_NxV.astype(jnp.float32), axis=-1)
+    """Textbook ``(loss, parts)`` with full ``[N, V]`` log-softmaxes (autodiff gradient).
+    ``t_NxV`` None: the cross-entropy alone (loss = ce; parts ``ce, correct, n_greater``)."""
+    s = s_NxV.astype(jnp.float32)
+    log_p = jax.nn.log_softmax(s, axis=-1)
+    onehot = jnp.arange(s.shape[1])[None, :] == y_N[:, None]
+    ce = -jnp.sum(jnp.where(onehot, log_p, 0.0), axis=-1)
+    s_const = lax.stop_gradient(s)
+    s_y = jnp.sum(jnp.where(onehot, s_const, 0.0), axis=-1, keepdims=True)
+    parts = {"ce": ce, "correct": (jnp.argmax(s_const, axis=-1) == y_N).astype(jnp.float32),
+             "n_greater": jnp.sum((s_const > s_y) & ~onehot, axis=-1).astype(jnp.float32)}
+    if t_NxV is None:
+        return ce, parts
     log_q = jax.nn.log_softmax(rho * lax.stop_gradient(t_NxV).astype(jnp.float32), axis=-1)
     q = jnp.exp(log_q)
-    onehot = jnp.arange(s_NxV.shape[1])[None, :] == y_N[:, None]
-    ce = -jnp.sum(jnp.where(onehot, log_p, 0.0), axis=-1)
     kd = -jnp.sum(q * log_p, axis=-1)
-    kl = jnp.sum(q * (log_q - log_p), axis=-1)
-    return (1.0 - omega) * ce + omega * kd, ce, kd, kl
+    parts.update(kd=kd, kl=jnp.sum(q * (log_q - log_p), axis=-1))
+    return (1.0 - omega) * ce + omega * kd, parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,36 +323,42 @@ def chunk_plan(vocab, chunk):
     return chunk, -(-vocab // chunk)
 
 
+def label_logit(s_NxV, y_N):
+    """``s[n, y_n]`` in float32 (clipped index: masked rows may hold any label)."""
+    return jnp.take_along_axis(s_NxV, y_N[:, None], axis=1, mode="clip")[:, 0].astype(jnp.float32)
+
+
 def _stats_xla(s_NxV, t_NxV, y_N, rho, chunk):
     n, vocab = s_NxV.shape
     chunk, n_chunks = chunk_plan(vocab, chunk)
-    y_Nx1 = y_N[:, None]
+    y_Nx1, theta_Nx1 = y_N[:, None], label_logit(s_NxV, y_N)[:, None]
 
     def body(carry, j):
         start = jnp.minimum(j * chunk, vocab - chunk)
         s_c = lax.dynamic_slice_in_dim(s_NxV, start, chunk, axis=1).astype(jnp.float32)
         rt_c = rho * lax.dynamic_slice_in_dim(t_NxV, start, chunk, axis=1).astype(jnp.float32)
         cols_1xC = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
-        valid = cols_1xC >= j * chunk
-        return stats_update(carry, s_c, rt_c, valid, cols_1xC == y_Nx1), None
+        return stats_update(carry, s_c, rt_c, cols_1xC >= j * chunk, cols_1xC, y_Nx1, theta_Nx1), None
 
-    carry, _ = lax.scan(body, stats_init((n, 1)), jnp.arange(n_chunks))
-    return tuple(x[:, 0] for x in stats_finish(carry))
+    carry, _ = lax.scan(body, stats_init((n, 1), teacher=True), jnp.arange(n_chunks))
+    return {k: v[:, 0] for k, v in stats_finish(carry).items()}
 
 
-def _grad_xla(s_NxV, t_NxV, y_N, stats, coefs, rho, chunk):
+def _grad_xla(s_NxV, t_NxV, y_N, rows, rho, chunk):
     """One fused elementwise pass (the result is [N, V] anyway; nothing else of that size)."""
     del chunk
-    m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
     onehot = jnp.arange(s_NxV.shape[1])[None, :] == y_N[:, None]
-    rows = [x[:, None] for x in (m_s, log_l_s, m_t, log_l_t, *coefs)]
-    ds = grad_tile(s_NxV.astype(jnp.float32), rho * t_NxV.astype(jnp.float32), onehot, *rows)
+    ds = grad_tile(s_NxV.astype(jnp.float32), rho * t_NxV.astype(jnp.float32), onehot,
+                   {k: v[:, None] for k, v in rows.items()})
     return ds.astype(s_NxV.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # pallas (TPU / Mosaic)
 # ----------------------------------------------------------------------------------------------
+
+ROW_ORDER = ("m_s", "log_l_s", "m_t", "log_l_t", "g_p", "g_y", "g_q")
+
 
 def row_spec(block_tokens, token_axis=0):
     """BlockSpec of a per-row ``[N, 1]`` vector on a 2-D grid whose axis ``token_axis`` walks rows."""
@@ -296,50 +367,63 @@ def row_spec(block_tokens, token_axis=0):
     return pl.BlockSpec((block_tokens, 1), lambda j, i: (i, 0))
 
 
-def as_rows(*vectors_N):
-    """``[N]`` vectors -> float32 ``[N, 1]`` kernel operands."""
-    return tuple(v.astype(jnp.float32)[:, None] for v in vectors_N)
+def ordered_rows(rows: dict) -> tuple:
+    """``(names, [N, 1] float32 operands)`` of the backward's row inputs, in :data:`ROW_ORDER`."""
+    names = tuple(k for k in ROW_ORDER if k in rows)
+    return names, tuple(rows[k].astype(jnp.float32)[:, None] for k in names)
 
 
-def stats_kernel_step(s, rt, y_ref, refs, *, vocab, block_vocab):
+def bind(refs, *groups):
+    """A kernel's positional refs as one dict per group of names (the groups in call order)."""
+    out, i = [], 0
+    for names in groups:
+        out.append(dict(zip(names, refs[i:i + len(names)])))
+        i += len(names)
+    if i != len(refs):
+        raise ValueError(f"kernel got {len(refs)} refs, the names account for {i}")
+    return out
+
+
+def stats_kernel_step(s, rt, ins, outs, acc, *, vocab, block_vocab):
     """Body of a forward statistics kernel on the grid (token blocks, vocab blocks ``"arbitrary"``),
-    given the tile's float32 logits ``s`` and ``rt = ρ·t`` (``[bt, bv]``).  ``refs``: the
-    :data:`N_STATS` ``[bt, 1]`` output refs, then as many VMEM scratch refs (the running carry)."""
-    out_refs, scratch = refs[:N_STATS], refs[N_STATS:]
+    given the tile's float32 logits ``s`` and ``rt = ρ·t`` (``[bt, bv]``; ``rt`` None without a
+    teacher).  ``ins`` holds the ``"y"`` and ``"theta"`` ``[bt, 1]`` refs; ``outs`` the statistic
+    output refs and ``acc`` the VMEM scratch refs of the running carry, by name."""
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
-        for ref, value in zip(scratch, stats_init(scratch[0].shape)):
-            ref[...] = value
+        for name, value in stats_init(ins["y"].shape, teacher=rt is not None).items():
+            acc[name][...] = value
 
     cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    carry = stats_update(tuple(r[...] for r in scratch), s, rt, cols < vocab, cols == y_ref[...])
-    for ref, value in zip(scratch, carry):
-        ref[...] = value
+    carry = stats_update({k: r[...] for k, r in acc.items()}, s, rt, cols < vocab, cols, ins["y"][...],
+                         ins["theta"][...])
+    for name, value in carry.items():
+        acc[name][...] = value
 
     @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
-        for ref, value in zip(out_refs, stats_finish(tuple(r[...] for r in scratch))):
-            ref[...] = value
+        for name, value in stats_finish({k: r[...] for k, r in acc.items()}).items():
+            outs[name][...] = value
 
 
-def _fwd_kernel(s_ref, t_ref, y_ref, *refs, rho, vocab, block_vocab):
-    s = s_ref[...].astype(jnp.float32)
-    rt = rho * t_ref[...].astype(jnp.float32)
-    stats_kernel_step(s, rt, y_ref, refs, vocab=vocab, block_vocab=block_vocab)
+def _fwd_kernel(*refs, rho, vocab, block_vocab):
+    ins, outs, acc = bind(refs, ("s", "t", "y", "theta"), stat_names(True), carry_names(True))
+    s = ins["s"][...].astype(jnp.float32)
+    rt = rho * ins["t"][...].astype(jnp.float32)
+    stats_kernel_step(s, rt, ins, outs, acc, vocab=vocab, block_vocab=block_vocab)
 
 
-def _bwd_kernel(s_ref, t_ref, y_ref, m_s_ref, log_l_s_ref, m_t_ref, log_l_t_ref, g_p_ref, g_y_ref, g_q_ref,
-                ds_ref, *, rho, vocab, n_tokens, block_tokens, block_vocab):
+def _bwd_kernel(*refs, row_names, rho, vocab, n_tokens, block_tokens, block_vocab):
+    ins, rows, outs = bind(refs, ("s", "t", "y"), row_names, ("ds",))
     i, j = pl.program_id(0), pl.program_id(1)
-    s = s_ref[...].astype(jnp.float32)
-    rt = rho * t_ref[...].astype(jnp.float32)
+    s = ins["s"][...].astype(jnp.float32)
+    rt = rho * ins["t"][...].astype(jnp.float32)
     cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    ds = grad_tile(s, rt, cols == y_ref[...], m_s_ref[...], log_l_s_ref[...], m_t_ref[...], log_l_t_ref[...],
-                   g_p_ref[...], g_y_ref[...], g_q_ref[...])
-    ds_ref[...] = jnp.where((cols < vocab) & (rows < n_tokens), ds, 0.0).astype(ds_ref.dtype)
+    row_ids = i * block_tokens + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    ds = grad_tile(s, rt, cols == ins["y"][...], {k: r[...] for k, r in rows.items()})
+    outs["ds"][...] = jnp.where((cols < vocab) & (row_ids < n_tokens), ds, 0.0).astype(outs["ds"].dtype)
 
 
 def fwd_flops(n, vocab):
@@ -363,34 +447,36 @@ def _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
     bt, bv = _blocks(n, vocab, block_sizes)
     tile_spec = pl.BlockSpec((bt, bv), lambda i, j: (i, j))
     in_bytes = s_NxV.size * s_NxV.dtype.itemsize + t_NxV.size * t_NxV.dtype.itemsize
+    names = stat_names(True)
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, rho=rho, vocab=vocab, block_vocab=bv),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(pl.cdiv(n, bt), pl.cdiv(vocab, bv)),
-            in_specs=[tile_spec, tile_spec, row_spec(bt)],
-            out_specs=[row_spec(bt)] * N_STATS,
-            scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * 7),
-        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * N_STATS,
+            in_specs=[tile_spec, tile_spec, row_spec(bt), row_spec(bt)],
+            out_specs=[row_spec(bt)] * len(names),
+            scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * len(carry_names(True))),
+        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * len(names),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=int(fwd_flops(n, vocab)), transcendentals=int(2 * n * vocab),
-                                      bytes_accessed=int(in_bytes + 4 * n + 4 * N_STATS * n)),
+                                      bytes_accessed=int(in_bytes + 8 * n + 4 * len(names) * n)),
         interpret=interpret,
         name="kd_loss_fwd",
-    )(s_NxV, t_NxV, y_N[:, None])
-    return tuple(o[:, 0] for o in outs)
+    )(s_NxV, t_NxV, y_N[:, None], label_logit(s_NxV, y_N)[:, None])
+    return {k: o[:, 0] for k, o in zip(names, outs)}
 
 
-def _grad_pallas(s_NxV, t_NxV, y_N, stats, coefs, rho, block_sizes, interpret):
+def _grad_pallas(s_NxV, t_NxV, y_N, rows, rho, block_sizes, interpret):
     n, vocab = s_NxV.shape
     bt, bv = _blocks(n, vocab, block_sizes)
     tile_spec = pl.BlockSpec((bt, bv), lambda i, j: (i, j))
     nbytes = 2 * s_NxV.size * s_NxV.dtype.itemsize + t_NxV.size * t_NxV.dtype.itemsize
-    m_s, log_l_s, _, _, m_t, log_l_t, _ = stats
+    row_names, row_operands = ordered_rows(rows)
     return pl.pallas_call(
-        functools.partial(_bwd_kernel, rho=rho, vocab=vocab, n_tokens=n, block_tokens=bt, block_vocab=bv),
+        functools.partial(_bwd_kernel, row_names=row_names, rho=rho, vocab=vocab, n_tokens=n,
+                          block_tokens=bt, block_vocab=bv),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(pl.cdiv(n, bt), pl.cdiv(vocab, bv)),
-            in_specs=[tile_spec, tile_spec] + [row_spec(bt)] * 8,
+            in_specs=[tile_spec, tile_spec] + [row_spec(bt)] * (1 + len(row_names)),
             out_specs=tile_spec),
         out_shape=jax.ShapeDtypeStruct(s_NxV.shape, s_NxV.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
@@ -398,11 +484,11 @@ def _grad_pallas(s_NxV, t_NxV, y_N, stats, coefs, rho, block_sizes, interpret):
                                       bytes_accessed=int(nbytes + 32 * n)),
         interpret=interpret,
         name="kd_loss_bwd",
-    )(s_NxV, t_NxV, y_N[:, None], *as_rows(m_s, log_l_s, m_t, log_l_t, *coefs))
+    )(s_NxV, t_NxV, y_N[:, None], *row_operands)
 
 
 # ----------------------------------------------------------------------------------------------
-# custom_vjp core: (loss, ce, kd, kl) per row; gradient to the student logits and omega only
+# custom_vjp core: (loss, parts) per row; gradient to the student logits and omega only
 # ----------------------------------------------------------------------------------------------
 
 def _stats(s_NxV, t_NxV, y_N, rho, cfg):
@@ -412,25 +498,30 @@ def _stats(s_NxV, t_NxV, y_N, rho, cfg):
     return _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret)
 
 
+def _outputs(stats, y_N, omega):
+    loss, parts = loss_from_stats(stats, omega)
+    return loss, with_correct(parts, stats, y_N)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _loss_core(s_NxV, t_NxV, y_N, omega, rho, cfg):
-    return loss_from_stats(_stats(s_NxV, t_NxV, y_N, rho, cfg), omega)
+    return _outputs(_stats(s_NxV, t_NxV, y_N, rho, cfg), y_N, omega)
 
 
 def _loss_core_fwd(s_NxV, t_NxV, y_N, omega, rho, cfg):
     stats = _stats(s_NxV, t_NxV, y_N, rho, cfg)
-    return loss_from_stats(stats, omega), (s_NxV, t_NxV, y_N, omega, stats)
+    return _outputs(stats, y_N, omega), (s_NxV, t_NxV, y_N, omega, stats)
 
 
 def _loss_core_bwd(rho, cfg, res, cotangents):
     s_NxV, t_NxV, y_N, omega, stats = res
-    g = cotangents[0]  # parts (ce, kd, kl) are monitoring values: their cotangents are ignored
-    coefs = grad_coefficients(g, omega)
+    g = cotangents[0]  # the parts are monitoring values: their cotangents are ignored
+    rows = grad_rows(stats, g, omega)
     impl, block_sizes, interpret = cfg
     if impl == "xla":
-        ds = _grad_xla(s_NxV, t_NxV, y_N, stats, coefs, rho, block_sizes.chunk_vocab)
+        ds = _grad_xla(s_NxV, t_NxV, y_N, rows, rho, block_sizes.chunk_vocab)
     else:
-        ds = _grad_pallas(s_NxV, t_NxV, y_N, stats, coefs, rho, block_sizes, interpret)
+        ds = _grad_pallas(s_NxV, t_NxV, y_N, rows, rho, block_sizes, interpret)
     # No gradient flows to the teacher: its cotangent is zero by definition.
     return ds, jnp.zeros_like(t_NxV), None, omega_cotangent(g, stats, omega)
 
@@ -457,7 +548,9 @@ def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, im
       impl: "pallas" | "xla" | "naive"; None = "pallas" on TPU, "xla" elsewhere.
       interpret: for "pallas": False, True or a ``pltpu.InterpretParams`` (run on the CPU).
       block_sizes: a :class:`KDBlockSizes`.
-      return_parts: also return ``{"ce", "kd", "kl"}`` per position (monitoring; no gradient).
+      return_parts: also return ``{"ce", "kd", "kl", "correct", "n_greater"}`` per position
+        (monitoring; no gradient): ``correct`` is 1.0 where the (first) argmax of the student
+        logits is the label, ``n_greater`` the number of logits strictly above the label's.
 
     Gradient (``jax.grad``): w.r.t. ``student_logits`` ``(P − (1−ω)·onehot − ω·Q)·cotangent``;
     w.r.t. ``omega`` ``(s_y − Σ Q·s)·cotangent``; the teacher logits get a ZERO cotangent (no

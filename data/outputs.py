@@ -1,0 +1,305 @@
+"""The one home of SALT's output safety rule (docs/safety.md): atomic writes and output-directory checks.
+
+Atomic writes: every file a command writes goes to a temporary name in the same directory, is
+flushed and fsync'ed, then renamed over the target with ``os.replace`` (and the directory is
+fsync'ed), so a reader or a crash sees the old file or the new one, never a half-written one.
+
+Output directories: a command only creates, resumes into or replaces a directory that is absent,
+empty, or carries the project's own marker of the same kind:
+
+=============  ==========================================================================
+kind           marker
+=============  ==========================================================================
+store          ``metadata.json`` whose ``format`` is ``salt-token-store``
+run            ``run_config.json`` (a JSON object with a ``train`` entry)
+reproduction   ``state.json`` (a JSON object with ``settings`` and ``stages``)
+score          ``job.json`` (a JSON object with a ``fingerprint``)
+=============  ==========================================================================
+
+``replace`` (``--overwrite`` / ``--force``) additionally requires that the directory holds
+nothing but the names that kind writes, and that no input of the command lies inside it.
+Directories are removed by renaming them to a hidden trash name first, so a crash never leaves
+a half-deleted directory under its real name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+
+import numpy as np
+
+
+class OutputError(ValueError):
+    """An output path the safety rule refuses (the message names the path)."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def fsync_dir(path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path, data) -> None:
+    """Write ``data`` (bytes, or a callable ``write(fileobj)``) to ``path`` atomically."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise OutputError(f"{str(path)!r} is a directory, expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600; outputs are ordinary files
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text(path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(x):
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (tuple, set)):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def save_npz(path, *, compressed: bool = False, **arrays) -> None:
+    """``np.savez`` (or ``savez_compressed``) to exactly ``path`` (no suffix added), atomically."""
+    save = np.savez_compressed if compressed else np.savez
+    write_bytes(path, lambda f: save(f, **arrays))
+
+
+def save_npy(path, array) -> None:
+    write_bytes(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+
+
+def remove_tree(path) -> None:
+    """Delete a directory atomically as far as readers go: rename it to a hidden trash name in
+    the same parent, then delete that (a crash leaves only the trash name behind)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return
+    trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.trash-", dir=path.parent))
+    os.rename(path, trash / path.name)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def move_into_place(built, out) -> None:
+    """Rename the finished directory ``built`` to ``out``; an existing ``out`` (already checked
+    by :func:`check_output_dir`) is moved to a trash name first and deleted afterwards."""
+    built, out = pathlib.Path(built), pathlib.Path(out)
+    if out.exists():
+        trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.trash-", dir=out.parent))
+        os.rename(out, trash / out.name)
+        os.rename(built, out)
+        fsync_dir(out.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(built, out)
+        fsync_dir(out.parent)
+
+
+# --------------------------------------------------------------------------- output directories
+
+def _json_object(path: pathlib.Path):
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _is_store(d: pathlib.Path) -> bool:
+    meta = _json_object(d / "metadata.json")
+    return meta is not None and meta.get("format") == "salt-token-store"
+
+
+def _is_run(d: pathlib.Path) -> bool:
+    cfg = _json_object(d / "run_config.json")
+    return cfg is not None and isinstance(cfg.get("train"), dict)
+
+
+def _is_reproduction(d: pathlib.Path) -> bool:
+    state = _json_object(d / "state.json")
+    return state is not None and "settings" in state and "stages" in state
+
+
+def _is_score_job(d: pathlib.Path) -> bool:
+    job = _json_object(d / "job.json")
+    return job is not None and "fingerprint" in job
+
+
+MARKERS = {"store": _is_store, "run": _is_run, "reproduction": _is_reproduction, "score": _is_score_job}
+MARKER_FILES = {"store": "metadata.json", "run": "run_config.json", "reproduction": "state.json",
+                "score": "job.json"}
+# names each kind writes (regular expressions over the top-level entries)
+OWN_NAMES = {
+    "store": r"metadata\.json|tokenizer\.model|token_check\.json|(train|val)\.(tokens|doc_offsets)\.bin",
+    "run": r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints",
+    "reproduction": r"state\.json|data|runs|eval|scores\.npz|scores\.npz\.partial|selection\.npy"
+                    r"|results\.json|report\.md|[\w.-]+\.png",
+    "score": r"job\.json|chunk_\d+\.npz",
+}
+MODES = ("create", "resume", "replace")
+# sub-directories an own directory of a kind holds, and the kind each must be (or absent/empty)
+NESTED = {"reproduction": (("data", "store"), ("runs/*", "run"))}
+
+
+def kind_of(path) -> str | None:
+    """The kind of SALT output directory ``path`` is, or None."""
+    d = pathlib.Path(path)
+    if not d.is_dir():
+        return None
+    for kind, test in MARKERS.items():
+        if test(d):
+            return kind
+    return None
+
+
+def _foreign_entries(d: pathlib.Path, kind: str) -> list[str]:
+    own = re.compile(OWN_NAMES[kind])
+    # hidden temporary names this module creates (".name.trash-*", ".name.tmp", ".x.partial-*")
+    return sorted(p.name for p in d.iterdir()
+                  if not own.fullmatch(p.name) and not re.fullmatch(r"\..+\.(trash-|partial-)\w+|\..+\.tmp",
+                                                                     p.name))
+
+
+def _within(child: pathlib.Path, parent: pathlib.Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_dir(path, kind: str, *, mode: str, inputs=(), what: str = "--out",
+                     flag: str = "--overwrite") -> str:
+    """Apply the safety rule; returns "absent", "empty" or "own" (an existing ``kind`` directory).
+
+    ``mode``: "create" (absent or empty only), "resume" (also an own directory of this kind),
+    "replace" (also an own directory holding only that kind's names and none of ``inputs``).
+    Raises :class:`OutputError` naming the path otherwise; also when the path is a file, or its
+    parent cannot be written (checked by creating and deleting a probe file)."""
+    if kind not in MARKERS or mode not in MODES:
+        raise ValueError(f"unknown output kind/mode {kind!r}/{mode!r}")
+    d = pathlib.Path(path)
+    shown = f"{what} {str(d)!r}"
+    if d.exists() and not d.is_dir():
+        raise OutputError(f"{shown} exists and is not a directory")
+    for inp in inputs:
+        if inp is not None and d.exists() and _within(pathlib.Path(inp), d):
+            raise OutputError(f"{shown} contains an input of this command ({str(inp)!r}); "
+                              "choose another output directory")
+    if not d.exists():
+        check_writable_parent(d, what=what)
+        return "absent"
+    try:
+        entries = list(d.iterdir())
+    except OSError as e:
+        raise OutputError(f"{shown}: cannot list it ({e.strerror or e})") from None
+    if not entries:
+        check_writable_parent(d / "probe", what=what)
+        return "empty"
+    actual = kind_of(d)
+    if mode == "create":
+        if actual == kind:
+            hint = {"store": f"pass {flag} to replace it", "run": "pass --resume to continue it"}.get(
+                kind, f"pass {flag} to replace it")
+            raise OutputError(f"output directory {str(d)!r} already exists and is not empty; {hint}, "
+                              f"or choose another {what}")
+        raise OutputError(f"output directory {str(d)!r} already exists, is not empty and is not a SALT "
+                          f"{kind} directory (so it is never replaced); choose another {what}")
+    if actual != kind:
+        found = f"a SALT {actual} directory" if actual else "not a SALT output directory"
+        raise OutputError(f"{shown} is {found} (no valid {MARKER_FILES[kind]}); refusing to "
+                          f"{'write into' if mode == 'resume' else 'replace'} it; choose another {what}")
+    for pattern, sub_kind in NESTED.get(kind, ()):
+        for sub in sorted(d.glob(pattern)):
+            if sub.is_dir() and any(sub.iterdir()) and kind_of(sub) != sub_kind:
+                raise OutputError(f"{str(sub)!r} (inside {shown}) is not a SALT {sub_kind} directory; "
+                                  "refusing to write into or replace it; move it away or choose "
+                                  f"another {what}")
+            if sub.exists() and not sub.is_dir():
+                raise OutputError(f"{str(sub)!r} (inside {shown}) is not a directory; move it away")
+    if mode == "replace":
+        foreign = _foreign_entries(d, kind)
+        if foreign:
+            raise OutputError(f"{shown} holds files that SALT did not write ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it")
+    check_writable_parent(d / "probe", what=what)
+    return "own"
+
+
+def check_output_file(path, *, force: bool, is_own=None, what: str = "--out", flag: str = "--force") -> None:
+    """An output *file*: refused if it is a directory, if it exists without ``force``, or (with
+    ``force``) if ``is_own(path)`` says it is not a file of the expected kind; its folder must be
+    writable."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        raise OutputError(f"{what} {str(p)!r} is a directory, expected a file path")
+    if p.exists():
+        if not force:
+            raise OutputError(f"output {str(p)!r} already exists (use {flag} to overwrite)")
+        if is_own is not None and not is_own(p):
+            raise OutputError(f"{what} {str(p)!r} exists and is not a file SALT wrote; refusing to "
+                              "overwrite it")
+    check_writable_parent(p, what=what)
+
+
+def check_writable_parent(path, *, what: str = "--out") -> None:
+    """The nearest existing ancestor of ``path`` must be a directory we can create files in."""
+    p = pathlib.Path(path).absolute()
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{what} {str(path)!r}: {str(parent)!r} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".salt-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{what} {str(path)!r}: cannot write in {str(parent)!r} "
+                          f"({e.strerror or e})") from None

@@ -312,14 +312,21 @@ def plan(*, topology: str, student: str, teacher: str | None, batch: int, seq_le
         step["roofline"] = roofline(step["flops_per_chip"]["executed"], moved, chip)
         step["tokens_per_s"] = batch * seq_len / step["roofline"]["step_s"]
         steps[kind] = step
+    # with K microbatches the global batch must split into K: search in multiples of `unit`
+    unit = grad_accum // math.gcd(grad_accum, data)
     for kind, t in kinds if search else ():
-        def measure(b, t=t, kind=kind):
-            m = compile_at(kind, t, b)["memory"]
-            return None if m is None else m["total"]
+        def measure(m, t=t, kind=kind):
+            mem_m = compile_at(kind, t, m * unit)["memory"]
+            return None if mem_m is None else mem_m["total"]
         mem = steps[kind]["memory"]
-        steps[kind]["max_per_chip_batch"] = search_max_batch(
-            measure, {per_chip: None if mem is None else mem["total"]}, capacity=capacity,
-            max_compiles=max_search_compiles)
+        found = search_max_batch(measure, {per_chip // unit: None if mem is None else mem["total"]},
+                                 capacity=capacity, max_compiles=max_search_compiles)
+        for key in ("fits", "does_not_fit"):
+            found[key] = None if found[key] is None else found[key] * unit
+        for c in found["compiled"]:
+            c["per_chip_batch"] *= unit
+        found["unit"] = unit
+        steps[kind]["max_per_chip_batch"] = found
     result = {
         "topology": topology, "chip": dataclasses.asdict(chip), "chips": chips,
         "mesh": dict(mesh_obj.shape), "student": s_cfg.to_dict(),

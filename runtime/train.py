@@ -329,7 +329,9 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                               model.abstract_params(config), p_shardings)
     opt_abs = opt_state_abstract(cfg.optimizer, params_abs, mesh)
     if start_step == 0:
-        params = sharding.shard_params(model.init_params(config, cfg.seed), config, mesh)
+        # generated on the devices, each shard where it lives: no host ever holds the model
+        # (paper-8.6b is 34 GB in float32); the values do not depend on the mesh
+        params = model.init_params_jax(config, cfg.seed, out_shardings=p_shardings)
         init = optim.make_direction(cfg.optimizer).init
         opt_state = jax.jit(init, out_shardings=shardings_of(opt_abs))(params)
     else:

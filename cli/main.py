@@ -25,6 +25,7 @@ COMMANDS = {
     "reproduce": ("salt.cli.reproduce", "reproduce", "Run the paper's comparison end to end."),
     "bench": ("salt.cli.bench", "bench", "Benchmarks (kd-loss, step, score, data)."),
     "presets": ("salt.cli.presets", "presets", "List model presets with exact parameter counts."),
+    "plan": ("salt.cli.plan", "plan", "Compile the steps for a TPU topology: memory, fit, roofline."),
 }
 
 

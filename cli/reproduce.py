@@ -3,44 +3,64 @@ from __future__ import annotations
 
 import click
 
+from salt.runtime.presets import SIZES, TRANSITIONS
+
 
 @click.command("reproduce")
 @click.option("--out", default="salt-reproduce", show_default=True, type=click.Path(),
               help="Output directory (data, runs, scores, report.md, plots).")
 @click.option("--data", "data_dir", default=None, type=click.Path(),
               help="Use this prepared token store instead of preparing the embedded corpus.")
-@click.option("--preset-size", "size", type=click.Choice(["small", "tiny"]), default="small",
-              show_default=True, help="Experiment size: small (~20 min on a 2-core CPU) or tiny.")
-@click.option("--tiny", is_flag=True, help="Shorthand for --preset-size tiny (for tests).")
+@click.option("--size", "size", type=click.Choice(sorted(SIZES)), default="default",
+              show_default=True,
+              help="Named experiment (salt.runtime.presets): default (shows claims a, b; see "
+                   "docs/reproduction.md for its time), quick (smoke run, too small to test the "
+                   "claims), tiny (tests), paper-2.8b / paper-8.6b (the paper's runs).")
+@click.option("--preset-size", "size_alias", type=click.Choice(sorted(SIZES)), default=None,
+              hidden=True)
+@click.option("--tiny", is_flag=True, help="Shorthand for --size tiny (for tests).")
+@click.option("--seeds", type=int, default=None,
+              help="Independent student seeds (initialisation and data order): seed, seed+1, ...")
+@click.option("--seed", type=int, default=None, help="First seed (also the SLM's).")
+@click.option("--omega", type=float, default=None, help="Distillation weight ω (paper 0.667).")
+@click.option("--rho", type=float, default=None, help="Teacher temperature factor ρ (paper 0.25).")
+@click.option("--transition", type=click.Choice(TRANSITIONS), default=None,
+              help="ω schedule at the end of the KD phase (paper: step).")
+@click.option("--kd-steps1", type=int, default=None,
+              help="End of the constant-ω part for the linear transitions.")
+@click.option("--teacher-preset", default=None, help="SLM model preset (see `salt presets`).")
+@click.option("--student-preset", default=None, help="Student model preset.")
 @click.option("--steps", type=int, default=None, help="Student steps n (override the size's).")
 @click.option("--kd-steps", type=int, default=None, help="KD steps n_kd of SALT / SALT_DS.")
 @click.option("--teacher-steps", type=int, default=None, help="SLM training steps.")
+@click.option("--teacher-batch", type=int, default=None, help="SLM batch (windows per step).")
 @click.option("--early-step", type=int, default=None, help="Early SLM checkpoint used for scoring.")
-@click.option("--batch", type=int, default=None, help="Global batch (windows per step).")
+@click.option("--batch", type=int, default=None, help="Student batch (windows per step).")
 @click.option("--seq-len", type=int, default=None, help="Window length T.")
 @click.option("--eval-every", type=int, default=None, help="Checkpoint / evaluation interval.")
 @click.option("--eval-windows", type=int, default=None, help="Held-out windows to evaluate.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--k", type=int, default=None, help="Top-k of the selection score (eq. 11).")
-@click.option("--seed", type=int, default=None, help="Seed (initialisation and data order).")
+@click.option("--side-by-side/--sequential", "side_by_side", default=None,
+              help="Train students two at a time, one core each (default), or one after the other.")
 @click.option("--force", is_flag=True, help="Start over in --out even if its settings differ.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def reproduce(out, data_dir, size, tiny, steps, kd_steps, teacher_steps, early_step, batch, seq_len,
-              eval_every, eval_windows, lr, k, seed, force, quiet):
+def reproduce(out, data_dir, size, size_alias, tiny, force, quiet, **overrides):
     """Run the paper's comparison end to end and write OUT/report.md.
 
     Prepares data (unless --data), trains the SLM (keeping an early checkpoint), scores and
-    selects with the early checkpoint, trains BASELINE, RKD, SALT and SALT_DS students with the
-    same data order and budget, evaluates them at n_kd and at the end, and writes the report with
-    tables, efficiency accounting and plots.  Re-running skips finished stages.
+    selects with the early checkpoint, trains BASELINE, RKD, SALT (forked from RKD at n_kd) and
+    SALT_DS students per seed with the same data order and budget, times KD against standard
+    steps, evaluates every checkpoint and writes the report: a verdict per claim of the paper
+    with per-seed and pooled paired differences, tables and plots.  Re-running skips finished
+    stages.
     """
-    from salt.runtime.reproduce import config_for, run
+    from salt.runtime.presets import config_for
+    from salt.runtime.reproduce import run
 
+    size = "tiny" if tiny else (size_alias or size)
     try:
-        cfg = config_for("tiny" if tiny else size, out=out, data=data_dir, steps=steps,
-                         kd_steps=kd_steps, teacher_steps=teacher_steps, early_step=early_step,
-                         batch=batch, seq_len=seq_len, eval_every=eval_every,
-                         eval_windows=eval_windows, lr=lr, k=k, seed=seed)
+        cfg = config_for(size, out=out, data=data_dir, **overrides)
         results = run(cfg, force=force, progress=not quiet)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

@@ -56,6 +56,10 @@ def _keep(ctx, param, value):
               show_default=True,
               help="Attention / KD-loss implementation: pallas (TPU), xla (chunked pure JAX), "
                    "naive (full-size maths); auto = pallas on TPU, xla elsewhere.")
+@click.option("--objective", type=click.Choice(["causal", "ul2"]), default="causal", show_default=True,
+              help="causal: next-token LM; ul2: the paper's UL2 mixture (causal, prefix LM, span "
+                   "corruption 15%/3 and 50%/32 at 6:2:1:1; loss and KD on targets only; needs a "
+                   "store prepared with --sentinels).")
 @click.option("--remat/--no-remat", default=False, show_default=True,
               help="Recompute layer activations in the backward.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,

@@ -145,10 +145,14 @@ PRESETS: dict[str, ModelConfig] = {
     # The vocabulary is set from the tokenizer at run time (see with_vocab).
     "small-teacher": ModelConfig("small-teacher", 4096, 2, 128, 512, 4, 4),
     "small-student": ModelConfig("small-student", 4096, 4, 128, 512, 4, 1),
+    # The default `salt reproduce` student (docs/reproduction.md): 4 layers d_model 192, MQA,
+    # d_ff 4·d; with small-teacher as its SLM (~2.2x the teacher's non-embedding size).
+    "repro-student": ModelConfig("repro-student", 4096, 4, 192, 768, 4, 1),
 }
 
 # Presets whose vocabulary follows the data's tokenizer rather than the preset.
-VOCAB_FROM_DATA = {"tiny-teacher", "tiny-student", "small-teacher", "small-student"}
+VOCAB_FROM_DATA = {"tiny-teacher", "tiny-student", "small-teacher", "small-student",
+                   "repro-student"}
 
 
 def get_preset(name: str) -> ModelConfig:

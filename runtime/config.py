@@ -20,6 +20,7 @@ from salt.runtime import losses, optim, sharding
 JAX_PLATFORMS = ("tpu", "gpu", "cpu")
 RUNTIMES = ("jax",) + JAX_PLATFORMS + ("reference",)
 KERNELS = ("auto", "pallas", "xla", "naive")
+OBJECTIVES = ("causal", "ul2")  # ul2: the mixture of salt.data.ul2 (docs/design.md §7)
 DTYPES = ("float32", "bfloat16")
 COMPILE_CACHE_ENV = "SALT_COMPILE_CACHE"
 COMPILE_CACHE_OFF = ("", "off", "none")
@@ -117,6 +118,7 @@ class TrainConfig:
     resume: bool = False
     force: bool = False
     remat: bool = False
+    objective: str = "causal"
     grad_accum: int = 1
     compile_cache: str | None = None  # JAX persistent compilation cache directory (None: off)
 
@@ -189,6 +191,10 @@ class TrainConfig:
             bad("dtype", f"must be one of {DTYPES}")
         if self.kernels not in KERNELS:
             bad("kernels", f"must be one of {KERNELS}")
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"must be one of {OBJECTIVES}")
+        if self.objective != "causal" and self.runtime == "reference":
+            bad("objective", "the reference runtime trains the causal objective only")
         if self.runtime not in RUNTIMES:
             bad("runtime", f"must be one of {RUNTIMES}")
         if self.batch % self.grad_accum:

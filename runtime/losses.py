@@ -69,17 +69,20 @@ def omega_at(step, omega, n_kd, transition: str = "step", n_kd1=None):
     ``step``, ``omega``, ``n_kd`` and ``n_kd1`` may be traced; ``transition`` is static.
     ``step``: ω for step <= n_kd, 0 after.  ``linear``: ω up to n_kd1, then
     ``ω (n_kd - j) / (n_kd - n_kd1)``.  ``linear-ratio``: the ratio ω/(1-ω) decays linearly,
-    ``ω_j = ω f / (ω f + 1 - ω)`` with the same ``f``.  ``n_kd1=None`` means ``n_kd``.
+    ``ω_j = ω f / (ω f + 1 - ω)`` with the same ``f``.  ``n_kd1`` is required by ``linear`` and
+    ``linear-ratio`` (as in the reference) and ignored by ``step``.
     """
     if transition not in TRANSITIONS:
         raise ValueError(f"transition must be one of {TRANSITIONS}, got {transition!r}")
+    if n_kd1 is None and transition != "step":
+        raise ValueError(f"n_kd1 is required for transition {transition!r}, got None")
     j = jnp.asarray(step, jnp.float32)
     omega_f = jnp.asarray(omega, jnp.float32)
     n_kd = jnp.asarray(n_kd, jnp.float32)
     zero = jnp.float32(0.0)
     if transition == "step":
         return jnp.where(j <= n_kd, omega_f, zero)
-    n_kd1 = n_kd if n_kd1 is None else jnp.asarray(n_kd1, jnp.float32)
+    n_kd1 = jnp.asarray(n_kd1, jnp.float32)
     frac = jnp.clip((n_kd - j) / jnp.maximum(n_kd - n_kd1, 1.0), 0.0, 1.0)
     if transition == "linear":
         value = omega_f * frac

@@ -27,9 +27,9 @@ ATTENTION_IMPLS = ("naive", "xla", "pallas")
 def init_params(config: ModelConfig, seed: int) -> dict:
     """Initial parameters (float32 ``jnp`` arrays) for ``config`` from an integer ``seed``.
 
-    Uses the NumPy reference's ``init_params`` when it is available, so that the reference
-    trainer and this runtime start from identical parameters; otherwise the documented
-    fallback of :func:`init_params_jax`.
+    Uses the NumPy reference's ``init_params`` when it is available (built on the host: for
+    tests and tools that compare with the reference); otherwise :func:`init_params_jax`.
+    The trainer initialises with :func:`init_params_jax` on the devices instead.
     """
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")

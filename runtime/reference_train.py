@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from salt.reference.config import param_count
-from salt.runtime import checkpoint, optim
+from salt.runtime import checkpoint, model, optim
 from salt.runtime.config import NonFiniteLoss, TrainError
 from salt.runtime.train import finite_or_none, jsonable, make_loaders
 
@@ -58,7 +58,8 @@ def train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_di
         lr=lambda step0: ref_lr_at(step0 + 1, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr),
         teacher=ref_teacher, omega=cfg.omega if cfg.kd_steps else 0.0, rho=cfg.rho,
         n_kd=cfg.kd_steps, transition=cfg.transition, n_kd1=cfg.kd_steps1, seed=cfg.seed,
-        dtype=np.float32, clip_norm=cfg.clip if cfg.clip > 0 else None, progress=progress)
+        dtype=np.float32, clip_norm=cfg.clip if cfg.clip > 0 else None, progress=progress,
+        params=jax.tree.map(np.asarray, model.init_params_jax(config, cfg.seed)))  # the JAX runtime's
     elapsed = time.perf_counter() - start
     tokens_per_s = cfg.steps * cfg.batch * cfg.seq_len / max(elapsed, 1e-9)
     with open(run_dir / "metrics.jsonl", "w") as f:

@@ -1,21 +1,28 @@
-"""``salt reproduce``: the paper's whole comparison, end to end, at a small preset.
+"""``salt reproduce``: the paper's whole comparison, end to end, with seeds and a verdict per claim.
 
 Stages (each recorded in ``OUT/state.json`` when finished, so a re-run skips it; an interrupted
 training stage resumes from its last checkpoint):
 
 1. ``data``      prepare the embedded corpus (``salt.data.prepare``) unless ``--data`` is given;
-2. ``slm``       train the SLM teacher (``small-teacher``), keeping its early checkpoint;
-3. ``score``     score every candidate training window with the EARLY SLM checkpoint (eq. 11,
-                 the windows it saw excluded) and select the top m = n_kd x batch;
-4. ``BASELINE``, ``RKD``, ``SALT``, ``SALT_DS``: train the students (``small-student``) with
-                 identical data order (same seed, batch, seq_len) and budget, checkpoints every
-                 ``eval_every`` steps (so n_kd and the end are among them);
-5. ``eval``      per-window held-out statistics of every kept checkpoint (teacher buckets from
-                 the final SLM); cached under ``OUT/eval/``;
-6. ``report``    ``OUT/report.md``, ``OUT/results.json`` and PNG plots.
+2. ``slm``       train the SLM teacher, keeping its early checkpoint (one SLM for all seeds);
+3. ``score``     score candidate training windows with the EARLY SLM checkpoint (eq. 11, the
+                 windows it saw excluded) and select the top m = n_kd x batch;
+4. per student seed ``s`` (``OUT/runs/<VARIANT>-seed<s>/``): ``BASELINE``, ``RKD``, ``SALT``, ``SALT_DS``
+   with identical data order (seed ``s``) and budget, checkpoints every ``eval_every`` steps.
+   With the step transition SALT is RKD for its first n_kd steps (docs/design.md §1), so SALT
+   is *forked*: RKD's checkpoint at n_kd and its metrics up to n_kd are copied into SALT's run
+   directory under SALT's own ``run_config.json`` and the trainer resumes from there
+   (bit-identical to SALT trained from scratch; tested);
+5. ``overhead``  KD-step vs standard-step time, interleaved in one process (``salt bench step``);
+6. ``eval``      per-window held-out statistics of every kept checkpoint; cached in ``OUT/eval/``;
+7. ``report``    ``OUT/report.md``, ``OUT/results.json`` and PNG plots (``salt.runtime.report``).
 
 Re-running with different settings in the same ``OUT`` is refused unless ``--force`` (which
-starts over).
+starts over).  Students train two at a time, each process pinned to one core with single-threaded
+XLA (``side_by_side``; about 1.4x the throughput of one 2-thread run, docs/reproduction.md);
+``--sequential`` trains them one after the other in this process.  (One module of ~470 lines:
+the stages share the state file, the run layout and the fork; the statistics and the rendering
+live in ``report.py`` / ``report_render.py``.)
 """
 from __future__ import annotations
 
@@ -30,77 +37,9 @@ import time
 
 import numpy as np
 
+from salt.runtime.presets import SIZES, ReproduceConfig, config_for  # noqa: F401 (re-exported)
+
 VARIANTS = ("BASELINE", "RKD", "SALT", "SALT_DS")
-
-
-@dataclasses.dataclass(frozen=True)
-class ReproduceConfig:
-    out: str = "salt-reproduce"
-    data: str | None = None          # existing token store; default OUT/data (prepared)
-    size: str = "small"
-    teacher_preset: str = "small-teacher"
-    student_preset: str = "small-student"
-    steps: int = 200                 # student steps n
-    kd_steps: int = 40               # n_kd (paper: 36K of 208K = 17%)
-    teacher_steps: int = 200
-    early_step: int = 40             # early SLM checkpoint used for scoring
-    batch: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    final_lr: float = 3e-4
-    warmup: int = 20
-    optimizer: str = "adamw"
-    omega: float = 0.667
-    rho: float = 0.25
-    k: int = 10
-    candidates: int | None = 4096    # windows scored for SALT_DS (None: the whole pool)
-    eval_every: int = 20
-    eval_windows: int = 256
-    eval_batch: int = 32
-    seed: int = 0
-    vocab_size: int | None = None    # for data preparation (None: the data layer's default)
-
-    def validate(self) -> None:
-        for name in ("steps", "kd_steps", "teacher_steps", "early_step", "batch", "seq_len",
-                     "eval_every", "eval_windows", "eval_batch", "k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.kd_steps >= self.steps:
-            raise ValueError(f"kd_steps ({self.kd_steps}) must be < steps ({self.steps}) for SALT")
-        if self.early_step >= self.teacher_steps:
-            raise ValueError(f"early_step ({self.early_step}) must be < teacher_steps "
-                             f"({self.teacher_steps})")
-        for name in ("steps", "kd_steps"):
-            if getattr(self, name) % self.eval_every:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be a multiple of eval_every "
-                                 f"({self.eval_every}) so that its checkpoint is kept")
-        if self.teacher_steps % self.early_step:
-            raise ValueError(f"teacher_steps ({self.teacher_steps}) must be a multiple of "
-                             f"early_step ({self.early_step})")
-        if not 0.0 <= self.omega <= 1.0:
-            raise ValueError(f"omega must be in [0, 1], got {self.omega}")
-        if not self.rho > 0:
-            raise ValueError(f"rho must be > 0, got {self.rho}")
-
-
-SIZES = {
-    # Measured to finish within 20 minutes on a 2-core CPU, data preparation included.
-    "small": ReproduceConfig(),
-    # For the test suite: tiny presets, a handful of steps.
-    "tiny": ReproduceConfig(size="tiny", teacher_preset="tiny-teacher", student_preset="tiny-student",
-                            steps=8, kd_steps=4, teacher_steps=8, early_step=4, batch=4, seq_len=16,
-                            lr=1e-2, final_lr=1e-3, warmup=2, eval_every=2, eval_windows=12,
-                            eval_batch=4, candidates=None),
-}
-
-
-def config_for(size: str, **overrides) -> ReproduceConfig:
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
-    cfg = dataclasses.replace(SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
-    cfg.validate()
-    return cfg
 
 
 # --------------------------------------------------------------------------- state
@@ -115,8 +54,10 @@ class _State:
         self.path = out / "state.json"
         settings = dataclasses.asdict(cfg)
         settings.pop("out")
+        settings.pop("seeds")  # more --seeds extend a reproduction (stages are per seed)
         if self.path.is_file():
             old = json.loads(self.path.read_text())
+            old.get("settings", {}).pop("seeds", None)
             if old.get("settings") != settings:
                 if not force:
                     changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
@@ -148,29 +89,139 @@ def _say(msg: str) -> None:
     print(f"[salt reproduce] {msg}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- stages
+# --------------------------------------------------------------------------- training
 
-def _train(cfg: ReproduceConfig, run_dir: pathlib.Path, data_dir, *, preset: str, steps: int,
-           kd_steps: int, checkpoint_every: int, teacher=None, subset=None, progress=True) -> dict:
+def train_config(cfg: ReproduceConfig, run_dir, data_dir, *, preset: str, steps: int, kd_steps: int,
+                 checkpoint_every: int, seed: int, batch: int | None = None, teacher=None,
+                 subset=None, resume: bool = False, transition: str | None = None):
+    """The TrainConfig of one run of the reproduction (``transition`` overrides cfg's: RKD's
+    ω is constant for the whole run whatever SALT's transition is)."""
+    from salt.runtime.train import TrainConfig
+
+    transition = transition or cfg.transition
+    return TrainConfig(preset=preset, data=str(data_dir), out=str(run_dir),
+                       teacher=None if teacher is None else str(teacher), kd_steps=kd_steps,
+                       omega=cfg.omega, rho=cfg.rho, transition=transition,
+                       kd_steps1=cfg.kd_steps1 if kd_steps and transition != "step" else None,
+                       steps=steps, batch=batch or cfg.batch, seq_len=cfg.seq_len,
+                       optimizer=cfg.optimizer, lr=cfg.lr, final_lr=cfg.final_lr,
+                       warmup=cfg.warmup, seed=seed,
+                       subset=None if subset is None else str(subset),
+                       checkpoint_every=checkpoint_every,
+                       keep_checkpoints=tuple(range(checkpoint_every, steps + 1, checkpoint_every)),
+                       resume=resume)
+
+
+def _train(tc, progress=True) -> dict:
     from salt.runtime.checkpoint import latest_step
-    from salt.runtime.train import TrainConfig, train
+    from salt.runtime.train import train
 
+    run_dir = pathlib.Path(tc.out)
     resume = latest_step(run_dir) is not None
     if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # a run that died before its first checkpoint: start it over
-    tc = TrainConfig(preset=preset, data=str(data_dir), out=str(run_dir),
-                     teacher=None if teacher is None else str(teacher), kd_steps=kd_steps,
-                     omega=cfg.omega, rho=cfg.rho, transition="step", steps=steps, batch=cfg.batch,
-                     seq_len=cfg.seq_len, optimizer=cfg.optimizer, lr=cfg.lr, final_lr=cfg.final_lr,
-                     warmup=cfg.warmup, seed=cfg.seed,
-                     subset=None if subset is None else str(subset),
-                     checkpoint_every=checkpoint_every,
-                     keep_checkpoints=tuple(range(checkpoint_every, steps + 1, checkpoint_every)),
-                     resume=resume)
-    return train(tc, progress=progress)
+        shutil.rmtree(run_dir)  # a run this command started that died before its first checkpoint
+    summary = train(dataclasses.replace(tc, resume=resume), progress=progress)
+    if summary["interrupted"]:  # SIGTERM: checkpoint saved; the stage is not finished
+        raise ValueError(f"training of {str(run_dir)!r} was stopped at step {summary['last_step']} "
+                         "(checkpoint saved); re-run the same command to resume")
+    return summary
 
 
-def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg, progress):
+def fork_run(src_run, step: int, dst_run, tc) -> None:
+    """Start run ``dst_run`` (TrainConfig ``tc``) from ``src_run``'s checkpoint at ``step``.
+
+    Copies the checkpoints up to ``step`` and the metrics rows up to ``step`` and writes ``tc`` as the run's
+    ``run_config.json`` (with ``forked_from``), so that ``train(tc, resume=True)`` continues it.
+    Only valid when both runs are identical up to ``step`` (RKD and SALT with the step
+    transition up to n_kd); the directory appears complete or not at all (temp dir + rename).
+    """
+    from salt.runtime.checkpoint import all_steps, checkpoint_root, write_json_atomic
+
+    src_run, dst_run = pathlib.Path(src_run), pathlib.Path(dst_run)
+    if step not in all_steps(src_run):
+        raise ValueError(f"cannot fork {str(dst_run)!r}: {str(src_run)!r} has no checkpoint of "
+                         f"step {step}")
+    if dst_run.exists():
+        raise ValueError(f"cannot fork into {str(dst_run)!r}: it exists")
+    tmp = dst_run.with_name(dst_run.name + ".fork-tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted fork of this function
+    record = json.loads((src_run / "run_config.json").read_text())
+    record["train"] = tc.to_dict()
+    record["forked_from"] = {"run": str(src_run.absolute()), "step": int(step)}
+    tmp.mkdir(parents=True)
+    write_json_atomic(tmp / "run_config.json", record)  # first: tmp is a run directory throughout
+    for s in all_steps(src_run):  # every kept checkpoint up to the fork: a complete-looking run
+        if s <= step:
+            shutil.copytree(checkpoint_root(src_run) / str(s), checkpoint_root(tmp) / str(s))
+    from salt.runtime import report
+
+    rows = [r for r in report.read_metrics(src_run / "metrics.jsonl") if r.get("step", 0) <= step]
+    (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, dst_run)
+
+
+ONE_CORE_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def _worker() -> None:
+    """Child process of :func:`_side_by_side`: train the TrainConfig given as JSON on stdin."""
+    d = json.loads(sys.stdin.read())
+    os.sched_setaffinity(0, {d.pop("core")})  # before XLA starts its threads
+    d["keep_checkpoints"] = tuple(d["keep_checkpoints"])
+    from salt.runtime.train import TrainConfig
+
+    _train(TrainConfig(**d), progress=False)
+
+
+def _side_by_side(jobs, state, prepare_job) -> None:
+    """Train ``jobs`` two at a time, each process pinned to one core with single-threaded XLA
+    (measured ~1.4x the throughput of one 2-thread run on 2 cores, docs/reproduction.md).
+    A job whose prerequisite stage is not done waits; a failed job raises after the others end."""
+    import subprocess
+    import tempfile
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        return  # one core: the sequential loop trains everything
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + ONE_CORE_XLA_FLAGS).strip())
+    pending, running, failed = list(jobs), {}, []
+    while pending or running:
+        for core in cores:
+            if core in running or failed:
+                continue
+            ready = [j for j in pending if j[3] is None or state.done(j[3])]
+            if not ready:
+                break
+            job = ready[0]
+            pending.remove(job)
+            prepare_job(job[0], job[1], job[2])
+            log = tempfile.TemporaryFile()  # the child's output (a file: no pipe to fill)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from salt.runtime.reproduce import _worker; _worker()"],
+                stdin=subprocess.PIPE, stdout=log, stderr=log, env=env)
+            proc.stdin.write(json.dumps(dict(job[1].to_dict(), core=core)).encode())
+            proc.stdin.close()
+            running[core] = (job, proc, time.time(), log)
+        if not running:
+            break
+        time.sleep(0.5)
+        for core, (job, proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.seek(0)
+            err = log.read().decode(errors="replace")
+            log.close()
+            del running[core]
+            if proc.returncode == 0:
+                state.finish(job[0], time.time() - t0, forked=job[2], side_by_side=True, core=core)
+            else:
+                failed.append(f"{job[0]} failed (exit {proc.returncode}): {err.strip()[-2000:]}")
+    if failed:
+        raise ValueError("; ".join(failed))
+
+
+def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):
     from salt.runtime import evaluate
 
     if cache.is_file():
@@ -182,9 +233,40 @@ def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg, progress):
     return stats
 
 
+def teacher_sharpness(run_dir, step, data_dir, cfg) -> dict:
+    """Entropy (nats) of the KD target softmax(ρ·t) and its top-10 mass, mean over held-out
+    target positions, vs the uniform distribution's log V (how informative the target is)."""
+    import jax
+    import jax.numpy as jnp
+
+    from salt.data import validation_batches
+    from salt.runtime import checkpoint, model
+
+    config, params, _ = checkpoint.load_params(run_dir, step)
+
+    @jax.jit
+    def parts(params, inputs_BxT):
+        z_BxTxV = cfg.rho * model.forward(params, inputs_BxT, config).astype(jnp.float32)
+        logp_BxTxV = jax.nn.log_softmax(z_BxTxV, axis=-1)
+        p_BxTxV = jnp.exp(logp_BxTxV)
+        top_BxTx10 = jax.lax.top_k(p_BxTxV, min(10, config.vocab_size))[0]
+        return -(p_BxTxV * logp_BxTxV).sum(-1), top_BxTx10.sum(-1)
+
+    ent, top = [], []
+    for _, tokens in validation_batches(data_dir, seq_len=cfg.seq_len, batch_size=cfg.eval_batch,
+                                        max_windows=min(cfg.eval_windows, 128)):
+        e, t = parts(params, jnp.asarray(np.asarray(tokens, np.int32)[:, :-1]))
+        ent.append(np.asarray(e).ravel())
+        top.append(np.asarray(t).ravel())
+    return {"entropy": float(np.mean(np.concatenate(ent))), "top10_mass": float(np.mean(np.concatenate(top))),
+            "uniform_entropy": float(math.log(config.vocab_size)), "rho": cfg.rho}
+
+
+# --------------------------------------------------------------------------- the job
+
 def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the whole reproduction; returns the results dict (also in results.json)."""
-    from salt.runtime import evaluate, report, score as score_mod
+    from salt.runtime import evaluate, report, report_render, score as score_mod
     from salt.runtime.checkpoint import all_steps, write_json_atomic
 
     cfg.validate()
@@ -226,9 +308,10 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     if not state.done("slm"):
         t0 = time.time()
         _say(f"training the SLM teacher ({cfg.teacher_preset}, {cfg.teacher_steps} steps)")
-        _train(cfg, slm_dir, data_dir, preset=cfg.teacher_preset, steps=cfg.teacher_steps,
-               kd_steps=0, checkpoint_every=math.gcd(cfg.early_step, cfg.kd_steps),
-               progress=progress)
+        _train(train_config(cfg, slm_dir, data_dir, preset=cfg.teacher_preset,
+                            steps=cfg.teacher_steps, kd_steps=0, seed=cfg.seed,
+                            batch=cfg.teacher_batch,
+                            checkpoint_every=math.gcd(cfg.early_step, cfg.kd_steps)), progress)
         state.finish("slm", time.time() - t0)
 
     # 3. score + select --------------------------------------------------------------------
@@ -256,93 +339,133 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
                      selected_median=float(np.median(selected[np.isfinite(selected)]))
                      if np.isfinite(selected).any() else math.nan)
 
-    # 4. students --------------------------------------------------------------------------
-    plan = {"BASELINE": dict(kd_steps=0), "RKD": dict(kd_steps=cfg.steps, teacher=slm_dir),
+    # 4. students, per seed ----------------------------------------------------------------
+    plan = {"BASELINE": dict(kd_steps=0),
+            "RKD": dict(kd_steps=cfg.steps, teacher=slm_dir, transition="step"),
             "SALT": dict(kd_steps=cfg.kd_steps, teacher=slm_dir),
             "SALT_DS": dict(kd_steps=cfg.kd_steps, teacher=slm_dir, subset=selection_path)}
-    for name in VARIANTS:
-        if state.done(name):
+    fork = cfg.transition == "step"
+    jobs = []  # (stage, TrainConfig, forked, stage it waits for)
+    for seed in cfg.student_seeds():
+        for name in ("BASELINE", "RKD", "SALT_DS", "SALT"):  # SALT last: it waits for RKD
+            run_dir = runs / f"{name}-seed{seed}"
+            tc = train_config(cfg, run_dir, data_dir, preset=cfg.student_preset, steps=cfg.steps,
+                              checkpoint_every=cfg.eval_every, seed=seed, **plan[name])
+            forked = name == "SALT" and fork
+            jobs.append((f"{name}/seed{seed}", tc, forked, f"RKD/seed{seed}" if forked else None))
+    jobs = [j for j in jobs if not state.done(j[0])]
+
+    def prepare_job(stage, tc, forked):
+        run_dir = pathlib.Path(tc.out)
+        if forked and all_steps(run_dir) == []:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # an earlier fork of ours that never got to train
+            fork_run(run_dir.with_name(run_dir.name.replace("SALT-", "RKD-", 1)), cfg.kd_steps,
+                     run_dir, tc)
+        _say(f"training {stage} ({cfg.student_preset}, {cfg.steps} steps, n_kd = {tc.kd_steps}"
+             + (f"; forked from RKD at step {cfg.kd_steps}" if forked else "")
+             + ("; one core" if cfg.side_by_side else "") + ")")
+
+    if cfg.side_by_side and jobs:
+        t0 = time.time()
+        _side_by_side(jobs, state, prepare_job)
+        state.finish("students side by side", time.time() - t0)
+    for stage, tc, forked, _ in jobs:  # sequential (or what the side-by-side pool left)
+        if state.done(stage):
             continue
         t0 = time.time()
-        _say(f"training {name} ({cfg.student_preset}, {cfg.steps} steps, n_kd = "
-             f"{plan[name]['kd_steps']})")
-        _train(cfg, runs / name, data_dir, preset=cfg.student_preset, steps=cfg.steps,
-               checkpoint_every=cfg.eval_every, progress=progress, **plan[name])
-        state.finish(name, time.time() - t0)
+        prepare_job(stage, tc, forked)
+        _train(tc, progress)
+        state.finish(stage, time.time() - t0, forked=forked)
 
-    # 5. evaluation ------------------------------------------------------------------------
+    # 5. KD-step overhead, interleaved in one process ---------------------------------------
+    if not state.done("overhead"):
+        from salt.bench.step import run_benchmark
+
+        t0 = time.time()
+        _say("timing KD and standard steps interleaved (salt bench step)")
+        b = run_benchmark(cfg.student_preset, cfg.teacher_preset, vocab=store.vocab_size,
+                          batch=cfg.batch, seq_len=cfg.seq_len, optimizer=cfg.optimizer,
+                          iters=cfg.overhead_iters, warmup=1, transition=cfg.transition,
+                          progress=False)
+        keys = ("standard_step_s", "kd_step_s", "measured_ratio", "predicted_ratio",
+                "matmul_flops_per_s", "standard_fraction_of_matmul", "kd_fraction_of_matmul",
+                "standard_tokens_per_s", "iters")
+        state.finish("overhead", time.time() - t0, **{k: b[k] for k in keys})
+
+    # 6. evaluation ------------------------------------------------------------------------
     t0 = time.time()
     eval_dir = out / "eval"
     eval_dir.mkdir(exist_ok=True)
     _say("evaluating every kept checkpoint on the held-out split")
     teacher_stats = _eval_stats(eval_dir / f"SLM_{cfg.teacher_steps}.npz", slm_dir,
-                                cfg.teacher_steps, data_dir, cfg, progress)
-    models, curves, final_stats = {}, {}, {}
-    for name in ("SLM",) + VARIANTS:
-        run_dir = slm_dir if name == "SLM" else runs / name
-        final_step = cfg.teacher_steps if name == "SLM" else cfg.steps
-        steps = [s for s in all_steps(run_dir) if s <= final_step
-                 and (name != "SLM" or s in (cfg.kd_steps, final_step))]
-        curves[name] = []
-        models[name] = {}
-        for s in steps:
-            stats = _eval_stats(eval_dir / f"{name}_{s}.npz", run_dir, s, data_dir, cfg, progress)
-            summary = evaluate.summarize(stats, teacher_stats)
-            summary["step"] = s
-            curves[name].append({"step": s, "log_ppl": summary["log_ppl"],
-                                 "accuracy": summary["accuracy"]})
-            if s == cfg.kd_steps:
-                models[name]["at_kd"] = summary
-            if s == final_step:
-                models[name]["final"] = summary
-                final_stats[name] = stats
-    eval_seconds = time.time() - t0
+                                cfg.teacher_steps, data_dir, cfg)
+    slm_steps = sorted({s for s in all_steps(slm_dir) if s in (cfg.kd_steps, cfg.teacher_steps)})
+    slm = {}
+    for s in slm_steps:
+        summary = evaluate.summarize(_eval_stats(eval_dir / f"SLM_{s}.npz", slm_dir, s, data_dir,
+                                                 cfg), teacher_stats)
+        summary["step"] = s
+        slm["final" if s == cfg.teacher_steps else "at_kd"] = summary
+    per_seed = {}
+    for seed in cfg.student_seeds():
+        stats = {}
+        for name in VARIANTS:
+            run_dir = runs / f"{name}-seed{seed}"
+            for s in all_steps(run_dir):
+                if s <= cfg.steps:
+                    stats[(name, s)] = _eval_stats(eval_dir / f"seed{seed}_{name}_{s}.npz", run_dir,
+                                                   s, data_dir, cfg)
+        per_seed[str(seed)] = report.seed_results(stats, teacher_stats, n_kd=cfg.kd_steps,
+                                                  n_steps=cfg.steps)
+    if not state.done("sharpness"):
+        state.finish("sharpness", 0.0, **teacher_sharpness(slm_dir, cfg.teacher_steps, data_dir, cfg))
     if not state.done("eval"):
-        state.finish("eval", eval_seconds)
+        state.finish("eval", time.time() - t0)
 
-    # 6. accounting + report ---------------------------------------------------------------
+    # 7. accounting + report ---------------------------------------------------------------
     from salt.reference.config import get_preset, param_count
-    from salt.runtime.model import forward_flops, train_step_flops
 
     t_cfg = get_preset(cfg.teacher_preset).replace(vocab_size=store.vocab_size)
     s_cfg = get_preset(cfg.student_preset).replace(vocab_size=store.vocab_size)
-    predicted = (forward_flops(t_cfg, cfg.batch, cfg.seq_len)
-                 / train_step_flops(s_cfg, cfg.batch, cfg.seq_len))
-    metrics = {name: report.read_metrics(runs / name / "metrics.jsonl")
-               for name in ("SLM",) + VARIANTS if (runs / name / "metrics.jsonl").is_file()}
-    overhead = report.kd_step_overhead(metrics.get("SALT", []), cfg.kd_steps,
-                                       cfg.batch * cfg.seq_len)
-    overhead["predicted"] = predicted
-    results = {"config": dataclasses.asdict(cfg), "models": models, "curves": curves,
+    ov = state.info("overhead")
+    overhead = {"kd_step_s": ov["kd_step_s"], "std_step_s": ov["standard_step_s"],
+                "overhead": ov["measured_ratio"] - 1.0, "predicted": ov["predicted_ratio"] - 1.0,
+                "matmul_flops_per_s": ov["matmul_flops_per_s"],
+                "standard_fraction_of_matmul": ov["standard_fraction_of_matmul"],
+                "kd_fraction_of_matmul": ov["kd_fraction_of_matmul"], "iters": ov["iters"]}
+    for seed_result in per_seed.values():
+        report.add_efficiency(seed_result, cfg.kd_steps, cfg.steps, overhead["overhead"])
+    results = {"config": dataclasses.asdict(cfg), "seeds": cfg.student_seeds(), "slm": slm,
+               "per_seed": per_seed, "pooled": report.pool_seeds(per_seed),
                "overhead": overhead, "eval_windows": int(teacher_stats["window_ids"].size),
+               "sharpness": {k: v for k, v in state.info("sharpness").items() if k != "seconds"},
                "params": {"teacher_non_embedding": param_count(t_cfg, embedding=False),
                           "student_non_embedding": param_count(s_cfg, embedding=False),
-                          "vocab_size": store.vocab_size}}
-    base_final = models.get("BASELINE", {}).get("final")
-    results["efficiency"] = {}
-    if base_final:
-        for name in ("SALT", "SALT_DS"):
-            pts = curves.get(name, [])
-            results["efficiency"][name] = report.efficiency(
-                base_final["log_ppl"], [p["step"] for p in pts], [p["log_ppl"] for p in pts],
-                cfg.kd_steps, cfg.steps, overhead["overhead"])
-    if "BASELINE" in final_stats:
-        results["paired"] = {name: report.paired_difference(final_stats[name], final_stats["BASELINE"])
-                             for name in ("RKD", "SALT", "SALT_DS") if name in final_stats}
+                          "vocab_size": store.vocab_size},
+               "tokens": {"student": cfg.steps * cfg.batch * cfg.seq_len,
+                          "teacher": cfg.teacher_steps * (cfg.teacher_batch or cfg.batch) * cfg.seq_len}}
     sel = state.info("score")
     results["selection"] = {k: sel[k] for k in ("n_scored", "n_train_windows", "n_excluded", "m", "clipped",
                                                 "score_median", "selected_median", "zero_fraction")
                             if k in sel}
-    plots = report.plot_training_curves({n: metrics[n] for n in VARIANTS if n in metrics}, out,
-                                        n_kd=cfg.kd_steps)
-    plots.append(report.plot_val_curves({n: curves[n] for n in VARIANTS}, out, n_kd=cfg.kd_steps,
-                                        target=base_final["log_ppl"] if base_final else None))
-    results["plots"] = plots
-    order = ("data", "slm", "score") + VARIANTS + ("eval",)
+    results["claims"] = report.claims(results)
+    metrics = {}
+    for seed in cfg.student_seeds():
+        for name in VARIANTS:
+            path = runs / f"{name}-seed{seed}" / "metrics.jsonl"
+            if path.is_file():
+                metrics.setdefault(name, []).append(report.read_metrics(path))
+    results["plots"] = report_render.plot_all(results, metrics, out)
     stages = state.data["stages"]
-    results["timings"] = {stage: stages[stage]["seconds"] for stage in order if stage in stages}
+    results["timings"] = {stage: info["seconds"] for stage, info in stages.items()
+                          if stage != "sharpness" and not info.get("side_by_side")}
+    results["side_by_side_runs"] = {stage: info["seconds"] for stage, info in stages.items()
+                                    if info.get("side_by_side")}
     results["machine"] = {"cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg())}
     write_json_atomic(out / "results.json", results)
-    results["report"] = report.write_report(results, out)
+    results["report"] = report_render.write_report(results, out)
     _say(f"report written to {results['report']}")
+    for line in report.verdict_lines(results):
+        _say(line)
     return results

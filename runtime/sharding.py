@@ -99,9 +99,10 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Windows ``[B, T+1]``: batch over ``data``."""
-    return NamedSharding(mesh, P("data", None))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Per-window arrays (windows ``[B, T+1]``, masks ``[B, T]``, prefix lengths ``[B]``): batch
+    over ``data``."""
+    return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -120,8 +121,8 @@ def global_batch_array(local_windows, mesh: Mesh, global_batch: int):
     if jax.process_count() == 1:
         if local.shape[0] != global_batch:
             raise ValueError(f"batch has {local.shape[0]} rows, expected {global_batch}")
-        return jax.device_put(local, batch_sharding(mesh))
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), local, shape)
+        return jax.device_put(local, batch_sharding(mesh, local.ndim))
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local, shape)
 
 
 def maybe_initialize_distributed() -> bool:

@@ -35,6 +35,15 @@ def hyperparameters(cfg: TrainConfig) -> dict:
     return {k: np.float32(v) for k, v in values.items()}
 
 
+def split_batch(batch):
+    """A step's batch: the windows ``[B, T+1]`` alone (causal LM), or a dict with ``tokens``
+    ``[B, T+1]``, ``prefix_len`` ``[B]`` (bidirectional prefix) and ``mask`` ``[B, T]`` (the target
+    positions that are scored), as the UL2 objective builds it (:mod:`salt.data.ul2`)."""
+    if isinstance(batch, dict):
+        return batch["tokens"], batch.get("prefix_len"), batch.get("mask")
+    return batch, None, None
+
+
 def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transition: str = "step",
                  rho: float = 0.25, dtype: str = "float32", kernels: str = "xla", remat: bool = False,
                  mesh=None, grad_accum: int = 1, loss_kernels: str | None = None):
@@ -55,47 +64,69 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
 
-    def loss_fn(params, teacher_params, windows_BxT1, step, hyper):
+    def loss_fn(params, teacher_params, batch, step, hyper, n_valid=None):
+        windows_BxT1, prefix_B, mask_BxT = split_batch(batch)
         inputs, labels = windows_BxT1[:, :-1], windows_BxT1[:, 1:]
-        hidden = model.hidden(params, inputs, student, dtype=compute_dtype,
+        hidden = model.hidden(params, inputs, student, prefix_B, dtype=compute_dtype,
                               attention_impl=kernels, remat=remat, mesh=mesh)
         if teacher is None:
             parts = losses.token_parts(hidden, params["embed"], labels, impl=loss_impl, mesh=mesh)
             omega = jnp.float32(0.0)
-        else:
+        else:  # the teacher reads the same input (same bidirectional prefix)
             t_hidden = jax.lax.stop_gradient(model.hidden(
-                teacher_params, inputs, teacher, dtype=compute_dtype, attention_impl=kernels,
-                remat=remat, mesh=mesh))
+                teacher_params, inputs, teacher, prefix_B, dtype=compute_dtype,
+                attention_impl=kernels, remat=remat, mesh=mesh))
             omega = losses.omega_at(step, hyper["omega"], hyper["kd_steps"], transition,
                                     hyper["kd_steps1"])
             parts = losses.token_parts(hidden, params["embed"], labels,
                                        teacher=(t_hidden, teacher_params["embed"]), omega=omega,
                                        rho=rho, impl=loss_impl, mesh=mesh)
-        metrics = {k: losses.batch_mean(parts[k]) for k in ("loss", "ce", "kd", "kl") if k in parts}
-        metrics["accuracy"] = losses.batch_mean(parts["correct"])
+        if mask_BxT is None:
+            mean = losses.batch_mean
+        else:  # loss and KD on the target positions only; ``n_valid``: the whole batch's count
+            m = mask_BxT.astype(jnp.float32)
+            denominator = jnp.maximum(jnp.sum(m), 1.0) if n_valid is None else n_valid
+
+            def mean(v):
+                return jnp.sum(v.astype(jnp.float32) * m) / denominator
+        metrics = {k: mean(parts[k]) for k in ("loss", "ce", "kd", "kl") if k in parts}
+        metrics["accuracy"] = mean(parts["correct"])
         metrics["omega"] = omega
         return metrics["loss"], metrics
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def accumulated_grads(params, teacher_params, windows_BxT1, step, hyper):
+    def accumulated_grads(params, teacher_params, batch, step, hyper):
         if grad_accum == 1:
-            return grad_fn(params, teacher_params, windows_BxT1, step, hyper)
-        B, T1 = windows_BxT1.shape
+            return grad_fn(params, teacher_params, batch, step, hyper)
+        B = split_batch(batch)[0].shape[0]
         if B % grad_accum:
             raise ValueError(f"batch {B} is not divisible by grad_accum={grad_accum}")
-        micro_KxBkxT1 = windows_BxT1.reshape(B // grad_accum, grad_accum, T1).swapaxes(0, 1)
-        if mesh is not None and mesh.size > 1 and (B // grad_accum) % mesh.shape["data"] == 0:
-            micro_KxBkxT1 = jax.lax.with_sharding_constraint(
-                micro_KxBkxT1, NamedSharding(mesh, P(None, "data", None)))
 
-        def body(total, micro_BkxT1):
-            value = grad_fn(params, teacher_params, micro_BkxT1, step, hyper)
+        def micro(x):  # [B, ...] -> [K, B/K, ...]
+            x = x.reshape(B // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+            if mesh is not None and mesh.size > 1 and (B // grad_accum) % mesh.shape["data"] == 0:
+                x = jax.lax.with_sharding_constraint(
+                    x, NamedSharding(mesh, P(None, "data", *([None] * (x.ndim - 2)))))
+            return x
+
+        micro_batches = jax.tree.map(micro, batch)
+        mask_BxT = split_batch(batch)[2]
+        # with a target mask the microbatches hold different numbers of targets: each one's sum
+        # is divided by the whole batch's count and the results are added (not averaged)
+        n_valid = None if mask_BxT is None else jnp.maximum(jnp.sum(mask_BxT.astype(jnp.float32)), 1.0)
+
+        def body(total, micro_batch):
+            value = grad_fn(params, teacher_params, micro_batch, step, hyper, n_valid)
             return jax.tree.map(jnp.add, total, value), None
 
-        shapes = jax.eval_shape(grad_fn, params, teacher_params, micro_KxBkxT1[0], step, hyper)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        shapes = jax.eval_shape(grad_fn, params, teacher_params, first, step, hyper, n_valid)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        total, _ = jax.lax.scan(body, zeros, micro_KxBkxT1)
+        total, _ = jax.lax.scan(body, zeros, micro_batches)
+        if n_valid is not None:
+            grads, metrics = total
+            return grads, dict(metrics, omega=metrics["omega"] / grad_accum)
         return jax.tree.map(lambda x: x / grad_accum, total)
 
     return accumulated_grads
@@ -176,7 +207,8 @@ def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs,
     kernels = resolve_kernels(cfg.kernels, mesh.devices.flat[0].platform)
     key = (student, teacher, cfg.optimizer, cfg.transition if teacher is not None else None,
            float(cfg.rho) if teacher is not None else None, cfg.dtype, kernels, cfg.remat,
-           cfg.grad_accum, windows_abs.shape,
+           cfg.grad_accum, jax.tree.structure(windows_abs),
+           tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(windows_abs)),
            tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)
     if key not in _COMPILED:
         if len(_COMPILED) >= _COMPILED_MAX:

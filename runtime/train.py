@@ -208,6 +208,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                              f"{meta.get('tokenizer_sha256')}, but {cfg.data!r} uses {tokenizer_sha}")
     subset_ids = _load_ids(cfg.subset, "subset") if cfg.subset else None
     exclude_ids = _load_ids(cfg.exclude, "exclude") if cfg.exclude else None
+    sentinels = _ul2_sentinels(cfg, store) if cfg.objective == "ul2" else None
 
     mesh = sharding.make_mesh(cfg.mesh, devices=runtime_devices(cfg.runtime))
     if cfg.batch % mesh.shape["data"]:
@@ -228,7 +229,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         return train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_dir,
                                 progress)
     return _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_dir,
-                      start_step, progress)
+                      start_step, progress, sentinels)
 
 
 def _read_json(path: pathlib.Path, what: str) -> dict:
@@ -272,8 +273,45 @@ def make_loaders(cfg, store, subset_ids, exclude_ids):
     return full, kd
 
 
+def batch_abstract(cfg, mesh):
+    """The abstract step input: windows ``[B, T+1]`` (causal), or for UL2 the dict of
+    :func:`salt.runtime.step.split_batch` (tokens, prefix lengths, target mask)."""
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+    tokens = spec((cfg.batch, cfg.seq_len + 1), jnp.int32)
+    if cfg.objective == "causal":
+        return tokens
+    return {"tokens": tokens, "prefix_len": spec((cfg.batch,), jnp.int32),
+            "mask": spec((cfg.batch, cfg.seq_len), jnp.bool_)}
+
+
+def step_batch(cfg, loader, step0: int, mesh, sentinels):
+    """The global step input of 0-based ``step0`` from this process's windows (UL2 examples are
+    a function of seed, step and global slot, so every process builds its own share)."""
+    local = loader.batch(step0)
+    if cfg.objective == "causal":
+        return sharding.global_batch_array(local, mesh, cfg.batch)
+    from salt.data import PAD_ID, ul2
+    tokens, prefix_B, mask_BxT, _ = ul2.batch(
+        local, seed=cfg.seed, step=step0, sentinels=sentinels, pad_id=PAD_ID,
+        first_slot=loader.process_index * loader.local_batch, global_batch=cfg.batch)
+    return {"tokens": sharding.global_batch_array(tokens, mesh, cfg.batch),
+            "prefix_len": sharding.global_batch_array(prefix_B.astype(np.int32), mesh, cfg.batch),
+            "mask": sharding.global_batch_array(mask_BxT, mesh, cfg.batch)}
+
+
+def _ul2_sentinels(cfg, store) -> list[int]:
+    from salt.data.tokenizer import sentinel_ids
+    ids = sentinel_ids(store.processor())
+    if not ids:
+        raise TrainError(f"objective='ul2' needs sentinel ids for span corruption, but the tokenizer of "
+                         f"{cfg.data!r} reserves none: prepare the data with "
+                         f"`salt data prepare --sentinels 100`")
+    return ids
+
+
 def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_dir, start_step,
-               progress):
+               progress, sentinels):
     teacher_config, teacher_identity = teacher["config"], teacher["identity"]
     teacher_params = teacher.pop("params")
     full_loader, kd_loader = make_loaders(cfg, store, subset_ids, exclude_ids)
@@ -291,14 +329,15 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                               model.abstract_params(config), p_shardings)
     opt_abs = opt_state_abstract(cfg.optimizer, params_abs, mesh)
     if start_step == 0:
-        params = sharding.shard_params(model.init_params(config, cfg.seed), config, mesh)
+        # generated on the devices, each shard where it lives: no host ever holds the model
+        # (paper-8.6b is 34 GB in float32); the values do not depend on the mesh
+        params = model.init_params_jax(config, cfg.seed, out_shardings=p_shardings)
         init = optim.make_direction(cfg.optimizer).init
         opt_state = jax.jit(init, out_shardings=shardings_of(opt_abs))(params)
     else:
         params, opt_state, _ = checkpoint.restore(run_dir, start_step, params_abs, opt_abs)
 
-    windows_abs = jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len + 1), jnp.int32,
-                                       sharding=sharding.batch_sharding(mesh))
+    windows_abs = batch_abstract(cfg, mesh)
     t0 = time.perf_counter()
     std_step = kd_step = None
     if cfg.kd_steps < cfg.steps:
@@ -348,8 +387,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                     teacher_params = kd_step = None  # the switch: drop the teacher
                     gc.collect()
                 loader = kd_loader if kd_phase else full_loader
-                local = loader.batch(step - 1)
-                windows = sharding.global_batch_array(local, mesh, cfg.batch)
+                windows = step_batch(cfg, loader, step - 1, mesh, sentinels)
                 step_arr = jax.device_put(np.int32(step), step_sharding)
                 t_start = time.perf_counter()
                 if kd_phase:

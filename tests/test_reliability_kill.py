@@ -40,9 +40,7 @@ def test_kill_9_campaign_resumes_bit_identically(tmp_path):
     src = make_tiny_corpus(tmp_path / "src", n_docs=20, words=200, seed=6)
     store = tmp_path / "data"
     prepare(store, [src], vocab_size=300, val_fraction=0.2, progress=False)
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env = dict(os.environ, SALT_COMPILE_CACHE=str(tmp_path / "jax-cache"))  # salt train --compile-cache
     rng = random.Random(10)
     run = tmp_path / "run"
     kills, phases = 0, {"start-up": 0, "training": 0}

@@ -176,6 +176,13 @@ def test_omega_schedule_matches_reference(golden_dir):
             ours = np.asarray(losses.omega_at(jnp.asarray(z["steps"]), args["omega"], args["n_kd"],
                                               args["transition"], args.get("n_kd1")))
             np.testing.assert_allclose(ours, z[f"omega/{name}"], rtol=1e-6, atol=1e-7, err_msg=name)
+    # one rule for a missing n_kd1, as in the reference: required by the non-step transitions
+    from salt.reference.schedule import omega_at as ref_omega_at
+    for transition in ("linear", "linear-ratio"):
+        with pytest.raises(ValueError, match="n_kd1 is required"):
+            ref_omega_at(1, 0.5, 10, transition, None)
+        with pytest.raises(ValueError, match="n_kd1 is required"):
+            losses.omega_at(1, 0.5, 10, transition, None)
 
 
 def test_lr_schedule_matches_reference(golden_dir):

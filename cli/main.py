@@ -18,6 +18,7 @@ COMMANDS = {
     "data": ("salt.cli.data", "data", "Prepare the corpus, tokenizer and token store."),
     "golden": ("salt.cli.golden", "golden", "Generate or check the reference golden values."),
     "train": ("salt.cli.train", "train", "Train a model (BASELINE / RKD / SALT / SALT_DS)."),
+    "finetune": ("salt.cli.finetune", "finetune", "Supervised fine-tuning on prompt/completion JSONL."),
     "score": ("salt.cli.score", "score", "Score training windows with a teacher (eq. 11)."),
     "select": ("salt.cli.score", "select", "Select the top-m scored windows."),
     "eval": ("salt.cli.evaluate", "evaluate", "Held-out accuracy and log-perplexity, by bucket."),

@@ -1,0 +1,391 @@
+"""Supervised fine-tuning of a salt checkpoint (paper Table 3): ``salt finetune``.
+
+Data: a JSONL file, one ``{"prompt": str, "completion": str}`` object per line (blank lines
+are skipped; anything else that is not such an object is an error naming its line).  An
+example is the token sequence ``EOS prompt completion EOS`` (the model saw documents after an
+EOS in pre-training; the final EOS teaches it to stop); the loss is the mean next-token
+cross-entropy over the *completion* tokens and that final EOS only, across the batch (a masked
+mean: prompt and padding positions have weight 0).
+
+Training: the paper's recipe as defaults (Adafactor, linear warm-up over 200 steps to a peak
+of 1e-4, cosine decay, here to 1e-5), global-norm clipping 1.0, batches of ``batch``
+examples padded to ``seq_len`` (default: the base run's window length), so one compiled step
+serves the run.  The examples of step ``j`` follow from ``(seed, j)`` alone (a permutation per
+epoch), so ``--resume`` continues bit-identically; checkpoints as in ``salt train``
+(``OUT/checkpoints/<step>/``, every ``checkpoint_every`` steps, at the end and on SIGTERM),
+with ``meta.run_config`` naming the token store and ``seq_len`` so that ``salt eval``, the
+harness adapter and a further ``salt finetune`` can load the result.
+
+Evaluation after training: greedy decoding (``salt.runtime.generate``) of the held-out split
+(``eval_data``, or a seeded ``eval_fraction`` of the examples, never trained on) with
+exact match (stripped strings equal) and ROUGE-1/2/L F1 (``rouge-score``), written to
+``OUT/eval.json`` and the predictions to ``OUT/predictions.jsonl``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from salt.data.tokenizer import EOS_ID, PAD_ID
+from salt.runtime import checkpoint, losses, model, optim
+from salt.runtime.config import NonFiniteLoss, TrainError, resolve_kernels
+from salt.runtime.generate import LoadedModel, greedy_generate
+from salt.runtime.train import _Stop, _truncate_metrics, finite_or_none
+
+HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    run: str
+    data: str
+    out: str
+    step: int | None = None
+    store: str | None = None
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    steps: int = 1000
+    batch: int = 8
+    seq_len: int | None = None
+    optimizer: str = "adafactor"
+    lr: float = 1e-4
+    final_lr: float = 1e-5
+    warmup: int = 200
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    dtype: str = "float32"
+    kernels: str = "auto"
+    checkpoint_every: int = 0
+    max_new_tokens: int | None = None
+    eval_batch: int = 8
+    resume: bool = False
+    force: bool = False
+
+    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "out", "eval_batch",
+                         "max_new_tokens")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        def bad(field, why):
+            raise TrainError(f"{field}={getattr(self, field)!r}: {why}")
+        for field in ("steps", "batch", "eval_batch"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                bad(field, "must be an integer >= 1")
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 2):
+            bad("seq_len", "must be an integer >= 2")
+        if not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
+            bad("warmup", f"must be an integer in [0, steps={self.steps}] (the paper's recipe "
+                          "warms up over 200 steps: pass --warmup for shorter runs)")
+        if not (0.0 <= self.eval_fraction < 1.0):
+            bad("eval_fraction", "must lie in [0, 1)")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be >= 1")
+        if self.optimizer not in optim.OPTIMIZERS:
+            bad("optimizer", f"must be one of {optim.OPTIMIZERS}")
+        if self.dtype not in ("float32", "bfloat16"):
+            bad("dtype", "must be float32 or bfloat16")
+        if self.kernels not in ("auto", "xla", "naive"):
+            bad("kernels", "must be auto, xla or naive")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            bad("checkpoint_every", "must be an integer >= 0 (0: only at the end)")
+        try:
+            optim.check_hyperparameters(lr=self.lr, final_lr=self.final_lr, warmup=self.warmup,
+                                        clip=self.clip, weight_decay=self.weight_decay)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if self.final_lr > self.lr:
+            bad("final_lr", f"must be <= lr={self.lr}")
+
+
+# ----------------------------------------------------------------------------- data
+def read_examples(path) -> list[dict]:
+    """The examples of a JSONL file: dicts with ``prompt``, ``completion`` and ``line``
+    (1-based).  Raises TrainError naming the file and line of the first bad one."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise TrainError(f"data file {str(path)!r} does not exist")
+    examples = []
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{str(path)}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TrainError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise TrainError(f"{where}: expected a JSON object with \"prompt\" and "
+                                 f"\"completion\", got {type(obj).__name__}")
+            for field in ("prompt", "completion"):
+                if not isinstance(obj.get(field), str):
+                    raise TrainError(f"{where}: field {field!r} is missing or not a string")
+            if not obj["completion"]:
+                raise TrainError(f"{where}: the completion is empty")
+            examples.append({"prompt": obj["prompt"], "completion": obj["completion"], "line": n})
+    if not examples:
+        raise TrainError(f"data file {str(path)!r} has no examples")
+    return examples
+
+
+def split_examples(examples, eval_fraction: float, seed: int):
+    """(train, held-out): a seeded ``eval_fraction`` of the examples is held out (at least
+    one when the fraction is > 0), the rest trained on."""
+    n_eval = 0 if eval_fraction == 0 else max(1, int(round(eval_fraction * len(examples))))
+    if n_eval >= len(examples):
+        raise TrainError(f"eval_fraction={eval_fraction} of {len(examples)} examples leaves "
+                         "none to train on")
+    held = set(np.random.default_rng([seed, 1]).permutation(len(examples))[:n_eval].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def encode_examples(examples, encode, seq_len: int, source: str):
+    """``(inputs_NxT, targets_NxT, mask_NxT)`` int32 / float32: ``EOS prompt completion EOS``
+    shifted by one, the mask 1 where the target is a completion token or the final EOS."""
+    N = len(examples)
+    inputs = np.full((N, seq_len), PAD_ID, np.int32)
+    targets = np.full((N, seq_len), PAD_ID, np.int32)
+    mask = np.zeros((N, seq_len), np.float32)
+    for i, ex in enumerate(examples):
+        prompt, completion = encode(ex["prompt"]), encode(ex["completion"])
+        ids = [EOS_ID] + prompt + completion + [EOS_ID]
+        n = len(ids) - 1
+        if n > seq_len:
+            raise TrainError(f"{source}:{ex['line']}: the example has {n} tokens (prompt "
+                             f"{len(prompt)} + completion {len(completion)} + EOS), more than "
+                             f"seq_len={seq_len}; pass a larger --seq-len or shorten it")
+        inputs[i, :n] = ids[:-1]
+        targets[i, :n] = ids[1:]
+        mask[i, len(prompt):n] = 1.0
+    return inputs, targets, mask
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
+    """Example indices of 1-based ``step``: the stream of per-epoch permutations of ``n``,
+    cut into consecutive batches (a function of (seed, step) only)."""
+    k = (step - 1) * batch + np.arange(batch)
+    out = np.empty(batch, np.int64)
+    for epoch in np.unique(k // n):
+        perm = np.random.default_rng([seed, 0, int(epoch)]).permutation(n)
+        sel = k // n == epoch
+        out[sel] = perm[k[sel] % n]
+    return out
+
+
+# ----------------------------------------------------------------------------- the step
+def masked_ce(params, inputs_BxT, targets_BxT, mask_BxT, config, *, dtype, attention_impl):
+    """Mean cross-entropy and accuracy over the positions with ``mask`` 1 (docs/design.md §2
+    with a 0/1 weight per position): the model's final hidden states and the trainer's loss
+    entry point (:func:`salt.runtime.losses.token_parts`, fused with the tied LM head unless
+    ``attention_impl`` is "naive")."""
+    h_BxTxD = model.hidden(params, inputs_BxT, config, dtype=dtype, attention_impl=attention_impl)
+    parts = losses.token_parts(h_BxTxD, params["embed"], targets_BxT, impl=attention_impl)
+    # "loss" (= ce without a teacher) carries the gradient; the monitored parts do not
+    return (losses.batch_mean(parts["loss"], mask_BxT),
+            losses.batch_mean(parts["correct"], mask_BxT))
+
+
+def make_step(config, cfg: FinetuneConfig):
+    """The jitted step ``(params, opt_state, inputs, targets, mask, step, hyper) -> (params,
+    opt_state, metrics)``; the schedule's constants are runtime scalars (``hyper``), so runs
+    with the same model, optimizer, dtype and kernels in one process share it."""
+    return _step(config, cfg.optimizer, cfg.dtype, _attention_impl(cfg.kernels))
+
+
+def _attention_impl(kernels: str) -> str:
+    impl = resolve_kernels(kernels)
+    return "xla" if impl == "pallas" else impl  # no Pallas path here yet
+
+
+@functools.lru_cache(maxsize=8)
+def _step(config, optimizer: str, dtype: str, impl: str):
+    dtype = jnp.dtype(dtype)
+    direction = optim.make_direction(optimizer)
+
+    def loss_fn(params, inputs, targets, mask):
+        loss, acc = masked_ce(params, inputs, targets, mask, config, dtype=dtype, attention_impl=impl)
+        return loss, {"loss": loss, "accuracy": acc}
+
+    def step_fn(params, opt_state, inputs, targets, mask, step, hyper):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, inputs, targets, mask)
+        grads, metrics["grad_norm"] = optim.clip_by_global_norm(grads, hyper["clip"])
+        lr = optim.lr_at(step, hyper["lr"], hyper["warmup"], hyper["steps"], hyper["final_lr"])
+        metrics["lr"] = lr
+        metrics["tokens"] = jnp.sum(mask)
+        updates, opt_state = direction.update(grads, opt_state, params)
+        return optim.apply_update(params, updates, lr, hyper["weight_decay"]), opt_state, metrics
+
+    return jax.jit(step_fn, donate_argnums=(0, 1))
+
+
+# ----------------------------------------------------------------------------- the run
+def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
+    """Fine-tune per ``cfg``, then evaluate the held-out split; returns a summary dict.
+    Bad input raises TrainError before anything is written."""
+    cfg.validate()
+    out = pathlib.Path(cfg.out)
+    saved_steps = checkpoint.all_steps(out)
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise TrainError(f"output directory {cfg.out!r} already exists and is not empty; pass "
+                         "--resume to continue it or choose another --out")
+    if cfg.resume and saved_steps:
+        saved = _read_json(out / "run_config.json").get("finetune", {})
+        now = cfg.to_dict()
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now
+                 if k not in FinetuneConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+        if diffs and not cfg.force:
+            raise TrainError(f"cannot resume {cfg.out!r} with a different configuration (pass "
+                             "--force to override): " + "; ".join(diffs))
+    try:
+        base = LoadedModel(cfg.run, cfg.step, cfg.store)
+    except (ValueError, OSError) as e:
+        raise TrainError(f"--run {cfg.run!r}: {e}") from None
+    seq_len = cfg.seq_len or base.seq_len
+    if seq_len is None:
+        raise TrainError(f"run {cfg.run!r} does not record its seq_len; pass --seq-len")
+    examples = read_examples(cfg.data)
+    if cfg.eval_data is not None:
+        train_ex, eval_ex = examples, read_examples(cfg.eval_data)
+    else:
+        train_ex, eval_ex = split_examples(examples, cfg.eval_fraction, cfg.seed)
+    train_arrays = encode_examples(train_ex, base.encode, seq_len, cfg.data)
+    if eval_ex:
+        encode_examples(eval_ex, base.encode, seq_len, cfg.eval_data or cfg.data)  # length check
+
+    config = base.config
+    init = optim.make_direction(cfg.optimizer).init
+    start_step = saved_steps[-1] if cfg.resume and saved_steps else 0
+    if start_step:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params_abs, opt_abs = (jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+            for tree in (jax.eval_shape(lambda p: p, base.params), jax.eval_shape(init, base.params)))
+        params, opt_state, _ = checkpoint.restore(out, start_step, params_abs, opt_abs)
+    else:
+        params, opt_state = base.params, jax.jit(init)(base.params)
+    step_fn = make_step(config, cfg)
+    hyper = {k: jnp.float32(getattr(cfg, k)) for k in HYPER_FIELDS}
+
+    out.mkdir(parents=True, exist_ok=True)
+    store_path = str(pathlib.Path(base.store.path).absolute())
+    identity = {"path": str(pathlib.Path(base.run_dir).absolute()), "step": int(base.step)}
+    if start_step == 0 or not (out / "run_config.json").exists():
+        checkpoint.write_json_atomic(out / "run_config.json", {
+            "finetune": cfg.to_dict(), "model": config.to_dict(), "base": identity,
+            "tokenizer_sha256": base.store.tokenizer_sha256, "seq_len": seq_len,
+            "n_train": len(train_ex), "n_eval": len(eval_ex)})
+    meta = {"config": config.to_dict(), "tokenizer_sha256": base.store.tokenizer_sha256,
+            "vocab_size": int(base.store.vocab_size), "teacher": None,
+            "preset": base.meta.get("preset"), "base": identity,
+            "run_config": {"data": store_path, "seq_len": seq_len, "finetune": cfg.to_dict()}}
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start_step)
+
+    history, last_saved, step = [], (start_step or None), start_step
+    bar = _progress(cfg.steps, start_step, progress)
+    t0 = time.perf_counter()
+    try:
+        with _Stop() as stop, open(metrics_path, "a") as metrics_file:
+            for step in range(start_step + 1, cfg.steps + 1):
+                idx = batch_indices(step, cfg.batch, len(train_ex), cfg.seed)
+                inputs, targets, mask = (a[idx] for a in train_arrays)
+                params, opt_state, m = step_fn(params, opt_state, inputs, targets, mask,
+                                               jnp.int32(step), hyper)
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                record = {"step": step, "loss": m["loss"], "accuracy": m["accuracy"],
+                          "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens": int(m["tokens"])}
+                if not math.isfinite(m["loss"]):
+                    raise NonFiniteLoss(step, m["loss"], last_saved)
+                metrics_file.write(json.dumps(finite_or_none(record)) + "\n")
+                metrics_file.flush()
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+                periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                if periodic or step == cfg.steps or stop.requested:
+                    checkpoint.save(out, step, params, opt_state, meta, keep=set())
+                    last_saved = step
+                if stop.requested:
+                    break
+    finally:
+        bar.close()
+    train_s = time.perf_counter() - t0
+    interrupted = step < cfg.steps
+    summary = {"out": str(out), "base": identity, "start_step": start_step, "last_step": step,
+               "last_checkpoint": last_saved, "interrupted": interrupted,
+               "n_train": len(train_ex), "n_eval": len(eval_ex), "seq_len": seq_len,
+               "train_s": train_s, "final": history[-1] if history else None,
+               "first": history[0] if history else None}
+    if not interrupted and eval_ex:
+        summary["eval"] = evaluate_examples(params, config, base, eval_ex, cfg, out, seq_len)
+    return summary
+
+
+def evaluate_examples(params, config, base: LoadedModel, examples, cfg: FinetuneConfig, out,
+                      seq_len: int) -> dict:
+    """Greedy completions of the held-out prompts: exact match and ROUGE F1 means, written
+    to ``OUT/eval.json`` and ``OUT/predictions.jsonl`` (temporary files renamed into place)."""
+    from rouge_score import rouge_scorer
+
+    prompts = [[EOS_ID] + base.encode(ex["prompt"]) for ex in examples]
+    longest = max(len(base.encode(ex["completion"])) for ex in examples)
+    budget = cfg.max_new_tokens or longest + 1
+    new = greedy_generate(params, config, prompts, budget, batch_size=cfg.eval_batch,
+                          dtype=cfg.dtype, attention_impl=_attention_impl(cfg.kernels))
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
+    rows, totals = [], {k: 0.0 for k in ("exact_match",) + ROUGE_TYPES}
+    for ex, ids in zip(examples, new):
+        prediction = base.decode(ids)
+        scores = scorer.score(ex["completion"], prediction)
+        row = {"line": ex["line"], "prompt": ex["prompt"], "completion": ex["completion"],
+               "prediction": prediction,
+               "exact_match": float(prediction.strip() == ex["completion"].strip()),
+               **{k: scores[k].fmeasure for k in ROUGE_TYPES}}
+        for k in totals:
+            totals[k] += row[k]
+        rows.append(row)
+    result = {k: v / len(rows) for k, v in totals.items()}
+    result.update(n=len(rows), max_new_tokens=budget, source=cfg.eval_data or
+                  f"{cfg.data} (held-out eval_fraction={cfg.eval_fraction}, seed={cfg.seed})")
+    out = pathlib.Path(out)
+    _write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint.write_json_atomic(out / "eval.json", result)
+    return result
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _progress(total, initial, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc="finetune", file=sys.stderr,
+                disable=not enabled, dynamic_ncols=True)

@@ -14,6 +14,9 @@ below ``val_fraction``. Identical documents therefore always land in the same sp
 (no leakage through duplicates). Everything is built in a hidden temporary directory next
 to ``out_dir`` and renamed into place at the end, so an interrupted run never leaves a
 directory that looks like a store.
+
+Why one module of ~410 lines: the two passes (tokenizer sample, tokenising workers) share the
+store layout, the split hash and the atomic placement; they are one build.
 """
 from __future__ import annotations
 

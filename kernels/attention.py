@@ -33,6 +33,10 @@ relayouts are needed in HBM (head sizes that are not a multiple of 128 are zero-
 TPU). The log-sum-exp residual and ``di = rowsum(do * o)`` are ``[B, H, 1, T]`` float32
 (lane-major, so the dk/dv kernel broadcasts them along sublanes of its transposed
 ``[block_k, block_q]`` scores); ``di`` comes from a small Pallas kernel.
+
+Why one module of ~850 lines: as in JAX's own Pallas ops, the forward and backward kernels,
+their pure-JAX chunked twin, the naive path, the custom_vjp and the frozen block sizes of multi-
+query attention live together so they are read and tested side by side.
 """
 from __future__ import annotations
 

@@ -29,6 +29,10 @@ and V by masking: columns past V
 
 :func:`fused_linear_ce_loss` is the same family without a teacher (the standard step, ``salt
 score``, ``salt eval``): the teacher's matmul, statistics and ``Q`` term are left out.
+
+Why one module of ~500 lines: as in JAX's own Pallas ops, the kernels, their pure-JAX chunked
+twin, the naive path, the custom_vjp and the frozen block sizes of one operation live together
+so they are read and tested side by side.
 """
 from __future__ import annotations
 

@@ -37,6 +37,10 @@ Implementations (``impl=``):
 
 ``omega`` may be a traced scalar (the trainer changes ω per step inside one compiled step);
 ``rho`` must be a Python number (static: it is baked into the kernels).
+
+Why one module of ~590 lines: as in JAX's own Pallas ops, the kernels, their pure-JAX chunked
+twin, the naive path, the custom_vjp and the frozen block sizes of one operation live together
+so they are read and tested side by side.
 """
 from __future__ import annotations
 

@@ -79,6 +79,10 @@ tolerance rather than bitwise, because BLAS builds may sum in different orders: 
 ``max_rel = max|new - stored| / max|stored|`` (norm-wise, over finite entries; non-finite entries
 must match exactly) must be <= 1e-12, and <= 1e-9 for ``train.npz`` (a few optimizer steps
 amplify last-bit differences). Integer, bool and string arrays must be equal.
+
+Why one module of ~460 lines: each golden file's builder sits beside the others so that `salt
+golden check` regenerates exactly what is committed; the builders share the case helpers and
+nothing else uses them.
 """
 from __future__ import annotations
 

@@ -41,6 +41,9 @@ Chip figures (:data:`CHIPS`) are the vendor's, per chip, from Google Cloud's TPU
 
 The capacity is taken as GiB (16, 95, 32 GiB: what the chips expose to JAX, as the v5p page
 states), bandwidths and FLOP/s as decimal units.
+
+Why one module of ~410 lines: the chip table, the per-chip memory, the batch search and the
+report are one computation over the same compiled steps; its pieces are not used elsewhere.
 """
 from __future__ import annotations
 

@@ -20,6 +20,10 @@ written atomically) together with a fingerprint of the job; a re-run with the sa
 continues after the last finished chunk.  The final ``.npz`` (``window_ids`` int64, ``scores``
 float64, ``k``, ``mode``, teacher identity, tokenizer sha256, ``seq_len``) is written atomically
 and loads with ``allow_pickle=False``.
+
+Why one module of ~460 lines: the per-token terms, the candidate pool (windows the early
+checkpoint saw), the resumable scoring job and the top-m selection are one command's pipeline
+(`salt score` / `salt select`).
 """
 from __future__ import annotations
 

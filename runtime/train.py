@@ -15,6 +15,10 @@ at the end and on SIGTERM / SIGINT (a second SIGINT aborts at once); ``resume`` 
 bit-identically from the newest *verified* checkpoint (deterministic data order from ``step0``;
 no RNG in the step).  A KD run pins its teacher (step and manifest hash) at start; a resume
 uses exactly that teacher checkpoint or refuses.  Output-directory rules: docs/safety.md.
+
+Why one module of ~470 lines: it is the loop read top to bottom — set-up, resume checks, the
+per-step batch (causal or UL2), the loop with its checkpoints and interrupts — over
+runtime/config.py (what a run is) and runtime/step.py (the compiled step).
 """
 from __future__ import annotations
 

@@ -195,6 +195,10 @@ def _delete_step(run_dir, step: int) -> None:
     os.rename(step_dir(run_dir, step), trash / str(step))
     outputs.fsync_dir(checkpoint_root(run_dir))
     shutil.rmtree(trash, ignore_errors=True)
+    try:
+        trash_root.rmdir()  # gone when nothing else is pending (a killed deletion leaves its entry)
+    except OSError:
+        pass
 
 
 def empty_trash(run_dir) -> None:

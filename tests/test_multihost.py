@@ -158,7 +158,7 @@ def test_two_processes_equal_one_process(tiny, pair_run):
     assert one[-1]["loss"] < one[0]["loss"]  # it trained
     # the same checkpoints, one directory each, nothing left half-written
     assert checkpoint.all_steps(pair_run) == checkpoint.all_steps(tiny["one"])
-    assert sorted(p.name for p in checkpoint.checkpoint_root(pair_run).iterdir()) == \
+    assert sorted((p.name for p in checkpoint.checkpoint_root(pair_run).iterdir()), key=int) == \
         [str(s) for s in checkpoint.all_steps(pair_run)]
     _, p_one, _ = checkpoint.load_params(tiny["one"])
     _, p_two, meta = checkpoint.load_params(pair_run)

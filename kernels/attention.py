@@ -209,7 +209,7 @@ def _round_up(x, m):
 
 def _naive_attention(q, k, v, prefix_B, scale):
     """The plain full-size softmax (float32 or wider), the cross-check of the kernels; letters
-    as docs/design.md §8 (G kv heads, R = H / G queries per kv head, K head dim)."""
+    as docs/design.md §9 (G kv heads, R = H / G queries per kv head, K head dim)."""
     B, T, H, K = q.shape
     G = k.shape[2]
     R = H // G

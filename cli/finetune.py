@@ -5,6 +5,9 @@ import json
 
 import click
 
+from salt.runtime.config import DTYPES
+from salt.runtime.optim import OPTIMIZERS
+
 
 @click.command("finetune")
 @click.option("--run", required=True, type=click.Path(), help="Run directory or checkpoint to start from.")
@@ -22,7 +25,7 @@ import click
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per step.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None,
               help="Tokens per example, padded (default: the base run's seq_len).")
-@click.option("--optimizer", type=click.Choice(["adafactor", "adamw"]), default="adafactor", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adafactor", show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate.")
 @click.option("--final-lr", type=float, default=1e-5, show_default=True,
               help="Learning rate at the last step (cosine).")
@@ -31,7 +34,7 @@ import click
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the example order and the held-out split.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--kernels", type=click.Choice(["auto", "xla", "naive"]), default="auto", show_default=True,
               help="Attention implementation.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
@@ -43,14 +46,15 @@ import click
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Resume even if the configuration changed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def finetune(as_json, progress, **options):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--progress/--no-progress", default=True, hidden=True)  # older spelling of --quiet
+def finetune(as_json, quiet, progress, **options):
     """Fine-tune a checkpoint on prompt/completion pairs (loss on the completions only), then
     decode the held-out prompts greedily and report exact match and ROUGE (paper Table 3)."""
     from salt.runtime.finetune import FinetuneConfig, TrainError, finetune as run_finetune
 
     try:
-        summary = run_finetune(FinetuneConfig(**options), progress=progress)
+        summary = run_finetune(FinetuneConfig(**options), progress=progress and not quiet)
     except TrainError as e:  # bad input: a message, no traceback
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from salt.runtime.config import TrainConfig
+from salt.runtime.config import DTYPES, TrainConfig
+from salt.runtime.optim import OPTIMIZERS
 
 # --grad-accum is offered only when the trainer's step accumulates gradients
 HAS_GRAD_ACCUM = "grad_accum" in {f.name for f in dataclasses.fields(TrainConfig)}
@@ -22,9 +23,9 @@ def _options(fn):
         click.option("--seq-len", type=click.IntRange(min=1), required=True, help="Window length T."),
         click.option("--mesh", default="data=-1,model=1", show_default=True,
                      help="Mesh over the topology's chips, as salt train --mesh."),
-        click.option("--optimizer", type=click.Choice(["adafactor", "adamw"]), default="adafactor",
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adafactor",
                      show_default=True),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16",
+        click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16",
                      show_default=True, help="Compute dtype (parameters stay float32)."),
         click.option("--kernels", type=click.Choice(["pallas", "xla", "naive"]), default="pallas",
                      show_default=True),

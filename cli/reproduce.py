@@ -43,9 +43,11 @@ from salt.runtime.presets import SIZES, TRANSITIONS
 @click.option("--k", type=int, default=None, help="Top-k of the selection score (eq. 11).")
 @click.option("--side-by-side/--sequential", "side_by_side", default=None,
               help="Train students two at a time, one core each (default), or one after the other.")
-@click.option("--force", is_flag=True, help="Start over in --out even if its settings differ.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in --out (a reproduction SALT wrote) even if its settings differ.")
+@click.option("--force", "overwrite_alias", is_flag=True, hidden=True)  # older spelling of --overwrite
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def reproduce(out, data_dir, size, size_alias, tiny, force, quiet, **overrides):
+def reproduce(out, data_dir, size, size_alias, tiny, overwrite, overwrite_alias, quiet, **overrides):
     """Run the paper's comparison end to end and write OUT/report.md.
 
     Prepares data (unless --data), trains the SLM (keeping an early checkpoint), scores and
@@ -61,7 +63,7 @@ def reproduce(out, data_dir, size, size_alias, tiny, force, quiet, **overrides):
     size = "tiny" if tiny else (size_alias or size)
     try:
         cfg = config_for(size, out=out, data=data_dir, **overrides)
-        results = run(cfg, force=force, progress=not quiet)
+        results = run(cfg, force=overwrite or overwrite_alias, progress=not quiet)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"report: {results['report']}")

@@ -6,6 +6,11 @@ import sys
 
 import click
 
+from salt.reference.config import PAPER_OMEGA, PAPER_RHO
+from salt.runtime.config import DTYPES, KERNELS, OBJECTIVES, RUNTIMES
+from salt.runtime.losses import TRANSITIONS
+from salt.runtime.optim import OPTIMIZERS
+
 
 def _keep(ctx, param, value):
     if not value:
@@ -28,16 +33,16 @@ def _keep(ctx, param, value):
 @click.option("--teacher-step", type=int, default=None, help="Teacher checkpoint step (default: latest).")
 @click.option("--kd-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="n_kd: steps of the KD phase (0 = BASELINE, = --steps for RKD).")
-@click.option("--omega", type=float, default=0.667, show_default=True, help="Distillation weight ω in [0, 1].")
-@click.option("--rho", type=float, default=0.25, show_default=True, help="Teacher temperature ρ > 0.")
-@click.option("--transition", type=click.Choice(["step", "linear", "linear-ratio"]), default="step",
+@click.option("--omega", type=float, default=PAPER_OMEGA, show_default=True, help="Distillation weight ω in [0, 1].")
+@click.option("--rho", type=float, default=PAPER_RHO, show_default=True, help="Teacher temperature ρ > 0.")
+@click.option("--transition", type=click.Choice(TRANSITIONS), default="step",
               show_default=True, help="How ω goes to 0 at the end of the KD phase.")
 @click.option("--kd-steps1", type=click.IntRange(min=0), default=None,
               help="n_kd1: where the linear transitions start.")
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Total training steps n.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Global batch (windows).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens per window T.")
-@click.option("--optimizer", type=click.Choice(["adafactor", "adamw"]), default="adafactor", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adafactor", show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate.")
 @click.option("--final-lr", type=float, default=1e-4, show_default=True, help="Learning rate at the last step.")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps.")
@@ -50,13 +55,13 @@ def _keep(ctx, param, value):
 @click.option("--subset", type=click.Path(), default=None,
               help="SALT_DS: selection file (.npy window ids) the KD phase draws from.")
 @click.option("--exclude", type=click.Path(), default=None, help=".npy window ids never trained on.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Compute dtype (parameters and loss stay float32).")
-@click.option("--kernels", type=click.Choice(["auto", "pallas", "xla", "naive"]), default="auto",
+@click.option("--kernels", type=click.Choice(KERNELS), default="auto",
               show_default=True,
               help="Attention / KD-loss implementation: pallas (TPU), xla (chunked pure JAX), "
                    "naive (full-size maths); auto = pallas on TPU, xla elsewhere.")
-@click.option("--objective", type=click.Choice(["causal", "ul2"]), default="causal", show_default=True,
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="causal", show_default=True,
               help="causal: next-token LM; ul2: the paper's UL2 mixture (causal, prefix LM, span "
                    "corruption 15%/3 and 50%/32 at 6:2:1:1; loss and KD on targets only; needs a "
                    "store prepared with --sentinels).")
@@ -72,7 +77,7 @@ def _keep(ctx, param, value):
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Microbatches per step (gradients accumulated inside the compiled step, one "
                    "update): the same step as the whole batch, on less memory. Must divide --batch.")
-@click.option("--runtime", type=click.Choice(["jax", "tpu", "gpu", "cpu", "reference"]), default="jax",
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="jax",
               show_default=True,
               help="tpu / gpu / cpu: the JAX runtime on that platform's devices (an error if there are "
                    "none); jax: JAX's default platform; reference: the NumPy reference trainer on the "
@@ -83,8 +88,9 @@ def _keep(ctx, param, value):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Resume even if the configuration changed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def train(as_json, progress, **options):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--progress/--no-progress", default=True, hidden=True)  # older spelling of --quiet
+def train(as_json, quiet, progress, **options):
     """Train a student (or a teacher: --kd-steps 0) and write checkpoints and metrics.jsonl."""
     from salt.runtime.config import COMPILE_CACHE_OFF, default_compile_cache
     from salt.runtime.train import TrainConfig, TrainError, train as run_train
@@ -96,7 +102,7 @@ def train(as_json, progress, **options):
         options["compile_cache"] = None
     cfg = TrainConfig(**options)
     try:
-        summary = run_train(cfg, progress=progress)
+        summary = run_train(cfg, progress=progress and not quiet)
     except (TrainError, ValueError) as e:  # bad input: a message, no traceback
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -208,18 +208,20 @@ def _round_up(x, m):
 # ----------------------------------------------------------------------------------------------
 
 def _naive_attention(q, k, v, prefix_B, scale):
-    B, T, H, hd = q.shape
-    KV = k.shape[2]
-    G = H // KV
+    """The plain full-size softmax (float32 or wider), the cross-check of the kernels; letters
+    as docs/design.md §9 (G kv heads, R = H / G queries per kv head, K head dim)."""
+    B, T, H, K = q.shape
+    G = k.shape[2]
+    R = H // G
     dtype = jnp.promote_types(q.dtype, jnp.float32)
-    q_BxTxKVxGxD = q.astype(dtype).reshape(B, T, KV, G, hd)
-    s_BxKVxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKVxGxD, k.astype(dtype)) * scale
+    q_BxTxGxRxK = q.astype(dtype).reshape(B, T, G, R, K)
+    s_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k.astype(dtype)) * scale
     pos = jnp.arange(T)
     vis_BxTxS = visible_mask(pos[None, :, None], pos[None, None, :], prefix_B[:, None, None], T)
-    s_BxKVxGxTxS = jnp.where(vis_BxTxS[:, None, None], s_BxKVxGxTxS, -jnp.inf)
-    p = jax.nn.softmax(s_BxKVxGxTxS, axis=-1)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(dtype))
-    return o.reshape(B, T, H, hd).astype(q.dtype)
+    s_BxGxRxTxS = jnp.where(vis_BxTxS[:, None, None], s_BxGxRxTxS, -jnp.inf)
+    p = jax.nn.softmax(s_BxGxRxTxS, axis=-1)
+    o = jnp.einsum("bgrts,bsgk->btgrk", p, v.astype(dtype))
+    return o.reshape(B, T, H, K).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -132,6 +132,9 @@ def param_count(config: ModelConfig, *, embedding: bool = True) -> int:
 
 
 PAPER_VOCAB = 256000
+# The paper's SALT hyperparameters (docs/design.md §2, §4), written once: distillation weight ω,
+# teacher temperature ρ (Q = softmax(ρ·t)) and the selection score's top-k.
+PAPER_OMEGA, PAPER_RHO, PAPER_K = 0.667, 0.25, 10
 
 PRESETS: dict[str, ModelConfig] = {
     # The paper's models (docs/design.md §5, paper appendix E and §I).

@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from salt.reference.config import get_preset
+from salt.reference.config import PAPER_OMEGA, PAPER_RHO, get_preset
 from salt.runtime import losses, optim, sharding
 
 # "jax": the JAX runtime on the default platform; "tpu" / "gpu" / "cpu": on that platform's devices;
@@ -92,8 +92,8 @@ class TrainConfig:
     teacher: str | None = None
     teacher_step: int | None = None
     kd_steps: int = 0
-    omega: float = 0.667
-    rho: float = 0.25
+    omega: float = PAPER_OMEGA
+    rho: float = PAPER_RHO
     transition: str = "step"
     kd_steps1: int | None = None
     steps: int = 100

@@ -14,8 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from salt.reference.schedule import TRANSITIONS  # noqa: F401 (one list of transitions)
+
 LOSS_IMPLS = ("naive", "xla", "pallas")
-TRANSITIONS = ("step", "linear", "linear-ratio")
 
 
 def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0, rho=1.0,

@@ -135,29 +135,12 @@ def attention_mask(T: int, prefix_len_B=None):
     return causal_TxT[None] | (t[None, None, :] < prefix)
 
 
-def attention_xla(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, prefix_len_B=None):
-    """Multi-query / grouped attention in plain XLA ops. Softmax in float32.
-
-    Query head ``j`` uses key/value head ``j // (H // G)``. Returns ``[B, T, H, K]``.
-    """
-    B, T, H, K = q_BxTxHxK.shape
-    G = k_BxTxGxK.shape[2]
-    R = H // G
-    q = q_BxTxHxK.reshape(B, T, G, R, K)
-    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_BxTxGxK,
-                        preferred_element_type=jnp.float32) / math.sqrt(K)
-    mask = attention_mask(T, prefix_len_B)[:, None, None]  # [B|1, 1, 1, T, T]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v_BxTxGxK.dtype), v_BxTxGxK,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(B, T, H, K)
-
-
 def _attention(q, k, v, prefix_len_B, impl: str, mesh=None):
-    if impl == "naive":
-        return attention_xla(q, k, v, prefix_len_B)
+    """Attention through :func:`salt.kernels.mqa_attention` (its ``naive`` path is the plain
+    full-size softmax, the cross-check of the ``xla`` and ``pallas`` kernels)."""
     from salt.kernels.attention import mqa_attention
+    if impl == "naive":
+        return mqa_attention(q, k, v, prefix_len=prefix_len_B, impl="naive").astype(jnp.float32)
     kernel_impl = impl
 
     def kernel(q, k, v, prefix):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-TRANSITIONS = ("step", "linear", "linear-ratio")
+from salt.reference.config import PAPER_K, PAPER_OMEGA, PAPER_RHO
+from salt.reference.schedule import TRANSITIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +30,11 @@ class ReproduceConfig:
     final_lr: float = 3e-4
     warmup: int = 30
     optimizer: str = "adamw"
-    omega: float = 0.667
-    rho: float = 0.25
+    omega: float = PAPER_OMEGA
+    rho: float = PAPER_RHO
     transition: str = "step"
     kd_steps1: int | None = None     # end of the constant-ω part for the linear transitions
-    k: int = 10
+    k: int = PAPER_K
     candidates: int | None = 4096    # windows scored for SALT_DS (None: the whole pool)
     eval_every: int = 100
     eval_windows: int = 512

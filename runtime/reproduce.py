@@ -17,7 +17,7 @@ training stage resumes from its last checkpoint):
 6. ``eval``      per-window held-out statistics of every kept checkpoint; cached in ``OUT/eval/``;
 7. ``report``    ``OUT/report.md``, ``OUT/results.json`` and PNG plots (``salt.runtime.report``).
 
-Re-running with different settings in the same ``OUT`` is refused unless ``--force`` (which
+Re-running with different settings in the same ``OUT`` is refused unless ``--overwrite`` (which
 starts over).  Students train two at a time, each process pinned to one core with single-threaded
 XLA (``side_by_side``; about 1.4x the throughput of one 2-thread run, docs/reproduction.md);
 ``--sequential`` trains them one after the other in this process.  (One module of ~470 lines:
@@ -63,7 +63,7 @@ class _State:
                     changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
                                      if settings.get(k) != old.get("settings", {}).get(k))
                     raise ValueError(f"{str(out)!r} holds a reproduction with different settings "
-                                     f"({', '.join(changed)}); use another --out or --force")
+                                     f"({', '.join(changed)}); use another --out or --overwrite")
                 old = None
             self.data = old or {"settings": settings, "stages": {}}
         else:

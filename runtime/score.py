@@ -38,6 +38,7 @@ import sys
 import numpy as np
 
 from salt.data import outputs
+from salt.reference.config import PAPER_K
 
 TOPK_MODES = ("zero", "exclude")
 SCORES_FORMAT = "salt-scores-v1"
@@ -162,7 +163,7 @@ class ScoreJob:
     teacher: str                 # run dir or checkpoint path
     data: str                    # token store directory
     out: str                     # output .npz
-    k: int = 10
+    k: int = PAPER_K
     seq_len: int = 128
     mode: str = "zero"
     batch: int = 32
@@ -358,7 +359,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
             if not job.force:
                 raise ValueError(f"{str(partial)!r} holds partial scores of a different job "
                                  "(teacher, data, k, mode, seq_len, batch or pool differ); "
-                                 "remove it or use --force")
+                                 "remove it or use --overwrite")
             outputs.remove_tree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(state_path, lambda f: f.write(json.dumps(

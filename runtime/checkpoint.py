@@ -21,7 +21,6 @@ half-deleted step never counts.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -83,11 +82,8 @@ def latest_step(run_dir) -> int | None:
 # --------------------------------------------------------------------------- manifests
 
 def _file_sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    from salt.data.store import file_sha256  # one streaming sha256 (the store's)
+    return file_sha256(path)
 
 
 def _content(directory: pathlib.Path) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import importlib.util
 import os
 import signal
 import sys

@@ -205,13 +205,16 @@ def model_summary(scores: dict, buckets: dict) -> dict:
 
 
 def paired_bucket_difference(scores: dict, base: dict, buckets: dict) -> dict:
-    """Per bucket and overall: mean per-passage accuracy difference (model - base) and its s.e."""
-    d_P = (np.asarray(scores["correct_P"], np.float64) - np.asarray(base["correct_P"], np.float64))
+    """Per metric (``accuracy``, ``loglik``), per bucket and overall (``all``): the mean
+    per-passage difference (model - base) and its standard error."""
     out = {}
-    for b, idx in list(buckets.items()) + [("all", np.arange(d_P.size))]:
-        d = d_P[idx]
-        se = float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
-        out[b] = {"mean": float(d.mean()), "se": se, "n": int(d.size)}
+    for metric, key in (("accuracy", "correct_P"), ("loglik", "loglik_P")):
+        d_P = np.asarray(scores[key], np.float64) - np.asarray(base[key], np.float64)
+        out[metric] = {}
+        for b, idx in list(buckets.items()) + [("all", np.arange(d_P.size))]:
+            d = d_P[idx]
+            se = float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
+            out[metric][b] = {"mean": float(d.mean()), "se": se, "n": int(d.size)}
     return out
 
 
@@ -249,8 +252,8 @@ def summarize(passages: dict, slm_scores: dict, scores: dict) -> dict:
                   if key in r["paired"].get(phase, {})]
             if ds:
                 out["pooled"].setdefault(phase, {})[key] = {
-                    g: pooled([d[g]["mean"] for d in ds], [d[g]["se"] for d in ds])
-                    for g in BUCKETS + ("all",)}
+                    m: {g: pooled([d[m][g]["mean"] for d in ds], [d[m][g]["se"] for d in ds])
+                        for g in BUCKETS + ("all",)} for m in ("accuracy", "loglik")}
     return out
 
 

@@ -283,14 +283,16 @@ def claims(results: dict) -> list[dict]:
 
 
 def _cloze_claim(cz: dict) -> dict:
-    """(g): SALT - BASELINE LAMBADA-style accuracy per SLM-difficulty bucket, descriptive."""
+    """(g): SALT - BASELINE LAMBADA-style accuracy (and target log-likelihood) per
+    SLM-difficulty bucket, descriptive."""
     cells, n_seeds = [], 0
-    for phase in ("at_kd", "final"):
-        p = cz.get("pooled", {}).get(phase, {}).get("SALT-BASELINE")
-        if p:
-            n_seeds = p["all"]["n"]
-            cells.append(f"{'n_kd' if phase == 'at_kd' else 'end'}: " + ", ".join(
-                f"{b} {p[b]['mean']:+.3f} ± {p[b]['se']:.3f}" for b in BUCKETS))
+    for metric, label in (("accuracy", "accuracy"), ("loglik", "target log-lik")):
+        for phase in ("at_kd", "final"):
+            p = cz.get("pooled", {}).get(phase, {}).get("SALT-BASELINE", {}).get(metric)
+            if p:
+                n_seeds = p["all"]["n"]
+                cells.append(f"{label} {'n_kd' if phase == 'at_kd' else 'end'}: " + ", ".join(
+                    f"{b} {p[b]['mean']:+.3f} ± {p[b]['se']:.3f}" for b in BUCKETS))
     if cells:
         basis = ("one seed, ± per-passage paired s.e." if n_seeds == 1
                  else f"{n_seeds} seeds, ± s.e. across seeds")
@@ -302,8 +304,9 @@ def _cloze_claim(cz: dict) -> dict:
             f"{b} {s - base:+.2f}" for b, s, base in zip(BUCKETS, PAPER_TABLE11[phase]["SALT"],
                                                           PAPER_TABLE11[phase]["BASELINE"]))
         for phase in ("at_kd", "final"))
-    return {"id": "g", "claim": "SALT - BASELINE LAMBADA-style accuracy by SLM-difficulty bucket "
-            "(appendix J)", "paper": f"Table 11: {paper}", "here": here, "status": "descriptive"}
+    return {"id": "g", "claim": "SALT - BASELINE LAMBADA-style accuracy (and target log-likelihood, "
+            "nats) by SLM-difficulty bucket (appendix J)", "paper": f"Table 11: {paper}", "here": here,
+            "status": "descriptive"}
 
 
 def verdict_lines(results: dict) -> list[str]:

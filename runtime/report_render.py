@@ -261,14 +261,14 @@ def render_report(results: dict) -> str:
 
 
 def _cloze_mean(results, name, phase):
-    """Seed means of one student's cloze summary (overall and per bucket accuracy), or None."""
+    """Seed means of one student's cloze summary (overall and per bucket), or None."""
     rows = [r["models"].get(name, {}).get(phase) for r in results["cloze"]["per_seed"].values()]
     rows = [r for r in rows if r]
     if not rows:
         return None
-    return {"accuracy": float(np.mean([r["accuracy"] for r in rows])),
-            "buckets": {b: {"accuracy": float(np.mean([r["buckets"][b]["accuracy"] for r in rows]))}
-                        for b in BUCKETS}}
+    return {m: float(np.mean([r[m] for r in rows])) for m in ("accuracy", "loglik")} | {
+        "buckets": {b: {m: float(np.mean([r["buckets"][b][m] for r in rows]))
+                        for m in ("accuracy", "loglik")} for b in BUCKETS}}
 
 
 def _cloze_section(results: dict) -> list[str]:
@@ -287,20 +287,26 @@ def _cloze_section(results: dict) -> list[str]:
              f"before it in its document, {cz['mean_tokens']:.0f} tokens per passage on average of "
              f"at most {cfg['seq_len'] + 1} (EOS + context + target; {cz['mean_target_tokens']:.1f} "
              "target tokens). A passage is correct when every target token is the argmax "
-             "(LAMBADA's accuracy). Buckets: tertiles of the final SLM's ranking (correct first, "
+             "(LAMBADA's accuracy); the mean log-likelihood of the target's tokens (nats) is "
+             "given too, since small models get few passages right. Buckets: tertiles of the final "
+             "SLM's ranking (correct first, "
              "ties by its log-likelihood of the target; sizes "
              + " / ".join(str(sizes[b]) for b in BUCKETS) + "). Accuracy as a fraction, mean over "
              f"{len(cz['per_seed'])} seed(s); the paper's Table 11 (2.8B student, LAMBADA) beside. "
              "docs/evaluation.md describes the task.\n")
     if not cfg.get("claims_testable", True):
         L.append(f"Size `{cfg.get('size')}` is too small to test: read nothing into these numbers.\n")
-    L.append("| model | step | easy | medium | hard | all | paper easy | paper medium | paper hard |")
-    L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    L.append("| model | step | acc easy | acc medium | acc hard | acc all | log-lik easy | "
+             "log-lik medium | log-lik hard | log-lik all | paper easy | paper medium | paper hard |")
+    L.append("| --- | ---: |" + " ---: |" * 11)
 
     def row(name, step, s, paper):
         cells = "".join(f" {s['buckets'][b]['accuracy']:.3f} |" for b in BUCKETS)
+        cells += f" {s['accuracy']:.3f} |"
+        cells += "".join(f" {s['buckets'][b]['loglik']:.3f} |" for b in BUCKETS)
+        cells += f" {s['loglik']:.3f} |"
         ref = "".join(f" {x:.2f} |" for x in paper) if paper else " — | — | — |"
-        return f"| {name} | {step:,} |{cells} {s['accuracy']:.3f} |{ref}"
+        return f"| {name} | {step:,} |{cells}{ref}"
 
     L.append(row("SLM", cfg["teacher_steps"], cz["slm"], PAPER_TABLE11["final"]["SLM"]))
     for phase, step in (("at_kd", cfg["kd_steps"]), ("final", cfg["steps"])):
@@ -308,14 +314,16 @@ def _cloze_section(results: dict) -> list[str]:
             s = _cloze_mean(results, name, phase)
             if s:
                 L.append(row(name, step, s, PAPER_TABLE11[phase].get(name)))
-    L.append("\nPaired per passage (model − BASELINE, accuracy; mean ± s.e. over passages):\n")
-    L.append("| seed | comparison | step | easy | medium | hard | all |")
-    L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    L.append("\nPaired per passage (model − BASELINE; mean ± s.e. over the passages of a bucket):\n")
+    L.append("| seed | comparison | step | metric | easy | medium | hard | all |")
+    L.append("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for seed, r in cz["per_seed"].items():
         for phase, step in (("at_kd", cfg["kd_steps"]), ("final", cfg["steps"])):
             for key, d in r["paired"].get(phase, {}).items():
-                cells = "".join(f" {d[b]['mean']:+.3f} ± {d[b]['se']:.3f} |" for b in BUCKETS + ("all",))
-                L.append(f"| {seed} | {key} | {step:,} |{cells}")
+                for m, label in (("accuracy", "accuracy"), ("loglik", "log-lik")):
+                    cells = "".join(f" {d[m][b]['mean']:+.3f} ± {d[m][b]['se']:.3f} |"
+                                    for b in BUCKETS + ("all",))
+                    L.append(f"| {seed} | {key} | {step:,} | {label} |{cells}")
     return L
 
 

@@ -35,10 +35,13 @@ def test_bucket_summaries_and_paired_difference():
     assert s["accuracy"] == pytest.approx(4 / 6) and s["loglik"] == pytest.approx(2.5)
     assert [s["buckets"][k]["accuracy"] for k in C.BUCKETS] == [0.5, 1.0, 0.5]
     assert s["buckets"]["hard"]["loglik"] == pytest.approx(4.5)
-    d = C.paired_bucket_difference(a, base, buckets)
+    d = C.paired_bucket_difference(a, base, buckets)["accuracy"]
     assert [d[k]["mean"] for k in C.BUCKETS] == [-0.5, 0.5, 0.5]
     assert d["easy"]["se"] == pytest.approx(np.std([0, -1], ddof=1) / math.sqrt(2))
     assert d["all"]["mean"] == pytest.approx(1 / 6) and d["all"]["n"] == 6
+    ll = C.paired_bucket_difference(a, base, buckets)["loglik"]
+    assert [ll[k]["mean"] for k in C.BUCKETS] == [0.5, 2.5, 4.5]
+    assert ll["hard"]["se"] == pytest.approx(np.std([4.0, 5.0], ddof=1) / math.sqrt(2))
 
 
 def _scores(rng, n):
@@ -57,18 +60,21 @@ def test_summarize_pools_seeds_and_report_shows_table_and_claim():
     cz = C.summarize(passages, _scores(rng, n), scores)
     assert cz["bucket_sizes"] == {"easy": 11, "medium": 10, "hard": 10}
     assert cz["slm"]["buckets"]["easy"]["accuracy"] >= cz["slm"]["buckets"]["hard"]["accuracy"]
-    p = cz["pooled"]["final"]["SALT-BASELINE"]["easy"]
-    per_seed = [cz["per_seed"][s]["paired"]["final"]["SALT-BASELINE"]["easy"]["mean"] for s in ("0", "1")]
-    assert p["n"] == 2 and p["mean"] == pytest.approx(np.mean(per_seed))
+    for m in ("accuracy", "loglik"):
+        p = cz["pooled"]["final"]["SALT-BASELINE"][m]["easy"]
+        per_seed = [cz["per_seed"][s]["paired"]["final"]["SALT-BASELINE"][m]["easy"]["mean"]
+                    for s in ("0", "1")]
+        assert p["n"] == 2 and p["mean"] == pytest.approx(np.mean(per_seed))
     cfg = {"seq_len": 8, "teacher_steps": 10, "kd_steps": 2, "steps": 10, "claims_testable": True}
     results = {"config": cfg, "per_seed": {}, "cloze": cz}
     g = R._cloze_claim(cz)
     assert g["id"] == "g" and g["status"] == "descriptive" and "2 seeds" in g["here"]
+    assert "accuracy end: easy" in g["here"] and "target log-lik n_kd: easy" in g["here"]
     assert "end: easy +0.08, medium +0.09, hard +0.08" in g["paper"]
     text = "\n".join(RR._cloze_section(results))
     assert "Table 11" in text and "31 passages" in text and "| SLM | 10 |" in text
     assert "0.87 | 0.00 | 0.00 |" in text and "| SALT_DS | 2 |" in text
-    assert text.count("SALT-BASELINE") == 4  # 2 seeds x (n_kd, end)
+    assert text.count("SALT-BASELINE") == 8  # 2 seeds x (n_kd, end) x (accuracy, log-lik)
     skipped = {"n_passages": 1, "n_candidates": 2, "n_documents": 1, "skipped": "only 1 passages"}
     assert "not measured (only 1 passages" in R._cloze_claim(skipped)["here"]
     assert "Not measured: only 1" in "\n".join(RR._cloze_section(dict(results, cloze=skipped)))

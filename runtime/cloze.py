@@ -15,8 +15,10 @@ Passages (:func:`build_passages`, deterministic for a token store and a window l
   in front of the word, the target is ``encode(" " + word)``, and a candidate is dropped unless
   ``encode(context + " " + word)`` is exactly context ids + target ids; the sequence starts
   with EOS (the "start of a document" the model saw), as in ``salt eval --tasks``;
-* at most :data:`MAX_PASSAGES` passages, evenly spaced over the candidates in (document,
-  position) order; identical token sequences are kept once.
+* at most :data:`MAX_PASSAGES` passages, evenly spaced over the passages found in (document,
+  position) order; identical token sequences are kept once.  Documents are read in order until
+  ``SCAN_FACTOR x MAX_PASSAGES`` passages are found (all of them on the embedded corpus),
+  so a large validation split is not decoded whole.
 
 LAMBADA's passages were filtered by people so that the word is guessable from the whole
 passage but not from its last sentence; nothing here does that (docs/evaluation.md).
@@ -44,24 +46,24 @@ import numpy as np
 
 BUCKETS = ("easy", "medium", "hard")
 MAX_PASSAGES = 512
+SCAN_FACTOR = 4  # documents are read until SCAN_FACTOR * max_passages passages are found
 TARGET = re.compile(r"(?<= )([A-Za-z]{3,})(?=[.!?](?:\s|$))")
 
 
 # --------------------------------------------------------------------------- passages
 
-def held_out_documents(store) -> list[str]:
-    """The validation split's documents as text (the store's tokenizer, trailing EOS dropped)."""
+def held_out_documents(store):
+    """The validation split's documents as text, in store order, one at a time (the store's
+    tokenizer; the trailing EOS dropped)."""
     from salt.data.tokenizer import EOS_ID
 
     sp = store.processor()
     tokens, offsets = store.tokens("val"), store.doc_offsets("val")
-    docs = []
     for d in range(offsets.size - 1):
         ids = np.asarray(tokens[offsets[d]:offsets[d + 1]]).tolist()
         if ids and ids[-1] == EOS_ID:
             ids = ids[:-1]
-        docs.append(sp.decode(ids))
-    return docs
+        yield sp.decode(ids)
 
 
 def _context_start(encode, doc: str, end: int, budget: int) -> tuple[int, list[int]] | None:
@@ -88,7 +90,8 @@ def build_passages(store, seq_len: int, max_passages: int = MAX_PASSAGES) -> dic
     Returns ``windows_PxT1`` (int32, ``[EOS] + context + target`` then PAD), ``length_P``
     (tokens in use), ``n_target_P`` (target tokens, at the end), ``doc_P`` / ``char_P`` (the
     target's document in the validation split and its character offset), ``word_P`` (str) and
-    ``n_candidates`` (sentence-final words before the fit/length rules and the cap), ``n_documents``."""
+    ``n_candidates`` (sentence-final words in the documents read, before the fit/length rules and
+    the cap), ``n_documents`` (validation documents read)."""
     from salt.data.tokenizer import EOS_ID, PAD_ID
 
     if seq_len < 2:
@@ -98,9 +101,11 @@ def build_passages(store, seq_len: int, max_passages: int = MAX_PASSAGES) -> dic
     def encode(text):
         return sp.encode(text) if text else []
 
-    docs = held_out_documents(store)
-    found, n_candidates, seen = [], 0, set()
-    for d, doc in enumerate(docs):
+    found, n_candidates, seen, n_docs = [], 0, set(), 0
+    for d, doc in enumerate(held_out_documents(store)):
+        if len(found) >= SCAN_FACTOR * max_passages:
+            break  # a large validation split: enough passages to choose from
+        n_docs += 1
         for m in TARGET.finditer(doc):
             n_candidates += 1
             word, end = m.group(1), m.start(1) - 1  # the context ends before the space
@@ -130,7 +135,7 @@ def build_passages(store, seq_len: int, max_passages: int = MAX_PASSAGES) -> dic
             "doc_P": np.asarray([f[2] for f in found], np.int64).reshape(P),
             "char_P": np.asarray([f[3] for f in found], np.int64).reshape(P),
             "word_P": np.asarray([f[4] for f in found], dtype=str).reshape(P),
-            "n_candidates": int(n_candidates), "n_documents": len(docs)}
+            "n_candidates": int(n_candidates), "n_documents": n_docs}
 
 
 def passages_sha(passages: dict) -> str:
@@ -283,8 +288,8 @@ def reproduce_stage(out, cfg, data_dir, variants) -> dict:
     from salt.data import TokenStore
     from salt.runtime.checkpoint import all_steps
 
-    out = pathlib.Path(out)
-    passages = build_passages(TokenStore(data_dir), cfg.seq_len)
+    out, store = pathlib.Path(out), TokenStore(data_dir)
+    passages = build_passages(store, cfg.seq_len)
     n = int(passages["windows_PxT1"].shape[0])
     if n < len(BUCKETS):
         return {"n_passages": n, "n_candidates": passages["n_candidates"],
@@ -309,7 +314,7 @@ def reproduce_stage(out, cfg, data_dir, variants) -> dict:
                     scores.setdefault(seed, {})[(name, phase)] = get(f"seed{seed}_{name}", run_dir, step)
     result = summarize(passages, slm, scores)
     result["passages_sha"] = sha
-    sp = TokenStore(data_dir).processor()
+    sp = store.processor()
     result["examples"] = []
     for i in np.linspace(0, n - 1, min(n, 3)).round().astype(int):
         L, k = int(passages["length_P"][i]), int(passages["n_target_P"][i])

@@ -35,6 +35,9 @@ def _keep(ctx, param, value):
               help="n_kd: steps of the KD phase (0 = BASELINE, = --steps for RKD).")
 @click.option("--omega", type=float, default=PAPER_OMEGA, show_default=True, help="Distillation weight ω in [0, 1].")
 @click.option("--rho", type=float, default=PAPER_RHO, show_default=True, help="Teacher temperature ρ > 0.")
+@click.option("--kd-topk", "kd_topk", type=click.IntRange(min=1), default=None,
+              help="Top-k KD (paper eq. 13-14): P and Q restricted to the teacher's top-K tokens and "
+                   "renormalised over them (default: full-vocabulary KD).")
 @click.option("--transition", type=click.Choice(TRANSITIONS), default="step",
               show_default=True, help="How ω goes to 0 at the end of the KD phase.")
 @click.option("--kd-steps1", type=click.IntRange(min=0), default=None,

@@ -94,6 +94,7 @@ class TrainConfig:
     kd_steps: int = 0
     omega: float = PAPER_OMEGA
     rho: float = PAPER_RHO
+    kd_topk: int | None = None  # top-k KD (paper eq. 13-14) over the teacher's top-k; None: full vocab
     transition: str = "step"
     kd_steps1: int | None = None
     steps: int = 100
@@ -173,6 +174,13 @@ class TrainConfig:
             bad("kd_steps1", f"is needed by transition={self.transition!r}")
         if self.kd_steps > 0 and not self.teacher:
             raise TrainError(f"kd_steps={self.kd_steps} needs a teacher (--teacher RUN_OR_CHECKPOINT)")
+        if self.kd_topk is not None:
+            if isinstance(self.kd_topk, bool) or not isinstance(self.kd_topk, int) or self.kd_topk < 1:
+                bad("kd_topk", "must be an integer >= 1 (the teacher's top-k set), or None for full-vocabulary KD")
+            if self.kd_steps == 0:
+                raise TrainError(f"kd_topk={self.kd_topk} only applies to the KD phase, but kd_steps=0")
+            if self.runtime == "reference":
+                bad("kd_topk", "the reference runtime trains full-vocabulary KD only")
         if self.subset and self.kd_steps == 0:
             raise TrainError("subset (SALT_DS selection) only applies to the KD phase, but kd_steps=0")
         if self.optimizer not in optim.OPTIMIZERS:

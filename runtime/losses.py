@@ -7,7 +7,12 @@ per position the loss (``(1-ω)·ce + ω·kd`` with a teacher, ``ce`` without) a
 teacher, ``kd`` and ``KL(Q‖P) = kd − H(Q)`` (``Q = softmax(ρ·t)``, ``P = softmax(s)``).  All of
 them come out of :mod:`salt.kernels` (``fused_linear_kd_loss`` / ``fused_linear_ce_loss``): with
 ``impl`` "pallas" or "xla" no ``[tokens, vocab]`` array is formed; "naive" forms the full logits
-(the cross-check).  The teacher's arrays get no gradient.
+(the cross-check).  With ``kd_topk`` K the KD term is the top-k KD of paper eq. 13-14 (P and Q
+restricted to the teacher's top-K set and renormalised; :mod:`salt.kernels.topk_kd`, also without a
+``[tokens, vocab]`` array on the fused paths); ``kd`` and ``kl`` are then those on the top-K set.
+``vocab``: the tokenizer's vocabulary when the embeddings carry padded rows beyond it (their
+columns get no probability in either softmax: the embeddings are cut to ``vocab`` rows).
+The teacher's arrays get no gradient.
 """
 from __future__ import annotations
 
@@ -20,19 +25,20 @@ LOSS_IMPLS = ("naive", "xla", "pallas")
 
 
 def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0, rho=1.0,
-                impl: str = "xla", mesh=None) -> dict:
+                impl: str = "xla", mesh=None, kd_topk: int | None = None, vocab: int | None = None) -> dict:
     """Per-position ``[B, T]`` float32 dict ``loss, ce, correct, n_greater`` (+ ``kd, kl`` with a
     teacher).  ``teacher``: ``(teacher_hidden_BxTxD_t, teacher_embed_VxD_t)`` or None (plain CE);
     ``omega`` may be traced, ``rho`` is static.  ``mesh``: with more than one device the kernels run
     under ``shard_map`` (batch over ``data``; the embeddings replicated, their gradient summed)."""
     from salt.kernels.fused_linear_kd import fused_linear_ce_loss, fused_linear_kd_loss
+    from salt.kernels.topk_kd import fused_linear_topk_kd_loss
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
     B, T, _ = hidden_BxTxD.shape
-    embed_VxD = embed_VxD.astype(hidden_BxTxD.dtype)
+    embed_VxD = cut_vocab(embed_VxD, vocab, "the student").astype(hidden_BxTxD.dtype)
     if teacher is not None:
         t_hidden, t_embed = (jax.lax.stop_gradient(x) for x in teacher)
-        teacher = (t_hidden, t_embed.astype(t_hidden.dtype))
+        teacher = (t_hidden, cut_vocab(t_embed, vocab, "the teacher").astype(t_hidden.dtype))
 
     def kernel(h, e, y, w, *t):
         t = t or None
@@ -40,6 +46,9 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
         flat = lambda x: x.reshape(b * T, *x.shape[2:])  # noqa: E731
         if t is None:
             loss, parts = fused_linear_ce_loss(flat(h), e, flat(y), impl=impl, return_parts=True)
+        elif kd_topk is not None:
+            loss, parts = fused_linear_topk_kd_loss(flat(h), e, flat(t[0]), t[1], flat(y), w, rho, kd_topk,
+                                                    impl=impl, return_parts=True)
         else:
             loss, parts = fused_linear_kd_loss(flat(h), e, flat(t[0]), t[1], flat(y), w, rho, impl=impl,
                                                return_parts=True)
@@ -53,6 +62,18 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
         kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(P(data), P(), P(data), P()) + t_specs,
                                out_specs=P(data), check_vma=False)
     return kernel(hidden_BxTxD, embed_VxD, labels_BxT.astype(jnp.int32), omega, *(teacher or ()))
+
+
+def cut_vocab(embed_VxD, vocab: int | None, who: str = "the model"):
+    """The first ``vocab`` rows of a tied embedding whose rows beyond the tokenizer's vocabulary
+    are padding (``vocab`` None or equal to the rows: unchanged).  The padded rows' logits are then
+    never formed, so they get no probability and no gradient."""
+    if vocab is None or vocab == embed_VxD.shape[0]:
+        return embed_VxD
+    if not 1 <= vocab <= embed_VxD.shape[0]:
+        raise ValueError(f"{who}'s embedding has {embed_VxD.shape[0]} rows, fewer than the "
+                         f"tokenizer's vocabulary {vocab}")
+    return embed_VxD[:vocab]
 
 
 def batch_mean(values_BxT, mask_BxT=None):

@@ -80,8 +80,13 @@ def student_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
 
 
 def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, mesh=None,
-                 pinned: dict | None = None):
+                 pinned: dict | None = None, tokenizer_vocab: int | None = None):
     """(teacher config, params (sharded when ``mesh``), identity dict); checks tokenizer/vocab.
+
+    Teacher and student must share the data's tokenizer (sha256); their vocabulary sizes may differ
+    when both hold the tokenizer's ``tokenizer_vocab`` ids (embeddings padded to different sizes:
+    the padded columns get no probability, see :func:`padded_vocab`).  ``tokenizer_vocab`` None:
+    the sizes must be equal.
 
     ``pinned``: the identity a resumed run recorded at its start; exactly that step is loaded and
     its manifest hash must match (a teacher checkpoint that is gone or changed is refused)."""
@@ -111,13 +116,25 @@ def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, 
         raise TrainError(f"teacher {cfg.teacher!r} (step {step}) was trained with tokenizer sha256 "
                          f"{t_sha}, but the data {cfg.data!r} uses {tokenizer_sha256}")
     if t_config.vocab_size != student.vocab_size:
-        raise TrainError(f"teacher vocab_size={t_config.vocab_size} differs from the student's "
-                         f"{student.vocab_size}")
+        if tokenizer_vocab is None:
+            raise TrainError(f"teacher vocab_size={t_config.vocab_size} differs from the student's "
+                             f"{student.vocab_size}")
+        if t_config.vocab_size < tokenizer_vocab:
+            raise TrainError(f"teacher {cfg.teacher!r} (step {step}) has vocab_size={t_config.vocab_size}, "
+                             f"fewer than the {tokenizer_vocab} ids of the shared tokenizer")
     shardings = sharding.param_shardings(t_config, mesh) if mesh is not None else None
     t_config, t_params, _ = checkpoint.load_params(run_dir, step, shardings=shardings)
     identity = {"path": str(pathlib.Path(run_dir).absolute()), "step": int(step),
                 "manifest_sha256": digest, "config": t_config.to_dict()}
     return t_config, t_params, identity
+
+
+def padded_vocab(tokenizer_vocab: int, *configs) -> int | None:
+    """The tokenizer's vocabulary when some model's embedding has more rows (padding: the loss
+    then cuts the embeddings to the tokenizer's ids, so padded columns get no probability), else
+    None (every embedding row is a token)."""
+    sizes = {c.vocab_size for c in configs if c is not None}
+    return None if sizes == {tokenizer_vocab} else int(tokenizer_vocab)
 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -188,6 +205,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     store = _open_store(cfg.data)
     tokenizer_sha = store.tokenizer_sha256
     config = student_config(cfg, store.vocab_size)
+    if cfg.kd_topk is not None and cfg.kd_topk > store.vocab_size:
+        raise TrainError(f"kd_topk={cfg.kd_topk} is larger than the vocabulary V={store.vocab_size} of "
+                         f"{cfg.data!r}")
     run_dir = pathlib.Path(cfg.out)
     _check_out(cfg, run_dir)
     start_step = 0
@@ -224,11 +244,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.kd_steps > 0:
         if need_teacher:
             teacher["config"], teacher["params"], teacher["identity"] = load_teacher(
-                cfg, config, tokenizer_sha, mesh, pinned=pinned_teacher if start_step > 0 else None)
+                cfg, config, tokenizer_sha, mesh, pinned=pinned_teacher if start_step > 0 else None,
+                tokenizer_vocab=store.vocab_size)
         else:  # resuming past the KD phase: record the identity, load nothing
             teacher["identity"] = pinned_teacher
 
     if cfg.runtime == "reference":
+        if padded_vocab(store.vocab_size, config, teacher["config"]) is not None:
+            raise TrainError("--runtime reference needs embeddings of exactly the tokenizer's "
+                             f"{store.vocab_size} rows (no vocabulary padding)")
         from salt.runtime.reference_train import train_reference
         return train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_dir,
                                 progress)
@@ -344,11 +368,13 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     windows_abs = batch_abstract(cfg, mesh)
     t0 = time.perf_counter()
     std_step = kd_step = None
+    vocab = padded_vocab(store.vocab_size, config, teacher_config)
     if cfg.kd_steps < cfg.steps:
-        std_step = compiled_step(config, None, cfg, mesh, params_abs, opt_abs, None, windows_abs)
+        std_step = compiled_step(config, None, cfg, mesh, params_abs, opt_abs, None, windows_abs,
+                                 vocab=vocab)
     if teacher_params is not None:
         kd_step = compiled_step(config, teacher_config, cfg, mesh, params_abs, opt_abs,
-                                abstract_of(teacher_params), windows_abs)
+                                abstract_of(teacher_params), windows_abs, vocab=vocab)
     compile_s = time.perf_counter() - t0
     hyper = jax.device_put(hyperparameters(cfg), sharding.replicated(mesh))
     step_sharding = sharding.replicated(mesh)

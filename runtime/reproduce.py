@@ -301,7 +301,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         if data_dir.exists():
             shutil.rmtree(data_dir)
         kwargs = {} if cfg.vocab_size is None else {"vocab_size": cfg.vocab_size}
-        prepare(str(data_dir), **kwargs)
+        prepare(str(data_dir), progress=progress, **kwargs)
         state.finish("data", time.time() - t0)
     from salt.data import TokenStore
 

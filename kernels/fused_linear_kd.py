@@ -166,10 +166,11 @@ def _chunk_logits(hs, es, teacher, j, chunk, vocab, rho):
     return start, es_c, s_c, rt_c, cols_1xC, cols_1xC >= j * chunk
 
 
-def _stats_xla(hs, es, teacher, y, rho, chunk):
+def _stats_xla(hs, es, teacher, y, rho, chunk, theta=None):
     n, vocab = hs.shape[0], es.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
-    y_Nx1, theta_Nx1 = y[:, None], _label_logit(hs, es, y)[:, None]
+    theta = _label_logit(hs, es, y) if theta is None else theta
+    y_Nx1, theta_Nx1 = y[:, None], theta[:, None]
 
     def body(carry, j):
         _, _, s_c, rt_c, cols, valid = _chunk_logits(hs, es, teacher, j, chunk, vocab, rho)
@@ -179,7 +180,7 @@ def _stats_xla(hs, es, teacher, y, rho, chunk):
     return {k: v[:, 0] for k, v in _kd.stats_finish(carry).items()}
 
 
-def _grad_xla(hs, es, teacher, y, rows, rho, chunk):
+def _grad_xla(hs, es, teacher, y, rows, rho, chunk, f32_out=False):
     vocab = es.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
     rows = {k: v[:, None] for k, v in rows.items()}
@@ -200,6 +201,8 @@ def _grad_xla(hs, es, teacher, y, rows, rho, chunk):
 
     init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros(es.shape, jnp.float32))
     (dhs, des), _ = lax.scan(body, init, jnp.arange(n_chunks))
+    if f32_out:
+        return dhs, des
     return dhs.astype(hs.dtype), des.astype(es.dtype)
 
 
@@ -317,7 +320,7 @@ def _blocks_for(hs, es, teacher, block_sizes):
     return choose_blocks(n, vocab, d_s, d_t, max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
 
 
-def _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret):
+def _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret, theta=None):
     n, vocab, d_s, d_t = _dims(hs, es, teacher)
     bt, bv = _blocks_for(hs, es, teacher, block_sizes)
     mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=0)
@@ -340,11 +343,11 @@ def _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret):
                                + 4 * _kd.LANES * (2 + len(names)) * n)),
         interpret=interpret,
         name="fused_linear_kd_fwd" if has_teacher else "fused_linear_ce_fwd",
-    )(hs, es, *(teacher or ()), _kd.to_lanes(y), _kd.to_lanes(_label_logit(hs, es, y)))
+    )(hs, es, *(teacher or ()), _kd.to_lanes(y), _kd.to_lanes(_label_logit(hs, es, y) if theta is None else theta))
     return {k: _kd.from_lanes(o) for k, o in zip(names, outs)}
 
 
-def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret):
+def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret, f32_out=False):
     n, vocab, d_s, d_t = _dims(hs, es, teacher)
     bt, bv = _blocks_for(hs, es, teacher, block_sizes)
     n_tok_blocks, n_voc_blocks = pl.cdiv(n, bt), pl.cdiv(vocab, bv)
@@ -376,11 +379,13 @@ def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret):
             name=name,
         )(*operands)
 
+    # f32 outputs (``f32_out``) accumulate in the resident output block
+    dhs_out, des_out = (jax.ShapeDtypeStruct(x.shape, jnp.float32 if f32_out else x.dtype) for x in (hs, es))
     dhs = call(_bwd_hidden_kernel, (n_tok_blocks, n_voc_blocks), 0,
-               pl.BlockSpec((bt, d_s), lambda i, j: (i, 0)), hs, (bt, d_s),
+               pl.BlockSpec((bt, d_s), lambda i, j: (i, 0)), dhs_out, (bt, d_s),
                _nbytes(hs) + hidden_bytes + n_tok_blocks * embed_bytes + row_bytes, prefix + "_bwd_hidden")
     des = call(_bwd_embed_kernel, (n_voc_blocks, n_tok_blocks), 1,
-               pl.BlockSpec((bv, d_s), lambda j, i: (j, 0)), es, (bv, d_s),
+               pl.BlockSpec((bv, d_s), lambda j, i: (j, 0)), des_out, (bv, d_s),
                _nbytes(es) + embed_bytes + n_voc_blocks * (hidden_bytes + row_bytes), prefix + "_bwd_embedding")
     return dhs, des
 
@@ -389,11 +394,21 @@ def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret):
 # custom_vjp core (``teacher`` is ``(ht, et)`` or None: the cross-entropy alone)
 # ----------------------------------------------------------------------------------------------
 
-def _stats(hs, es, teacher, y, rho, cfg):
+def _stats(hs, es, teacher, y, rho, cfg, theta=None):
+    """Row statistics (``theta``: the label logits when given, else ``h_n · E[y_n]``)."""
     impl, block_sizes, interpret = cfg
     if impl == "xla":
-        return _stats_xla(hs, es, teacher, y, rho, block_sizes.chunk_vocab)
-    return _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret)
+        return _stats_xla(hs, es, teacher, y, rho, block_sizes.chunk_vocab, theta)
+    return _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret, theta)
+
+
+def _grads(hs, es, teacher, y, rows, rho, cfg, f32_out=False):
+    """``(d hs, d es)`` from the rows of :func:`salt.kernels.logits_kd.grad_rows` (``f32_out``:
+    float32 gradients, else in the inputs' dtypes)."""
+    impl, block_sizes, interpret = cfg
+    if impl == "xla":
+        return _grad_xla(hs, es, teacher, y, rows, rho, block_sizes.chunk_vocab, f32_out)
+    return _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret, f32_out)
 
 
 def _outputs(stats, y, omega):
@@ -414,12 +429,7 @@ def _loss_core_fwd(hs, es, teacher, y, omega, rho, cfg):
 def _loss_core_bwd(rho, cfg, res, cotangents):
     hs, es, teacher, y, omega, stats = res
     g = cotangents[0]  # the parts are monitoring values: their cotangents are ignored
-    rows = _kd.grad_rows(stats, g, omega)
-    impl, block_sizes, interpret = cfg
-    if impl == "xla":
-        dhs, des = _grad_xla(hs, es, teacher, y, rows, rho, block_sizes.chunk_vocab)
-    else:
-        dhs, des = _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret)
+    dhs, des = _grads(hs, es, teacher, y, _kd.grad_rows(stats, g, omega), rho, cfg)
     if teacher is None:
         return dhs, des, None, None, jnp.zeros_like(omega)
     # No gradient flows to the teacher: its cotangents are zero by definition.

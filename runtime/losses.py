@@ -25,11 +25,15 @@ LOSS_IMPLS = ("naive", "xla", "pallas")
 
 
 def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0, rho=1.0,
-                impl: str = "xla", mesh=None, kd_topk: int | None = None, vocab: int | None = None) -> dict:
+                impl: str = "xla", mesh=None, kd_topk: int | None = None, vocab: int | None = None,
+                vocab_chunks: int | None = None) -> dict:
     """Per-position ``[B, T]`` float32 dict ``loss, ce, correct, n_greater`` (+ ``kd, kl`` with a
     teacher).  ``teacher``: ``(teacher_hidden_BxTxD_t, teacher_embed_VxD_t)`` or None (plain CE);
     ``omega`` may be traced, ``rho`` is static.  ``mesh``: with more than one device the kernels run
-    under ``shard_map`` (batch over ``data``; the embeddings replicated, their gradient summed)."""
+    under ``shard_map`` with the batch over ``data``: vocabulary-parallel
+    (:mod:`salt.kernels.vocab_parallel`, docs/design.md §11; ``vocab_chunks`` its static chunk
+    count, None: its default) when the mesh is ``data`` alone, the batch and both widths split
+    over it and no ``kd_topk``; otherwise the embeddings replicated, their gradient summed."""
     from salt.kernels.fused_linear_kd import fused_linear_ce_loss, fused_linear_kd_loss
     from salt.kernels.topk_kd import fused_linear_topk_kd_loss
     if impl not in LOSS_IMPLS:
@@ -57,10 +61,43 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
     omega = jnp.asarray(omega, jnp.float32)
     if impl != "naive" and mesh is not None and mesh.size > 1:
         from jax.sharding import PartitionSpec as P
+        if _vocab_parallel_applies(mesh, B, embed_VxD, teacher, kd_topk):
+            return _vocab_parallel(hidden_BxTxD, embed_VxD, labels_BxT, teacher, omega, rho, impl, mesh,
+                                   vocab_chunks)
         data = "data" if B % mesh.shape["data"] == 0 else None
         t_specs = () if teacher is None else (P(data), P())
         kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(P(data), P(), P(data), P()) + t_specs,
                                out_specs=P(data), check_vma=False)
+    return kernel(hidden_BxTxD, embed_VxD, labels_BxT.astype(jnp.int32), omega, *(teacher or ()))
+
+
+def _vocab_parallel_applies(mesh, B, embed_VxD, teacher, kd_topk) -> bool:
+    n = mesh.shape["data"]
+    widths = [embed_VxD.shape[1]] + ([] if teacher is None else [teacher[1].shape[1]])
+    return (kd_topk is None and mesh.size == n and n > 1 and B % n == 0
+            and all(d % n == 0 for d in widths))
+
+
+def _vocab_parallel(hidden_BxTxD, embed_VxD, labels_BxT, teacher, omega, rho, impl, mesh, vocab_chunks):
+    """:func:`token_parts` on a ``data``-only mesh: tokens and embedding widths split over
+    ``data`` (the parameters' FSDP layout), the vocabulary-parallel kernels per chip."""
+    from jax.sharding import PartitionSpec as P
+
+    from salt.kernels.vocab_parallel import local_loss
+    B, T, _ = hidden_BxTxD.shape
+    n = mesh.shape["data"]
+
+    def kernel(h, e, y, w, *t):
+        b = h.shape[0]
+        flat = lambda x: x.reshape(b * T, *x.shape[2:])  # noqa: E731
+        t = (flat(t[0]), t[1]) if t else None
+        loss, parts = local_loss(flat(h), e, flat(y), w, t, rho=rho, axis="data", n=n,
+                                 vocab_chunks=vocab_chunks, impl=impl)
+        return {"loss": loss.reshape(b, T), **{k: v.reshape(b, T) for k, v in parts.items()}}
+
+    t_specs = () if teacher is None else (P("data"), P(None, "data"))
+    kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(P("data"), P(None, "data"), P("data"), P()) + t_specs,
+                           out_specs=P("data"), check_vma=False)
     return kernel(hidden_BxTxD, embed_VxD, labels_BxT.astype(jnp.int32), omega, *(teacher or ()))
 
 

@@ -56,10 +56,13 @@ def chunk_layout(vocab: int, n: int, vocab_chunks: int | None = None) -> tuple:
 
 
 def to_owner_rows(e_VxDn, axis: str, n: int, C: int, c: int):
-    """The ``D``-split block ``[V, D/n]`` -> this chip's rows ``[C, c, D]`` of the layout."""
+    """The ``D``-split block ``[V, D/n]`` -> this chip's rows ``[C, c, D]`` of the layout.  The
+    exchange runs on the transpose ``[D/n, V]``: ``D/n`` is small (4 at the paper's scale) and
+    a ``[V, D/n]`` intermediate would be padded to the TPU's 128 lanes."""
     V, Dn = e_VxDn.shape
-    e = jnp.pad(e_VxDn, ((0, C * n * c - V), (0, 0))).reshape(C, n, c, Dn)
-    return lax.all_to_all(e, axis, 1, 3, tiled=True).reshape(C, c, n * Dn)
+    e = jnp.pad(e_VxDn.T, ((0, 0), (0, C * n * c - V))).reshape(Dn, C, n, c)
+    e = lax.all_to_all(e, axis, 2, 0, tiled=True)                               # [n·D/n, C, 1, c]
+    return e.reshape(n * Dn, C, c).transpose(1, 2, 0)
 
 
 def label_logits(h_NxD, e_VxDn, y_N, axis: str, n: int):
@@ -67,9 +70,9 @@ def label_logits(h_NxD, e_VxDn, y_N, axis: str, n: int):
     (the same products and sum as :func:`salt.kernels.fused_linear_kd._label_logit`)."""
     N = y_N.shape[0]
     y_all = lax.all_gather(y_N, axis, axis=0, tiled=True)                        # [n·N]
-    rows = jnp.take(e_VxDn, y_all, axis=0, mode="clip").reshape(n, N, e_VxDn.shape[1])
-    e_y_NxD = lax.all_to_all(rows, axis, 0, 2, tiled=True).reshape(N, -1)        # full label rows
-    return jnp.sum(h_NxD.astype(jnp.float32) * e_y_NxD.astype(jnp.float32), axis=1)
+    rows = jnp.take(e_VxDn.T, y_all, axis=1, mode="clip").reshape(e_VxDn.shape[1], n, N)
+    e_y_DxN = lax.all_to_all(rows, axis, 1, 0, tiled=True).reshape(-1, N)        # full label rows
+    return jnp.sum(h_NxD.astype(jnp.float32) * e_y_DxN.T.astype(jnp.float32), axis=1)
 
 
 def merge_stats(a: dict, b: dict) -> dict:
@@ -139,13 +142,13 @@ def _grads(hs, es, teacher, y, rows, rho, cfg):
         des = jnp.pad(des, ((0, n * c - des.shape[0]), (0, 0)))
         return dhs, lax.psum_scatter(des, axis, scatter_dimension=0, tiled=True)  # the owner's [c, D]
 
-    def merge(acc, j, value):
+    def merge(acc, j, value):  # each owned row is written once: store it in the embedding's dtype
         dhs, des = acc
-        return dhs + value[0], lax.dynamic_update_index_in_dim(des, value[1], j, 0)
+        return dhs + value[0], lax.dynamic_update_index_in_dim(des, value[1].astype(es.dtype), j, 0)
 
-    init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros((C, c, D), jnp.float32))
+    init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros((C, c, D), es.dtype))
     dhs, des = _over_chunks(chunk, merge, C, vocab - (C - 1) * n * c, init)
-    return dhs.astype(hs.dtype), des.astype(es.dtype)
+    return dhs.astype(hs.dtype), des
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))

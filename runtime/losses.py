@@ -31,9 +31,11 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
     teacher).  ``teacher``: ``(teacher_hidden_BxTxD_t, teacher_embed_VxD_t)`` or None (plain CE);
     ``omega`` may be traced, ``rho`` is static.  ``mesh``: with more than one device the kernels run
     under ``shard_map`` with the batch over ``data``: vocabulary-parallel
-    (:mod:`salt.kernels.vocab_parallel`, docs/design.md §11; ``vocab_chunks`` its static chunk
-    count, None: its default) when the mesh is ``data`` alone, the batch and both widths split
-    over it and no ``kd_topk``; otherwise the embeddings replicated, their gradient summed."""
+    (:mod:`salt.kernels.vocab_parallel`, docs/design.md §11) when the mesh is ``data`` alone, the
+    batch and both widths split over it, no ``kd_topk``, and either ``vocab_chunks`` (its static
+    chunk count) is given or the embeddings hold at least :data:`VOCAB_PARALLEL_MIN_BYTES`
+    (``vocab_chunks`` None: the module's default count); otherwise the embeddings replicated,
+    their gradient summed."""
     from salt.kernels.fused_linear_kd import fused_linear_ce_loss, fused_linear_kd_loss
     from salt.kernels.topk_kd import fused_linear_topk_kd_loss
     if impl not in LOSS_IMPLS:
@@ -61,7 +63,7 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
     omega = jnp.asarray(omega, jnp.float32)
     if impl != "naive" and mesh is not None and mesh.size > 1:
         from jax.sharding import PartitionSpec as P
-        if _vocab_parallel_applies(mesh, B, embed_VxD, teacher, kd_topk):
+        if _vocab_parallel_applies(mesh, B, embed_VxD, teacher, kd_topk, vocab_chunks):
             return _vocab_parallel(hidden_BxTxD, embed_VxD, labels_BxT, teacher, omega, rho, impl, mesh,
                                    vocab_chunks)
         data = "data" if B % mesh.shape["data"] == 0 else None
@@ -71,11 +73,18 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
     return kernel(hidden_BxTxD, embed_VxD, labels_BxT.astype(jnp.int32), omega, *(teacher or ()))
 
 
-def _vocab_parallel_applies(mesh, B, embed_VxD, teacher, kd_topk) -> bool:
+# Below this many bytes of embeddings (student + teacher, as the kernels read them) gathering them
+# whole on every chip is cheap, and faster than the vocabulary-parallel exchange (and on a TPU a
+# small ``[V/n, D]`` layout wastes most of its 128 lanes); ``vocab_chunks`` forces the latter.
+VOCAB_PARALLEL_MIN_BYTES = 64 * 2**20
+
+
+def _vocab_parallel_applies(mesh, B, embed_VxD, teacher, kd_topk, vocab_chunks) -> bool:
     n = mesh.shape["data"]
-    widths = [embed_VxD.shape[1]] + ([] if teacher is None else [teacher[1].shape[1]])
+    embeddings = [embed_VxD] + ([] if teacher is None else [teacher[1]])
+    big = sum(e.size * e.dtype.itemsize for e in embeddings) >= VOCAB_PARALLEL_MIN_BYTES
     return (kd_topk is None and mesh.size == n and n > 1 and B % n == 0
-            and all(d % n == 0 for d in widths))
+            and all(e.shape[1] % n == 0 for e in embeddings) and (big or vocab_chunks is not None))
 
 
 def _vocab_parallel(hidden_BxTxD, embed_VxD, labels_BxT, teacher, omega, rho, impl, mesh, vocab_chunks):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from salt.kernels import vocab_parallel
+from salt.kernels import tpu_aot, vocab_parallel
 from salt.reference import losses as ref
 from salt.runtime import losses, sharding
 from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
@@ -53,7 +53,7 @@ def _run(kd, case, mesh, vocab_chunks=None):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kd", [True, False], ids=["kd", "ce"])
-@pytest.mark.parametrize("vocab,vocab_chunks", [(301, None), (301, 3), (301, 40), (64, 2)])
+@pytest.mark.parametrize("vocab,vocab_chunks", [(301, 1), (301, 3), (301, 40), (64, 2)])
 def test_vocab_parallel_matches_reference_and_single_device(kd, dtype, vocab, vocab_chunks):
     """V = 301 over 8 chips: one chunk, 3 chunks (the last one cut), 38 chunks of 8 rows; V = 64: 2
     chunks of 32 rows, no padding.  float64 reference from the inputs' values; the single-device
@@ -133,4 +133,47 @@ def test_no_chip_holds_a_whole_embedding(kd):
     assert _full_rows_shapes(compiled(None, "data=4,model=2"), vocab, d)  # the check sees them there
     text = compiled(8, "data=8")
     assert "all-to-all" in text
+    assert _full_rows_shapes(text, vocab, d) == []
+
+
+def test_token_parts_chooses_the_vocabulary_parallel_path():
+    """By default on a data-only mesh for embeddings of at least VOCAB_PARALLEL_MIN_BYTES, or when
+    ``vocab_chunks`` is given; the replicated path for small embeddings, a model axis or top-k KD."""
+    def exchanges(vocab, mesh_spec="data=8", vocab_chunks=None, kd_topk=None):
+        mesh = sharding.make_mesh(mesh_spec)
+        h = jax.ShapeDtypeStruct((B, T, 16), jnp.float32)
+        e = jax.ShapeDtypeStruct((vocab, 16), jnp.float32)
+        teacher = None if kd_topk is None else (h, e)
+        jaxpr = jax.make_jaxpr(lambda h, e, y: losses.token_parts(
+            h, e, y, teacher=teacher, mesh=mesh, vocab_chunks=vocab_chunks, kd_topk=kd_topk)["loss"])(
+            h, e, jax.ShapeDtypeStruct((B, T), jnp.int32))
+        return "all_to_all" in str(jaxpr)
+
+    big = losses.VOCAB_PARALLEL_MIN_BYTES // (16 * 4)
+    assert exchanges(big) and exchanges(300, vocab_chunks=2)
+    assert not exchanges(big - 8) and not exchanges(big, "data=4,model=2") and not exchanges(big, kd_topk=4)
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(not tpu_aot.libtpu_available(), reason="libtpu is not installed")
+@pytest.mark.parametrize("kd", [True, False], ids=["kd", "ce"])
+def test_tpu_aot_vocabulary_parallel_pallas_compiles(kd):
+    """The vocabulary-parallel loss with the Pallas kernels per chunk, forward + backward, compiled
+    by Mosaic for v5e:2x2 (data=4, bf16, V = 7900: 6 chunks of 1320 rows, the last one cut to 1300): no chip holds a
+    whole embedding."""
+    vocab, d, chunks = 7900, 256, 6
+    mesh = sharding.make_mesh("data=4", devices=tpu_aot.topology_devices("v5e:2x2"))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    h = jax.ShapeDtypeStruct((8, 64, d), jnp.bfloat16, sharding=batch)
+    e = jax.ShapeDtypeStruct((vocab, d), jnp.bfloat16, sharding=split)
+    y = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=batch)
+
+    def f(h, e, y):
+        parts = losses.token_parts(h, e, y, teacher=(h, e) if kd else None, omega=0.5, rho=RHO, impl="pallas",
+                                   mesh=mesh, vocab_chunks=chunks)
+        return jnp.sum(parts["loss"])
+
+    text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, e, y).compile().as_text()
+    assert "all-to-all" in text and "tpu_custom_call" in text
     assert _full_rows_shapes(text, vocab, d) == []

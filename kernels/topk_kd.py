@@ -76,31 +76,39 @@ def check_k(k, vocab: int) -> int:
 # (1) the teacher's top-k
 # ----------------------------------------------------------------------------------------------
 
-def teacher_topk(ht_NxD, et_VxD, k, *, impl="xla", chunk_vocab=2048):
+def teacher_topk(ht_NxD, et_VxD, k, *, impl="xla", chunk_vocab=2048, with_lse=False):
     """``(t_NxK float32, ids_NxK int32)``: the k largest teacher logits ``h_t·E_tᵀ`` per row, in
     descending order, ties to the lower id.  ``impl="naive"`` forms the full logits; otherwise a
-    scan over vocabulary chunks of ``chunk_vocab`` columns holds only ``[N, k + chunk]``."""
+    scan over vocabulary chunks of ``chunk_vocab`` columns holds only ``[N, k + chunk]``.
+    ``with_lse``: also the full-vocabulary ``lse(t)`` ``[N]`` (float32; online in the same scan)."""
     n, vocab = ht_NxD.shape[0], et_VxD.shape[0]
     k = check_k(k, vocab)
     if impl == "naive":
-        return lax.top_k(jnp.dot(ht_NxD, et_VxD.T, preferred_element_type=jnp.float32), k)
+        t_NxV = jnp.dot(ht_NxD, et_VxD.T, preferred_element_type=jnp.float32)
+        top = lax.top_k(t_NxV, k)
+        return (*top, jax.nn.logsumexp(t_NxV, axis=1)) if with_lse else top
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk_vocab)
 
     def body(carry, j):
-        top_NxK, ids_NxK = carry
+        top_NxK, ids_NxK, m_N, l_N = carry
         start = jnp.minimum(j * chunk, vocab - chunk)
         et_c = lax.dynamic_slice_in_dim(et_VxD, start, chunk, axis=0)
         t_NxC = lax.dot_general(ht_NxD, et_c, _NT, preferred_element_type=jnp.float32)
         cols_1xC = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
         t_NxC = jnp.where(cols_1xC >= j * chunk, t_NxC, _NEG_INF)  # seen columns of a shifted chunk
+        if with_lse:
+            m_new = jnp.maximum(m_N, jnp.max(t_NxC, axis=1))
+            l_N = l_N * jnp.exp(m_N - m_new) + jnp.sum(jnp.exp(t_NxC - m_new[:, None]), axis=1)
+            m_N = m_new
         merged = jnp.concatenate([top_NxK, t_NxC], axis=1)
         merged_ids = jnp.concatenate([ids_NxK, jnp.broadcast_to(cols_1xC, t_NxC.shape)], axis=1)
         top_NxK, pos_NxK = lax.top_k(merged, k)
-        return (top_NxK, jnp.take_along_axis(merged_ids, pos_NxK, axis=1)), None
+        return (top_NxK, jnp.take_along_axis(merged_ids, pos_NxK, axis=1), m_N, l_N), None
 
-    init = (jnp.full((n, k), _NEG_INF, jnp.float32), jnp.zeros((n, k), jnp.int32))
-    (top, ids), _ = lax.scan(body, init, jnp.arange(n_chunks))
-    return top, ids
+    init = (jnp.full((n, k), _NEG_INF, jnp.float32), jnp.zeros((n, k), jnp.int32),
+            jnp.full((n,), _NEG_INF, jnp.float32), jnp.zeros((n,), jnp.float32))
+    (top, ids, m, l), _ = lax.scan(body, init, jnp.arange(n_chunks))
+    return (top, ids, m + jnp.log(l)) if with_lse else (top, ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,21 +191,61 @@ def topk_terms(s_NxK, rt_NxK):
 def _loss(hs, es, ht, et, y, valid, omega, rho, k, impl, interpret, block_sizes):
     keep_Nx1 = valid[:, None]  # masked rows may hold garbage: zero them for the top-k part
     ht = lax.stop_gradient(jnp.where(keep_Nx1, ht, jnp.zeros_like(ht)))
-    et = lax.stop_gradient(et)
+    t_NxK, ids_NxK = teacher_topk(ht, lax.stop_gradient(et), k, impl=impl,
+                                  chunk_vocab=block_sizes.chunk_vocab)
+    return _loss_from_topk(hs, es, t_NxK, ids_NxK, y, valid, omega, rho, impl, interpret, block_sizes)
+
+
+def _loss_from_topk(hs, es, t_NxK, ids_NxK, y, valid, omega, rho, impl, interpret, block_sizes):
+    keep_Nx1 = valid[:, None]
+    t_NxK = lax.stop_gradient(jnp.where(keep_Nx1, t_NxK, 0.0).astype(jnp.float32))
+    ids_NxK = lax.stop_gradient(jnp.where(keep_Nx1, ids_NxK, 0).astype(jnp.int32))
     hs_clean = jnp.where(keep_Nx1, hs, jnp.zeros_like(hs))
     if impl == "naive":
         s_NxV = jnp.dot(hs_clean, es.T, preferred_element_type=jnp.float32)
-        t_NxK, ids_NxK = teacher_topk(ht, et, k, impl="naive")
         s_NxK = jnp.take_along_axis(s_NxV, ids_NxK, axis=1)
         ce, parts = _kd.loss_naive(s_NxV, None, y, omega, rho)
     else:
-        t_NxK, ids_NxK = teacher_topk(ht, et, k, impl=impl, chunk_vocab=block_sizes.chunk_vocab)
-        s_NxK = gathered_logits(hs_clean, es, lax.stop_gradient(ids_NxK), block_sizes.gather_bytes)
+        s_NxK = gathered_logits(hs_clean, es, ids_NxK, block_sizes.gather_bytes)
         ce, parts = fused_linear_ce_loss(hs, es, y, valid, impl=impl, interpret=interpret,
                                          block_sizes=block_sizes.ce, return_parts=True)
     kd, kl = topk_terms(s_NxK, rho * t_NxK)
     parts = dict(parts, kd=kd, kl=kl)
     return (1.0 - omega) * ce + omega * kd, parts
+
+
+def _common_args(labels, mask, n, omega, rho, impl, block_sizes):
+    labels, valid = _kd.check_labels_mask(labels, mask, (n,))
+    omega = jnp.asarray(_kd.check_omega(omega), jnp.float32)
+    block_sizes = TopKBlockSizes() if block_sizes is None else block_sizes
+    if not isinstance(block_sizes, TopKBlockSizes):
+        raise ValueError(f"block_sizes must be a TopKBlockSizes, got {type(block_sizes).__name__}")
+    return labels, valid, omega, _kd.check_rho(rho), _kd.check_impl(impl), block_sizes
+
+
+def topk_kd_loss_from_teacher_topk(student_hidden, student_embedding, teacher_topk_logits, teacher_topk_ids,
+                                   labels, omega, rho, mask=None, *, impl=None, interpret=False,
+                                   block_sizes=None, return_parts=False):
+    """:func:`fused_linear_topk_kd_loss` given the teacher's top-k set instead of its hidden states
+    (e.g. from a teacher cache): ``teacher_topk_logits`` ``[N, k]`` (the teacher's raw logits on
+    the set; any float dtype) and ``teacher_topk_ids`` ``[N, k]`` ints in ``[0, V)`` (not checked:
+    they may be traced).  Same outputs and gradients (none for the teacher's arrays)."""
+    hs = _kd._float_input("student_hidden", student_hidden)
+    es = _kd._float_input("student_embedding", student_embedding)
+    t_NxK = _kd._float_input("teacher_topk_logits", teacher_topk_logits)
+    ids_NxK = jnp.asarray(teacher_topk_ids)
+    if hs.ndim != 2 or es.ndim != 2 or hs.shape[1] != es.shape[1]:
+        raise ValueError(f"student_hidden {hs.shape} and student_embedding {es.shape} must be [N, D] and [V, D]")
+    if t_NxK.ndim != 2 or t_NxK.shape[0] != hs.shape[0] or ids_NxK.shape != t_NxK.shape:
+        raise ValueError(f"teacher_topk_logits {t_NxK.shape} and teacher_topk_ids {ids_NxK.shape} must both "
+                         f"be [N={hs.shape[0]}, k]")
+    if not jnp.issubdtype(ids_NxK.dtype, jnp.integer):
+        raise ValueError(f"teacher_topk_ids must be integers, got dtype {ids_NxK.dtype}")
+    check_k(t_NxK.shape[1], es.shape[0])
+    labels, valid, omega, rho, impl, block_sizes = _common_args(labels, mask, hs.shape[0], omega, rho, impl,
+                                                                block_sizes)
+    outputs = _loss_from_topk(hs, es, t_NxK, ids_NxK, labels, valid, omega, rho, impl, interpret, block_sizes)
+    return _kd.finish_output(outputs, valid, return_parts)
 
 
 def fused_linear_topk_kd_loss(student_hidden, student_embedding, teacher_hidden, teacher_embedding,
@@ -230,12 +278,7 @@ def fused_linear_topk_kd_loss(student_hidden, student_embedding, teacher_hidden,
     if es.shape[0] != et.shape[0]:
         raise ValueError(f"student_embedding has vocab {es.shape[0]}, teacher_embedding {et.shape[0]}")
     k = check_k(k, es.shape[0])
-    labels, valid = _kd.check_labels_mask(labels, mask, (hs.shape[0],))
-    omega = jnp.asarray(_kd.check_omega(omega), jnp.float32)
-    rho = _kd.check_rho(rho)
-    impl = _kd.check_impl(impl)
-    block_sizes = TopKBlockSizes() if block_sizes is None else block_sizes
-    if not isinstance(block_sizes, TopKBlockSizes):
-        raise ValueError(f"block_sizes must be a TopKBlockSizes, got {type(block_sizes).__name__}")
+    labels, valid, omega, rho, impl, block_sizes = _common_args(labels, mask, hs.shape[0], omega, rho, impl,
+                                                                block_sizes)
     outputs = _loss(hs, es, ht, et, labels, valid, omega, rho, k, impl, interpret, block_sizes)
     return _kd.finish_output(outputs, valid, return_parts)

@@ -23,7 +23,7 @@ BUCKETS = ("easy", "medium", "hard")
 
 
 @functools.lru_cache(maxsize=16)
-def _stats_fn(config, mesh=None, kernels: str = "auto"):
+def _stats_fn(config, mesh=None, kernels: str = "auto", vocab: int | None = None):
     """``jit``-ed per-position ``(ce_BxT, correct_BxT)`` of one model config from the final hidden
     states and the tied embedding through the fused-linear kernel (no ``[tokens, vocab]`` logits;
     :func:`salt.runtime.losses.token_parts`).  ``mesh``: the devices' mesh (axis ``data``) of the
@@ -38,7 +38,8 @@ def _stats_fn(config, mesh=None, kernels: str = "auto"):
     @jax.jit
     def stats(params, windows_BxT1):
         hidden = model.hidden(params, windows_BxT1[:, :-1], config, attention_impl=impl, mesh=mesh)
-        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh)
+        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh,
+                                   vocab=vocab)  # padded embedding rows (beyond vocab): no probability
         return parts["ce"], parts["correct"] > 0.5
 
     return stats
@@ -68,7 +69,9 @@ def window_stats(params, config, data_dir, *, seq_len: int, batch_size: int = 32
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
 
-    stats = _stats_fn(config, mesh)
+    from salt.data.store import open_store
+    tokenizer_vocab = open_store(data_dir).vocab_size
+    stats = _stats_fn(config, mesh, vocab=tokenizer_vocab if config.vocab_size > tokenizer_vocab else None)
 
     ids_out, loss_out, correct_out = [], [], []
     bar = tqdm(desc=desc, unit="win", file=sys.stderr, disable=not progress, dynamic_ncols=True,

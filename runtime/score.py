@@ -62,14 +62,15 @@ def token_terms(logits_BxTxV, targets_BxT, k: int):
 
 
 @functools.lru_cache(maxsize=16)
-def make_token_terms_fn(config, k: int, mesh=None, kernels: str = "auto"):
+def make_token_terms_fn(config, k: int, mesh=None, kernels: str = "auto", vocab: int | None = None):
     """``jit``-ed ``(params, windows_BxT1) -> (ce_BxT, in_topk_BxT)``: teacher forward on the
     inputs ``w[:, :-1]``, then the per-position CE and the rank of the target (number of logits
     strictly above it) from the final hidden states and the tied embedding through the
     fused-linear kernel (:func:`salt.runtime.losses.token_parts`; no ``[tokens, vocab]`` logits
     unless ``kernels="naive"``).  ``mesh``: the devices' mesh (axis ``data``) the batch is sharded
-    on (the kernels then run per shard).  Cached per model config, k, mesh and kernels, so repeated
-    jobs compile once."""
+    on (the kernels then run per shard).  ``vocab``: the tokenizer's vocabulary when the model's
+    embedding is padded beyond it (padded columns take no probability and are not counted).
+    Cached per model config, k, mesh, kernels and vocab, so repeated jobs compile once."""
     import jax
 
     from salt.runtime import losses, model
@@ -81,7 +82,8 @@ def make_token_terms_fn(config, k: int, mesh=None, kernels: str = "auto"):
     def terms(params, windows_BxT1):
         inputs = windows_BxT1[:, :-1]
         hidden = model.hidden(params, inputs, config, attention_impl=impl, mesh=mesh)
-        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh)
+        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh,
+                                   vocab=vocab)
         return parts["ce"], parts["n_greater"] < k
 
     return terms
@@ -335,8 +337,9 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     if config.vocab_size < store.vocab_size:
         raise ValueError(f"teacher vocabulary {config.vocab_size} is smaller than the data's "
                          f"{store.vocab_size}")
-    if not 1 <= job.k <= config.vocab_size:
-        raise ValueError(f"k must be in [1, {config.vocab_size}] (the teacher's vocabulary), got {job.k}")
+    if not 1 <= job.k <= store.vocab_size:
+        raise ValueError(f"k must be in [1, {store.vocab_size}] (the tokenizer's vocabulary), got {job.k}")
+    padded = config.vocab_size > store.vocab_size  # padded embedding rows: no probability, not counted
 
     loader = Loader(data_dir, seq_len=job.seq_len, global_batch=job.batch, seed=0, split="train")
     num_windows = int(loader.num_windows)
@@ -348,7 +351,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
         teacher=ident, data=str(data_dir.resolve()), tokenizer=store.tokenizer_sha256, k=job.k,
         mode=job.mode, seq_len=job.seq_len, batch=job.batch, chunk_batches=job.chunk_batches,
         n_candidates=int(num_windows),
-        pool=hashlib.sha256(pool_N.tobytes()).hexdigest())
+        pool=hashlib.sha256(pool_N.tobytes()).hexdigest(), **({"vocab": store.vocab_size} if padded else {}))
 
     partial = out.with_name(out.name + ".partial")
     state_path = partial / "job.json"
@@ -372,7 +375,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
 
-    terms = make_token_terms_fn(config, job.k, mesh)
+    terms = make_token_terms_fn(config, job.k, mesh, vocab=store.vocab_size if padded else None)
     chunk = batch * job.chunk_batches
     n_chunks = -(-pool_N.size // chunk)
     done = sum((partial / f"chunk_{c:06d}.npz").is_file() for c in range(n_chunks))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from salt.kernels.fused_linear_kd import FusedKDBlockSizes
-from salt.kernels.topk_kd import TopKBlockSizes, fused_linear_topk_kd_loss, teacher_topk
+from salt.kernels.topk_kd import (TopKBlockSizes, fused_linear_topk_kd_loss, teacher_topk,
+                                   topk_kd_loss_from_teacher_topk)
 from salt.reference import losses as ref
 from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
 
@@ -156,3 +157,22 @@ def test_bad_arguments():
         fused_linear_topk_kd_loss(hs, es, ht, et, y, 0.5, RHO, 3, block_sizes=FusedKDBlockSizes())
     with pytest.raises(ValueError, match="chunk_vocab"):
         TopKBlockSizes(chunk_vocab=0)
+
+
+def test_from_teacher_topk_and_lse():
+    """The loss from a given top-k set (a teacher cache's) equals the loss from the teacher's hidden
+    states; the scan's full-vocabulary lse(t) equals the float64 reference."""
+    hs, es, ht, et, y, mask = make_case(7)
+    t64 = np.asarray(ht, np.float64) @ np.asarray(et, np.float64).T
+    lse64 = np.log(np.exp(t64 - t64.max(axis=1, keepdims=True)).sum(axis=1)) + t64.max(axis=1)
+    for impl in ("xla", "naive"):
+        top, ids, lse = teacher_topk(ht, et, 7, impl=impl, chunk_vocab=128, with_lse=True)
+        assert_close(lse, lse64, F32_TOL, f"lse ({impl})")
+        want = fused_linear_topk_kd_loss(hs, es, ht, et, y, 0.667, RHO, 7, mask, impl=impl, block_sizes=blocks(7),
+                                         return_parts=True)
+        got = topk_kd_loss_from_teacher_topk(hs, es, top.astype(jnp.bfloat16).astype(jnp.float32), ids, y, 0.667,
+                                             RHO, mask, impl=impl, block_sizes=blocks(7), return_parts=True)
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=BF16_TOL, atol=BF16_TOL)
+        exact = topk_kd_loss_from_teacher_topk(hs, es, top, ids, y, 0.667, RHO, mask, impl=impl,
+                                               block_sizes=blocks(7))
+        np.testing.assert_allclose(np.asarray(exact), np.asarray(want[0]), rtol=1e-6, atol=1e-6)

@@ -101,8 +101,9 @@ def _padded(params, config, extra, seed):
         config.replace(vocab_size=config.vocab_size + extra)
 
 
-@pytest.mark.parametrize("kind, kernels", [("topk", "xla"), ("topk", "naive"), ("full", "xla"),
-                                            ("standard", "xla")])
+@pytest.mark.parametrize("kind, kernels", [("topk", "xla"), ("standard", "xla"),
+                                            pytest.param("topk", "naive", marks=pytest.mark.slow),
+                                            pytest.param("full", "xla", marks=pytest.mark.slow)])
 def test_padded_vocabularies_give_the_unpadded_loss(inputs, kind, kernels):
     """Student embedding padded by 20 rows, teacher by 44 (large logits there): with the tokenizer's
     vocabulary given, loss, metrics and gradients equal the unpadded models'; padded rows get none."""
@@ -124,6 +125,21 @@ def test_padded_vocabularies_give_the_unpadded_loss(inputs, kind, kernels):
     else:  # differently padded embeddings without the tokenizer's vocabulary: refused
         with pytest.raises(ValueError, match="vocab"):
             _grads(p_pad, t_pad, windows, student=s_pad, teacher=t_cfg, kernels=kernels, kd_topk=kd_topk)
+
+
+def test_padded_embedding_scores_like_the_unpadded_one(inputs):
+    """The CE parts that ``salt score`` and ``salt eval`` read (ce, correct, n_greater) from an
+    embedding padded with large rows equal the unpadded ones once the tokenizer's vocabulary is given."""
+    from salt.runtime import losses
+    params, _, windows = inputs
+    p_pad, s_pad = _padded(params, STUDENT, 20, 7)
+    hidden = model.hidden(params, jnp.asarray(windows[:, :-1]), STUDENT)
+    want = losses.token_parts(hidden, params["embed"], jnp.asarray(windows[:, 1:]))
+    got = losses.token_parts(hidden, p_pad["embed"], jnp.asarray(windows[:, 1:]), vocab=VOCAB)
+    for key in ("ce", "correct", "n_greater"):
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=F32_TOL, err_msg=key)
+    with pytest.raises(ValueError, match="fewer than the tokenizer"):
+        losses.token_parts(hidden, params["embed"], jnp.asarray(windows[:, 1:]), vocab=VOCAB + 1)
 
 
 def test_config_validation():
@@ -176,8 +192,11 @@ def test_cpu_topk_step_holds_no_tokens_by_vocab_buffer():
 @pytest.mark.skipif(not tpu_aot.libtpu_available(), reason="libtpu is not installed")
 def test_tpu_aot_topk_step_holds_no_tokens_by_vocab_buffer():
     """The top-k KD step with the Pallas CE kernel and the XLA top-k ops, AOT-compiled for v5e:2x2
-    (data=4), bf16, V = 32768 per chip's 2 x 128 tokens, k = 64: it compiles, holds no [tokens,
-    vocab] buffer shape, and its temporaries stay below a quarter of one bf16 [tokens, vocab] array."""
+    (data=4), bf16, V = 32768 per chip's 2 x 128 tokens, k = 64: it compiles and holds no [tokens,
+    vocab] buffer shape.  Its temporaries: those of the full-vocabulary step (below a quarter of one
+    bf16 [tokens, vocab] array) plus the top-k part's embedding gradient, an f32 [V, D] scatter-add
+    accumulator (the scan carry and its update) and its cast, each lane-padded to 128 columns on
+    TPU for this model's D = 16 (measured: 46.3 MB, against 4.2 MB + 3 x 16.8 MB)."""
     vocab, seq_len, batch = 32768, 128, 8
     mesh = sharding.make_mesh("data=4", devices=tpu_aot.topology_devices("v5e:2x2"))
     compiled = _abstract_kd_step("pallas", mesh, vocab=vocab, seq_len=seq_len, batch=batch, dtype="bfloat16",
@@ -185,7 +204,8 @@ def test_tpu_aot_topk_step_holds_no_tokens_by_vocab_buffer():
     tokens_per_chip = batch // 4 * seq_len
     assert _tokens_by_vocab_shapes(compiled, tokens_per_chip, vocab) == []
     temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp < 0.25 * tokens_per_chip * vocab * 2, f"{temp} temporary bytes per chip"
+    embed_grad_f32_tiled = vocab * 128 * 4
+    assert temp < 0.25 * tokens_per_chip * vocab * 2 + 3 * embed_grad_f32_tiled, f"{temp} temporary bytes per chip"
 
 
 # ----------------------------------------------------------------------------- salt train

@@ -2,10 +2,10 @@
 
 Conventions (reference/config.py, docs/design.md §5):
 
-* ``q`` is ``[B, T, H, hd]``, ``k`` and ``v`` are ``[B, T, KV, hd]`` with ``H % KV == 0``;
-  query head ``j`` uses key/value head ``j // (H // KV)`` (``KV = 1`` multi-query,
-  ``1 < KV < H`` grouped, ``KV = H`` multi-head).
-* scores are ``q.k / sqrt(hd)``; key ``s`` is visible from query ``t`` iff ``s <= t`` or
+* ``q`` is ``[B, T, H, K]``, ``k`` and ``v`` are ``[B, T, G, K]`` with ``H % G == 0``;
+  query head ``j`` uses key/value head ``j // (H // G)`` (``G = 1`` multi-query,
+  ``1 < G < H`` grouped, ``G = H`` multi-head).
+* scores are ``q·k / sqrt(K)``; key ``s`` is visible from query ``t`` iff ``s <= t`` or
   ``s < prefix_len[b]`` (prefix-LM; ``prefix_len = 0`` is causal, ``prefix_len = T`` is fully
   bidirectional). Rotary embedding is the caller's job.
 
@@ -14,25 +14,28 @@ Implementations (``impl``):
 * ``"naive"``: materialises the ``[B, H, T, T]`` scores (the reference maths, in JAX).
 * ``"xla"``: pure-JAX flash attention. A ``lax.map`` over query blocks, and inside it a
   ``while_loop`` over only the key blocks that are not fully masked, with an online softmax;
-  the query heads of a KV group are folded into the query-block rows so each K/V block is read
-  once per group. A ``custom_vjp`` whose backward recomputes the blocks (a dq pass over query
+  the query heads of a key/value head's group are folded into the query-block rows so each
+  K/V block is read once per group. A ``custom_vjp`` whose backward recomputes the blocks (a dq pass over query
   blocks and a dk/dv pass over key blocks). Never holds ``[T, T]`` scores of a head.
 * ``"pallas"``: TPU (Mosaic) kernels, same maths. Forward and dq kernels: grid
-  ``(B, KV * head_blocks, q_blocks, k_blocks)``, the k axis ``"arbitrary"`` with VMEM scratch
+  ``(B, G * head_blocks, q_blocks, k_blocks)``, the k axis ``"arbitrary"`` with VMEM scratch
   for the running max, sum and accumulator; dk/dv kernel: grid
-  ``(B, KV, k_blocks, head_blocks, q_blocks)`` reducing over the group's heads and the query
+  ``(B, G, k_blocks, head_blocks, q_blocks)`` reducing over the group's heads and the query
   blocks. Fully masked blocks (above the diagonal and outside the prefix, or all padding) are
   skipped in compute (``pl.when``) and in the DMA (the block index is clamped to the last/first
   needed block, so the pipeline does not fetch a new block). The per-example prefix length
   arrives by scalar prefetch. Ragged ``T`` is padded to the block size and masked.
 
-Layout: the kernels read q, k, v and write o, dq, dk, dv as ``[B, T, heads * hd]`` (a free
-reshape of ``[B, T, heads, hd]``, and the layout the projections ``a @ wq`` produce): a block is
-``[block_q, block_h * hd]`` and head ``h`` a 128-aligned lane slice, so no transposes or
+Layout: the kernels read q, k, v and write o, dq, dk, dv as ``[B, T, heads·K]`` (a free
+reshape of ``[B, T, heads, K]``, and the layout the projections ``a @ wq`` produce): a block is
+``[block_q, block_h·K]`` and head ``h`` a 128-aligned lane slice, so no transposes or
 relayouts are needed in HBM (head sizes that are not a multiple of 128 are zero-padded on the
 TPU). The log-sum-exp residual and ``di = rowsum(do * o)`` are ``[B, H, 1, T]`` float32
 (lane-major, so the dk/dv kernel broadcasts them along sublanes of its transposed
 ``[block_k, block_q]`` scores); ``di`` comes from a small Pallas kernel.
+
+Letters as docs/design.md §9: ``G`` key/value heads, ``R = H / G`` query heads per key/value
+head, ``K`` the head dimension (the local variable ``hd``; lower-case ``k`` is the keys).
 
 Why one module of ~850 lines: as in JAX's own Pallas ops, the forward and backward kernels,
 their pure-JAX chunked twin, the naive path, the custom_vjp and the frozen block sizes of multi-
@@ -61,8 +64,8 @@ class AttentionBlockSizes:
     """Tile sizes. They change speed and memory, never the result (beyond rounding).
 
     block_q, block_k: query / key rows per block in the forward pass (and the xla path).
-    block_h: query heads of one KV group processed per grid step (None: as many as fit
-      ``max_rows = block_h * block_q`` rows, at most the group size). Must divide H // KV.
+    block_h: query heads of one key/value head's group processed per grid step (None: as many as fit
+      ``max_rows = block_h * block_q`` rows, at most the group size). Must divide H // G.
     block_q_bwd, block_k_bwd: the same for the backward kernels (None: the forward sizes).
     On a real TPU block_q and block_k must be multiples of 128 (the lane width); sequences
     shorter than a block use one block of ``T`` rounded up to 128 (8 in interpret mode), and a
@@ -98,9 +101,9 @@ def default_impl() -> str:
 
 def mqa_attention(q, k, v, prefix_len=None, *, impl=None, interpret=False, block_sizes=None,
                   causal=True):
-    """Masked multi-query / grouped-query attention; returns ``[B, T, H, hd]`` in q's dtype.
+    """Masked multi-query / grouped-query attention; returns ``[B, T, H, K]`` in q's dtype.
 
-    q: [B, T, H, hd]; k, v: [B, T, KV, hd] with H % KV == 0.
+    q: [B, T, H, K]; k, v: [B, T, G, K] with H % G == 0.
     prefix_len: int [B] or None (causal). Values are clipped to [0, T].
     impl: "pallas", "xla" or "naive"; None = "pallas" on TPU, "xla" elsewhere.
     interpret: Pallas only: run the TPU kernels in the TPU interpreter (True, or a
@@ -121,10 +124,10 @@ def mqa_attention(q, k, v, prefix_len=None, *, impl=None, interpret=False, block
         raise ValueError(f"k and v must have the same shape, got k={k.shape}, v={v.shape}")
     if k.shape[0] != B or k.shape[1] != T or k.shape[3] != hd:
         raise ValueError(f"k/v shape {k.shape} does not match q shape {q.shape} "
-                         f"(expected [{B}, {T}, KV, {hd}])")
-    KV = k.shape[2]
-    if H % KV:
-        raise ValueError(f"number of query heads H={H} is not divisible by kv heads KV={KV}")
+                         f"(expected [{B}, {T}, G, {hd}])")
+    G = k.shape[2]
+    if H % G:
+        raise ValueError(f"number of query heads H={H} is not divisible by kv heads G={G}")
     if not (jnp.issubdtype(q.dtype, jnp.floating) and q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if block_sizes is None:
@@ -240,16 +243,16 @@ class _XlaConfig:
 
 def _xla_attention(q, k, v, prefix_B, scale, bs):
     B, T, H, hd = q.shape
-    KV = k.shape[2]
-    G = H // KV
+    G = k.shape[2]
+    R = H // G
     t8 = _round_up(T, 8)
     bq, bk = min(bs.block_q, t8), min(bs.block_k, t8)
     bqb, bkb = min(bs.block_q_bwd or bs.block_q, t8), min(bs.block_k_bwd or bs.block_k, t8)
     t_pad = _round_up(T, math.lcm(bq, bk, bqb, bkb))
     cfg = _XlaConfig(T, bq, bk, bqb, bkb, scale)
     pad = ((0, 0), (0, t_pad - T), (0, 0), (0, 0))
-    # [B, T, H, hd] -> [B, KV, G, Tp, hd] (head j = kv * G + g); k/v -> [B, KV, Tp, hd].
-    q5 = jnp.pad(q, pad).reshape(B, t_pad, KV, G, hd).transpose(0, 2, 3, 1, 4)
+    # [B, T, H, K] -> [B, G, R, Tp, K] (head j = g·R + r); k/v -> [B, G, Tp, K].
+    q5 = jnp.pad(q, pad).reshape(B, t_pad, G, R, hd).transpose(0, 2, 3, 1, 4)
     k4 = jnp.pad(k, pad).transpose(0, 2, 1, 3)
     v4 = jnp.pad(v, pad).transpose(0, 2, 1, 3)
     o5 = _xla_flash(q5, k4, v4, prefix_B, cfg)
@@ -257,17 +260,17 @@ def _xla_attention(q, k, v, prefix_B, scale, bs):
 
 
 def _fold_rows(x5, start, size):
-    """[B, KV, G, Tp, d] -> rows start..start+size of every head, folded: [B, KV, G*size, d]."""
-    B, KV, G, _, d = x5.shape
-    return lax.dynamic_slice_in_dim(x5, start, size, axis=3).reshape(B, KV, G * size, d)
+    """[B, G, R, Tp, d] -> rows start..start+size of every head, folded: [B, G, R*size, d]."""
+    B, G, R, _, d = x5.shape
+    return lax.dynamic_slice_in_dim(x5, start, size, axis=3).reshape(B, G, R * size, d)
 
 
-def _row_positions(qi, block_q, G):
-    return qi * block_q + jnp.tile(jnp.arange(block_q), G)  # [G*bq], row r -> query position
+def _row_positions(qi, block_q, R):
+    return qi * block_q + jnp.tile(jnp.arange(block_q), R)  # [R*bq], row r -> query position
 
 
 def _xla_block_scores(qb, kb, q_pos, kj, block_k, prefix_B, cfg):
-    """Masked scaled scores of a folded query block against key block kj: [B, KV, G*bq, bk] f32."""
+    """Masked scaled scores of a folded query block against key block kj: [B, G, R*bq, bk] f32."""
     s = jnp.einsum("bhrd,bhsd->bhrs", qb, kb, preferred_element_type=jnp.float32) * cfg.scale
     k_pos = kj * block_k + jnp.arange(block_k)
     vis = visible_mask(q_pos[None, :, None], k_pos[None, None, :], prefix_B[:, None, None],
@@ -276,13 +279,13 @@ def _xla_block_scores(qb, kb, q_pos, kj, block_k, prefix_B, cfg):
 
 
 def _xla_forward(q5, k4, v4, prefix_B, cfg):
-    B, KV, G, t_pad, hd = q5.shape
+    B, G, R, t_pad, hd = q5.shape
     bq, bk = cfg.block_q, cfg.block_k
     max_prefix = jnp.max(prefix_B)
 
     def q_block(qi):
         qb = _fold_rows(q5, qi * bq, bq)
-        q_pos = _row_positions(qi, bq, G)
+        q_pos = _row_positions(qi, bq, R)
         n_blocks = last_key_block(qi, max_prefix, bq, bk, cfg.seq_len) + 1
 
         def body(kj, carry):
@@ -298,18 +301,18 @@ def _xla_forward(q5, k4, v4, prefix_B, cfg):
                 "bhrs,bhsd->bhrd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
             return m_new, l, acc
 
-        rows = G * bq
-        init = (jnp.full((B, KV, rows), -jnp.inf, jnp.float32), jnp.zeros((B, KV, rows), jnp.float32),
-                jnp.zeros((B, KV, rows, hd), jnp.float32))
+        rows = R * bq
+        init = (jnp.full((B, G, rows), -jnp.inf, jnp.float32), jnp.zeros((B, G, rows), jnp.float32),
+                jnp.zeros((B, G, rows, hd), jnp.float32))
         m, l, acc = lax.fori_loop(0, n_blocks, body, init)
         # Every query row sees key 0 (0 <= t), so l > 0 after block 0.
         return (acc / l[..., None]).astype(q5.dtype), m + jnp.log(l)
 
     o_blocks, lse_blocks = lax.map(q_block, jnp.arange(t_pad // bq))
-    # [nq, B, KV, G*bq, ...] -> [B, KV, G, Tp, ...]
+    # [nq, B, G, R*bq, ...] -> [B, G, R, Tp, ...]
     nq = t_pad // bq
-    o5 = o_blocks.reshape(nq, B, KV, G, bq, hd).transpose(1, 2, 3, 0, 4, 5).reshape(B, KV, G, t_pad, hd)
-    lse = lse_blocks.reshape(nq, B, KV, G, bq).transpose(1, 2, 3, 0, 4).reshape(B, KV, G, t_pad)
+    o5 = o_blocks.reshape(nq, B, G, R, bq, hd).transpose(1, 2, 3, 0, 4, 5).reshape(B, G, R, t_pad, hd)
+    lse = lse_blocks.reshape(nq, B, G, R, bq).transpose(1, 2, 3, 0, 4).reshape(B, G, R, t_pad)
     return o5, lse
 
 
@@ -325,11 +328,11 @@ def _xla_flash_fwd(q5, k4, v4, prefix_B, cfg):
 
 def _xla_flash_bwd(cfg, res, do5):
     q5, k4, v4, prefix_B, o5, lse = res
-    B, KV, G, t_pad, hd = q5.shape
+    B, G, R, t_pad, hd = q5.shape
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     nq, nk = t_pad // bq, t_pad // bk
     max_prefix = jnp.max(prefix_B)
-    di = jnp.sum(do5.astype(jnp.float32) * o5.astype(jnp.float32), axis=-1)  # [B, KV, G, Tp]
+    di = jnp.sum(do5.astype(jnp.float32) * o5.astype(jnp.float32), axis=-1)  # [B, G, R, Tp]
     lse5, di5 = lse[..., None], di[..., None]
 
     def p_and_ds(qi, kj):
@@ -339,7 +342,7 @@ def _xla_flash_bwd(cfg, res, do5):
         di_b = _fold_rows(di5, qi * bq, bq)[..., 0]
         kb = lax.dynamic_slice_in_dim(k4, kj * bk, bk, axis=2)
         vb = lax.dynamic_slice_in_dim(v4, kj * bk, bk, axis=2)
-        s = _xla_block_scores(qb, kb, _row_positions(qi, bq, G), kj, bk, prefix_B, cfg)
+        s = _xla_block_scores(qb, kb, _row_positions(qi, bq, R), kj, bk, prefix_B, cfg)
         p = jnp.exp(s - lse_b[..., None])
         dp = jnp.einsum("bhrd,bhsd->bhrs", dob, vb, preferred_element_type=jnp.float32)
         ds = p * (dp - di_b[..., None])
@@ -351,7 +354,7 @@ def _xla_flash_bwd(cfg, res, do5):
             return dq + jnp.einsum("bhrs,bhsd->bhrd", ds.astype(kb.dtype), kb,
                                    preferred_element_type=jnp.float32)
         n_blocks = last_key_block(qi, max_prefix, bq, bk, cfg.seq_len) + 1
-        dq = lax.fori_loop(0, n_blocks, body, jnp.zeros((B, KV, G * bq, hd), jnp.float32))
+        dq = lax.fori_loop(0, n_blocks, body, jnp.zeros((B, G, R * bq, hd), jnp.float32))
         return (dq * cfg.scale).astype(q5.dtype)
 
     def dkv_block(kj):
@@ -365,12 +368,12 @@ def _xla_flash_bwd(cfg, res, do5):
             return dk, dv
         first = first_query_block(kj, max_prefix, bq, bk, cfg.seq_len)
         n_q = jnp.where(kj * bk < cfg.seq_len, nq, first)  # all-padding key block: no work
-        zeros = jnp.zeros((B, KV, bk, hd), jnp.float32)
+        zeros = jnp.zeros((B, G, bk, hd), jnp.float32)
         dk, dv = lax.fori_loop(first, n_q, body, (zeros, zeros))
         return (dk * cfg.scale).astype(k4.dtype), dv.astype(v4.dtype)
 
     dq_blocks = lax.map(dq_block, jnp.arange(nq))
-    dq5 = dq_blocks.reshape(nq, B, KV, G, bq, hd).transpose(1, 2, 3, 0, 4, 5).reshape(q5.shape)
+    dq5 = dq_blocks.reshape(nq, B, G, R, bq, hd).transpose(1, 2, 3, 0, 4, 5).reshape(q5.shape)
     dk_blocks, dv_blocks = lax.map(dkv_block, jnp.arange(nk))
     dk4 = dk_blocks.transpose(1, 2, 0, 3, 4).reshape(k4.shape)
     dv4 = dv_blocks.transpose(1, 2, 0, 3, 4).reshape(v4.shape)
@@ -398,16 +401,16 @@ class _PallasConfig:
     count_blocks: bool = False  # debug: also return how many blocks each grid row computed
 
 
-def _pick_block_h(G, block_q, max_rows, block_h):
+def _pick_block_h(R, block_q, max_rows, block_h):
     if block_h is not None:
-        if G % block_h:
+        if R % block_h:
             raise ValueError(f"AttentionBlockSizes.block_h={block_h} must divide the group size "
-                             f"H // KV = {G}")
+                             f"H // G = {R}")
         return block_h
-    return max(d for d in range(1, G + 1) if G % d == 0 and (d == 1 or d * block_q <= max_rows))
+    return max(d for d in range(1, R + 1) if R % d == 0 and (d == 1 or d * block_q <= max_rows))
 
 
-def _pallas_config(T, G, scale, bs, interpret, count_blocks=False, head_dim=128):
+def _pallas_config(T, R, scale, bs, interpret, count_blocks=False, head_dim=128):
     from jax.experimental.pallas import tpu as pltpu
 
     if interpret is True:
@@ -431,7 +434,7 @@ def _pallas_config(T, G, scale, bs, interpret, count_blocks=False, head_dim=128)
 
     bq, bk = fit(bs.block_q), fit(bs.block_k)
     bqb, bkb = fit(bs.block_q_bwd or bs.block_q), fit(bs.block_k_bwd or bs.block_k)
-    bh = _pick_block_h(G, max(bq, bqb), bs.max_rows, bs.block_h)
+    bh = _pick_block_h(R, max(bq, bqb), bs.max_rows, bs.block_h)
     # Heads sit side by side in the lane dimension ([B, T, heads * hd]); on the TPU a head's
     # lane slice must be 128-aligned, so other head sizes are zero-padded (scores unchanged).
     hd = head_dim if interpret or head_dim % _LANES == 0 else _round_up(head_dim, _LANES)
@@ -448,8 +451,8 @@ def _pallas_layout(x, t_pad, head_dim):
 
 def _pallas_attention(q, k, v, prefix_B, scale, bs, interpret):
     B, T, H, hd = q.shape
-    KV = k.shape[2]
-    cfg, t_pad = _pallas_config(T, H // KV, scale, bs, interpret, head_dim=hd)
+    G = k.shape[2]
+    cfg, t_pad = _pallas_config(T, H // G, scale, bs, interpret, head_dim=hd)
     q2, k2, v2 = (_pallas_layout(x, t_pad, cfg.head_dim) for x in (q, k, v))
     out = _pallas_flash(q2, k2, v2, prefix_B, cfg)
     return out.reshape(B, t_pad, H, cfg.head_dim)[:, :T, :, :hd]
@@ -474,10 +477,10 @@ def _row_dot_kernel(do_ref, o_ref, di_ref, *, cfg):
 
 
 def _row_dot(do2, o2, cfg):
-    """di = rowsum(do * o) per query head: [B, Tp, H*hd] x2 -> [B, H, 1, Tp] float32.
+    """di = rowsum(do * o) per query head: [B, Tp, H·K] x2 -> [B, H, 1, Tp] float32.
 
-    A small Pallas kernel: in XLA the per-head reduction over a lane slice of [B, Tp, H*hd]
-    costs a relayout copy of a float32 [B, Tp, H*hd] array."""
+    A small Pallas kernel: in XLA the per-head reduction over a lane slice of [B, Tp, H·K]
+    costs a relayout copy of a float32 [B, Tp, H·K] array."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
 
@@ -516,7 +519,7 @@ def _count_spec_and_shape(pl, grid_rows, index_map):
 
 
 def _head(ref, h, head_dim):
-    """Static lane slice of head h from a [rows, heads * hd] block (128-aligned on the TPU)."""
+    """Static lane slice of head h from a [rows, heads·K] block (128-aligned on the TPU)."""
     return ref[:, h * head_dim:(h + 1) * head_dim]
 
 
@@ -579,12 +582,12 @@ def _pallas_forward(q2, k2, v2, prefix_B, cfg):
 
     hd = cfg.head_dim
     B, t_pad, H = q2.shape[0], q2.shape[1], q2.shape[2] // hd
-    KV = k2.shape[2] // hd
-    G = H // KV
+    G = k2.shape[2] // hd
+    R = H // G
     bq, bk, bh = cfg.block_q, cfg.block_k, cfg.block_h
-    n_hb = G // bh
+    n_hb = R // bh
     nq, nk = t_pad // bq, t_pad // bk
-    grid = (B, KV * n_hb, nq, nk)
+    grid = (B, G * n_hb, nq, nk)
 
     def q_map(b, hb, qi, kj, prefix_ref):
         return b, qi, hb
@@ -605,7 +608,7 @@ def _pallas_forward(q2, k2, v2, prefix_B, cfg):
     out_shape = [jax.ShapeDtypeStruct(q2.shape, q2.dtype),
                  jax.ShapeDtypeStruct((B, H, 1, t_pad), jnp.float32)]
     if cfg.count_blocks:
-        spec, shape = _count_spec_and_shape(pl, (B, KV * n_hb, nq),
+        spec, shape = _count_spec_and_shape(pl, (B, G * n_hb, nq),
                                             lambda b, hb, qi, kj, p: (b, hb, qi, 0, 0))
         out_specs.append(spec)
         out_shape.append(shape)
@@ -680,10 +683,10 @@ def _pallas_dq(q2, k2, v2, do2, lse, di, prefix_B, cfg):
 
     hd = cfg.head_dim
     B, t_pad, H = q2.shape[0], q2.shape[1], q2.shape[2] // hd
-    KV = k2.shape[2] // hd
-    G = H // KV
+    G = k2.shape[2] // hd
+    R = H // G
     bq, bk, bh = cfg.block_q_bwd, cfg.block_k_bwd, cfg.block_h
-    n_hb = G // bh
+    n_hb = R // bh
     nq, nk = t_pad // bq, t_pad // bk
 
     def q_map(b, hb, qi, kj, prefix_ref):
@@ -702,7 +705,7 @@ def _pallas_dq(q2, k2, v2, do2, lse, di, prefix_B, cfg):
     out_specs = [q_spec]
     out_shape = [jax.ShapeDtypeStruct(q2.shape, q2.dtype)]
     if cfg.count_blocks:
-        spec, shape = _count_spec_and_shape(pl, (B, KV * n_hb, nq),
+        spec, shape = _count_spec_and_shape(pl, (B, G * n_hb, nq),
                                             lambda b, hb, qi, kj, p: (b, hb, qi, 0, 0))
         out_specs.append(spec)
         out_shape.append(shape)
@@ -714,7 +717,7 @@ def _pallas_dq(q2, k2, v2, do2, lse, di, prefix_B, cfg):
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(B, KV * n_hb, nq, nk),
+            num_scalar_prefetch=1, grid=(B, G * n_hb, nq, nk),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
             out_specs=out_specs, scratch_shapes=[pltpu.VMEM((bh, bq, hd), jnp.float32)]),
         out_shape=out_shape,
@@ -778,10 +781,10 @@ def _pallas_dkv(q2, k2, v2, do2, lse, di, prefix_B, cfg):
 
     hd = cfg.head_dim
     B, t_pad, H = q2.shape[0], q2.shape[1], q2.shape[2] // hd
-    KV = k2.shape[2] // hd
-    G = H // KV
+    G = k2.shape[2] // hd
+    R = H // G
     bq, bk, bh = cfg.block_q_bwd, cfg.block_k_bwd, cfg.block_h
-    n_hb = G // bh
+    n_hb = R // bh
     nq, nk = t_pad // bq, t_pad // bk
 
     def clamped_qi(b, kj, qi, prefix_ref):
@@ -803,7 +806,7 @@ def _pallas_dkv(q2, k2, v2, do2, lse, di, prefix_B, cfg):
     out_specs = [kv_spec, kv_spec]
     out_shape = [jax.ShapeDtypeStruct(k2.shape, k2.dtype), jax.ShapeDtypeStruct(v2.shape, v2.dtype)]
     if cfg.count_blocks:
-        spec, shape = _count_spec_and_shape(pl, (B, KV, nk),
+        spec, shape = _count_spec_and_shape(pl, (B, G, nk),
                                             lambda b, kv, kj, hb, qi, p: (b, kv, kj, 0, 0))
         out_specs.append(spec)
         out_shape.append(shape)
@@ -815,7 +818,7 @@ def _pallas_dkv(q2, k2, v2, do2, lse, di, prefix_B, cfg):
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(B, KV, nk, n_hb, nq),
+            num_scalar_prefetch=1, grid=(B, G, nk, n_hb, nq),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
             out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((bk, hd), jnp.float32), pltpu.VMEM((bk, hd), jnp.float32)]),
@@ -829,7 +832,7 @@ def _pallas_dkv(q2, k2, v2, do2, lse, di, prefix_B, cfg):
 
 
 def pallas_kernel_inputs(q, k, v, block_sizes, interpret, *, count_blocks=False):
-    """(cfg, t_pad, q2, k2, v2): the config and the [B, Tp, heads*hd] inputs the kernels take."""
+    """(cfg, t_pad, q2, k2, v2): the config and the [B, Tp, heads·K] inputs the kernels take."""
     B, T, H, hd = q.shape
     cfg, t_pad = _pallas_config(T, H // k.shape[2], 1.0 / math.sqrt(hd), block_sizes, interpret,
                                 count_blocks, head_dim=hd)
@@ -840,7 +843,7 @@ def pallas_block_counts(q, k, v, prefix_len, block_sizes, *, interpret=True):
     """Debug: how many (query block, key block) pairs each Pallas kernel computed.
 
     Runs the forward, dq and dk/dv kernels (interpret mode by default) with a counter output.
-    Returns (fwd [B, KV*head_blocks, q_blocks], dq [same], dkv [B, KV, k_blocks]) int arrays,
+    Returns (fwd [B, G*head_blocks, q_blocks], dq [same], dkv [B, G, k_blocks]) int arrays,
     the _PallasConfig and the padded length, so tests can check that fully masked blocks were
     skipped.
     """

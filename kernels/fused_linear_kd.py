@@ -231,7 +231,7 @@ def _grad_logits_tile(ins, rows, *, rho, row0, col0, n_tokens, vocab):
     s, rt = _logit_tiles(ins, rho)
     cols = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     row_ids = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    ds = _kd.grad_tile(s, rt, cols == ins["y"][...], {k: r[...] for k, r in rows.items()})
+    ds = _kd.grad_tile(s, rt, cols == _kd.load_row(ins["y"]), {k: _kd.load_row(r) for k, r in rows.items()})
     return jnp.where((cols < vocab) & (row_ids < n_tokens), ds, 0.0)
 
 
@@ -274,7 +274,7 @@ def _bwd_embed_kernel(*refs, teacher, row_names, acc_scratch, rho, n_tokens, voc
                            n_tokens=n_tokens, vocab=vocab)
     hs = ins["hs"][...]
     hs_rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (hs.shape[0], 1), 0)
-    keep = (hs_rows < n_tokens) & (rows["g_p"][...] != 0.0)  # padded rows, zero-cotangent (masked) rows
+    keep = (hs_rows < n_tokens) & (_kd.load_row(rows["g_p"]) != 0.0)  # padded rows, zero-cotangent (masked) rows
     hs = jnp.where(keep, hs, jnp.zeros_like(hs))
     acc[...] += jnp.dot(ds.T.astype(hs.dtype), hs, preferred_element_type=jnp.float32)
 
@@ -330,18 +330,18 @@ def _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret):
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(n_tok_blocks, pl.cdiv(vocab, bv)),
             in_specs=mats + [rspec, rspec], out_specs=[rspec] * len(names),
-            scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * len(_kd.carry_names(has_teacher))),
-        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * len(names),
+            scratch_shapes=_kd.row_scratch(bt, len(_kd.carry_names(has_teacher)))),
+        out_shape=_kd.row_outputs(n, len(names)),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
             flops=int(analytic_flops(n, vocab, d_s, d_t, backward=False)),
             transcendentals=int((2 if has_teacher else 1) * n * vocab),
             bytes_accessed=int(_nbytes(hs, *(teacher or ())[:1]) + n_tok_blocks * _nbytes(*embeddings)
-                               + 4 * (2 + len(names)) * n)),
+                               + 4 * _kd.LANES * (2 + len(names)) * n)),
         interpret=interpret,
         name="fused_linear_kd_fwd" if has_teacher else "fused_linear_ce_fwd",
-    )(hs, es, *(teacher or ()), y[:, None], _label_logit(hs, es, y)[:, None])
-    return {k: o[:, 0] for k, o in zip(names, outs)}
+    )(hs, es, *(teacher or ()), _kd.to_lanes(y), _kd.to_lanes(_label_logit(hs, es, y)))
+    return {k: _kd.from_lanes(o) for k, o in zip(names, outs)}
 
 
 def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret):
@@ -349,13 +349,14 @@ def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret):
     bt, bv = _blocks_for(hs, es, teacher, block_sizes)
     n_tok_blocks, n_voc_blocks = pl.cdiv(n, bt), pl.cdiv(vocab, bv)
     row_names, row_operands = _kd.ordered_rows(rows)
-    operands = (hs, es, *(teacher or ()), y[:, None], *row_operands)
+    operands = (hs, es, *(teacher or ()), _kd.to_lanes(y), *row_operands)
     has_teacher = teacher is not None
     one_kernel_flops = int(logits_flops(n, vocab, d_s, d_t) + grad_matmul_flops(n, vocab, d_s) // 2
                            + _kd.bwd_flops(n, vocab))
     hidden_bytes = _nbytes(hs, *(teacher or ())[:1])
     embed_bytes = _nbytes(es, *(teacher or ())[1:])
     prefix = "fused_linear_kd" if has_teacher else "fused_linear_ce"
+    row_bytes = 4 * _kd.LANES * (1 + len(row_names)) * n  # the lane-dense label and row operands
 
     def call(kernel, grid, token_axis, out_spec, out, acc_shape, bytes_accessed, name):
         mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=token_axis)
@@ -377,10 +378,10 @@ def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret):
 
     dhs = call(_bwd_hidden_kernel, (n_tok_blocks, n_voc_blocks), 0,
                pl.BlockSpec((bt, d_s), lambda i, j: (i, 0)), hs, (bt, d_s),
-               _nbytes(hs) + hidden_bytes + n_tok_blocks * embed_bytes + 32 * n, prefix + "_bwd_hidden")
+               _nbytes(hs) + hidden_bytes + n_tok_blocks * embed_bytes + row_bytes, prefix + "_bwd_hidden")
     des = call(_bwd_embed_kernel, (n_voc_blocks, n_tok_blocks), 1,
                pl.BlockSpec((bv, d_s), lambda j, i: (j, 0)), es, (bv, d_s),
-               _nbytes(es) + embed_bytes + n_voc_blocks * (hidden_bytes + 32 * n), prefix + "_bwd_embedding")
+               _nbytes(es) + embed_bytes + n_voc_blocks * (hidden_bytes + row_bytes), prefix + "_bwd_embedding")
     return dhs, des
 
 

@@ -363,18 +363,57 @@ def _grad_xla(s_NxV, t_NxV, y_N, rows, rho, chunk):
 
 ROW_ORDER = ("m_s", "log_l_s", "m_t", "log_l_t", "g_p", "g_y", "g_q")
 
+# Per-row vectors (labels, label logits, statistics, running carries) cross the Pallas boundary
+# and live in VMEM scratch LANE-DENSE, as ``[rows, LANES]`` with the value repeated along the
+# lanes (JAX's own flash attention keeps its ``l``/``m`` the same way): a ``[rows, 1]`` block
+# would be padded to full lanes in VMEM anyway and moved by narrow, strided DMAs.  Kernels
+# load a block and use lane 0 (:func:`load_row`) and store a broadcast (:func:`store_row`).
+LANES = 128
+
+
+def to_lanes(x_N):
+    """``[N]`` -> the lane-dense ``[N, LANES]`` operand (the value repeated along the lanes)."""
+    return jnp.broadcast_to(x_N[:, None], (x_N.shape[0], LANES))
+
+
+def from_lanes(x_NxL):
+    """A lane-dense ``[N, LANES]`` kernel output -> ``[N]``."""
+    return x_NxL[:, 0]
+
+
+def load_row(ref):
+    """A lane-dense row block ``[bt, LANES]`` -> the ``[bt, 1]`` column of values."""
+    return ref[...][:, :1]
+
+
+def store_row(ref, value_Bx1):
+    """Store a ``[bt, 1]`` column into a lane-dense ``[bt, LANES]`` block (repeated along lanes)."""
+    ref[...] = jnp.broadcast_to(value_Bx1, ref.shape).astype(ref.dtype)
+
 
 def row_spec(block_tokens, token_axis=0):
-    """BlockSpec of a per-row ``[N, 1]`` vector on a 2-D grid whose axis ``token_axis`` walks rows."""
+    """BlockSpec of a lane-dense per-row ``[N, LANES]`` operand on a 2-D grid whose axis
+    ``token_axis`` walks rows."""
     if token_axis == 0:
-        return pl.BlockSpec((block_tokens, 1), lambda i, j: (i, 0))
-    return pl.BlockSpec((block_tokens, 1), lambda j, i: (i, 0))
+        return pl.BlockSpec((block_tokens, LANES), lambda i, j: (i, 0))
+    return pl.BlockSpec((block_tokens, LANES), lambda j, i: (i, 0))
+
+
+def row_scratch(block_tokens, n_rows):
+    """``n_rows`` lane-dense float32 VMEM scratch blocks ``[block_tokens, LANES]``."""
+    return [pltpu.VMEM((block_tokens, LANES), jnp.float32)] * n_rows
+
+
+def row_outputs(n, n_rows):
+    """Shapes of ``n_rows`` lane-dense float32 per-row outputs ``[N, LANES]``."""
+    return [jax.ShapeDtypeStruct((n, LANES), jnp.float32)] * n_rows
 
 
 def ordered_rows(rows: dict) -> tuple:
-    """``(names, [N, 1] float32 operands)`` of the backward's row inputs, in :data:`ROW_ORDER`."""
+    """``(names, lane-dense [N, LANES] float32 operands)`` of the backward's row inputs, in
+    :data:`ROW_ORDER`."""
     names = tuple(k for k in ROW_ORDER if k in rows)
-    return names, tuple(rows[k].astype(jnp.float32)[:, None] for k in names)
+    return names, tuple(to_lanes(rows[k].astype(jnp.float32)) for k in names)
 
 
 def bind(refs, *groups):
@@ -391,25 +430,26 @@ def bind(refs, *groups):
 def stats_kernel_step(s, rt, ins, outs, acc, *, vocab, block_vocab):
     """Body of a forward statistics kernel on the grid (token blocks, vocab blocks ``"arbitrary"``),
     given the tile's float32 logits ``s`` and ``rt = ρ·t`` (``[bt, bv]``; ``rt`` None without a
-    teacher).  ``ins`` holds the ``"y"`` and ``"theta"`` ``[bt, 1]`` refs; ``outs`` the statistic
-    output refs and ``acc`` the VMEM scratch refs of the running carry, by name."""
+    teacher).  ``ins`` holds the ``"y"`` and ``"theta"`` refs; ``outs`` the statistic output refs
+    and ``acc`` the VMEM scratch refs of the running carry, by name (all lane-dense
+    ``[bt, LANES]``)."""
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
-        for name, value in stats_init(ins["y"].shape, teacher=rt is not None).items():
-            acc[name][...] = value
+        for name, value in stats_init((s.shape[0], 1), teacher=rt is not None).items():
+            store_row(acc[name], value)
 
     cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    carry = stats_update({k: r[...] for k, r in acc.items()}, s, rt, cols < vocab, cols, ins["y"][...],
-                         ins["theta"][...])
+    carry = stats_update({k: load_row(r) for k, r in acc.items()}, s, rt, cols < vocab, cols,
+                         load_row(ins["y"]), load_row(ins["theta"]))
     for name, value in carry.items():
-        acc[name][...] = value
+        store_row(acc[name], value)
 
     @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
-        for name, value in stats_finish({k: r[...] for k, r in acc.items()}).items():
-            outs[name][...] = value
+        for name, value in stats_finish({k: load_row(r) for k, r in acc.items()}).items():
+            store_row(outs[name], value)
 
 
 def _fwd_kernel(*refs, rho, vocab, block_vocab):
@@ -426,7 +466,7 @@ def _bwd_kernel(*refs, row_names, rho, vocab, n_tokens, block_tokens, block_voca
     rt = rho * ins["t"][...].astype(jnp.float32)
     cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     row_ids = i * block_tokens + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    ds = grad_tile(s, rt, cols == ins["y"][...], {k: r[...] for k, r in rows.items()})
+    ds = grad_tile(s, rt, cols == load_row(ins["y"]), {k: load_row(r) for k, r in rows.items()})
     outs["ds"][...] = jnp.where((cols < vocab) & (row_ids < n_tokens), ds, 0.0).astype(outs["ds"].dtype)
 
 
@@ -458,15 +498,15 @@ def _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
             num_scalar_prefetch=0, grid=(pl.cdiv(n, bt), pl.cdiv(vocab, bv)),
             in_specs=[tile_spec, tile_spec, row_spec(bt), row_spec(bt)],
             out_specs=[row_spec(bt)] * len(names),
-            scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32)] * len(carry_names(True))),
-        out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * len(names),
+            scratch_shapes=row_scratch(bt, len(carry_names(True)))),
+        out_shape=row_outputs(n, len(names)),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=int(fwd_flops(n, vocab)), transcendentals=int(2 * n * vocab),
-                                      bytes_accessed=int(in_bytes + 8 * n + 4 * len(names) * n)),
+                                      bytes_accessed=int(in_bytes + 4 * LANES * (2 + len(names)) * n)),
         interpret=interpret,
         name="kd_loss_fwd",
-    )(s_NxV, t_NxV, y_N[:, None], label_logit(s_NxV, y_N)[:, None])
-    return {k: o[:, 0] for k, o in zip(names, outs)}
+    )(s_NxV, t_NxV, to_lanes(y_N), to_lanes(label_logit(s_NxV, y_N)))
+    return {k: from_lanes(o) for k, o in zip(names, outs)}
 
 
 def _grad_pallas(s_NxV, t_NxV, y_N, rows, rho, block_sizes, interpret):
@@ -485,10 +525,10 @@ def _grad_pallas(s_NxV, t_NxV, y_N, rows, rho, block_sizes, interpret):
         out_shape=jax.ShapeDtypeStruct(s_NxV.shape, s_NxV.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         cost_estimate=pl.CostEstimate(flops=int(bwd_flops(n, vocab)), transcendentals=int(2 * n * vocab),
-                                      bytes_accessed=int(nbytes + 32 * n)),
+                                      bytes_accessed=int(nbytes + 4 * LANES * (1 + len(row_names)) * n)),
         interpret=interpret,
         name="kd_loss_bwd",
-    )(s_NxV, t_NxV, y_N[:, None], *row_operands)
+    )(s_NxV, t_NxV, to_lanes(y_N), *row_operands)
 
 
 # ----------------------------------------------------------------------------------------------

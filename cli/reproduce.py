@@ -11,11 +11,12 @@ from salt.runtime.presets import SIZES, TRANSITIONS
               help="Output directory (data, runs, scores, report.md, plots).")
 @click.option("--data", "data_dir", default=None, type=click.Path(),
               help="Use this prepared token store instead of preparing the embedded corpus.")
-@click.option("--size", "size", type=click.Choice(sorted(SIZES)), default="default",
+@click.option("--size", "size", type=click.Choice(sorted(SIZES)), default="small",
               show_default=True,
-              help="Named experiment (salt.runtime.presets): default (shows claims a, b; see "
-                   "docs/reproduction.md for its time), quick (smoke run, too small to test the "
-                   "claims), tiny (tests), paper-2.8b / paper-8.6b (the paper's runs).")
+              help="Named experiment (salt.runtime.presets): small (the default, ~16 min on 2 "
+                   "cores; tests claims a, b), medium (~1 h 45 min), quick (smoke run, too small "
+                   "to test the claims), tiny (tests), paper-2.8b / paper-8.6b (the paper's runs); "
+                   "measured outcomes in docs/reproduction.md.")
 @click.option("--preset-size", "size_alias", type=click.Choice(sorted(SIZES)), default=None,
               hidden=True)
 @click.option("--tiny", is_flag=True, help="Shorthand for --size tiny (for tests).")

@@ -16,8 +16,8 @@ Conventions (the model was trained on documents separated by EOS, no BOS):
   training); an empty context is EOS alone;
 * contexts longer than ``max_length`` (default: the run's training ``seq_len``) keep their
   last tokens;
-* ``loglikelihood`` sums the continuation's log-probabilities (float32 log-softmax on the
-  device) and reports whether every continuation token was the argmax;
+* ``loglikelihood`` sums the continuation's log-probabilities (float32, from the fused
+  cross-entropy kernel) and reports whether every continuation token was the argmax;
 * ``loglikelihood_rolling`` scores a whole text in disjoint windows of ``max_length``
   (the harness's ``get_rolling_token_windows``), the first conditioned on EOS;
 * ``generate_until`` decodes greedily (``salt.runtime.generate``) and cuts the text at the
@@ -43,23 +43,24 @@ from tqdm import tqdm
 
 from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.reference.config import ModelConfig
-from salt.runtime import model
+from salt.runtime import losses, model
 from salt.runtime.generate import LoadedModel, bucket_length, greedy_generate
 
 
 @functools.lru_cache(maxsize=16)
 def _score_fn(config: ModelConfig, dtype: str, attention_impl: str):
     """Compiled ``(params, inputs_BxT, targets_BxT) -> (logp_BxT, greedy_BxT)``: the
-    log-probability of each target and whether it is the argmax."""
+    log-probability of each target and whether it is the (first) argmax, from the runtime's one
+    loss entry point (:func:`salt.runtime.losses.token_parts`: ``logp = −ce``, ``greedy =
+    correct``; fused with the tied LM head unless ``attention_impl`` is "naive", so no
+    ``[B, T, V]`` logits at a large vocabulary)."""
     compute_dtype = jnp.dtype(dtype)
 
     def score(params, inputs_BxT, targets_BxT):
-        logits_BxTxV = model.forward(params, inputs_BxT, config, dtype=compute_dtype,
-                                     attention_impl=attention_impl)
-        logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-        logp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-        greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-        return logp_BxT, greedy_BxT
+        h_BxTxD = model.hidden(params, inputs_BxT, config, dtype=compute_dtype,
+                               attention_impl=attention_impl)
+        parts = losses.token_parts(h_BxTxD, params["embed"], targets_BxT, impl=attention_impl)
+        return -parts["ce"], parts["correct"] > 0
 
     return jax.jit(score)
 

@@ -1,4 +1,4 @@
-"""The ``salt reproduce`` statistics and verdicts: paired differences, seed pooling, claims (a)-(f).
+"""The ``salt reproduce`` statistics and verdicts: paired differences, seed pooling, claims (a)-(g).
 
 Everything here is a pure function of the numbers the experiment produced (per-window held-out
 statistics, a ``results`` dict and the runs' ``metrics.jsonl`` rows), so it can be re-computed
@@ -31,6 +31,12 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 PAPER = {"final": {"SLM": (57.70, 1.951), "BASELINE": (58.99, 1.868), "RKD": (58.46, 2.071),
                    "SALT": (59.10, 1.863), "SALT_DS": (59.17, 1.857)},
          "at_kd": {"BASELINE": (56.68, 2.011), "SALT": (57.21, 2.160), "SALT_DS": (56.47, 2.188)}}
+# Paper Table 11 (appendix J): LAMBADA accuracy in the SLM's easy / medium / hard tertiles,
+# at 36K steps (n_kd) and at 208K (the end).  No SALT_DS row; the SLM only at the end.
+PAPER_TABLE11 = {"final": {"SLM": (0.87, 0.00, 0.00), "BASELINE": (0.70, 0.29, 0.28),
+                           "RKD": (0.65, 0.17, 0.17), "SALT": (0.78, 0.38, 0.36)},
+                 "at_kd": {"BASELINE": (0.47, 0.12, 0.12), "RKD": (0.56, 0.11, 0.12),
+                           "SALT": (0.56, 0.11, 0.12)}}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -210,7 +216,7 @@ def _mean_model(results, name, phase, metric):
 
 
 def claims(results: dict) -> list[dict]:
-    """The paper's claims (a)-(f), each with the paper's numbers, ours and a status."""
+    """The paper's claims (a)-(g), each with the paper's numbers, ours and a status."""
     P = results.get("pooled", {})
     fin, kd = P.get("final", {}), P.get("at_kd", {})
 
@@ -269,10 +275,38 @@ def claims(results: dict) -> list[dict]:
                 "compute (cost = s* + min(s*, n_kd) × overhead < n)",
                 "paper": "≈146K of 208K steps (70%, few-shot, Table 2); overhead 12.0%; saving ≈28%",
                 "here": here, "status": status})
+    out.append(_cloze_claim(results.get("cloze") or {}))
     if not results.get("config", {}).get("claims_testable", True):
         for c in out:
             c["status"] = "too small to test"
     return out
+
+
+def _cloze_claim(cz: dict) -> dict:
+    """(g): SALT - BASELINE LAMBADA-style accuracy (and target log-likelihood) per
+    SLM-difficulty bucket, descriptive."""
+    cells, n_seeds = [], 0
+    for metric, label in (("accuracy", "accuracy"), ("loglik", "target log-lik")):
+        for phase in ("at_kd", "final"):
+            p = cz.get("pooled", {}).get(phase, {}).get("SALT-BASELINE", {}).get(metric)
+            if p:
+                n_seeds = p["all"]["n"]
+                cells.append(f"{label} {'n_kd' if phase == 'at_kd' else 'end'}: " + ", ".join(
+                    f"{b} {p[b]['mean']:+.3f} ± {p[b]['se']:.3f}" for b in BUCKETS))
+    if cells:
+        basis = ("one seed, ± per-passage paired s.e." if n_seeds == 1
+                 else f"{n_seeds} seeds, ± s.e. across seeds")
+        here = "; ".join(cells) + f" ({cz['n_passages']} passages; {basis})"
+    else:
+        here = "not measured" + (f" ({cz['skipped']})" if cz.get("skipped") else "")
+    paper = "; ".join(
+        f"{'n_kd' if phase == 'at_kd' else 'end'}: " + ", ".join(
+            f"{b} {s - base:+.2f}" for b, s, base in zip(BUCKETS, PAPER_TABLE11[phase]["SALT"],
+                                                          PAPER_TABLE11[phase]["BASELINE"]))
+        for phase in ("at_kd", "final"))
+    return {"id": "g", "claim": "SALT - BASELINE LAMBADA-style accuracy (and target log-likelihood, "
+            "nats) by SLM-difficulty bucket (appendix J)", "paper": f"Table 11: {paper}", "here": here,
+            "status": "descriptive"}
 
 
 def verdict_lines(results: dict) -> list[str]:

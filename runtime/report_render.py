@@ -10,7 +10,7 @@ import pathlib
 
 import numpy as np
 
-from salt.runtime.report import BUCKETS, PAPER, VARIANTS, train_rows, verdict_lines
+from salt.runtime.report import BUCKETS, PAPER, PAPER_TABLE11, VARIANTS, train_rows, verdict_lines
 
 
 # --------------------------------------------------------------------------- plots
@@ -203,6 +203,7 @@ def render_report(results: dict) -> str:
             cells = "".join(f" {100 * s['buckets'][b]['accuracy']:.2f} | {s['buckets'][b]['log_ppl']:.4f} |"
                             for b in BUCKETS)
             L.append(f"| {name} | {s.get('step') or '?'} |{cells}")
+    L.extend(_cloze_section(results))
     L.append("\n## Efficiency accounting (paper §5.2)\n")
     ov = results.get("overhead", {})
     if ov:
@@ -257,6 +258,73 @@ def render_report(results: dict) -> str:
                      + "/".join(f"{x:.1f}" for x in m["loadavg"]) + ". A load above the CPU count "
                      "means other work shared the machine and the times are inflated.")
     return "\n".join(L) + "\n"
+
+
+def _cloze_mean(results, name, phase):
+    """Seed means of one student's cloze summary (overall and per bucket), or None."""
+    rows = [r["models"].get(name, {}).get(phase) for r in results["cloze"]["per_seed"].values()]
+    rows = [r for r in rows if r]
+    if not rows:
+        return None
+    return {m: float(np.mean([r[m] for r in rows])) for m in ("accuracy", "loglik")} | {
+        "buckets": {b: {m: float(np.mean([r["buckets"][b][m] for r in rows]))
+                        for m in ("accuracy", "loglik")} for b in BUCKETS}}
+
+
+def _cloze_section(results: dict) -> list[str]:
+    """The LAMBADA-style task by SLM-difficulty bucket (paper appendix J, Table 11)."""
+    cz, cfg = results.get("cloze"), results["config"]
+    L = ["\n## LAMBADA-style last word by SLM-difficulty bucket (paper appendix J, Table 11)\n"]
+    if not cz:
+        return L + ["Not measured."]
+    if cz.get("skipped"):
+        return L + [f"Not measured: {cz['skipped']} ({cz['n_candidates']} sentence-final words in "
+                    f"{cz['n_documents']} held-out documents)."]
+    sizes = cz["bucket_sizes"]
+    L.append(f"{cz['n_passages']} passages from the {cz['n_documents']} held-out (validation-split) "
+             f"documents, which no model trained on ({cz['n_candidates']} sentence-final words before "
+             f"the window and length rules): the last word of a sentence predicted from the text "
+             f"before it in its document, {cz['mean_tokens']:.0f} tokens per passage on average of "
+             f"at most {cfg['seq_len'] + 1} (EOS + context + target; {cz['mean_target_tokens']:.1f} "
+             "target tokens). A passage is correct when every target token is the argmax "
+             "(LAMBADA's accuracy); the mean log-likelihood of the target's tokens (nats) is "
+             "given too, since small models get few passages right. Buckets: tertiles of the final "
+             "SLM's ranking (correct first, "
+             "ties by its log-likelihood of the target; sizes "
+             + " / ".join(str(sizes[b]) for b in BUCKETS) + "). Accuracy as a fraction, mean over "
+             f"{len(cz['per_seed'])} seed(s); the paper's Table 11 (2.8B student, LAMBADA) beside. "
+             "docs/evaluation.md describes the task.\n")
+    if not cfg.get("claims_testable", True):
+        L.append(f"Size `{cfg.get('size')}` is too small to test: read nothing into these numbers.\n")
+    L.append("| model | step | acc easy | acc medium | acc hard | acc all | log-lik easy | "
+             "log-lik medium | log-lik hard | log-lik all | paper easy | paper medium | paper hard |")
+    L.append("| --- | ---: |" + " ---: |" * 11)
+
+    def row(name, step, s, paper):
+        cells = "".join(f" {s['buckets'][b]['accuracy']:.3f} |" for b in BUCKETS)
+        cells += f" {s['accuracy']:.3f} |"
+        cells += "".join(f" {s['buckets'][b]['loglik']:.3f} |" for b in BUCKETS)
+        cells += f" {s['loglik']:.3f} |"
+        ref = "".join(f" {x:.2f} |" for x in paper) if paper else " — | — | — |"
+        return f"| {name} | {step:,} |{cells}{ref}"
+
+    L.append(row("SLM", cfg["teacher_steps"], cz["slm"], PAPER_TABLE11["final"]["SLM"]))
+    for phase, step in (("at_kd", cfg["kd_steps"]), ("final", cfg["steps"])):
+        for name in VARIANTS:
+            s = _cloze_mean(results, name, phase)
+            if s:
+                L.append(row(name, step, s, PAPER_TABLE11[phase].get(name)))
+    L.append("\nPaired per passage (model − BASELINE; mean ± s.e. over the passages of a bucket):\n")
+    L.append("| seed | comparison | step | metric | easy | medium | hard | all |")
+    L.append("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for seed, r in cz["per_seed"].items():
+        for phase, step in (("at_kd", cfg["kd_steps"]), ("final", cfg["steps"])):
+            for key, d in r["paired"].get(phase, {}).items():
+                for m, label in (("accuracy", "accuracy"), ("loglik", "log-lik")):
+                    cells = "".join(f" {d[m][b]['mean']:+.3f} ± {d[m][b]['se']:.3f} |"
+                                    for b in BUCKETS + ("all",))
+                    L.append(f"| {seed} | {key} | {step:,} | {label} |{cells}")
+    return L
 
 
 def write_report(results: dict, out_dir) -> str:

@@ -15,6 +15,10 @@ training stage resumes from its last checkpoint):
    (bit-identical to SALT trained from scratch; tested);
 5. ``overhead``  KD-step vs standard-step time, interleaved in one process (``salt bench step``);
 6. ``eval``      per-window held-out statistics of every kept checkpoint; cached in ``OUT/eval/``;
+   ``cloze``     the LAMBADA-style last-word task on held-out passages: the final SLM and every
+                 student at n_kd and at the end, by SLM-difficulty bucket (``salt.runtime.cloze``,
+                 paper appendix J); cached in ``OUT/eval/cloze/``.  It reads only finished runs,
+                 so a reproduction finished before this stage existed runs just this stage;
 7. ``report``    ``OUT/report.md``, ``OUT/results.json`` and PNG plots (``salt.runtime.report``).
 
 Re-running with different settings in the same ``OUT`` is refused unless ``--overwrite`` (which
@@ -266,7 +270,7 @@ def teacher_sharpness(run_dir, step, data_dir, cfg) -> dict:
 
 def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the whole reproduction; returns the results dict (also in results.json)."""
-    from salt.runtime import evaluate, report, report_render, score as score_mod
+    from salt.runtime import cloze, evaluate, report, report_render, score as score_mod
     from salt.runtime.checkpoint import all_steps, write_json_atomic
 
     cfg.validate()
@@ -297,7 +301,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         if data_dir.exists():
             shutil.rmtree(data_dir)
         kwargs = {} if cfg.vocab_size is None else {"vocab_size": cfg.vocab_size}
-        prepare(str(data_dir), **kwargs)
+        prepare(str(data_dir), progress=progress, **kwargs)
         state.finish("data", time.time() - t0)
     from salt.data import TokenStore
 
@@ -422,6 +426,12 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         state.finish("sharpness", 0.0, **teacher_sharpness(slm_dir, cfg.teacher_steps, data_dir, cfg))
     if not state.done("eval"):
         state.finish("eval", time.time() - t0)
+    t0 = time.time()
+    if not state.done("cloze"):
+        _say("scoring the LAMBADA-style last-word task (held-out passages, SLM-difficulty buckets)")
+    cloze_result = cloze.reproduce_stage(out, cfg, data_dir, VARIANTS)
+    if not state.done("cloze"):
+        state.finish("cloze", time.time() - t0, n_passages=cloze_result["n_passages"])
 
     # 7. accounting + report ---------------------------------------------------------------
     from salt.reference.config import get_preset, param_count
@@ -449,6 +459,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     results["selection"] = {k: sel[k] for k in ("n_scored", "n_train_windows", "n_excluded", "m", "clipped",
                                                 "score_median", "selected_median", "zero_fraction")
                             if k in sel}
+    results["cloze"] = cloze_result
     results["claims"] = report.claims(results)
     metrics = {}
     for seed in cfg.student_seeds():

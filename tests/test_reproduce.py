@@ -2,6 +2,7 @@
 (bit-identical to SALT from scratch), report rendering, and `salt reproduce --tiny` end to end."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -165,8 +166,11 @@ def tiny_data(tmp_path_factory):
     from salt.data import prepare
 
     root = tmp_path_factory.mktemp("rep")
-    prepare(root / "data", [make_tiny_corpus(root / "src")], vocab_size=300, val_fraction=0.2,
-            progress=False)
+    src = make_tiny_corpus(root / "src")
+    for f in sorted(src.iterdir()):  # sentences, for the last-word task (salt.runtime.cloze)
+        words = f.read_text().split()
+        f.write_text(" ".join(w + "." * (i % 9 == 8) for i, w in enumerate(words)) + "\n")
+    prepare(root / "data", [src], vocab_size=300, val_fraction=0.2, progress=False)
     return root / "data"
 
 
@@ -228,7 +232,8 @@ def test_reproduce_tiny_two_seeds_end_to_end_and_resume(tmp_path, tiny_data):
     assert r.exit_code == 0, r.output
     report = (out / "report.md").read_text()
     for heading in ("## Verdict per claim", "Table 1 style", "## By difficulty bucket",
-                    "## Efficiency accounting", "## Data selection", "## Plots", "## Wall time"):
+                    "## LAMBADA-style last word by SLM-difficulty bucket", "## Efficiency accounting",
+                    "## Data selection", "## Plots", "## Wall time"):
         assert heading in report
     assert "TOO SMALL TO TEST THE CLAIMS" in report and "2 seeds, 95% t-interval" in report
     for png in ("train_accuracy.png", "train_log_ppl.png", "val_log_ppl.png", "paired_difference.png"):
@@ -250,11 +255,29 @@ def test_reproduce_tiny_two_seeds_end_to_end_and_resume(tmp_path, tiny_data):
     assert results["sharpness"]["entropy"] <= results["sharpness"]["uniform_entropy"] + 1e-6
     sel = np.load(out / "selection.npy", allow_pickle=False)
     assert sel.size == 4 * 4 and results["selection"]["m"] == 16
+    cz = results["cloze"]  # the last-word task: every model at n_kd and at the end, two seeds
+    assert cz["n_passages"] >= 30 and sum(cz["bucket_sizes"].values()) == cz["n_passages"]
+    for seed in ("5", "6"):
+        models = cz["per_seed"][seed]["models"]
+        assert all(set(models[name]) == {"at_kd", "final"} for name in R.VARIANTS)
+        assert models["RKD"]["at_kd"] == models["SALT"]["at_kd"]
+    assert "| SLM | 8 |" in report and "(g) SALT - BASELINE LAMBADA-style" in report
+    assert [c["status"] for c in results["claims"] if c["id"] == "g"] == ["too small to test"]
     # re-running skips every finished stage and reproduces the same numbers
     r = runner.invoke(cli, argv)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "state.json").read_text())["stages"] == state["stages"]
     assert json.loads((out / "results.json").read_text())["per_seed"] == results["per_seed"]
+    # a reproduction finished before the cloze stage existed: a re-run runs only that stage
+    old = json.loads((out / "state.json").read_text())
+    del old["stages"]["cloze"]
+    (out / "state.json").write_text(json.dumps(old))
+    shutil.rmtree(out / "eval" / "cloze")
+    r = runner.invoke(cli, argv)
+    assert r.exit_code == 0, r.output
+    stages = json.loads((out / "state.json").read_text())["stages"]
+    assert "cloze" in stages and {k: v for k, v in stages.items() if k != "cloze"} == old["stages"]
+    assert json.loads((out / "results.json").read_text())["cloze"] == results["cloze"]
     # more seeds extend the reproduction: the SLM and the selection are reused
     r = runner.invoke(cli, argv[:3] + ["3"] + argv[4:])
     assert r.exit_code == 0, r.output

@@ -44,7 +44,8 @@ def cache(teacher_run, teacher_step, data, top_k, steps, batch, seq_len, seed, s
         manifest = build(cfg, top_k=top_k, out=out, values_dtype=values_dtype, progress=not quiet)
     except (CacheError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    import numpy as np
-    per_token = top_k * (np.dtype(values_dtype if values_dtype != "bfloat16" else "uint16").itemsize
-                         + np.dtype(manifest["ids_dtype"]).itemsize) + 4  # + the float32 lse
-    click.echo(json.dumps({"cache": out, "steps": steps, "top_k": top_k, "bytes_per_token": per_token}))
+    from salt.runtime.teacher_cache import stored_bytes
+    size = stored_bytes(out)
+    click.echo(json.dumps({"cache": out, "steps": steps, "top_k": top_k, "values_dtype": values_dtype,
+                           "ids_dtype": manifest["ids_dtype"], "bytes": size,
+                           "bytes_per_token": size / (steps * batch * seq_len)}))

@@ -50,6 +50,34 @@ def _paths(cache: pathlib.Path, step0: int) -> dict:
     return {name: cache / f"{stem}.{name}.npy" for name in ("logits", "ids", "lse")}
 
 
+def write_step(cache, step0: int, top_BxTxK, ids_BxTxK, lse_BxT, *, values_dtype: str, ids_dtype) -> None:
+    """Write 0-based step ``step0``'s three files, each atomically (temp + rename), ``lse`` last:
+    the step is done once its ``lse`` file exists."""
+    paths = _paths(pathlib.Path(cache), step0)
+    outputs.save_npy(paths["logits"], _encode_logits(np.asarray(top_BxTxK, np.float32), values_dtype))
+    outputs.save_npy(paths["ids"], np.asarray(ids_BxTxK).astype(ids_dtype))
+    outputs.save_npy(paths["lse"], np.asarray(lse_BxT, np.float32))
+
+
+def stored_bytes(cache) -> int:
+    """The bytes of a cache's step files on disk (``.npy`` headers included; not ``cache.json``)."""
+    return sum(p.stat().st_size for p in pathlib.Path(cache).glob("step_*.npy"))
+
+
+def bytes_per_token(top_k: int, vocab: int, *, values_dtype: str = "bfloat16", batch: int = 8,
+                    seq_len: int = 128) -> float:
+    """On-disk bytes per target position of a cache with these settings, measured: one step of
+    ``[batch, seq_len]`` is written with :func:`write_step` into a temporary directory and its
+    files' sizes (``.npy`` headers included) are divided by ``batch * seq_len``."""
+    import tempfile
+    shape = (batch, seq_len, top_k)
+    with tempfile.TemporaryDirectory(prefix="salt-cache-size-") as tmp:
+        write_step(tmp, 0, np.zeros(shape, np.float32), np.zeros(shape, np.int64), np.zeros(shape[:2], np.float32),
+                   values_dtype=values_dtype, ids_dtype=ids_dtype(vocab))
+        size = sum(p.stat().st_size for p in _paths(pathlib.Path(tmp), 0).values())
+    return size / (batch * seq_len)
+
+
 def _encode_logits(top_BxTxK: np.ndarray, values_dtype: str) -> np.ndarray:
     if values_dtype in ("float16", "float32"):
         return top_BxTxK.astype(values_dtype)
@@ -64,6 +92,25 @@ def _decode_logits(stored: np.ndarray, values_dtype: str) -> np.ndarray:
     return stored.view(ml_dtypes.bfloat16).astype(np.float32)
 
 
+def make_topk_fn(t_config, vocab: int, k: int, attention: str):
+    """``jit((teacher_params, windows_BxT1) -> (top_BxTxK f32, ids_BxTxK i32, lse_BxT f32))``: the
+    teacher's top-k logits (descending, ties to the lower id), their ids and the full-vocabulary
+    lse over the tokenizer's ``vocab`` ids, from the same hidden states and streaming top-k
+    (:func:`salt.kernels.topk_kd.teacher_topk`) as the online top-k KD step."""
+    import jax
+
+    from salt.kernels.topk_kd import teacher_topk
+    from salt.runtime import model
+
+    @jax.jit
+    def run(params, windows_BxT1):
+        hidden = model.hidden(params, windows_BxT1[:, :-1], t_config, attention_impl=attention)
+        B, T, D = hidden.shape
+        top, ids, lse = teacher_topk(hidden.reshape(B * T, D), params["embed"][:vocab], k, with_lse=True)
+        return top.reshape(B, T, k), ids.reshape(B, T, k), lse.reshape(B, T)
+    return run
+
+
 def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: bool = True) -> dict:
     """Build (or resume building) the cache ``out`` for the KD phase of ``cfg`` (a
     :class:`salt.runtime.config.TrainConfig`: teacher, teacher_step, data, batch, seq_len, seed,
@@ -71,8 +118,7 @@ def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: boo
     import jax
     import jax.numpy as jnp
 
-    from salt.kernels.topk_kd import teacher_topk
-    from salt.runtime import model, train as train_mod
+    from salt.runtime import train as train_mod
     from salt.runtime.config import TrainError
 
     if values_dtype not in VALUE_DTYPES:
@@ -110,22 +156,14 @@ def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: boo
         if diffs:
             raise CacheError(f"--out {str(out)!r} holds a teacher cache of other settings ({', '.join(diffs)} "
                              "differ); choose another --out")
-        for tmp in out.glob(".step_*.npy.*.tmp"):  # our own temporaries, left by a killed build
-            tmp.unlink()
+        for tmp in [*out.glob(".step_*.npy.*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")]:
+            tmp.unlink()  # our own temporaries, left by a killed build
     outputs.write_json(manifest_path, dict(key, complete=False))
 
     vocab = store.vocab_size
 
     from salt.runtime.config import resolve_kernels
-    attention = resolve_kernels(cfg.kernels)  # the attention the KD step would run
-
-    @jax.jit
-    def run(params, windows_BxT1):
-        inputs = windows_BxT1[:, :-1]
-        hidden = model.hidden(params, inputs, t_config, attention_impl=attention)
-        B, T, D = hidden.shape
-        top, ids, lse = teacher_topk(hidden.reshape(B * T, D), params["embed"][:vocab], top_k, with_lse=True)
-        return top.reshape(B, T, top_k), ids.reshape(B, T, top_k), lse.reshape(B, T)
+    run = make_topk_fn(t_config, vocab, top_k, resolve_kernels(cfg.kernels))  # the KD step's attention
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.kd_steps, desc="teacher cache", disable=not progress, dynamic_ncols=True)
@@ -136,9 +174,7 @@ def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: boo
                 bar.update(1)
                 continue
             top, ids, lse = jax.device_get(run(t_params, jnp.asarray(kd_loader.batch(step0))))
-            outputs.save_npy(paths["logits"], _encode_logits(np.asarray(top), values_dtype))
-            outputs.save_npy(paths["ids"], np.asarray(ids).astype(key["ids_dtype"]))
-            outputs.save_npy(paths["lse"], np.asarray(lse, np.float32))  # last: marks the step done
+            write_step(out, step0, top, ids, lse, values_dtype=values_dtype, ids_dtype=key["ids_dtype"])
             bar.update(1)
     finally:
         bar.close()

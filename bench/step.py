@@ -18,9 +18,9 @@ mesh.  Reported:
   third step is timed in the same interleaved loop: KD from a teacher cache (``salt teacher
   cache``; no teacher forward).  Its timed call includes reading the step's files from a real
   on-disk cache (one step written by :func:`salt.runtime.teacher_cache.write_step`, bfloat16
-  logits) and decoding them; reported as ratios to the standard and the online-teacher step,
-  with the cache's on-disk bytes per token for k = 16, 64, 128 (measured from written files, at
-  this vocabulary and at the paper's V = 256,000).
+  logits) and decoding them (that part is also reported on its own); reported as ratios to the
+  standard and the online-teacher step, with the cache's on-disk bytes per token for k = 16, 64,
+  128 (measured from written files, at this vocabulary and at the paper's V = 256,000).
 """
 from __future__ import annotations
 
@@ -114,14 +114,18 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         t_arg = t_params if kind == "kd" else None
         inputs = windows
         if kind == "cached":  # the trainer's per-step work: read + decode the step, then upload
+            t = time.perf_counter()
             logits, ids = cache.batch(0, kd_topk)
             inputs = {"tokens": windows, "topk_logits": sharding.global_batch_array(logits, mesh, batch),
                       "topk_ids": sharding.global_batch_array(ids, mesh, batch)}
+            jax.block_until_ready(inputs)
+            read_s.append(time.perf_counter() - t)
         p, o, m = compiled[kind](state["params"], state["opt"], t_arg, inputs, step_arr, hyper)
         jax.block_until_ready((p, o, m))
         state["params"], state["opt"] = p, o  # the step donates its inputs
 
     names = [k[0] for k in kinds]
+    read_s = []
     try:
         for _ in range(warmup):
             for kind in names:
@@ -178,6 +182,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         t_cached = statistics.median(times["cached"])
         result.update({
             "cached_step_s": t_cached, "cached_ratio": t_cached / t_std, "cached_vs_online": t_cached / t_kd,
+            "cache_read_s": statistics.median(read_s[-iters:]),
             "cached_tokens_per_s": tokens / t_cached, "cached_temp_bytes": memory(compiled["cached"]),
             "cached_compile_s": compiled["cached_compile_s"],
             "cache_bytes_per_token": {str(v): {str(k): bytes_per_token(k, v, batch=batch, seq_len=seq_len)
@@ -245,6 +250,8 @@ def format_report(r: dict) -> str:
             "forward; the timed call includes reading and decoding the step's files from disk)",
             f"time ratios: online-teacher KD/standard {r['measured_ratio']:.3f}, cached KD/standard "
             f"{r['cached_ratio']:.3f}, cached/online KD {r['cached_vs_online']:.3f}",
+            f"of the cached step's time, reading + decoding + uploading the step's cache files: "
+            f"{r['cache_read_s'] * 1e3:.1f} ms",
         ]
         for v, per_k in r["cache_bytes_per_token"].items():
             lines.append(f"teacher cache on disk (bfloat16 logits + ids + float32 lse), V = {int(v):,}: "

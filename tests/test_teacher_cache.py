@@ -175,6 +175,7 @@ def test_bench_step_times_the_cached_step(setup):
     r = run_benchmark("tiny-student", "tiny-teacher", vocab=300, batch=BATCH, seq_len=SEQ, optimizer="adamw",
                       iters=1, warmup=0, matmul_n=128, kd_topk=K, progress=False)
     assert r["kd_topk"] == K and r["cached_step_s"] > 0 and r["kd_step_s"] > 0
+    assert 0 < r["cache_read_s"] < r["cached_step_s"]
     assert r["cached_ratio"] == pytest.approx(r["cached_step_s"] / r["standard_step_s"])
     assert r["cached_vs_online"] == pytest.approx(r["cached_step_s"] / r["kd_step_s"])
     assert set(r["cache_bytes_per_token"]) == {"300", "256000"}

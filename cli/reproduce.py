@@ -16,7 +16,9 @@ DEFAULT_CACHE_TOPK = 64  # --teacher-cache auto without --kd-topk: top-64 KD (sa
 @click.option("--size", "size", type=click.Choice(sorted(SIZES)), default="small",
               show_default=True,
               help="Named experiment (salt.runtime.presets): small (the default, ~16 min on 2 "
-                   "cores; tests claims a, b), medium (~1 h 45 min), quick (smoke run, too small "
+                   "cores; the paper's ω, ρ), small-rho1 (~13 min; ρ = 1, a weaker SLM: the "
+                   "ablation that shows claims a, b at CPU scale), medium (~1 h 45 min), quick "
+                   "(smoke run, too small "
                    "to test the claims), tiny (tests), paper-2.8b / paper-8.6b (the paper's runs); "
                    "measured outcomes in docs/reproduction.md.")
 @click.option("--preset-size", "size_alias", type=click.Choice(sorted(SIZES)), default=None,

@@ -309,6 +309,15 @@ def _cloze_claim(cz: dict) -> dict:
             "status": "descriptive"}
 
 
+def ablated(cfg: dict) -> list[str]:
+    """The distillation settings of a reproduction config that differ from the paper's
+    (ω = 0.667, ρ = 0.25, step transition), as ``"ρ = 1.0 (paper 0.25)"``."""
+    from salt.reference.config import PAPER_OMEGA, PAPER_RHO
+    paper = {"omega": ("ω", PAPER_OMEGA), "rho": ("ρ", PAPER_RHO), "transition": ("transition", "step")}
+    return [f"{sym} = {cfg[key]} (paper {value})" for key, (sym, value) in paper.items()
+            if key in cfg and cfg[key] != value]
+
+
 def verdict_lines(results: dict) -> list[str]:
     """One plain line per claim, for the terminal and the report."""
     n = len(results.get("seeds", [])) or 1
@@ -319,6 +328,10 @@ def verdict_lines(results: dict) -> list[str]:
     if not results.get("config", {}).get("claims_testable", True):
         lines.append(f"SIZE {results['config'].get('size')!r} IS TOO SMALL TO TEST THE CLAIMS: it is "
                      "a smoke run of the pipeline; read no verdict into its numbers.")
+    changed = ablated(results.get("config", {}))
+    if changed:
+        lines.append("ABLATION: " + ", ".join(changed) + "; the verdicts are for these settings, "
+                     "not the paper's.")
     for c in results.get("claims", []):
         lines.append(f"({c['id']}) {c['claim']}: {c['status'].upper()} — here {c['here']}; "
                      f"paper {c['paper']}")

@@ -158,6 +158,25 @@ def test_render_report_and_plots(tmp_path):
     assert open(path).read() == text
 
 
+def test_report_warns_when_the_kd_target_is_near_uniform():
+    res = _synthetic_results({"BASELINE": (0.0, 0.0), "RKD": (0.1, 0.3), "SALT": (0.1, 0.02),
+                              "SALT_DS": (0.12, 0.03)}, n_seeds=1)
+    flat = {"entropy": 8.11, "uniform_entropy": math.log(4096), "top10_mass": 0.02, "rho": 0.25}
+    sharp = dict(flat, entropy=4.24, top10_mass=0.56, rho=1.0)
+    assert RR.near_uniform(flat) and not RR.near_uniform(sharp)
+    assert "close to uniform" in RR.render_report(dict(res, sharpness=flat))
+    assert "close to uniform" not in RR.render_report(dict(res, sharpness=sharp))
+
+
+def test_verdict_lines_name_settings_that_differ_from_the_paper():
+    res = _synthetic_results({"BASELINE": (0.0, 0.0), "RKD": (0.1, 0.3), "SALT": (0.1, -0.02),
+                              "SALT_DS": (0.12, -0.03)}, n_seeds=1)
+    assert not any(line.startswith("ABLATION") for line in R.verdict_lines(res))
+    res["config"] = dict(res["config"], rho=1.0, transition="linear")
+    assert R.ablated(res["config"]) == ["ρ = 1.0 (paper 0.25)", "transition = linear (paper step)"]
+    assert "ABLATION: ρ = 1.0 (paper 0.25), transition = linear (paper step)" in R.verdict_lines(res)[1]
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -13,11 +13,19 @@ mesh.  Reported:
 * the compiled temporary memory (``memory_analysis().temp_size_in_bytes``) of both steps;
 * unless ``--no-compare``: the same two steps with the full-logits loss (``loss_kernels="naive"``,
   the trainer's loss before the fused-linear kernels; attention unchanged), and the fused path's
-  time and memory relative to it.
+  time and memory relative to it;
+* with ``--kd-topk K``: the KD step is top-K KD (paper eq. 13-14) with the online teacher, and a
+  third step is timed in the same interleaved loop: KD from a teacher cache (``salt teacher
+  cache``; no teacher forward).  Its timed call includes reading the step's files from a real
+  on-disk cache (one step written by :func:`salt.runtime.teacher_cache.write_step`, bfloat16
+  logits) and decoding them (that part is also reported on its own); reported as ratios to the
+  standard and the online-teacher step, with the cache's on-disk bytes per token for k = 16, 64,
+  128 (measured from written files, at this vocabulary and at the paper's V = 256,000).
 """
 from __future__ import annotations
 
 import json
+import pathlib
 import statistics
 import sys
 import time
@@ -46,7 +54,9 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
                   optimizer: str = "adafactor", dtype: str = "float32", iters: int = 10,
                   warmup: int = 2, transition: str = "step", matmul_n: int = 1024,
                   kernels: str = "auto", loss_kernels: str | None = None,
-                  progress: bool = True) -> dict:
+                  kd_topk: int | None = None, progress: bool = True) -> dict:
+    import tempfile
+
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -72,22 +82,28 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     cfg = TrainConfig(preset=student_name, data="-", out="-", teacher="-", kd_steps=steps_total,
                             steps=steps_total, batch=batch, seq_len=seq_len, optimizer=optimizer,
                             dtype=dtype, warmup=0, transition=transition, kernels=kernels,
-                            kd_steps1=steps_total if transition != "step" else None)
+                            kd_steps1=steps_total if transition != "step" else None, kd_topk=kd_topk)
     hyper = jax.device_put(step_mod.hyperparameters(cfg), sharding.replicated(mesh))
+    kinds = [("standard", None, None, step_mod.abstract_of(windows)),
+             ("kd", teacher, step_mod.abstract_of(t_params), step_mod.abstract_of(windows))]
+    tmp = None
+    if kd_topk is not None:
+        from salt.runtime.train import cached_batch_abstract
+        kinds.append(("cached", None, None, cached_batch_abstract(cfg, mesh)))
+        tmp = tempfile.TemporaryDirectory(prefix="salt-bench-cache-")
+        cache = _one_step_cache(tmp.name, t_params, teacher, windows, kd_topk, vocab, kernels)
     compiled = {}
-    for kind, t_cfg, t_abs in (("standard", None, None),
-                               ("kd", teacher, step_mod.abstract_of(t_params))):
+    for kind, t_cfg, t_abs, w_abs in kinds:
         start = time.perf_counter()
         if loss_kernels is None:  # the trainer's own executable
-            compiled[kind] = step_mod.compiled_step(student, t_cfg, cfg, mesh, params_abs, opt_abs, t_abs,
-                                                    step_mod.abstract_of(windows))
+            compiled[kind] = step_mod.compiled_step(student, t_cfg, cfg, mesh, params_abs, opt_abs, t_abs, w_abs)
         else:
             fn = step_mod.make_step_fn(student, t_cfg, optimizer, transition=transition, rho=cfg.rho,
                                        dtype=dtype, kernels=resolve_kernels(kernels), mesh=mesh,
-                                       loss_kernels=loss_kernels)
+                                       loss_kernels=loss_kernels, kd_topk=kd_topk if t_cfg else None)
             out_sh = (step_mod.shardings_of(params_abs), step_mod.shardings_of(opt_abs),
                       sharding.replicated(mesh))
-            compiled[kind] = step_mod.compile_step(fn, params_abs, opt_abs, t_abs, step_mod.abstract_of(windows),
+            compiled[kind] = step_mod.compile_step(fn, params_abs, opt_abs, t_abs, w_abs,
                                                    mesh=mesh, out_shardings=out_sh)
         compiled[kind + "_compile_s"] = time.perf_counter() - start
 
@@ -96,19 +112,33 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
 
     def call(kind):
         t_arg = t_params if kind == "kd" else None
-        p, o, m = compiled[kind](state["params"], state["opt"], t_arg, windows, step_arr, hyper)
+        inputs = windows
+        if kind == "cached":  # the trainer's per-step work: read + decode the step, then upload
+            t = time.perf_counter()
+            logits, ids = cache.batch(0, kd_topk)
+            inputs = {"tokens": windows, "topk_logits": sharding.global_batch_array(logits, mesh, batch),
+                      "topk_ids": sharding.global_batch_array(ids, mesh, batch)}
+            jax.block_until_ready(inputs)
+            read_s.append(time.perf_counter() - t)
+        p, o, m = compiled[kind](state["params"], state["opt"], t_arg, inputs, step_arr, hyper)
         jax.block_until_ready((p, o, m))
         state["params"], state["opt"] = p, o  # the step donates its inputs
 
-    for _ in range(warmup):
-        call("standard")
-        call("kd")
-    times = {"standard": [], "kd": []}
-    for _ in tqdm(range(iters), desc="bench step", file=sys.stderr, disable=not progress):
-        for kind in ("standard", "kd"):
-            t = time.perf_counter()
-            call(kind)
-            times[kind].append(time.perf_counter() - t)
+    names = [k[0] for k in kinds]
+    read_s = []
+    try:
+        for _ in range(warmup):
+            for kind in names:
+                call(kind)
+        times = {kind: [] for kind in names}
+        for _ in tqdm(range(iters), desc="bench step", file=sys.stderr, disable=not progress):
+            for kind in names:
+                t = time.perf_counter()
+                call(kind)
+                times[kind].append(time.perf_counter() - t)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     matmul_rate = measure_matmul_rate(matmul_n)
 
     student_flops = model.train_step_flops(student, batch, seq_len)
@@ -123,8 +153,8 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         m = c.memory_analysis()
         return None if m is None else int(m.temp_size_in_bytes)
 
-    return {
-        "student": student.to_dict(), "teacher": teacher.to_dict(),
+    result = {
+        "student": student.to_dict(), "teacher": teacher.to_dict(), "kd_topk": kd_topk,
         "student_params": param_count(student), "teacher_params": param_count(teacher),
         "batch": batch, "seq_len": seq_len, "optimizer": optimizer, "dtype": dtype,
         "kernels": resolve_kernels(kernels),
@@ -147,6 +177,41 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         "xla_standard_flops": _xla_flops(compiled["standard"]),
         "xla_kd_flops": _xla_flops(compiled["kd"]),
     }
+    if kd_topk is not None:
+        from salt.runtime.teacher_cache import bytes_per_token
+        t_cached = statistics.median(times["cached"])
+        result.update({
+            "cached_step_s": t_cached, "cached_ratio": t_cached / t_std, "cached_vs_online": t_cached / t_kd,
+            "cache_read_s": statistics.median(read_s[-iters:]),
+            "cached_tokens_per_s": tokens / t_cached, "cached_temp_bytes": memory(compiled["cached"]),
+            "cached_compile_s": compiled["cached_compile_s"],
+            "cache_bytes_per_token": {str(v): {str(k): bytes_per_token(k, v, batch=batch, seq_len=seq_len)
+                                               for k in CACHE_KS} for v in sorted({vocab, PAPER_VOCAB})}})
+    return result
+
+
+CACHE_KS = (16, 64, 128)
+PAPER_VOCAB = 256_000
+
+
+def _one_step_cache(path, t_params, teacher, windows, k, vocab, kernels):
+    """A real one-step teacher cache (bfloat16 logits) of the teacher on ``windows``, opened."""
+    import jax
+
+    from salt.data import outputs
+    from salt.runtime import teacher_cache
+    from salt.runtime.config import resolve_kernels
+
+    run = teacher_cache.make_topk_fn(teacher, vocab, k, resolve_kernels(kernels))
+    top, ids, lse = jax.device_get(run(t_params, windows))
+    B, T = lse.shape
+    manifest = {"format": teacher_cache.CACHE_FORMAT, "vocab": vocab, "top_k": k, "steps": 1, "batch": B,
+                "seq_len": T, "values_dtype": "bfloat16", "ids_dtype": teacher_cache.ids_dtype(vocab).name,
+                "teacher": {"path": "random parameters (salt bench step)", "step": 0, "manifest_sha256": None},
+                "complete": True}
+    teacher_cache.write_step(path, 0, top, ids, lse, values_dtype="bfloat16", ids_dtype=manifest["ids_dtype"])
+    outputs.write_json(pathlib.Path(path) / teacher_cache.MANIFEST, manifest)
+    return teacher_cache.TeacherCache(path)
 
 
 def _xla_flops(compiled):
@@ -176,6 +241,21 @@ def format_report(r: dict) -> str:
         f"{r['predicted_ratio']:.3f} ({r['difference_pp']:+.1f} percentage points)",
         f"float32 matmul rate of this machine: {r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s",
     ]
+    if r.get("kd_topk") is not None:
+        lines[4:4] = [
+            f"{'cached':<10}{r['cached_step_s'] * 1e3:>10.1f}ms{r['cached_tokens_per_s']:>12,.0f}"
+            f"{'':>10}{'':>11}{mb(r['cached_temp_bytes']):>12}"]
+        lines += [
+            f"KD is top-{r['kd_topk']} KD (paper eq. 13-14); 'cached': KD from a teacher cache (no teacher "
+            "forward; the timed call includes reading and decoding the step's files from disk)",
+            f"time ratios: online-teacher KD/standard {r['measured_ratio']:.3f}, cached KD/standard "
+            f"{r['cached_ratio']:.3f}, cached/online KD {r['cached_vs_online']:.3f}",
+            f"of the cached step's time, reading + decoding + uploading the step's cache files: "
+            f"{r['cache_read_s'] * 1e3:.1f} ms",
+        ]
+        for v, per_k in r["cache_bytes_per_token"].items():
+            lines.append(f"teacher cache on disk (bfloat16 logits + ids + float32 lse), V = {int(v):,}: "
+                         + ", ".join(f"k={k} {b:.1f} B/token" for k, b in per_k.items()))
     base = r.get("full_logits")
     if base:
         lines += [
@@ -188,6 +268,9 @@ def format_report(r: dict) -> str:
             f"KD/standard time ratio with full logits: {base['measured_ratio']:.3f} "
             f"({base['difference_pp']:+.1f} pp vs the FLOP prediction)",
         ]
+        if base.get("kd_topk") is not None:
+            lines.append(f"{'cached':<10}{base['cached_step_s'] * 1e3:>10.1f}ms{mb(base['cached_temp_bytes']):>12}"
+                         f"   fused/full-logits time {r['cached_step_s'] / base['cached_step_s']:.3f}")
     return "\n".join(lines)
 
 
@@ -206,11 +289,16 @@ def format_report(r: dict) -> str:
               show_default=True, help="Attention / KD-loss implementation (as salt train).")
 @click.option("--compare/--no-compare", default=True, show_default=True,
               help="Also time the steps with the full-logits loss (--kernels naive's loss).")
+@click.option("--kd-topk", "kd_topk", type=click.IntRange(min=1), default=None,
+              help="Top-K KD; also time the KD step from a teacher cache (no teacher forward) and "
+                   "report the cache's bytes per token.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def cli(student, teacher, vocab, batch, seq_len, optimizer, dtype, iters, warmup, kernels, compare, as_json):
-    """KD-step vs standard-step time (vs the FLOP prediction), tokens/s, FLOP/s, memory."""
+def cli(student, teacher, vocab, batch, seq_len, optimizer, dtype, iters, warmup, kernels, compare, kd_topk,
+        as_json):
+    """KD-step vs standard-step time (vs the FLOP prediction), tokens/s, FLOP/s, memory; with
+    --kd-topk also the KD step from a teacher cache."""
     common = dict(vocab=vocab, batch=batch, seq_len=seq_len, optimizer=optimizer, dtype=dtype, iters=iters,
-                  warmup=warmup, kernels=kernels)
+                  warmup=warmup, kernels=kernels, kd_topk=kd_topk)
     try:
         result = run_benchmark(student, teacher, **common)
         if compare:

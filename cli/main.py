@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": ("salt.cli.evaluate", "evaluate", "Held-out accuracy and log-perplexity, by bucket."),
     "reproduce": ("salt.cli.reproduce", "reproduce", "Run the paper's comparison end to end."),
     "bench": ("salt.cli.bench", "bench", "Benchmarks (kd-loss, step, score, data)."),
+    "teacher": ("salt.cli.teacher", "teacher", "Cache the teacher's top-k over a run's KD phase."),
     "presets": ("salt.cli.presets", "presets", "List model presets with exact parameter counts."),
     "plan": ("salt.cli.plan", "plan", "Compile the steps for a TPU topology: memory, fit, roofline."),
 }

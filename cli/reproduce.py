@@ -5,6 +5,8 @@ import click
 
 from salt.runtime.presets import SIZES, TRANSITIONS
 
+DEFAULT_CACHE_TOPK = 64  # --teacher-cache auto without --kd-topk: top-64 KD (salt teacher cache's default)
+
 
 @click.command("reproduce")
 @click.option("--out", default="salt-reproduce", show_default=True, type=click.Path(),
@@ -44,6 +46,13 @@ from salt.runtime.presets import SIZES, TRANSITIONS
 @click.option("--eval-windows", type=int, default=None, help="Held-out windows to evaluate.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--k", type=int, default=None, help="Top-k of the selection score (eq. 11).")
+@click.option("--kd-topk", "kd_topk", type=click.IntRange(min=1), default=None,
+              help="Top-K KD (paper eq. 13-14) for RKD, SALT, SALT_DS (default: full-vocabulary KD).")
+@click.option("--teacher-cache", "teacher_cache", type=click.Choice(["auto"]), default=None,
+              help="auto: build teacher caches once from the SLM (`salt teacher cache`: one per seed "
+                   "for the whole pool's order, one for SALT_DS's selected order) and run every KD "
+                   "phase from them, with no teacher forward.  The cache holds the top-K: implies "
+                   "top-K KD (--kd-topk, default 64).")
 @click.option("--side-by-side/--sequential", "side_by_side", default=None,
               help="Train students two at a time, one core each (default), or one after the other.")
 @click.option("--overwrite", is_flag=True,
@@ -63,6 +72,10 @@ def reproduce(out, data_dir, size, size_alias, tiny, overwrite, overwrite_alias,
     from salt.runtime.presets import config_for
     from salt.runtime.reproduce import run
 
+    if overrides.get("teacher_cache"):
+        overrides["teacher_cache"] = True
+        if overrides.get("kd_topk") is None:
+            overrides["kd_topk"] = DEFAULT_CACHE_TOPK
     size = "tiny" if tiny else (size_alias or size)
     try:
         cfg = config_for(size, out=out, data=data_dir, **overrides)

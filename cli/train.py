@@ -38,6 +38,9 @@ def _keep(ctx, param, value):
 @click.option("--kd-topk", "kd_topk", type=click.IntRange(min=1), default=None,
               help="Top-k KD (paper eq. 13-14): P and Q restricted to the teacher's top-K tokens and "
                    "renormalised over them (default: full-vocabulary KD).")
+@click.option("--teacher-cache", type=click.Path(), default=None,
+              help="A `salt teacher cache` directory: the KD phase reads the teacher's top-k from it "
+                   "(no teacher forward; needs --kd-topk K <= the cache's k; instead of --teacher).")
 @click.option("--transition", type=click.Choice(TRANSITIONS), default="step",
               show_default=True, help="How ω goes to 0 at the end of the KD phase.")
 @click.option("--kd-steps1", type=click.IntRange(min=0), default=None,

@@ -95,6 +95,7 @@ class TrainConfig:
     omega: float = PAPER_OMEGA
     rho: float = PAPER_RHO
     kd_topk: int | None = None  # top-k KD (paper eq. 13-14) over the teacher's top-k; None: full vocab
+    teacher_cache: str | None = None  # `salt teacher cache` output: the KD phase without a teacher forward
     transition: str = "step"
     kd_steps1: int | None = None
     steps: int = 100
@@ -172,7 +173,14 @@ class TrainConfig:
             bad("kd_steps1", f"must lie in [0, kd_steps={self.kd_steps}]")
         if self.transition != "step" and self.kd_steps1 is None and self.kd_steps > 0:
             bad("kd_steps1", f"is needed by transition={self.transition!r}")
-        if self.kd_steps > 0 and not self.teacher:
+        if self.teacher_cache is not None:
+            if self.kd_topk is None:
+                bad("teacher_cache", "holds the teacher's top-k: it needs --kd-topk K")
+            if self.objective != "causal":
+                bad("teacher_cache", "holds the teacher on plain windows: objective must be 'causal'")
+            if self.teacher:
+                bad("teacher_cache", "replaces the teacher: give --teacher or --teacher-cache, not both")
+        if self.kd_steps > 0 and not (self.teacher or self.teacher_cache):
             raise TrainError(f"kd_steps={self.kd_steps} needs a teacher (--teacher RUN_OR_CHECKPOINT)")
         if self.kd_topk is not None:
             if isinstance(self.kd_topk, bool) or not isinstance(self.kd_topk, int) or self.kd_topk < 1:

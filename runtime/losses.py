@@ -26,18 +26,19 @@ LOSS_IMPLS = ("naive", "xla", "pallas")
 
 def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0, rho=1.0,
                 impl: str = "xla", mesh=None, kd_topk: int | None = None, vocab: int | None = None,
-                vocab_chunks: int | None = None) -> dict:
+                vocab_chunks: int | None = None, teacher_topk=None) -> dict:
     """Per-position ``[B, T]`` float32 dict ``loss, ce, correct, n_greater`` (+ ``kd, kl`` with a
     teacher).  ``teacher``: ``(teacher_hidden_BxTxD_t, teacher_embed_VxD_t)`` or None (plain CE);
-    ``omega`` may be traced, ``rho`` is static.  ``mesh``: with more than one device the kernels run
-    under ``shard_map`` with the batch over ``data``: vocabulary-parallel
-    (:mod:`salt.kernels.vocab_parallel`, docs/design.md §11) when the mesh is ``data`` alone, the
-    batch and both widths split over it, no ``kd_topk``, and either ``vocab_chunks`` (its static
-    chunk count) is given or the embeddings hold at least :data:`VOCAB_PARALLEL_MIN_BYTES`
-    (``vocab_chunks`` None: the module's default count); otherwise the embeddings replicated,
-    their gradient summed."""
+    ``omega`` may be traced, ``rho`` is static.  ``teacher_topk``: ``(logits_BxTxK, ids_BxTxK)``, the
+    teacher's top-k set given (a teacher cache) instead of ``teacher``: top-k KD over it.
+    ``mesh``: with more than one device the kernels run under ``shard_map`` with the batch over
+    ``data``: vocabulary-parallel (:mod:`salt.kernels.vocab_parallel`, docs/design.md §11) when the
+    mesh is ``data`` alone, the batch and both widths split over it, no ``kd_topk`` or
+    ``teacher_topk``, and either ``vocab_chunks`` (its static chunk count) is given or the
+    embeddings hold at least :data:`VOCAB_PARALLEL_MIN_BYTES` (``vocab_chunks`` None: the module's
+    default count); otherwise the embeddings replicated, their gradient summed."""
     from salt.kernels.fused_linear_kd import fused_linear_ce_loss, fused_linear_kd_loss
-    from salt.kernels.topk_kd import fused_linear_topk_kd_loss
+    from salt.kernels.topk_kd import fused_linear_topk_kd_loss, topk_kd_loss_from_teacher_topk
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
     B, T, _ = hidden_BxTxD.shape
@@ -45,6 +46,11 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
     if teacher is not None:
         t_hidden, t_embed = (jax.lax.stop_gradient(x) for x in teacher)
         teacher = (t_hidden, cut_vocab(t_embed, vocab, "the teacher").astype(t_hidden.dtype))
+    cached = teacher_topk is not None
+    if cached:
+        if teacher is not None:
+            raise ValueError("give teacher or teacher_topk, not both")
+        teacher = tuple(jax.lax.stop_gradient(x) for x in teacher_topk)
 
     def kernel(h, e, y, w, *t):
         t = t or None
@@ -52,6 +58,9 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
         flat = lambda x: x.reshape(b * T, *x.shape[2:])  # noqa: E731
         if t is None:
             loss, parts = fused_linear_ce_loss(flat(h), e, flat(y), impl=impl, return_parts=True)
+        elif cached:
+            loss, parts = topk_kd_loss_from_teacher_topk(flat(h), e, flat(t[0]), flat(t[1]), flat(y), w, rho,
+                                                         impl=impl, return_parts=True)
         elif kd_topk is not None:
             loss, parts = fused_linear_topk_kd_loss(flat(h), e, flat(t[0]), t[1], flat(y), w, rho, kd_topk,
                                                     impl=impl, return_parts=True)
@@ -63,11 +72,11 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
     omega = jnp.asarray(omega, jnp.float32)
     if impl != "naive" and mesh is not None and mesh.size > 1:
         from jax.sharding import PartitionSpec as P
-        if _vocab_parallel_applies(mesh, B, embed_VxD, teacher, kd_topk, vocab_chunks):
+        if not cached and _vocab_parallel_applies(mesh, B, embed_VxD, teacher, kd_topk, vocab_chunks):
             return _vocab_parallel(hidden_BxTxD, embed_VxD, labels_BxT, teacher, omega, rho, impl, mesh,
                                    vocab_chunks)
         data = "data" if B % mesh.shape["data"] == 0 else None
-        t_specs = () if teacher is None else (P(data), P())
+        t_specs = () if teacher is None else (P(data), P(data) if cached else P())
         kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(P(data), P(), P(data), P()) + t_specs,
                                out_specs=P(data), check_vma=False)
     return kernel(hidden_BxTxD, embed_VxD, labels_BxT.astype(jnp.int32), omega, *(teacher or ()))

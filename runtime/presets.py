@@ -45,6 +45,8 @@ class ReproduceConfig:
     overhead_iters: int = 6          # interleaved KD / standard step timings (salt bench step)
     claims_testable: bool = True     # False: the report says the size is too small to test
     side_by_side: bool = True        # students two at a time, one core each (else sequential)
+    kd_topk: int | None = None       # top-K KD (paper eq. 13-14) for every KD run; None: full vocabulary
+    teacher_cache: bool = False      # KD from teacher caches built once from the SLM (implies top-K KD)
 
     def student_seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
@@ -78,6 +80,11 @@ class ReproduceConfig:
             raise ValueError(f"transition must be one of {TRANSITIONS}, got {self.transition!r}")
         if self.transition != "step" and self.kd_steps1 is None:
             raise ValueError(f"transition {self.transition!r} needs kd_steps1 (end of constant ω)")
+        if self.kd_topk is not None and (isinstance(self.kd_topk, bool) or not isinstance(self.kd_topk, int)
+                                         or self.kd_topk < 1):
+            raise ValueError(f"kd_topk must be a positive integer, got {self.kd_topk!r}")
+        if self.teacher_cache and self.kd_topk is None:
+            raise ValueError("teacher_cache holds the teacher's top-K only: it needs kd_topk (top-K KD)")
         if self.warmup > min(self.steps, self.teacher_steps):
             raise ValueError(f"warmup ({self.warmup}) must be <= steps and teacher_steps")
 

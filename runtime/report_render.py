@@ -157,6 +157,7 @@ def render_report(results: dict) -> str:
         L.append(f"Parameters (non-embedding): SLM {p['teacher_non_embedding']:,}, student "
                  f"{p['student_non_embedding']:,}; vocabulary {p['vocab_size']:,}. Training tokens: "
                  f"SLM {t.get('teacher', 0):,}, each student {t.get('student', 0):,}.")
+    L.extend(_kd_lines(results))
     sh = results.get("sharpness")
     if sh:
         L.append(f"Teacher sharpness (final SLM, held-out): entropy of softmax(ρ·t) at ρ = {sh['rho']} "
@@ -228,6 +229,7 @@ def render_report(results: dict) -> str:
                  f"{100 * ov['predicted']:.1f}%; paper: 12.0% measured). The standard step runs at "
                  f"{100 * ov['standard_fraction_of_matmul']:.0f}% of this machine's measured float32 "
                  f"matmul rate ({ov['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s).\n")
+    L.extend(_cache_lines(results))
     for seed, r in results["per_seed"].items():
         for name, e in r.get("efficiency", {}).items():
             if e["steps_needed"] is None:
@@ -272,6 +274,38 @@ def render_report(results: dict) -> str:
                      + "/".join(f"{x:.1f}" for x in m["loadavg"]) + ". A load above the CPU count "
                      "means other work shared the machine and the times are inflated.")
     return "\n".join(L) + "\n"
+
+
+def _kd_lines(results: dict) -> list[str]:
+    """What the KD of RKD / SALT / SALT_DS was: full-vocabulary or top-K, online or from a cache."""
+    kd = results.get("kd")
+    if not kd:
+        return []
+    if kd.get("topk") is None:
+        return ["KD is full-vocabulary KD (paper eq. 3-4), the teacher run online in every KD step."]
+    k = kd["topk"]
+    where = ("read from teacher caches built once from the final SLM (`salt teacher cache`; no teacher "
+             "forward in the KD steps)" if kd.get("teacher_cache") else "the teacher run online in every KD step")
+    return [f"KD is **top-{k} KD** (paper eq. 13-14: the student's and the teacher's distributions "
+            f"restricted to the teacher's top-{k} tokens and renormalised there; the CE term stays "
+            f"full-vocabulary), not full-vocabulary KD; {where}."]
+
+
+def _cache_lines(results: dict) -> list[str]:
+    tc = (results.get("kd") or {}).get("teacher_cache")
+    if not tc:
+        return []
+    size = sum(b["bytes"] for b in tc["builds"].values())
+    per_token = ", ".join(f"{name.split('/', 1)[1]} {b['bytes_per_token']:.0f}" for name, b in tc["builds"].items())
+    lines = [f"Teacher caches (top-{results['kd']['topk']}, bfloat16 logits, ids, float32 lse): "
+             f"{len(tc['builds'])} built in **{tc['build_s']:.1f} s** in all, {size / 2 ** 20:.1f} MiB on disk "
+             f"(bytes per token: {per_token}). {tc['cached_kd_steps']:,} KD steps read them. KD step with "
+             f"the online teacher {1000 * tc['online_kd_step_s']:.1f} ms vs from the cache "
+             f"{1000 * tc['cached_kd_step_s']:.1f} ms (timed alternately in one process, `salt bench step "
+             f"--kd-topk`) → KD-phase time saved {tc['kd_phase_saved_s']:.1f} s, net of the builds "
+             f"**{tc['net_saved_s']:+.1f} s** (the efficiency accounting below counts the online-teacher "
+             "overhead, as the paper does).\n"]
+    return lines
 
 
 def _cloze_mean(results, name, phase):

@@ -59,6 +59,9 @@ class _State:
         settings = dataclasses.asdict(cfg)
         settings.pop("out")
         settings.pop("seeds")  # more --seeds extend a reproduction (stages are per seed)
+        for name, default in (("kd_topk", None), ("teacher_cache", False)):  # newer settings: a
+            if settings.get(name) == default:  # reproduction from before they existed still matches
+                settings.pop(name)
         if self.path.is_file():
             old = json.loads(self.path.read_text())
             old.get("settings", {}).pop("seeds", None)
@@ -97,14 +100,20 @@ def _say(msg: str) -> None:
 
 def train_config(cfg: ReproduceConfig, run_dir, data_dir, *, preset: str, steps: int, kd_steps: int,
                  checkpoint_every: int, seed: int, batch: int | None = None, teacher=None,
-                 subset=None, resume: bool = False, transition: str | None = None):
+                 subset=None, resume: bool = False, transition: str | None = None, teacher_cache=None):
     """The TrainConfig of one run of the reproduction (``transition`` overrides cfg's: RKD's
-    ω is constant for the whole run whatever SALT's transition is)."""
+    ω is constant for the whole run whatever SALT's transition is).  A KD run is top-K KD when
+    ``cfg.kd_topk`` is set; ``teacher_cache``: its KD phase reads that cache instead of running
+    ``teacher``."""
     from salt.runtime.train import TrainConfig
 
     transition = transition or cfg.transition
+    if teacher_cache is not None:
+        teacher = None
     return TrainConfig(preset=preset, data=str(data_dir), out=str(run_dir),
                        teacher=None if teacher is None else str(teacher), kd_steps=kd_steps,
+                       kd_topk=cfg.kd_topk if kd_steps else None,
+                       teacher_cache=None if teacher_cache is None else str(teacher_cache),
                        omega=cfg.omega, rho=cfg.rho, transition=transition,
                        kd_steps1=cfg.kd_steps1 if kd_steps and transition != "step" else None,
                        steps=steps, batch=batch or cfg.batch, seq_len=cfg.seq_len,
@@ -266,6 +275,54 @@ def teacher_sharpness(run_dir, step, data_dir, cfg) -> dict:
             "uniform_entropy": float(math.log(config.vocab_size)), "rho": cfg.rho}
 
 
+def teacher_caches(cfg: ReproduceConfig, state, out, data_dir, slm_dir, selection_path, progress) -> dict:
+    """Build (or resume) the teacher caches of the KD phases: per seed, one over the whole pool's
+    order (``all``: RKD's ``n`` KD steps; SALT's first ``n_kd`` are the same windows) and one over
+    SALT_DS's selected order (``selected``: ``n_kd`` steps).  The final SLM, top-``cfg.kd_topk``,
+    bfloat16 logits.  Returns ``{(seed, order): cache directory}``; stage ``teacher cache/…``
+    records each build's wall time and size."""
+    from salt.runtime import teacher_cache
+
+    caches = {}
+    for seed in cfg.student_seeds():
+        for order, steps, subset in (("all", cfg.steps, None), ("selected", cfg.kd_steps, selection_path)):
+            path = out / "teacher_cache" / f"{order}-seed{seed}"
+            caches[(seed, order)] = path
+            stage = f"teacher cache/{order}-seed{seed}"
+            if state.done(stage):
+                continue
+            t0 = time.time()
+            _say(f"caching the SLM's top-{cfg.kd_topk} over {steps} KD steps ({order} windows, seed {seed})")
+            tc = train_config(cfg, path, data_dir, preset=cfg.student_preset, steps=steps, kd_steps=steps,
+                              checkpoint_every=cfg.eval_every, seed=seed, teacher=slm_dir, subset=subset)
+            teacher_cache.build(tc, top_k=cfg.kd_topk, out=path, progress=progress)  # resumes a killed build
+            state.finish(stage, time.time() - t0, steps=steps, bytes=teacher_cache.stored_bytes(path),
+                         tokens=steps * cfg.batch * cfg.seq_len)
+    return caches
+
+
+def kd_summary(cfg: ReproduceConfig, state, overhead: dict, forked: bool) -> dict:
+    """What the KD was (full vocabulary or top-K) and, with teacher caches, their measured cost
+    and the wall time they saved: cache build time against the KD steps run from them times the
+    measured (interleaved ``salt bench step``) difference of the online-teacher and cached KD step."""
+    kd = {"topk": cfg.kd_topk, "teacher_cache": None}
+    if not cfg.teacher_cache:
+        return kd
+    builds = {stage: info for stage, info in state.data["stages"].items() if stage.startswith("teacher cache/")}
+    build_s = sum(info["seconds"] for info in builds.values())
+    # KD steps read from a cache, per seed: RKD's n, SALT_DS's n_kd, SALT's n_kd unless forked from RKD
+    cached_steps = len(cfg.student_seeds()) * (cfg.steps + cfg.kd_steps + (0 if forked else cfg.kd_steps))
+    per_step = overhead["kd_step_s"] - overhead["cached_step_s"]
+    kd["teacher_cache"] = {
+        "build_s": build_s, "builds": {k: {"seconds": v["seconds"], "bytes": v["bytes"], "steps": v["steps"],
+                                           "bytes_per_token": v["bytes"] / v["tokens"]} for k, v in builds.items()},
+        "cached_kd_steps": cached_steps, "online_kd_step_s": overhead["kd_step_s"],
+        "cached_kd_step_s": overhead["cached_step_s"], "kd_phase_saved_s": cached_steps * per_step,
+        "net_saved_s": cached_steps * per_step - build_s,
+        "bytes_per_token": overhead.get("cache_bytes_per_token")}
+    return kd
+
+
 # --------------------------------------------------------------------------- the job
 
 def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
@@ -279,7 +336,8 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
                              inputs=[cfg.data] if force and cfg.data else ())
     if force and (out / "state.json").is_file():
-        for child in ("runs", "eval", "scores.npz", "selection.npy", "results.json", "report.md"):
+        for child in ("runs", "eval", "teacher_cache", "scores.npz", "selection.npy", "results.json",
+                      "report.md"):
             p = out / child
             if p.is_dir():
                 shutil.rmtree(p)
@@ -343,6 +401,10 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
                      selected_median=float(np.median(selected[np.isfinite(selected)]))
                      if np.isfinite(selected).any() else math.nan)
 
+    # 3b. teacher caches: the SLM's top-K over every KD phase's windows, computed once ---------
+    caches = teacher_caches(cfg, state, out, data_dir, slm_dir, selection_path, progress) \
+        if cfg.teacher_cache else {}
+
     # 4. students, per seed ----------------------------------------------------------------
     plan = {"BASELINE": dict(kd_steps=0),
             "RKD": dict(kd_steps=cfg.steps, teacher=slm_dir, transition="step"),
@@ -353,8 +415,11 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     for seed in cfg.student_seeds():
         for name in ("BASELINE", "RKD", "SALT_DS", "SALT"):  # SALT last: it waits for RKD
             run_dir = runs / f"{name}-seed{seed}"
+            order = "selected" if name == "SALT_DS" else "all"
             tc = train_config(cfg, run_dir, data_dir, preset=cfg.student_preset, steps=cfg.steps,
-                              checkpoint_every=cfg.eval_every, seed=seed, **plan[name])
+                              checkpoint_every=cfg.eval_every, seed=seed,
+                              teacher_cache=caches.get((seed, order)) if name != "BASELINE" else None,
+                              **plan[name])
             forked = name == "SALT" and fork
             jobs.append((f"{name}/seed{seed}", tc, forked, f"RKD/seed{seed}" if forked else None))
     jobs = [j for j in jobs if not state.done(j[0])]
@@ -391,10 +456,12 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         b = run_benchmark(cfg.student_preset, cfg.teacher_preset, vocab=store.vocab_size,
                           batch=cfg.batch, seq_len=cfg.seq_len, optimizer=cfg.optimizer,
                           iters=cfg.overhead_iters, warmup=1, transition=cfg.transition,
-                          progress=False)
+                          kd_topk=cfg.kd_topk, progress=False)
         keys = ("standard_step_s", "kd_step_s", "measured_ratio", "predicted_ratio",
                 "matmul_flops_per_s", "standard_fraction_of_matmul", "kd_fraction_of_matmul",
                 "standard_tokens_per_s", "iters")
+        if cfg.kd_topk is not None:
+            keys += ("cached_step_s", "cached_ratio", "cached_vs_online", "cache_bytes_per_token")
         state.finish("overhead", time.time() - t0, **{k: b[k] for k in keys})
 
     # 6. evaluation ------------------------------------------------------------------------
@@ -443,7 +510,9 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
                 "overhead": ov["measured_ratio"] - 1.0, "predicted": ov["predicted_ratio"] - 1.0,
                 "matmul_flops_per_s": ov["matmul_flops_per_s"],
                 "standard_fraction_of_matmul": ov["standard_fraction_of_matmul"],
-                "kd_fraction_of_matmul": ov["kd_fraction_of_matmul"], "iters": ov["iters"]}
+                "kd_fraction_of_matmul": ov["kd_fraction_of_matmul"], "iters": ov["iters"],
+                **{k: ov[k] for k in ("cached_step_s", "cached_ratio", "cached_vs_online",
+                                      "cache_bytes_per_token") if k in ov}}
     for seed_result in per_seed.values():
         report.add_efficiency(seed_result, cfg.kd_steps, cfg.steps, overhead["overhead"])
     results = {"config": dataclasses.asdict(cfg), "seeds": cfg.student_seeds(), "slm": slm,
@@ -460,6 +529,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
                                                 "score_median", "selected_median", "zero_fraction")
                             if k in sel}
     results["cloze"] = cloze_result
+    results["kd"] = kd_summary(cfg, state, ov, fork)
     results["claims"] = report.claims(results)
     metrics = {}
     for seed in cfg.student_seeds():

@@ -38,7 +38,8 @@ def hyperparameters(cfg: TrainConfig) -> dict:
 def split_batch(batch):
     """A step's batch: the windows ``[B, T+1]`` alone (causal LM), or a dict with ``tokens``
     ``[B, T+1]``, ``prefix_len`` ``[B]`` (bidirectional prefix) and ``mask`` ``[B, T]`` (the target
-    positions that are scored), as the UL2 objective builds it (:mod:`salt.data.ul2`)."""
+    positions that are scored), as the UL2 objective builds it (:mod:`salt.data.ul2`).  A KD step
+    from a teacher cache carries ``topk_logits`` / ``topk_ids`` ``[B, T, k]`` in the dict too."""
     if isinstance(batch, dict):
         return batch["tokens"], batch.get("prefix_len"), batch.get("mask")
     return batch, None, None
@@ -72,7 +73,13 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
         inputs, labels = windows_BxT1[:, :-1], windows_BxT1[:, 1:]
         hidden = model.hidden(params, inputs, student, prefix_B, dtype=compute_dtype,
                               attention_impl=kernels, remat=remat, mesh=mesh)
-        if teacher is None:
+        if isinstance(batch, dict) and "topk_logits" in batch:  # KD from a teacher cache
+            omega = losses.omega_at(step, hyper["omega"], hyper["kd_steps"], transition,
+                                    hyper["kd_steps1"])
+            parts = losses.token_parts(hidden, params["embed"], labels, omega=omega, rho=rho, impl=loss_impl,
+                                       mesh=mesh, vocab=vocab,
+                                       teacher_topk=(batch["topk_logits"], batch["topk_ids"]))
+        elif teacher is None:
             parts = losses.token_parts(hidden, params["embed"], labels, impl=loss_impl, mesh=mesh,
                                        vocab=vocab)
             omega = jnp.float32(0.0)
@@ -210,9 +217,9 @@ def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs,
     embedding is padded beyond it (None: the embeddings' rows are the vocabulary)."""
     use_compile_cache(cfg.compile_cache)
     kernels = resolve_kernels(cfg.kernels, mesh.devices.flat[0].platform)
-    key = (student, teacher, cfg.optimizer, cfg.transition if teacher is not None else None,
-           float(cfg.rho) if teacher is not None else None,
-           cfg.kd_topk if teacher is not None else None, vocab, cfg.dtype, kernels, cfg.remat,
+    kd = teacher is not None or (isinstance(windows_abs, dict) and "topk_logits" in windows_abs)
+    key = (student, teacher, cfg.optimizer, cfg.transition if kd else None,
+           float(cfg.rho) if kd else None, cfg.kd_topk if kd else None, vocab, cfg.dtype, kernels, cfg.remat,
            cfg.grad_accum, jax.tree.structure(windows_abs),
            tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(windows_abs)),
            tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)

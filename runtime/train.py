@@ -240,8 +240,19 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                          f"({mesh.shape['data']}) of mesh {cfg.mesh!r}")
     need_teacher = cfg.kd_steps > start_step
     # the teacher travels in a dict the loop empties at the switch, so no frame keeps its params
-    teacher = {"config": None, "params": None, "identity": None}
-    if cfg.kd_steps > 0:
+    teacher = {"config": None, "params": None, "identity": None, "cache": None}
+    if cfg.teacher_cache is not None:  # the KD phase reads the teacher's top-k from the cache
+        from salt.runtime.teacher_cache import CacheError, TeacherCache
+        try:
+            cache = TeacherCache(cfg.teacher_cache)
+            cache.check(cfg, store, make_loaders(cfg, store, subset_ids, exclude_ids)[1], store.vocab_size)
+        except CacheError as e:
+            raise TrainError(str(e)) from None
+        teacher["cache"], teacher["identity"] = cache, cache.identity()
+        if pinned_teacher is not None and pinned_teacher != teacher["identity"]:
+            raise TrainError(f"run {cfg.out!r} started with teacher {pinned_teacher!r}, the cache holds "
+                             f"{teacher['identity']!r}; refusing to resume with another teacher")
+    elif cfg.kd_steps > 0:
         if need_teacher:
             teacher["config"], teacher["params"], teacher["identity"] = load_teacher(
                 cfg, config, tokenizer_sha, mesh, pinned=pinned_teacher if start_step > 0 else None,
@@ -275,7 +286,7 @@ def _check_out(cfg: TrainConfig, run_dir: pathlib.Path) -> None:
     """The output rule (docs/safety.md), before any work: --out is created only if absent or
     empty, resumed only if it is a run directory; it may not contain an input (a teacher, the
     data, a subset), and must be writable."""
-    inputs = [x for x in (cfg.data, cfg.teacher, cfg.subset, cfg.exclude) if x]
+    inputs = [x for x in (cfg.data, cfg.teacher, cfg.subset, cfg.exclude, cfg.teacher_cache) if x]
     try:
         outputs.check_output_dir(run_dir, "run", mode="resume" if cfg.resume else "create",
                                  inputs=inputs)
@@ -328,6 +339,28 @@ def step_batch(cfg, loader, step0: int, mesh, sentinels):
             "mask": sharding.global_batch_array(mask_BxT, mesh, cfg.batch)}
 
 
+def cached_batch_abstract(cfg, mesh):
+    """The abstract input of the KD step from a teacher cache: the windows and the teacher's
+    top-k logits (float32) and ids (int32), ``[B, T, k]``, all sharded over the batch."""
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+    shape = (cfg.batch, cfg.seq_len, cfg.kd_topk)
+    return {"tokens": spec((cfg.batch, cfg.seq_len + 1), jnp.int32), "topk_logits": spec(shape, jnp.float32),
+            "topk_ids": spec(shape, jnp.int32)}
+
+
+def cached_step_batch(cfg, cache, loader, step0: int, windows, mesh):
+    """The KD step's input from the cache: this process's rows of the cached global batch."""
+    from salt.runtime.teacher_cache import CacheError
+    try:
+        logits, ids = cache.batch(step0, cfg.kd_topk)
+    except CacheError as e:
+        raise TrainError(str(e)) from None
+    rows = slice(loader.process_index * loader.local_batch, (loader.process_index + 1) * loader.local_batch)
+    return {"tokens": windows, "topk_logits": sharding.global_batch_array(logits[rows], mesh, cfg.batch),
+            "topk_ids": sharding.global_batch_array(ids[rows], mesh, cfg.batch)}
+
+
 def _ul2_sentinels(cfg, store) -> list[int]:
     from salt.data.tokenizer import sentinel_ids
     ids = sentinel_ids(store.processor())
@@ -340,7 +373,7 @@ def _ul2_sentinels(cfg, store) -> list[int]:
 
 def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_dir, start_step,
                progress, sentinels):
-    teacher_config, teacher_identity = teacher["config"], teacher["identity"]
+    teacher_config, teacher_identity, cache = teacher["config"], teacher["identity"], teacher["cache"]
     teacher_params = teacher.pop("params")
     full_loader, kd_loader = make_loaders(cfg, store, subset_ids, exclude_ids)
     if start_step > 0:  # the data (pool, order, tokenizer) must be the one the run used
@@ -375,6 +408,9 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     if teacher_params is not None:
         kd_step = compiled_step(config, teacher_config, cfg, mesh, params_abs, opt_abs,
                                 abstract_of(teacher_params), windows_abs, vocab=vocab)
+    elif cache is not None and cfg.kd_steps > start_step:
+        kd_step = compiled_step(config, None, cfg, mesh, params_abs, opt_abs, None,
+                                cached_batch_abstract(cfg, mesh), vocab=vocab)
     compile_s = time.perf_counter() - t0
     hyper = jax.device_put(hyperparameters(cfg), sharding.replicated(mesh))
     step_sharding = sharding.replicated(mesh)
@@ -413,11 +449,13 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
         with _Stop() as stop, open(metrics_path, "a") as metrics_file:
             for step in range(start_step + 1, cfg.steps + 1):
                 kd_phase = step <= cfg.kd_steps
-                if not kd_phase and teacher_params is not None:
+                if not kd_phase and (teacher_params is not None or kd_step is not None):
                     teacher_params = kd_step = None  # the switch: drop the teacher
                     gc.collect()
                 loader = kd_loader if kd_phase else full_loader
                 windows = step_batch(cfg, loader, step - 1, mesh, sentinels)
+                if kd_phase and cache is not None:
+                    windows = cached_step_batch(cfg, cache, loader, step - 1, windows, mesh)
                 step_arr = jax.device_put(np.int32(step), step_sharding)
                 t_start = time.perf_counter()
                 if kd_phase:

@@ -197,8 +197,12 @@ def test_kd_resume_uses_the_pinned_teacher_or_refuses(store, straight, tmp_path)
 def _start(store, out, *extra):
     args = ["--preset", "tiny-teacher", "--data", str(store), "--out", str(out), "--steps", "100000",
             "--batch", "4", "--seq-len", "8", "--optimizer", "adamw", "--no-progress", *extra]
+    # SIGINT back to its default in the child: a shell without job control starts background
+    # jobs (e.g. `bash .ci/run &`) with SIGINT ignored, and Python then never turns it into
+    # KeyboardInterrupt, so a Ctrl-C during start-up would be (rightly) ignored.
     return subprocess.Popen([sys.executable, "-m", "salt.cli.main", "train", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_metrics(proc, out, timeout=300):

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import signal
 import sys
+import threading
 
 import click
 
@@ -90,8 +91,28 @@ class Terminated(BaseException):
     """SIGTERM outside the training loop (which saves a checkpoint instead)."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated
+def _in_jax_gc_callback(frame) -> bool:
+    """Whether the interrupted code is JAX's garbage-collection callback, where an exception
+    raised by a signal handler is swallowed ("Exception ignored in _xla_gc_callback")."""
+    while frame is not None:
+        if frame.f_code.co_name == "_xla_gc_callback":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raising(exc):
+    """A handler that raises ``exc`` or, inside JAX's gc callback, re-sends the signal 50 ms
+    later (so a Ctrl-C or SIGTERM during start-up is never lost)."""
+    def handler(signum, frame):
+        if _in_jax_gc_callback(frame):
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        raise exc
+    return handler
+
+
+_on_sigterm = _raising(Terminated)
 
 
 def _error(message: str, code: int) -> None:
@@ -106,6 +127,8 @@ def main(argv=None):
     _default_jax_platforms()
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored (nohup, &)
+            signal.signal(signal.SIGINT, _raising(KeyboardInterrupt))
     except ValueError:  # not the main thread
         pass
     try:

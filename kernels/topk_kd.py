@@ -14,16 +14,20 @@ The reference is :func:`salt.reference.losses.topk_kd_loss` (and ``topk_kd_loss_
 
 Implementations (``impl=``):
 
-* ``"xla"`` and ``"pallas"``: (1) the teacher's top-k by a ``lax.scan`` over vocabulary chunks of
-  ``h_t·E_tᵀ``: each ``[N, C]`` chunk is appended to the running ``[N, k]`` set and ``lax.top_k``
-  keeps the best k (the running set holds only lower ids than the chunk, so position order is id
-  order and ties go to the lower id; the last chunk is shifted left and its already-seen columns
-  masked, as in :mod:`salt.kernels.fused_linear_kd`); (2) the student's logits at those k ids from
+* ``"xla"`` and ``"pallas"``: (1) the teacher's top-k.  ``"xla"``: a ``lax.scan`` over vocabulary
+  chunks of ``h_t·E_tᵀ``: each ``[N, C]`` chunk is appended to the running ``[N, k]`` set and
+  ``lax.top_k`` keeps the best k (the running set holds only lower ids than the chunk, so position
+  order is id order and ties go to the lower id; the last chunk is shifted left and its
+  already-seen columns masked, as in :mod:`salt.kernels.fused_linear_kd`).  ``"pallas"``: the
+  fused-linear Pallas TPU kernel of :mod:`salt.kernels.topk_pallas` when lowered for TPU (or with
+  ``interpret=True`` anywhere); lowered for another platform without ``interpret`` it is the same
+  scan as ``"xla"`` (``lax.platform_dependent``: the choice is made at lowering, so an ahead-of-time
+  TPU compile on a CPU host gets the kernel).  (2) the student's logits at those k ids from
   the gathered embedding rows, in token chunks so no ``[N, k, D]`` array is formed
   (:func:`gathered_logits`, a ``custom_vjp`` whose embedding gradient is scatter-added in
   float32); (3) ``ce``, ``correct``, ``n_greater`` from :func:`fused_linear_ce_loss` with the same
   ``impl`` (the Pallas TPU kernel for ``"pallas"``, the chunked scan for ``"xla"``); (4) the
-  ``[N, k]`` maths in plain JAX with autodiff.  Steps (1), (2), (4) are XLA ops on every platform.
+  ``[N, k]`` maths in plain JAX with autodiff.  Steps (2) and (4) are XLA ops on every platform.
 * ``"naive"``: full logits, ``lax.top_k`` and :func:`salt.kernels.logits_kd.loss_naive` for the CE
   part, autodiff: the cross-check.
 
@@ -41,6 +45,7 @@ from jax import lax
 
 from salt.kernels import logits_kd as _kd
 from salt.kernels.fused_linear_kd import FusedKDBlockSizes, fused_linear_ce_loss
+from salt.kernels.topk_pallas import TopKKernelBlockSizes, teacher_topk_pallas
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _NEG_INF = float("-inf")
@@ -50,11 +55,13 @@ _NEG_INF = float("-inf")
 class TopKBlockSizes:
     """``chunk_vocab``: vocabulary columns per step of the teacher's top-k scan; ``gather_bytes``:
     the budget of one token chunk's gathered ``[c, k, D_s]`` float32 embedding rows (sets the token
-    chunk); ``ce``: the block sizes of the full-vocabulary CE kernel."""
+    chunk); ``ce``: the block sizes of the full-vocabulary CE kernel; ``topk``: those of the
+    teacher's top-k kernel (``impl="pallas"``)."""
 
     chunk_vocab: int = 2048
     gather_bytes: int = 16 * 1024 * 1024
     ce: FusedKDBlockSizes = FusedKDBlockSizes()
+    topk: TopKKernelBlockSizes = TopKKernelBlockSizes()
 
     def __post_init__(self):
         for name in ("chunk_vocab", "gather_bytes"):
@@ -63,6 +70,8 @@ class TopKBlockSizes:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.ce, FusedKDBlockSizes):
             raise ValueError(f"ce must be a FusedKDBlockSizes, got {type(self.ce).__name__}")
+        if not isinstance(self.topk, TopKKernelBlockSizes):
+            raise ValueError(f"topk must be a TopKKernelBlockSizes, got {type(self.topk).__name__}")
 
 
 def check_k(k, vocab: int) -> int:
@@ -76,17 +85,33 @@ def check_k(k, vocab: int) -> int:
 # (1) the teacher's top-k
 # ----------------------------------------------------------------------------------------------
 
-def teacher_topk(ht_NxD, et_VxD, k, *, impl="xla", chunk_vocab=2048, with_lse=False):
+def teacher_topk(ht_NxD, et_VxD, k, *, impl="xla", chunk_vocab=2048, with_lse=False, interpret=False,
+                 block_sizes=None):
     """``(t_NxK float32, ids_NxK int32)``: the k largest teacher logits ``h_t·E_tᵀ`` per row, in
-    descending order, ties to the lower id.  ``impl="naive"`` forms the full logits; otherwise a
-    scan over vocabulary chunks of ``chunk_vocab`` columns holds only ``[N, k + chunk]``.
-    ``with_lse``: also the full-vocabulary ``lse(t)`` ``[N]`` (float32; online in the same scan)."""
-    n, vocab = ht_NxD.shape[0], et_VxD.shape[0]
+    descending order, ties to the lower id.  ``impl="naive"`` forms the full logits; ``"xla"`` a
+    scan over vocabulary chunks of ``chunk_vocab`` columns holds only ``[N, k + chunk]``;
+    ``"pallas"`` the Pallas TPU kernel (module docstring; ``interpret`` for Pallas interpret mode,
+    ``block_sizes`` a :class:`salt.kernels.topk_pallas.TopKKernelBlockSizes`; its outputs carry no
+    gradient).  ``with_lse``: also the full-vocabulary ``lse(t)`` ``[N]`` (float32; online in the
+    same pass)."""
+    vocab = et_VxD.shape[0]
     k = check_k(k, vocab)
     if impl == "naive":
         t_NxV = jnp.dot(ht_NxD, et_VxD.T, preferred_element_type=jnp.float32)
         top = lax.top_k(t_NxV, k)
         return (*top, jax.nn.logsumexp(t_NxV, axis=1)) if with_lse else top
+    scan = functools.partial(_topk_scan, k=k, chunk_vocab=chunk_vocab, with_lse=with_lse)
+    if impl != "pallas":
+        return scan(ht_NxD, et_VxD)
+    kernel = functools.partial(teacher_topk_pallas, k=k, with_lse=with_lse, block_sizes=block_sizes,
+                               interpret=interpret)
+    if interpret:
+        return kernel(ht_NxD, et_VxD)
+    return lax.platform_dependent(ht_NxD, et_VxD, tpu=kernel, default=scan)
+
+
+def _topk_scan(ht_NxD, et_VxD, k, chunk_vocab, with_lse):
+    n, vocab = ht_NxD.shape[0], et_VxD.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk_vocab)
 
     def body(carry, j):
@@ -191,8 +216,8 @@ def topk_terms(s_NxK, rt_NxK):
 def _loss(hs, es, ht, et, y, valid, omega, rho, k, impl, interpret, block_sizes):
     keep_Nx1 = valid[:, None]  # masked rows may hold garbage: zero them for the top-k part
     ht = lax.stop_gradient(jnp.where(keep_Nx1, ht, jnp.zeros_like(ht)))
-    t_NxK, ids_NxK = teacher_topk(ht, lax.stop_gradient(et), k, impl=impl,
-                                  chunk_vocab=block_sizes.chunk_vocab)
+    t_NxK, ids_NxK = teacher_topk(ht, lax.stop_gradient(et), k, impl=impl, chunk_vocab=block_sizes.chunk_vocab,
+                                  interpret=interpret, block_sizes=block_sizes.topk)
     return _loss_from_topk(hs, es, t_NxK, ids_NxK, y, valid, omega, rho, impl, interpret, block_sizes)
 
 

@@ -3,6 +3,8 @@ topk_kd_loss_grad applied to float64 logits ``h @ E.T``): loss, parts, the top-k
 
 Ragged shapes (37 tokens, vocab 300 in chunks of 128, token chunks of 5 rows), exact ties across a
 chunk boundary, k = 1 and k = V; float32 inputs 1e-5, bfloat16 inputs 2e-2 (tests/kernel_tolerances.py).
+The teacher's top-k Pallas kernel (salt.kernels.topk_pallas) runs in interpret mode on 16 x 128
+tiles (37 = 2 x 16 + 5 rows, 300 = 2 x 128 + 44 columns).
 """
 import functools
 
@@ -15,17 +17,21 @@ import pytest
 from salt.kernels.fused_linear_kd import FusedKDBlockSizes
 from salt.kernels.topk_kd import (TopKBlockSizes, fused_linear_topk_kd_loss, teacher_topk,
                                    topk_kd_loss_from_teacher_topk)
+from salt.kernels.topk_pallas import TopKKernelBlockSizes, choose_blocks
 from salt.reference import losses as ref
 from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
 
 N, V, D_S, D_T = 37, 300, 24, 16
 RHO = 0.25
+KERNEL_BLOCKS = TopKKernelBlockSizes(block_tokens=16, block_vocab=128)
 
 
 def blocks(k, rows=5):
-    """Vocab chunks of 128 (ragged: 300 = 2 x 128 + a shifted last chunk), token chunks of ``rows``."""
+    """Vocab chunks of 128 (ragged: 300 = 2 x 128 + a shifted last chunk), token chunks of ``rows``,
+    16 x 128 tiles for the top-k kernel."""
     return TopKBlockSizes(chunk_vocab=128, gather_bytes=rows * 4 * k * D_S,
-                          ce=FusedKDBlockSizes(block_tokens=16, block_vocab=128, chunk_vocab=128))
+                          ce=FusedKDBlockSizes(block_tokens=16, block_vocab=128, chunk_vocab=128),
+                          topk=KERNEL_BLOCKS)
 
 
 def make_case(seed, dtype=np.float32, ties=False):
@@ -99,9 +105,11 @@ def test_float32_matches_reference(impl, k):
     check(impl, make_case(0), k, F32_TOL)
 
 
-def test_pallas_ce_kernel_interpret():
-    """impl="pallas": the Pallas CE kernel (interpret mode) with the XLA top-k parts."""
-    check("pallas", make_case(1), 7, F32_TOL, omegas=(0.667,))
+@pytest.mark.parametrize("k", [1, 7])
+def test_pallas_kernels_interpret(k):
+    """impl="pallas" (interpret mode): the teacher's top-k kernel and the CE kernels, loss, parts and
+    gradients (under jax.grad of the whole loss) against the float64 reference."""
+    check("pallas", make_case(1), k, F32_TOL, omegas=(0.667,))
 
 
 @pytest.mark.parametrize("impl", ["xla", "naive"])
@@ -117,8 +125,9 @@ def test_ties_go_to_the_lower_id(k):
     t64 = np.asarray(ht, np.float64) @ np.asarray(et, np.float64).T
     want = ref.topk_indices(t64, k)
     assert (np.argmax(t64, axis=1) == 3).sum() > 10, "the case must put the tied ids on top"
-    for impl, chunk in (("naive", 128), ("xla", 128), ("xla", 7), ("xla", V)):
-        top, ids = jax.jit(functools.partial(teacher_topk, k=k, impl=impl, chunk_vocab=chunk))(ht, et)
+    for impl, chunk in (("naive", 128), ("xla", 128), ("xla", 7), ("xla", V), ("pallas", 0)):
+        top, ids = jax.jit(functools.partial(teacher_topk, k=k, impl=impl, chunk_vocab=chunk or 128,
+                                             interpret=True, block_sizes=KERNEL_BLOCKS))(ht, et)
         np.testing.assert_array_equal(np.asarray(ids), want, err_msg=f"{impl} chunk={chunk}")
         assert_close(top, np.take_along_axis(t64, want, axis=1), F32_TOL, f"{impl} values")
     check("xla", (hs, es, ht, et, y, mask), k, F32_TOL, omegas=(0.667,), rows=37)
@@ -176,3 +185,77 @@ def test_from_teacher_topk_and_lse():
         exact = topk_kd_loss_from_teacher_topk(hs, es, top, ids, y, 0.667, RHO, mask, impl=impl,
                                                block_sizes=blocks(7))
         np.testing.assert_allclose(np.asarray(exact), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the top-k kernel
+
+def _kernel_topk(ht, et, k, block_sizes=KERNEL_BLOCKS, with_lse=True):
+    return jax.jit(functools.partial(teacher_topk, k=k, impl="pallas", interpret=True, with_lse=with_lse,
+                                     block_sizes=block_sizes))(ht, et)
+
+
+def _lse64(t64):
+    m = t64.max(axis=1)
+    return np.log(np.exp(t64 - m[:, None]).sum(axis=1)) + m
+
+
+@pytest.mark.parametrize("k, block_sizes", [(1, KERNEL_BLOCKS), (7, KERNEL_BLOCKS), (V, KERNEL_BLOCKS),
+                                            (7, TopKKernelBlockSizes(32, 256)), (130, TopKKernelBlockSizes())])
+def test_topk_kernel_float32(k, block_sizes):
+    """Kernel (interpret) vs the float64 reference and the xla scan: ids exactly equal (no near-ties
+    in this case), values within 1e-5 of float64 and equal to the scan's, lse within 1e-5.  Ragged
+    N and V; k = 1, k = V, k > 128 (two set lanes blocks); default blocks (one 48 x 384 tile)."""
+    _, _, ht, et, _, _ = make_case(8)
+    t64 = np.asarray(ht, np.float64) @ np.asarray(et, np.float64).T
+    want = ref.topk_indices(t64, k)
+    top, ids, lse = _kernel_topk(ht, et, k, block_sizes)
+    assert top.shape == ids.shape == (N, k) and top.dtype == jnp.float32 and ids.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(ids), want)
+    assert_close(top, np.take_along_axis(t64, want, axis=1), F32_TOL, "kernel values")
+    assert_close(lse, _lse64(t64), F32_TOL, "kernel lse")
+    x_top, x_ids, x_lse = teacher_topk(ht, et, k, impl="xla", chunk_vocab=128, with_lse=True)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(x_ids))
+    np.testing.assert_allclose(np.asarray(top), np.asarray(x_top), rtol=1e-6, atol=1e-6)
+
+
+def test_topk_kernel_bfloat16():
+    """bf16 inputs (f32 accumulation): the returned values are the float64 logits (of the bf16
+    inputs) at the returned ids and the float64 top-k values, within the bf16 tolerance; the ids are
+    distinct; lse within the bf16 tolerance."""
+    _, _, ht, et, _, _ = make_case(9, dtype=ml_dtypes.bfloat16)
+    t64 = np.asarray(ht, np.float64) @ np.asarray(et, np.float64).T
+    top, ids, lse = _kernel_topk(ht, et, 7)
+    ids = np.asarray(ids)
+    assert all(len(set(row)) == 7 for row in ids)
+    assert_close(top, np.take_along_axis(t64, ids, axis=1), BF16_TOL, "values at the ids")
+    assert_close(top, -np.sort(-t64, axis=1)[:, :7], BF16_TOL, "top values")
+    assert_close(lse, _lse64(t64), BF16_TOL, "lse")
+
+
+def test_topk_kernel_no_gradient():
+    """jax.grad through the pallas path: zero teacher cotangents (the kernel's inputs are under
+    stop_gradient).  (Interpret mode fills the block padding past N and V with NaN, so the ragged
+    cases above also check that the padding never reaches the outputs.)"""
+    _, _, ht, et, _, _ = make_case(10)
+    grads = jax.grad(lambda a, b: _kernel_topk(a, b, 5)[0].sum(), argnums=(0, 1))(ht, et)
+    assert not any(np.asarray(g).any() for g in grads)
+
+
+def test_pallas_without_interpret_off_tpu_is_the_scan():
+    """impl="pallas" lowered for CPU without interpret: the xla scan (lax.platform_dependent)."""
+    _, _, ht, et, _, _ = make_case(11)
+    got = jax.jit(functools.partial(teacher_topk, k=7, impl="pallas", chunk_vocab=128, with_lse=True))(ht, et)
+    want = teacher_topk(ht, et, 7, impl="xla", chunk_vocab=128, with_lse=True)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_topk_kernel_block_sizes():
+    for bad in ({"block_tokens": 8}, {"block_vocab": 100}, {"block_tokens": 0}, {"block_vocab": True}):
+        with pytest.raises(ValueError, match="multiple"):
+            TopKKernelBlockSizes(**bad)
+    with pytest.raises(ValueError, match="topk"):
+        TopKBlockSizes(topk=FusedKDBlockSizes())
+    assert choose_blocks(37, 300, 16, 4, 7, TopKKernelBlockSizes()) == (48, 384)  # capped to the problem
+    assert choose_blocks(2560, 256000, 1024, 2, 64, TopKKernelBlockSizes()) == (256, 512)
+    assert choose_blocks(2560, 256000, 4096, 4, 64, TopKKernelBlockSizes()) == (128, 256)

@@ -2,14 +2,19 @@
 
 Mosaic lowering errors and scoped-VMEM overflows fail here.  Also: the compiled flop count matches
 the analytic count, and the fused-linear loss (forward + backward) holds no ``[tokens, vocab]``
-buffer, both for the TPU pallas kernels and for the CPU ``xla`` path.
+buffer, both for the TPU pallas kernels and for the CPU ``xla`` path.  The teacher's top-k kernel
+(salt.kernels.topk_pallas) is compiled alone and inside the top-k KD loss; its scoped VMEM (from
+the compiled program) stays within its estimate and v5e's 16 MiB default.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
 
-from salt.kernels import fused_linear_kd, tpu_aot
+from salt.kernels import fused_linear_kd, topk_pallas, tpu_aot
 from salt.kernels.fused_linear_kd import fused_linear_kd_loss
+from salt.kernels.topk_kd import fused_linear_topk_kd_loss, teacher_topk
 from salt.kernels.logits_kd import bwd_flops, fwd_flops, kd_loss
 
 needs_libtpu = pytest.mark.skipif(not tpu_aot.libtpu_available(), reason="libtpu is not installed")
@@ -140,6 +145,61 @@ def test_kd_loss_paper_shape(topology):
         S((), jnp.float32), topology=topology)
     _assert_flops(compiled, fwd_flops(n, vocab) + bwd_flops(n, vocab))
     _assert_no_tokens_by_vocab_buffer(compiled, n, vocab)
+
+
+def _topk_kernel_vmem(compiled):
+    """Scoped VMEM bytes of every teacher_topk Mosaic call in the compiled program."""
+    sizes = []
+    for line in compiled.as_text().splitlines():
+        if line.lstrip().startswith("%teacher_topk") and "tpu_custom_call" in line:
+            found = re.search(r'"used_scoped_memory_configs":\[\{[^]]*"size":"(\d+)"', line)
+            assert found, line[:300]
+            sizes.append(int(found.group(1)))
+    return sizes
+
+
+def _compile_topk(n, vocab, d, k, dtype):
+    return tpu_aot.compile_for_topology(
+        lambda h, e: teacher_topk(h, e, k, impl="pallas", with_lse=True), S((n, d), dtype), S((vocab, d), dtype),
+        topology="v5e")
+
+
+def _check_topk_vmem(compiled, n, vocab, d, k, dtype):
+    itemsize = jnp.dtype(dtype).itemsize
+    blocks = topk_pallas.choose_blocks(n, vocab, d, itemsize, k, topk_pallas.TopKKernelBlockSizes())
+    estimate = topk_pallas.vmem_estimate(*blocks, d, itemsize, k)
+    (used,) = _topk_kernel_vmem(compiled)  # the kernel, not the scan fallback, was compiled
+    assert used <= estimate <= fused_linear_kd.VMEM_BUDGET_BYTES, (used, estimate, blocks)
+    return used
+
+
+@pytest.mark.tpu_aot
+@needs_libtpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_topk_kernel_tiny_ragged_compile(dtype):
+    """The top-k kernel alone (k = 1, 7, V; ragged N, V and D) and in the top-k KD loss (fwd + bwd,
+    impl="pallas": the kernel is chosen when lowering for TPU) on v5e."""
+    n, vocab, d_s, d_t = 37, 300, 24, 40
+    for k in (1, 7, vocab):
+        _check_topk_vmem(_compile_topk(n, vocab, d_t, k, dtype), n, vocab, d_t, k, dtype)
+
+    def loss(hs, es, ht, et, y, omega):
+        f = lambda a, b: fused_linear_topk_kd_loss(a, b, ht, et, y, omega, 0.25, 7, impl="pallas").sum()  # noqa: E731
+        return jax.value_and_grad(f, argnums=(0, 1))(hs, es)
+
+    compiled = tpu_aot.compile_for_topology(loss, *_fused_specs(n, vocab, d_s, d_t, dtype), topology="v5e")
+    assert len(_topk_kernel_vmem(compiled)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_aot
+@needs_libtpu
+@pytest.mark.parametrize("n, d, k, dtype", [(2560, 1024, 64, jnp.bfloat16), (2560, 4096, 64, jnp.float32)])
+def test_topk_kernel_realistic_shape(n, d, k, dtype):
+    """Vocab 256000 (500 tiles of 512), default blocks within v5e's scoped VMEM, no [N, V] buffer."""
+    compiled = _compile_topk(n, PAPER_VOCAB, d, k, dtype)
+    _check_topk_vmem(compiled, n, PAPER_VOCAB, d, k, dtype)
+    _assert_no_tokens_by_vocab_buffer(compiled, n, PAPER_VOCAB)
 
 
 # ----------------------------------------------------------------------------- CPU memory

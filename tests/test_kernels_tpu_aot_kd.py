@@ -196,10 +196,12 @@ def test_topk_kernel_tiny_ragged_compile(dtype):
 @needs_libtpu
 @pytest.mark.parametrize("n, d, k, dtype", [(2560, 1024, 64, jnp.bfloat16), (2560, 4096, 64, jnp.float32)])
 def test_topk_kernel_realistic_shape(n, d, k, dtype):
-    """Vocab 256000 (500 tiles of 512), default blocks within v5e's scoped VMEM, no [N, V] buffer."""
+    """Vocab 256000 (500 tiles of 512), default blocks within v5e's scoped VMEM, no [N, V] buffer
+    (neither in the temporaries nor as a shape anywhere in the compiled program)."""
     compiled = _compile_topk(n, PAPER_VOCAB, d, k, dtype)
     _check_topk_vmem(compiled, n, PAPER_VOCAB, d, k, dtype)
     _assert_no_tokens_by_vocab_buffer(compiled, n, PAPER_VOCAB)
+    assert not re.search(rf"\[({n},{PAPER_VOCAB}|{PAPER_VOCAB},{n})\]", compiled.as_text())
 
 
 # ----------------------------------------------------------------------------- CPU memory

@@ -91,21 +91,24 @@ class Terminated(BaseException):
     """SIGTERM outside the training loop (which saves a checkpoint instead)."""
 
 
-def _in_jax_gc_callback(frame) -> bool:
-    """Whether the interrupted code is JAX's garbage-collection callback, where an exception
-    raised by a signal handler is swallowed ("Exception ignored in _xla_gc_callback")."""
+def _cannot_take_an_exception(frame) -> bool:
+    """Whether the interrupted code is somewhere an exception raised by a signal handler does harm:
+    an import (extension modules run Python code from native code during their set-up, and an
+    exception there aborts or crashes the process), or a finaliser / JAX's garbage-collection
+    callback (where it is swallowed: "Exception ignored in ...")."""
     while frame is not None:
-        if frame.f_code.co_name == "_xla_gc_callback":
+        code = frame.f_code
+        if code.co_filename.startswith("<frozen importlib") or code.co_name in ("__del__", "_xla_gc_callback"):
             return True
         frame = frame.f_back
     return False
 
 
 def _raising(exc):
-    """A handler that raises ``exc`` or, inside JAX's gc callback, re-sends the signal 50 ms
-    later (so a Ctrl-C or SIGTERM during start-up is never lost)."""
+    """A handler that raises ``exc`` where the interrupted code can take it, and otherwise re-sends
+    the signal 50 ms later (so a Ctrl-C or SIGTERM during start-up is neither lost nor fatal)."""
     def handler(signum, frame):
-        if _in_jax_gc_callback(frame):
+        if _cannot_take_an_exception(frame):
             threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
             return
         raise exc

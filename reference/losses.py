@@ -23,8 +23,14 @@ for logits of magnitude 1e4 and for near-zero losses. Masked positions (``mask``
 exactly 0 (zero gradient rows); their logits and labels are never read, so padding labels such as
 -1 are fine there.
 
+Padded vocabularies: every function takes ``vocab`` (keyword; None = the logits' width). With it,
+only the first ``vocab`` columns are the tokenizer's; the columns beyond (embedding rows rounded up
+for TPU tiling, possibly a different number for the teacher and the student) are dropped before
+any softmax, so they get no probability in P or Q, and gradients are zero there.
+
 Validation (``ValueError`` naming the argument and the value): ``omega`` outside [0, 1] or
-non-finite, ``rho`` <= 0 or non-finite, ``k`` not an integer in [1, V], labels outside [0, V) at
+non-finite, ``rho`` <= 0 or non-finite, ``k`` not an integer in [1, V], ``vocab`` not an
+integer in [1, width], labels outside [0, V) at
 unmasked positions, non-integer labels, shape mismatches, teacher/student vocabulary mismatch,
 non-finite logits (nan/inf) at unmasked positions, ``rho * teacher_logits`` overflowing float64
 there (absurd ``rho``): never a silent NaN.
@@ -38,6 +44,7 @@ import numpy as np
 __all__ = [
     "ce_loss", "ce_loss_grad", "kd_loss", "kd_loss_grad", "kl_monitor", "loss_parts",
     "topk_kd_loss", "topk_kd_loss_grad", "topk_indices", "log_softmax", "mean_over_mask", "as_mask",
+    "cut_vocab",
 ]
 
 
@@ -85,6 +92,22 @@ def _as_logits(name: str, logits) -> np.ndarray:
     if array.ndim < 1 or array.shape[-1] < 1:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got shape {array.shape}")
     return array.astype(np.float64)
+
+
+def cut_vocab(name: str, logits: np.ndarray, vocab) -> np.ndarray:
+    """``logits[..., :vocab]`` (the padded columns beyond the tokenizer's ``vocab`` dropped)."""
+    if vocab is None:
+        return logits
+    width = logits.shape[-1]
+    if isinstance(vocab, (bool, np.bool_)) or not isinstance(vocab, numbers.Integral) or not 1 <= vocab <= width:
+        raise ValueError(f"vocab must be an integer in [1, {width}] ({name}'s width), got {vocab!r}")
+    return logits[..., :int(vocab)]
+
+
+def _zero_padded(grad: np.ndarray, width: int) -> np.ndarray:
+    """A gradient over the first ``vocab`` columns, back at the logits' ``width`` (zeros beyond)."""
+    pad = width - grad.shape[-1]
+    return grad if pad == 0 else np.concatenate([grad, np.zeros(grad.shape[:-1] + (pad,))], axis=-1)
 
 
 # ml_dtypes floats (bfloat16, float8_*) report dtype.kind 'V'; they convert exactly to float64.
@@ -137,13 +160,14 @@ def _check_finite(what: str, logits_f64: np.ndarray, valid: np.ndarray) -> None:
         raise ValueError(f"{what} non-finite values (nan/inf) at unmasked position {where}")
 
 
-def _prepare(student_logits, labels, mask, teacher_logits=None):
-    """Validate and convert. Returns (s, t_or_None, labels_int64, valid), masked rows zeroed."""
-    s = _as_logits("student_logits", student_logits)
+def _prepare(student_logits, labels, mask, teacher_logits=None, vocab=None):
+    """Validate and convert. Returns (s, t_or_None, labels_int64, valid), masked rows zeroed and
+    cut to ``vocab`` columns."""
+    s = cut_vocab("student_logits", _as_logits("student_logits", student_logits), vocab)
     vocab_size = s.shape[-1]
     t = None
     if teacher_logits is not None:
-        t = _as_logits("teacher_logits", teacher_logits)
+        t = cut_vocab("teacher_logits", _as_logits("teacher_logits", teacher_logits), vocab)
         if t.shape[-1] != s.shape[-1]:
             raise ValueError(
                 f"teacher_logits vocabulary size {t.shape[-1]} != student_logits vocabulary size "
@@ -210,23 +234,23 @@ def mean_over_mask(values, mask=None) -> float:
 
 # ----------------------------------------------------------------------------- CE
 
-def ce_loss(logits, labels, mask=None) -> np.ndarray:
+def ce_loss(logits, labels, mask=None, *, vocab=None) -> np.ndarray:
     """Per-position cross-entropy ``lse(s) - s_y`` (float64, 0 at masked positions)."""
-    s, _, y, valid = _prepare(logits, labels, mask)
+    s, _, y, valid = _prepare(logits, labels, mask, vocab=vocab)
     return np.where(valid, -_take_last(log_softmax(s), y), 0.0)
 
 
-def ce_loss_grad(logits, labels, mask=None) -> np.ndarray:
+def ce_loss_grad(logits, labels, mask=None, *, vocab=None) -> np.ndarray:
     """Gradient of the per-position CE w.r.t. the logits: ``P - onehot(y)``; zero rows where masked."""
-    s, _, y, valid = _prepare(logits, labels, mask)
+    s, _, y, valid = _prepare(logits, labels, mask, vocab=vocab)
     grad = np.exp(log_softmax(s))
     np.put_along_axis(grad, y[..., None], _take_last(grad, y)[..., None] - 1.0, axis=-1)
-    return np.where(valid[..., None], grad, 0.0)
+    return _zero_padded(np.where(valid[..., None], grad, 0.0), np.shape(logits)[-1])
 
 
 # ----------------------------------------------------------------------------- KD
 
-def loss_parts(student_logits, teacher_logits, labels, omega, rho, mask=None) -> dict:
+def loss_parts(student_logits, teacher_logits, labels, omega, rho, mask=None, *, vocab=None) -> dict:
     """All per-position quantities of docs/design.md §2 at once (float64, 0 at masked positions).
 
     Returns a dict of arrays of shape ``labels.shape``:
@@ -235,7 +259,7 @@ def loss_parts(student_logits, teacher_logits, labels, omega, rho, mask=None) ->
     """
     omega = check_omega(omega)
     rho = check_rho(rho)
-    s, t, y, valid = _prepare(student_logits, labels, mask, teacher_logits)
+    s, t, y, valid = _prepare(student_logits, labels, mask, teacher_logits, vocab)
     log_p = log_softmax(s)
     log_q = log_softmax(_scaled_teacher(rho, t, valid))
     q = np.exp(log_q)
@@ -249,17 +273,17 @@ def loss_parts(student_logits, teacher_logits, labels, omega, rho, mask=None) ->
             "teacher_entropy": zero(entropy)}
 
 
-def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None) -> np.ndarray:
+def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, vocab=None) -> np.ndarray:
     """Per-position SALT loss ``lse(s) - [(1-omega) s_y + omega sum_v Q_v s_v]``, Q = softmax(rho t).
 
     ``student_logits``/``teacher_logits``: ``[..., V]`` (same shape); ``labels``: ``[...]`` int;
     ``mask``: ``[...]`` bool/0-1 or None. Returns float64 ``labels.shape``, exactly 0 where masked.
     omega = 0 gives :func:`ce_loss`; omega = 1 gives pure soft cross-entropy.
     """
-    return loss_parts(student_logits, teacher_logits, labels, omega, rho, mask)["loss"]
+    return loss_parts(student_logits, teacher_logits, labels, omega, rho, mask, vocab=vocab)["loss"]
 
 
-def kd_loss_grad(student_logits, teacher_logits, labels, omega, rho, mask=None) -> np.ndarray:
+def kd_loss_grad(student_logits, teacher_logits, labels, omega, rho, mask=None, *, vocab=None) -> np.ndarray:
     """Gradient of the PER-POSITION :func:`kd_loss` w.r.t. the student logits.
 
     ``P - (1-omega) onehot(y) - omega Q``, float64 of the student logits' shape, zero rows where
@@ -267,13 +291,13 @@ def kd_loss_grad(student_logits, teacher_logits, labels, omega, rho, mask=None) 
     """
     omega = check_omega(omega)
     rho = check_rho(rho)
-    s, t, y, valid = _prepare(student_logits, labels, mask, teacher_logits)
+    s, t, y, valid = _prepare(student_logits, labels, mask, teacher_logits, vocab)
     grad = np.exp(log_softmax(s)) - omega * np.exp(log_softmax(_scaled_teacher(rho, t, valid)))
     np.put_along_axis(grad, y[..., None], _take_last(grad, y)[..., None] - (1.0 - omega), axis=-1)
-    return np.where(valid[..., None], grad, 0.0)
+    return _zero_padded(np.where(valid[..., None], grad, 0.0), np.shape(student_logits)[-1])
 
 
-def kl_monitor(student_logits, teacher_logits, rho, mask=None) -> np.ndarray:
+def kl_monitor(student_logits, teacher_logits, rho, mask=None, *, vocab=None) -> np.ndarray:
     """Per-position ``KL(Q || P) = kd - H(Q)`` (monitoring; float64, 0 where masked).
 
     Computed directly as ``sum_v Q_v (log Q_v - log P_v)`` (no cancellation between kd and H(Q)).
@@ -281,12 +305,12 @@ def kl_monitor(student_logits, teacher_logits, rho, mask=None) -> np.ndarray:
     rho = check_rho(rho)
     s = _as_logits("student_logits", student_logits)
     labels = np.zeros(s.shape[:-1], dtype=np.int64)  # KL does not use labels
-    return loss_parts(student_logits, teacher_logits, labels, 0.0, rho, mask)["kl"]
+    return loss_parts(student_logits, teacher_logits, labels, 0.0, rho, mask, vocab=vocab)["kl"]
 
 
 # ----------------------------------------------------------------------------- top-k KD
 
-def topk_indices(teacher_logits, k: int) -> np.ndarray:
+def topk_indices(teacher_logits, k: int, *, vocab=None) -> np.ndarray:
     """The teacher's top-k vocabulary set per position: int64 ``[..., k]``.
 
     Exactly ``k`` entries: the ``k`` largest teacher logits, ties broken by the LOWER vocabulary
@@ -296,15 +320,15 @@ def topk_indices(teacher_logits, k: int) -> np.ndarray:
     Note: this differs on purpose from the selection score's top-k MEMBERSHIP test (docs/design.md §4:
     ties count in favour of membership), which needs no set, only a count.
     """
-    t = _as_logits("teacher_logits", teacher_logits)
+    t = cut_vocab("teacher_logits", _as_logits("teacher_logits", teacher_logits), vocab)
     k = check_k(k, t.shape[-1])
     return np.argsort(-t, axis=-1, kind="stable")[..., :k]
 
 
-def _topk_parts(student_logits, teacher_logits, labels, omega, rho, k, mask):
+def _topk_parts(student_logits, teacher_logits, labels, omega, rho, k, mask, vocab):
     omega = check_omega(omega)
     rho = check_rho(rho)
-    s, t, y, valid = _prepare(student_logits, labels, mask, teacher_logits)
+    s, t, y, valid = _prepare(student_logits, labels, mask, teacher_logits, vocab)
     k = check_k(k, s.shape[-1])
     index = np.argsort(-t, axis=-1, kind="stable")[..., :k]
     log_p = log_softmax(s)
@@ -314,7 +338,7 @@ def _topk_parts(student_logits, teacher_logits, labels, omega, rho, k, mask):
     return omega, s, y, valid, index, log_p, log_p_top, log_q_top
 
 
-def topk_kd_loss(student_logits, teacher_logits, labels, omega, rho, k, mask=None) -> np.ndarray:
+def topk_kd_loss(student_logits, teacher_logits, labels, omega, rho, k, mask=None, *, vocab=None) -> np.ndarray:
     """Per-position top-k KD loss (paper eq. 13-14 inside eq. 4).
 
     With ``T`` = :func:`topk_indices` (exactly k tokens, ties -> lower index), ``P^T`` and ``Q^T`` are
@@ -329,22 +353,23 @@ def topk_kd_loss(student_logits, teacher_logits, labels, omega, rho, k, mask=Non
     float64, 0 at masked positions.
     """
     omega, s, y, valid, index, log_p, log_p_top, log_q_top = _topk_parts(
-        student_logits, teacher_logits, labels, omega, rho, k, mask)
+        student_logits, teacher_logits, labels, omega, rho, k, mask, vocab)
     ce = -_take_last(log_p, y)
     kd_top = -(np.exp(log_q_top) * log_p_top).sum(axis=-1)
     return np.where(valid, (1.0 - omega) * ce + omega * kd_top, 0.0)
 
 
-def topk_kd_loss_grad(student_logits, teacher_logits, labels, omega, rho, k, mask=None) -> np.ndarray:
+def topk_kd_loss_grad(student_logits, teacher_logits, labels, omega, rho, k, mask=None, *,
+                      vocab=None) -> np.ndarray:
     """Gradient of the per-position :func:`topk_kd_loss` w.r.t. the student logits.
 
     ``(1 - omega) (P - onehot(y)) + omega (P^T - Q^T)`` with ``P^T``, ``Q^T`` zero outside the
     teacher's top-k set; float64 of the student logits' shape, zero rows where masked.
     """
     omega, s, y, valid, index, log_p, log_p_top, log_q_top = _topk_parts(
-        student_logits, teacher_logits, labels, omega, rho, k, mask)
+        student_logits, teacher_logits, labels, omega, rho, k, mask, vocab)
     grad = (1.0 - omega) * np.exp(log_p)
     np.put_along_axis(grad, y[..., None], _take_last(grad, y)[..., None] - (1.0 - omega), axis=-1)
     top = np.take_along_axis(grad, index, axis=-1) + omega * (np.exp(log_p_top) - np.exp(log_q_top))
     np.put_along_axis(grad, index, top, axis=-1)
-    return np.where(valid[..., None], grad, 0.0)
+    return _zero_padded(np.where(valid[..., None], grad, 0.0), np.shape(student_logits)[-1])

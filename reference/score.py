@@ -38,7 +38,7 @@ from llvmlite import ir as llvm_ir
 from numba import types
 from numba.extending import intrinsic
 
-from salt.reference.losses import as_mask, check_k
+from salt.reference.losses import as_mask, check_k, cut_vocab
 
 __all__ = ["selection_score", "selection_score_numpy", "token_costs", "token_costs_numpy",
            "top_m_indices", "SCORE_MODES"]
@@ -53,14 +53,16 @@ _NUMPY_CHUNK_ELEMENTS = 1 << 24  # NumPy: logits per chunk (at least one sequenc
 
 # ----------------------------------------------------------------------------- validation
 
-def _validate(teacher_logits, targets, k, mode, mask):
-    """Return (logits [B,T,V] ndarray, targets int64 [B,T] (0 where masked), k, valid [B,T])."""
+def _validate(teacher_logits, targets, k, mode, mask, vocab=None):
+    """Return (logits [B,T,V] ndarray, targets int64 [B,T] (0 where masked), k, valid [B,T]);
+    ``vocab``: the logits cut to their first ``vocab`` columns (a view; padded columns dropped)."""
     logits = np.asarray(teacher_logits)
     if logits.dtype.name not in _NARROW_FLOAT_NAMES and logits.dtype.kind != "f":
         raise ValueError(
             f"teacher_logits must be float64/float32/float16/bfloat16, got dtype {logits.dtype}")
     if logits.ndim != 3 or logits.shape[-1] < 1:
         raise ValueError(f"teacher_logits must have shape [B, T, V] with V >= 1, got {logits.shape}")
+    logits = cut_vocab("teacher_logits", logits, vocab)
     batch, length, vocab_size = logits.shape
     if mode not in SCORE_MODES:
         raise ValueError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
@@ -265,10 +267,11 @@ def _median_rows_kernel(values_BxT, keep_BxT, out_B):
             out_B[b] = (ordered[half - 1] + ordered[half]) / 2.0
 
 
-def token_costs(teacher_logits, targets, k, mask=None):
+def token_costs(teacher_logits, targets, k, mask=None, *, vocab=None):
     """Per-token ``(c_BxT, in_topk_BxT)`` (Numba): the teacher's CE of each target and its top-k
-    membership (fewer than k logits strictly larger). Both 0/False at masked positions."""
-    logits, tokens, k, valid = _validate(teacher_logits, targets, k, "zero", mask)
+    membership (fewer than k logits strictly larger). Both 0/False at masked positions.
+    ``vocab``: only the first ``vocab`` columns count (a padded vocabulary's extra columns never do)."""
+    logits, tokens, k, valid = _validate(teacher_logits, targets, k, "zero", mask, vocab)
     batch, length, vocab_size = logits.shape
     costs = np.zeros((batch, length), dtype=np.float64)
     in_topk = np.zeros((batch, length), dtype=bool)
@@ -292,24 +295,25 @@ def _median_scores(costs_BxT, in_topk_BxT, valid_BxT, mode):
     return out
 
 
-def selection_score(teacher_logits, targets, k, mode="zero", mask=None) -> np.ndarray:
+def selection_score(teacher_logits, targets, k, mode="zero", mask=None, *, vocab=None) -> np.ndarray:
     """Eq. 11 score of each sequence (Numba): float64 ``[B]``.
 
     ``teacher_logits``: ``[B, T, V]`` (``teacher_logits[b, i]`` predicts ``targets[b, i]``);
     ``targets``: ``[B, T]`` int; ``k`` in [1, V]; ``mode``: ``"zero"`` or ``"exclude"``;
-    ``mask``: optional ``[B, T]`` bool, False at padded positions (never counted).
-    See the module docstring for the exact definition (median convention, ties, ``-inf``).
+    ``mask``: optional ``[B, T]`` bool, False at padded positions (never counted); ``vocab``: as
+    :func:`token_costs`. See the module docstring for the exact definition (median convention, ties, ``-inf``).
     """
-    _, _, _, valid = _validate(teacher_logits, targets, k, mode, mask)
-    costs, in_topk = token_costs(teacher_logits, targets, k, mask)
+    _, _, _, valid = _validate(teacher_logits, targets, k, mode, mask, vocab)
+    costs, in_topk = token_costs(teacher_logits, targets, k, mask, vocab=vocab)
     return _median_scores(costs, in_topk, valid, mode)
 
 
 # ----------------------------------------------------------------------------- NumPy
 
-def token_costs_numpy(teacher_logits, targets, k, mask=None, chunk_elements=_NUMPY_CHUNK_ELEMENTS):
+def token_costs_numpy(teacher_logits, targets, k, mask=None, chunk_elements=_NUMPY_CHUNK_ELEMENTS, *,
+                      vocab=None):
     """Plain-NumPy :func:`token_costs` (vectorised over a chunk of sequences at a time)."""
-    logits, tokens, k, valid = _validate(teacher_logits, targets, k, "zero", mask)
+    logits, tokens, k, valid = _validate(teacher_logits, targets, k, "zero", mask, vocab)
     batch, length, vocab_size = logits.shape
     costs = np.zeros((batch, length), dtype=np.float64)
     in_topk = np.zeros((batch, length), dtype=bool)
@@ -336,14 +340,14 @@ def token_costs_numpy(teacher_logits, targets, k, mask=None, chunk_elements=_NUM
 
 
 def selection_score_numpy(teacher_logits, targets, k, mode="zero", mask=None,
-                          chunk_elements=_NUMPY_CHUNK_ELEMENTS) -> np.ndarray:
+                          chunk_elements=_NUMPY_CHUNK_ELEMENTS, *, vocab=None) -> np.ndarray:
     """Plain-NumPy :func:`selection_score` (same arguments, same result), for cross-checking.
 
     ``chunk_elements`` bounds the logits widened to float64 at once (memory ~ 8 bytes x that x a
     few temporaries).
     """
-    _, _, _, valid = _validate(teacher_logits, targets, k, mode, mask)
-    costs, in_topk = token_costs_numpy(teacher_logits, targets, k, mask, chunk_elements)
+    _, _, _, valid = _validate(teacher_logits, targets, k, mode, mask, vocab)
+    costs, in_topk = token_costs_numpy(teacher_logits, targets, k, mask, chunk_elements, vocab=vocab)
     if mode == "zero":
         values, keep = np.where(in_topk, costs, 0.0), valid
     else:

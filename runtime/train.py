@@ -164,7 +164,12 @@ class _Stop:
 
     def _handler(self, signum, frame):
         if self.requested == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now
+            # Second Ctrl-C: abort now, through the caller's handler if it has one (the CLI's
+            # defers the raise out of imports and finalisers, where it would be lost or fatal).
+            old = self._old.get(signum)
+            if callable(old) and old is not signal.default_int_handler:
+                return old(signum, frame)
+            raise KeyboardInterrupt
         if self.requested is None:
             self.requested = signal.Signals(signum).name
             print(f"\n{self.requested}: saving a checkpoint after this step "

@@ -347,3 +347,57 @@ def test_rho_times_teacher_logits_overflow_is_an_error_not_nan():
     for fn in list(_call_all(s, t_small, y, rho=1e305, mask=mask)) + [
             lambda: kl_monitor(s, t_small, 1e305, mask)]:
         assert np.isfinite(fn()).all()
+
+
+# ----------------------------------------------------------------------------- padded vocabularies
+
+def _pad(x, extra, seed):
+    """``x`` with ``extra`` columns of large logits appended (they would dominate if not dropped)."""
+    rows = 40.0 + np.random.default_rng(seed).normal(size=x.shape[:-1] + (extra,))
+    return np.concatenate([x, rows], axis=-1)
+
+
+def test_padded_vocabularies_give_the_unpadded_values_and_zero_gradient_there():
+    """Student logits padded by 3 columns, teacher's by 5 (different padded sizes, one tokenizer):
+    with ``vocab`` every loss, part and top-k set equals the unpadded one, and the padded columns
+    get zero gradient; without it the different widths are refused."""
+    s, t, y = _batch(21)
+    V = s.shape[-1]
+    sp, tp = _pad(s, 3, 1), _pad(t, 5, 2)
+    mask = np.array([[1, 0, 1], [1, 1, 1]], dtype=bool)
+    for omega, rho in ((0.667, 0.25), (1.0, 1.0)):
+        args, padded = (s, t, y, omega, rho), (sp, tp, y, omega, rho)
+        np.testing.assert_array_equal(kd_loss(*padded, mask, vocab=V), kd_loss(*args, mask))
+        for key, value in loss_parts(*padded, vocab=V).items():
+            np.testing.assert_array_equal(value, loss_parts(*args)[key], err_msg=key)
+        grad = kd_loss_grad(*padded, mask, vocab=V)
+        assert grad.shape == sp.shape and not grad[..., V:].any()
+        np.testing.assert_array_equal(grad[..., :V], kd_loss_grad(*args, mask))
+        for k in (1, 4, V):
+            np.testing.assert_array_equal(topk_kd_loss(*padded, k, vocab=V), topk_kd_loss(*args, k))
+            grad = topk_kd_loss_grad(*padded, k, vocab=V)
+            assert grad.shape == sp.shape and not grad[..., V:].any()
+            np.testing.assert_array_equal(grad[..., :V], topk_kd_loss_grad(*args, k))
+        np.testing.assert_array_equal(kl_monitor(sp, tp, rho, vocab=V), kl_monitor(s, t, rho))
+    np.testing.assert_array_equal(topk_indices(tp, 4, vocab=V), topk_indices(t, 4))
+    np.testing.assert_array_equal(ce_loss(sp, y, vocab=V), ce_loss(s, y))
+    grad = ce_loss_grad(sp, y, vocab=V)
+    assert not grad[..., V:].any()
+    np.testing.assert_array_equal(grad[..., :V], ce_loss_grad(s, y))
+    assert (ce_loss(sp, y) > ce_loss(s, y) + 10).all()  # the padding matters when not dropped
+    with pytest.raises(ValueError, match="vocabulary size"):
+        kd_loss(sp, tp, y, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("vocab", [0, 12, 3.0, True])
+def test_bad_vocab(vocab):
+    s, t, y = _batch(22)
+    with pytest.raises(ValueError, match="vocab must be an integer in \\[1, 11\\]"):
+        kd_loss(s, t, y, 0.5, 1.0, vocab=vocab)
+
+
+def test_label_beyond_the_tokenizer_vocabulary_is_refused():
+    s, t, y = _batch(23)
+    y[0, 0] = 9
+    with pytest.raises(ValueError, match="labels must be in \\[0, V=9\\)"):
+        kd_loss(s, t, y, 0.5, 1.0, vocab=9)

@@ -302,3 +302,25 @@ def test_non_finite_logits_rejected(fn, value):
     logits_t[0, 2, targets[0, 2]] = value
     with pytest.raises(ValueError, match=r"non-finite.*\(0, 2\)"):
         fn(logits_t, targets, 3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padded_vocabulary_scores_like_the_unpadded_one(mode):
+    """Teacher logits padded by 13 columns of large values: with ``vocab`` the per-token costs,
+    top-k membership and scores (Numba and NumPy) equal the unpadded ones; without it they move."""
+    logits, targets = _random(31)
+    rng = np.random.default_rng(32)
+    padded = np.concatenate([logits, (30 + rng.standard_normal(logits.shape[:2] + (13,))).astype(logits.dtype)],
+                            axis=-1)
+    V = logits.shape[-1]
+    want = selection_score(logits, targets, 10, mode)
+    np.testing.assert_array_equal(selection_score(padded, targets, 10, mode, vocab=V), want)
+    np.testing.assert_array_equal(selection_score_numpy(padded, targets, 10, mode, vocab=V),
+                                  selection_score_numpy(logits, targets, 10, mode))
+    for got, ref in zip(token_costs(padded, targets, 10, vocab=V), token_costs(logits, targets, 10)):
+        np.testing.assert_array_equal(got, ref)
+    for got, ref in zip(token_costs_numpy(padded, targets, 10, vocab=V), token_costs_numpy(logits, targets, 10)):
+        np.testing.assert_array_equal(got, ref)
+    assert not np.allclose(selection_score(padded, targets, 10, mode), want)
+    with pytest.raises(ValueError, match="vocab must be an integer"):
+        selection_score(padded, targets, 10, mode, vocab=V + 14)

@@ -142,6 +142,34 @@ def test_padded_embedding_scores_like_the_unpadded_one(inputs):
         losses.token_parts(hidden, params["embed"], jnp.asarray(windows[:, 1:]), vocab=VOCAB + 1)
 
 
+@pytest.mark.parametrize("kind", ["standard", "full", "topk"])
+def test_padded_kernels_match_the_reference_with_vocab(inputs, kind):
+    """The fused ``xla`` losses on differently padded embeddings (student +20 rows, teacher +44,
+    large there) against the float64 reference given the same padded logits and ``vocab``."""
+    from kernel_tolerances import assert_close
+    from salt.runtime import losses
+    params, t_params, windows = inputs
+    p_pad, s_pad = _padded(params, STUDENT, 20, 8)
+    t_pad, t_cfg = _padded(t_params, TEACHER, 44, 9)
+    tokens, y = jnp.asarray(windows[:, :-1]), windows[:, 1:]
+    h = model.hidden(params, tokens, STUDENT)
+    s64 = np.asarray(h, np.float64) @ np.asarray(p_pad["embed"], np.float64).T
+    teacher, kd_topk = None, K if kind == "topk" else None
+    if kind != "standard":
+        ht = model.hidden(t_params, tokens, TEACHER)
+        teacher = (ht, t_pad["embed"])
+        t64 = np.asarray(ht, np.float64) @ np.asarray(t_pad["embed"], np.float64).T
+    got = losses.token_parts(h, p_pad["embed"], jnp.asarray(y), teacher=teacher, omega=0.5, rho=0.25,
+                             kd_topk=kd_topk, vocab=VOCAB)
+    if kind == "standard":
+        want = ref_losses.ce_loss(s64, y, vocab=VOCAB)
+    elif kind == "full":
+        want = ref_losses.kd_loss(s64, t64, y, 0.5, 0.25, vocab=VOCAB)
+    else:
+        want = ref_losses.topk_kd_loss(s64, t64, y, 0.5, 0.25, K, vocab=VOCAB)
+    assert_close(got["loss"], want, F32_TOL, f"padded {kind} vs reference")
+
+
 def test_config_validation():
     base = dict(preset="tiny-student", data="-", out="-", teacher="-", kd_steps=2, steps=4)
     TrainConfig(**base, kd_topk=3).validate()

@@ -14,6 +14,7 @@ store          ``metadata.json`` whose ``format`` is ``salt-token-store``
 run            ``run_config.json`` (a JSON object with a ``train`` entry)
 reproduction   ``state.json`` (a JSON object with ``settings`` and ``stages``)
 score          ``job.json`` (a JSON object with a ``fingerprint``)
+teacher_cache  ``cache.json`` whose ``format`` is ``salt-teacher-cache-v1``
 =============  ==========================================================================
 
 ``replace`` (``--overwrite`` / ``--force``) additionally requires that the directory holds
@@ -171,20 +172,27 @@ def _is_score_job(d: pathlib.Path) -> bool:
     return job is not None and "fingerprint" in job
 
 
-MARKERS = {"store": _is_store, "run": _is_run, "reproduction": _is_reproduction, "score": _is_score_job}
+def _is_teacher_cache(d: pathlib.Path) -> bool:
+    manifest = _json_object(d / "cache.json")
+    return manifest is not None and manifest.get("format") == "salt-teacher-cache-v1"
+
+
+MARKERS = {"store": _is_store, "run": _is_run, "reproduction": _is_reproduction, "score": _is_score_job,
+           "teacher_cache": _is_teacher_cache}
 MARKER_FILES = {"store": "metadata.json", "run": "run_config.json", "reproduction": "state.json",
-                "score": "job.json"}
+                "score": "job.json", "teacher_cache": "cache.json"}
 # names each kind writes (regular expressions over the top-level entries)
 OWN_NAMES = {
     "store": r"metadata\.json|tokenizer\.model|token_check\.json|(train|val)\.(tokens|doc_offsets)\.bin",
     "run": r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints",
-    "reproduction": r"state\.json|data|runs|eval|scores\.npz|scores\.npz\.partial|selection\.npy"
+    "reproduction": r"state\.json|data|runs|eval|teacher_cache|scores\.npz|scores\.npz\.partial|selection\.npy"
                     r"|results\.json|report\.md|[\w.-]+\.png",
     "score": r"job\.json|chunk_\d+\.npz",
+    "teacher_cache": r"cache\.json|step_\d{6}\.(logits|ids|lse)\.npy",
 }
 MODES = ("create", "resume", "replace")
 # sub-directories an own directory of a kind holds, and the kind each must be (or absent/empty)
-NESTED = {"reproduction": (("data", "store"), ("runs/*", "run"))}
+NESTED = {"reproduction": (("data", "store"), ("runs/*", "run"), ("teacher_cache/*", "teacher_cache"))}
 
 
 def kind_of(path) -> str | None:

@@ -149,15 +149,21 @@ def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: boo
            "seed": int(cfg.seed), "values_dtype": values_dtype,
            "ids_dtype": ids_dtype(store.vocab_size).name}
     manifest_path = out / MANIFEST
-    if out.exists() and any(out.iterdir()):
-        old = _read_manifest(out) if manifest_path.is_file() else None
-        if old is None:
-            raise CacheError(f"--out {str(out)!r} exists and is not a teacher cache; choose another --out")
+    own_tmp = [*out.glob(".step_*.npy.*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")] if out.is_dir() else []
+    if own_tmp and set(out.iterdir()) == set(own_tmp):  # killed while writing the first cache.json
+        for tmp in own_tmp:
+            tmp.unlink()
+    try:  # the output rule of docs/safety.md: absent, empty, or a teacher cache (resumed)
+        state = outputs.check_output_dir(out, "teacher_cache", mode="resume")
+    except outputs.OutputError as e:
+        raise CacheError(str(e)) from None
+    if state == "own":
+        old = _read_manifest(out)
         diffs = [k for k in key if old.get(k) != key[k]]
         if diffs:
             raise CacheError(f"--out {str(out)!r} holds a teacher cache of other settings ({', '.join(diffs)} "
                              "differ); choose another --out")
-        for tmp in [*out.glob(".step_*.npy.*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")]:
+        for tmp in own_tmp:
             tmp.unlink()  # our own temporaries, left by a killed build
     outputs.write_json(manifest_path, dict(key, complete=False))
 

@@ -110,6 +110,23 @@ def test_check_output_dir_rule(tmp_path):
         outputs.check_output_dir(tmp_path / "file" / "sub", "run", mode="create")
 
 
+def test_reproduction_with_teacher_caches_can_be_replaced_but_not_a_foreign_one(tmp_path):
+    """`salt reproduce --overwrite` of a run that used --teacher-cache auto: its teacher_cache/*
+    folders are caches (cache.json of the cache format); a foreign folder there is refused."""
+    repro = tmp_path / "repro"
+    cache = repro / "teacher_cache" / "all-seed0"
+    cache.mkdir(parents=True)
+    (repro / "state.json").write_text(json.dumps({"settings": {}, "stages": {}}))
+    (cache / "cache.json").write_text(json.dumps({"format": "salt-teacher-cache-v1"}))
+    (cache / "step_000001.lse.npy").write_bytes(b"")
+    assert outputs.kind_of(cache) == "teacher_cache"
+    assert outputs.check_output_dir(repro, "reproduction", mode="replace") == "own"
+    (repro / "teacher_cache" / "mine").mkdir()
+    (repro / "teacher_cache" / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(outputs.OutputError, match="mine.*not a SALT teacher_cache directory"):
+        outputs.check_output_dir(repro, "reproduction", mode="replace")
+
+
 def test_unwritable_out_is_refused():
     # /proc refuses new files even to root (a chmod'ed folder does not stop root)
     with pytest.raises(outputs.OutputError, match="cannot write"):

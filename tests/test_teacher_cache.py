@@ -157,8 +157,14 @@ def test_cache_refuses_foreign_out_and_bad_k(setup, tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     result = _cli(*_cache_args(root, foreign, 2))
-    assert result.exit_code != 0 and "not a teacher cache" in result.output and "Traceback" not in result.output
+    assert result.exit_code != 0 and "no valid cache.json" in result.output and "Traceback" not in result.output
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    killed = tmp_path / "killed-early"  # kill -9 while the first cache.json was being written
+    killed.mkdir()
+    (killed / ".cache.json.x1y2.tmp").write_text('{"form')
+    assert _cli(*_cache_args(root, killed, 2)).exit_code == 0
+    assert sorted(p.name for p in killed.iterdir()) == sorted(
+        ["cache.json"] + [f"step_{s:06d}.{n}.npy" for s in (1, 2) for n in ("logits", "ids", "lse")])
     result = _cli(*_cache_args(root, tmp_path / "k", 2, "--top-k", 301))  # the later --top-k wins
     assert result.exit_code != 0 and "--top-k" in result.output and not (tmp_path / "k").exists()
     result = _cli("train", "--preset", "tiny-student", "--data", root / "data", "--out", tmp_path / "r",

@@ -246,7 +246,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     need_teacher = cfg.kd_steps > start_step
     # the teacher travels in a dict the loop empties at the switch, so no frame keeps its params
     teacher = {"config": None, "params": None, "identity": None, "cache": None}
-    if cfg.teacher_cache is not None:  # the KD phase reads the teacher's top-k from the cache
+    if cfg.teacher_cache is not None and not need_teacher:  # resuming past the KD phase: the
+        teacher["identity"] = pinned_teacher  # cache may be gone; record the identity, read nothing
+    elif cfg.teacher_cache is not None:  # the KD phase reads the teacher's top-k from the cache
         from salt.runtime.teacher_cache import CacheError, TeacherCache
         try:
             cache = TeacherCache(cfg.teacher_cache)

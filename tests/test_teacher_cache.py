@@ -228,3 +228,27 @@ def test_reproduce_with_teacher_cache(tmp_path):
     sel = json.loads((out / "teacher_cache" / "selected-seed0" / "cache.json").read_text())["loader_state"]
     full = json.loads((out / "teacher_cache" / "all-seed0" / "cache.json").read_text())["loader_state"]
     assert sel != full
+
+
+def test_resume_past_the_kd_phase_needs_no_cache(setup, tmp_path):
+    """A cached run resumed after its KD phase reads nothing from the cache (it may be deleted);
+    inside the KD phase the missing cache is refused."""
+    import shutil
+    root = setup
+    cache = tmp_path / "cache"
+    assert _cli(*_cache_args(root, cache, 2)).exit_code == 0
+    args = ["train", "--preset", "tiny-student", "--data", root / "data", "--out", tmp_path / "run", "--steps", 4,
+            "--kd-steps", 2, "--kd-topk", K, "--batch", BATCH, "--seq-len", SEQ, "--optimizer", "adamw",
+            "--quiet", "--checkpoint-every", 1, "--keep", 1, "--teacher-cache", cache]
+    assert _cli(*args).exit_code == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2", "4"]
+    shutil.rmtree(cache)
+    shutil.rmtree(checkpoints / "4")  # resume from step 2 = n_kd: past the KD phase
+    result = _cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    shutil.rmtree(checkpoints / "2")  # from step 1: inside the KD phase
+    shutil.rmtree(checkpoints / "4")
+    result = _cli(*args, "--resume")
+    assert result.exit_code != 0 and "cache.json" in result.output

@@ -109,7 +109,9 @@ def _raising(exc):
     the signal 50 ms later (so a Ctrl-C or SIGTERM during start-up is neither lost nor fatal)."""
     def handler(signum, frame):
         if _cannot_take_an_exception(frame):
-            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            resend = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+            resend.daemon = True  # never joined at exit (it would raise in threading._shutdown)
+            resend.start()
             return
         raise exc
     return handler

@@ -311,11 +311,14 @@ def _cloze_claim(cz: dict) -> dict:
 
 def ablated(cfg: dict) -> list[str]:
     """The distillation settings of a reproduction config that differ from the paper's
-    (ω = 0.667, ρ = 0.25, step transition), as ``"ρ = 1.0 (paper 0.25)"``."""
+    (ω = 0.667, ρ = 0.25, step transition, full-vocabulary KD), as ``"ρ = 1.0 (paper 0.25)"``."""
     from salt.reference.config import PAPER_OMEGA, PAPER_RHO
     paper = {"omega": ("ω", PAPER_OMEGA), "rho": ("ρ", PAPER_RHO), "transition": ("transition", "step")}
-    return [f"{sym} = {cfg[key]} (paper {value})" for key, (sym, value) in paper.items()
-            if key in cfg and cfg[key] != value]
+    changed = [f"{sym} = {cfg[key]} (paper {value})" for key, (sym, value) in paper.items()
+               if key in cfg and cfg[key] != value]
+    if cfg.get("kd_topk") is not None:
+        changed.append(f"top-{cfg['kd_topk']} KD (paper: full vocabulary)")
+    return changed
 
 
 def verdict_lines(results: dict) -> list[str]:

@@ -175,6 +175,8 @@ def test_verdict_lines_name_settings_that_differ_from_the_paper():
     res["config"] = dict(res["config"], rho=1.0, transition="linear")
     assert R.ablated(res["config"]) == ["ρ = 1.0 (paper 0.25)", "transition = linear (paper step)"]
     assert "ABLATION: ρ = 1.0 (paper 0.25), transition = linear (paper step)" in R.verdict_lines(res)[1]
+    res["config"] = dict(res["config"], rho=0.25, transition="step", kd_topk=64)
+    assert R.ablated(res["config"]) == ["top-64 KD (paper: full vocabulary)"]
 
 
 # ----------------------------------------------------------------------------- training

@@ -308,7 +308,9 @@ def kd_summary(cfg: ReproduceConfig, state, overhead: dict, forked: bool) -> dic
     kd = {"topk": cfg.kd_topk, "teacher_cache": None}
     if not cfg.teacher_cache:
         return kd
-    builds = {stage: info for stage, info in state.data["stages"].items() if stage.startswith("teacher cache/")}
+    stages = state.data["stages"]  # this run's seeds only (an earlier invocation may have had others)
+    builds = {stage: stages[stage] for stage in (f"teacher cache/{order}-seed{seed}" for seed in cfg.student_seeds()
+                                                 for order in ("all", "selected")) if stage in stages}
     build_s = sum(info["seconds"] for info in builds.values())
     # KD steps read from a cache, per seed: RKD's n, SALT_DS's n_kd, SALT's n_kd unless forked from RKD
     cached_steps = len(cfg.student_seeds()) * (cfg.steps + cfg.kd_steps + (0 if forked else cfg.kd_steps))

@@ -177,15 +177,15 @@ def test_cache_refuses_foreign_out_and_bad_k(setup, tmp_path):
 def test_bench_step_times_the_cached_step(setup):
     """`salt bench step --kd-topk` at tiny sizes: three steps interleaved, the cache's size."""
     from salt.bench.step import format_report, run_benchmark
-    from salt.runtime.teacher_cache import bytes_per_token
     r = run_benchmark("tiny-student", "tiny-teacher", vocab=300, batch=BATCH, seq_len=SEQ, optimizer="adamw",
                       iters=1, warmup=0, matmul_n=128, kd_topk=K, progress=False)
     assert r["kd_topk"] == K and r["cached_step_s"] > 0 and r["kd_step_s"] > 0
-    assert 0 < r["cache_read_s"] < r["cached_step_s"]
-    assert r["cached_ratio"] == pytest.approx(r["cached_step_s"] / r["standard_step_s"])
-    assert r["cached_vs_online"] == pytest.approx(r["cached_step_s"] / r["kd_step_s"])
+    assert r["cache_read_s"] > 0
     assert set(r["cache_bytes_per_token"]) == {"300", "256000"}
-    assert r["cache_bytes_per_token"]["256000"]["128"] == bytes_per_token(128, 256_000, batch=BATCH, seq_len=SEQ)
+    n = BATCH * SEQ  # bf16 logits, ids (uint16 at V = 300, uint32 at 256,000), f32 lse, three .npy headers
+    for vocab, id_bytes in (("300", 2), ("256000", 4)):
+        for k in (16, 64, 128):
+            assert r["cache_bytes_per_token"][vocab][str(k)] == (n * (k * (2 + id_bytes) + 4) + 3 * NPY_HEADER) / n
     text = format_report(r)
     assert "cached KD/standard" in text and "k=128" in text and f"top-{K} KD" in text
 
@@ -214,7 +214,10 @@ def test_reproduce_with_teacher_cache(tmp_path):
         manifest = json.loads((out / "teacher_cache" / f"{order}-seed0" / "cache.json").read_text())
         assert manifest["complete"] and manifest["steps"] == n and manifest["top_k"] == K
     assert tc["cached_kd_steps"] == steps + kd_steps  # RKD's n, SALT_DS's n_kd; SALT is forked from RKD
-    assert tc["net_saved_s"] == pytest.approx(tc["kd_phase_saved_s"] - tc["build_s"])
+    stages = json.loads((out / "state.json").read_text())["stages"]
+    assert tc["build_s"] == pytest.approx(sum(stages[s]["seconds"] for s in tc["builds"]))
+    assert tc["kd_phase_saved_s"] == pytest.approx(
+        (steps + kd_steps) * (stages["overhead"]["kd_step_s"] - stages["overhead"]["cached_step_s"]))
     for name, order in (("RKD", "all"), ("SALT", "all"), ("SALT_DS", "selected")):
         run = json.loads((out / "runs" / f"{name}-seed0" / "run_config.json").read_text())["train"]
         assert run["teacher"] is None and run["kd_topk"] == K

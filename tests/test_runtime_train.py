@@ -215,8 +215,9 @@ def test_bench_step_reports_both_steps(tiny):
     # the shapes and settings of the KD tests above, so the compiled steps are shared
     r = run_benchmark("tiny-student", "tiny-teacher", vocab=300, batch=BATCH, seq_len=SEQ,
                       optimizer="adamw", transition="linear", iters=1, warmup=0, matmul_n=128,
-                      progress=False)
-    assert r["standard_step_s"] > 0 and r["kd_step_s"] > 0
+                      gradients=True, progress=False)
+    assert r["standard_step_s"] > 0 and r["kd_step_s"] > 0 and r["standard_grad_s"] > 0 and r["kd_grad_s"] > 0
+    assert "gradient computations alone" in format_report(r)
     assert r["predicted_ratio"] == pytest.approx(
         1 + r["teacher_forward_flops"] / r["student_train_flops"])
     assert r["kd_temp_bytes"] is None or r["kd_temp_bytes"] >= 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 import click
 
 from salt.runtime.presets import SIZES, TRANSITIONS
-
-DEFAULT_CACHE_TOPK = 64  # --teacher-cache auto without --kd-topk: top-64 KD (salt teacher cache's default)
+from salt.runtime.teacher_cache import DEFAULT_TOP_K as DEFAULT_CACHE_TOPK
 
 
 @click.command("reproduce")

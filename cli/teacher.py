@@ -6,6 +6,8 @@ import json
 
 import click
 
+from salt.runtime.teacher_cache import DEFAULT_TOP_K
+
 
 @click.group("teacher")
 def teacher():
@@ -16,7 +18,7 @@ def teacher():
 @click.option("--teacher", "teacher_run", required=True, type=click.Path(), help="Teacher run directory or checkpoint.")
 @click.option("--teacher-step", type=int, default=None, help="Teacher checkpoint step (default: latest).")
 @click.option("--data", required=True, type=click.Path(), help="Token store (from `salt data prepare`).")
-@click.option("--top-k", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--top-k", type=click.IntRange(min=1), default=DEFAULT_TOP_K, show_default=True,
               help="Teacher logits kept per target position.")
 @click.option("--steps", type=click.IntRange(min=1), required=True,
               help="KD steps n_kd to cache (the first n_kd batches of the run).")

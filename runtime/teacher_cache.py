@@ -31,6 +31,7 @@ from salt.data import outputs
 CACHE_FORMAT = "salt-teacher-cache-v1"
 VALUE_DTYPES = ("bfloat16", "float16", "float32")  # float32: exact, for checks
 MANIFEST = "cache.json"
+DEFAULT_TOP_K = 64  # `salt teacher cache --top-k`, and `salt reproduce --teacher-cache auto` without --kd-topk
 
 
 class CacheError(ValueError):

@@ -33,6 +33,8 @@ def _options(fn):
                      help="Recompute each layer's activations in the backward."),
         click.option("--vocab", type=click.IntRange(min=2), default=None,
                      help="Vocabulary size for both models (default: the presets')."),
+        click.option("--vocab-chunks", type=click.IntRange(min=1), default=None,
+                     help="Vocabulary-parallel loss chunks (as salt train; default: automatic)."),
         click.option("--search/--no-search", default=True, show_default=True,
                      help="Search the largest per-chip batch that fits (more compiles)."),
         click.option("--search-compiles", type=click.IntRange(min=1), default=4, show_default=True,
@@ -50,7 +52,7 @@ def _options(fn):
 @click.command("plan")
 @_options
 def plan(topology, student, teacher, batch, seq_len, mesh, optimizer, dtype, kernels, remat, vocab,
-         search, search_compiles, as_json, grad_accum=1):
+         vocab_chunks, search, search_compiles, as_json, grad_accum=1):
     """Will this run fit a TPU pod, and how fast can it go?  Compiles the trainer's KD and
     standard steps ahead of time for TOPOLOGY's chips (no TPU needed) and reports per chip the
     compiled memory against the chip's HBM, the largest per-chip batch that fits, analytic
@@ -64,6 +66,7 @@ def plan(topology, student, teacher, batch, seq_len, mesh, optimizer, dtype, ker
         result = make_plan(topology=topology, student=student, teacher=teacher, batch=batch,
                            seq_len=seq_len, mesh=mesh, optimizer=optimizer, dtype=dtype,
                            kernels=kernels, remat=remat, vocab=vocab, grad_accum=grad_accum,
+                           vocab_chunks=vocab_chunks,
                            search=search, max_search_compiles=search_compiles,
                            progress=progress)
     except PlanError as e:

@@ -83,6 +83,10 @@ def _keep(ctx, param, value):
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Microbatches per step (gradients accumulated inside the compiled step, one "
                    "update): the same step as the whole batch, on less memory. Must divide --batch.")
+@click.option("--vocab-chunks", type=click.IntRange(min=1), default=None,
+              help="Vocabulary-parallel loss on a data-only mesh: the vocabulary in this many chunks, each "
+                   "gathered whole on every device in turn (fewer: faster, more memory). Default: on for "
+                   "embeddings of 64 MiB or more, about 8192 rows per chunk. Not with --kd-topk.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="jax",
               show_default=True,
               help="tpu / gpu / cpu: the JAX runtime on that platform's devices (an error if there are "

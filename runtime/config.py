@@ -122,11 +122,12 @@ class TrainConfig:
     remat: bool = False
     objective: str = "causal"
     grad_accum: int = 1
+    vocab_chunks: int | None = None  # vocabulary-parallel loss chunks (None: automatic, losses.token_parts)
     compile_cache: str | None = None  # JAX persistent compilation cache directory (None: off)
 
     # fields that may differ between a run and its resumption
     RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes",
-                         "keep_checkpoints", "out", "compile_cache")
+                         "keep_checkpoints", "out", "compile_cache", "vocab_chunks")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -189,6 +190,19 @@ class TrainConfig:
                 raise TrainError(f"kd_topk={self.kd_topk} only applies to the KD phase, but kd_steps=0")
             if self.runtime == "reference":
                 bad("kd_topk", "the reference runtime trains full-vocabulary KD only")
+        if self.vocab_chunks is not None:
+            if isinstance(self.vocab_chunks, bool) or not isinstance(self.vocab_chunks, int) or self.vocab_chunks < 1:
+                bad("vocab_chunks", "must be an integer >= 1, or None (automatic)")
+            if self.kd_topk is not None:
+                bad("vocab_chunks", "the vocabulary-parallel loss has no top-k KD (kd_topk is set)")
+            if self.runtime == "reference":
+                bad("vocab_chunks", "the reference runtime has no vocabulary-parallel loss")
+            try:
+                model_axis = sharding.parse_mesh(self.mesh)["model"]
+            except ValueError:  # reported below, as the mesh's error
+                model_axis = 1
+            if model_axis != 1:
+                bad("vocab_chunks", f"the vocabulary-parallel loss runs on a data-only mesh, not {self.mesh!r}")
         if self.subset and self.kd_steps == 0:
             raise TrainError("subset (SALT_DS selection) only applies to the KD phase, but kd_steps=0")
         if self.optimizer not in optim.OPTIMIZERS:

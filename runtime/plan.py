@@ -116,7 +116,7 @@ def model_config(preset: str, vocab: int | None, what: str) -> ModelConfig:
 
 def train_config(student: ModelConfig, teacher: ModelConfig | None, *, batch: int, seq_len: int,
                  mesh_spec: str, optimizer: str, dtype: str, kernels: str, remat: bool,
-                 grad_accum: int = 1):
+                 grad_accum: int = 1, vocab_chunks: int | None = None):
     """The TrainConfig a ``salt train`` of this shape would run with (data/out are unused)."""
     from salt.runtime.config import TrainConfig, TrainError
     extra = {}
@@ -127,7 +127,7 @@ def train_config(student: ModelConfig, teacher: ModelConfig | None, *, batch: in
     cfg = TrainConfig(preset=student.name, data="-", out="-", teacher="-" if teacher else None,
                       kd_steps=1 if teacher else 0, steps=1, batch=batch, seq_len=seq_len,
                       optimizer=optimizer, dtype=dtype, kernels=kernels, remat=remat,
-                      mesh=mesh_spec, **extra)
+                      mesh=mesh_spec, vocab_chunks=vocab_chunks, **extra)
     try:
         cfg.validate()
     except TrainError as e:
@@ -263,8 +263,8 @@ def _compile_and_measure(student, teacher, cfg, mesh, batch: int) -> dict:
 def plan(*, topology: str, student: str, teacher: str | None, batch: int, seq_len: int,
          mesh: str = "data=-1,model=1", optimizer: str = "adafactor", dtype: str = "bfloat16",
          kernels: str = "pallas", remat: bool = True, vocab: int | None = None,
-         grad_accum: int = 1, search: bool = True, max_search_compiles: int = 4,
-         progress=None) -> dict:
+         grad_accum: int = 1, vocab_chunks: int | None = None, search: bool = True,
+         max_search_compiles: int = 4, progress=None) -> dict:
     """Compile the run's steps for ``topology`` and report memory, fit, FLOPs and roofline per
     chip (see the module docstring).  ``batch`` is the global batch; ``progress(text)`` is told
     what is being compiled."""
@@ -284,7 +284,7 @@ def plan(*, topology: str, student: str, teacher: str | None, batch: int, seq_le
     chips = int(mesh_obj.devices.size)
     cfg = train_config(s_cfg, t_cfg, batch=batch, seq_len=seq_len, mesh_spec=mesh,
                        optimizer=optimizer, dtype=dtype, kernels=kernels, remat=remat,
-                       grad_accum=grad_accum)
+                       grad_accum=grad_accum, vocab_chunks=vocab_chunks)
     if batch % (data * grad_accum):
         raise PlanError(f"--batch {batch} must be a multiple of the mesh's data axis ({data})"
                         + (f" times --grad-accum ({grad_accum})" if grad_accum != 1 else ""))
@@ -338,7 +338,7 @@ def plan(*, topology: str, student: str, teacher: str | None, batch: int, seq_le
         "teacher_params": None if t_cfg is None else param_count(t_cfg),
         "batch": batch, "seq_len": seq_len, "per_chip_batch": per_chip, "grad_accum": grad_accum,
         "optimizer": optimizer, "dtype": dtype, "kernels": kernels, "remat": remat,
-        "steps": steps,
+        "vocab_chunks": vocab_chunks, "steps": steps,
     }
     if "kd" in steps:
         std, kd = steps["standard"], steps["kd"]
@@ -368,6 +368,7 @@ def format_plan(r: dict) -> str:
         + (f", teacher {r['teacher']['name']} ({r['teacher_params']:,})" if r["teacher"] else "")
         + f"; batch {r['batch']} x {r['seq_len']} ({r['per_chip_batch']} per chip"
         + (f", {r['grad_accum']} microbatches" if r["grad_accum"] != 1 else "")
+        + (f", vocabulary-parallel loss in {r['vocab_chunks']} chunks" if r.get("vocab_chunks") else "")
         + f"), {r['optimizer']}, {r['dtype']}, kernels {r['kernels']}, remat {'on' if r['remat'] else 'off'}",
         "",
         f"{'per chip, GiB':<16}{'args':>8}{'temps':>8}{'outputs':>9}{'aliased':>9}{'total':>8}"

@@ -48,7 +48,7 @@ def split_batch(batch):
 def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transition: str = "step",
                  rho: float = 0.25, dtype: str = "float32", kernels: str = "xla", remat: bool = False,
                  mesh=None, grad_accum: int = 1, loss_kernels: str | None = None,
-                 kd_topk: int | None = None, vocab: int | None = None):
+                 kd_topk: int | None = None, vocab: int | None = None, vocab_chunks: int | None = None):
     """``(params, teacher_params, windows_BxT1, step, hyper) -> (grads, metrics)``: the gradient
     of the batch-mean loss and the batch-mean metrics; ``teacher`` None: the standard (CE) loss.
 
@@ -62,7 +62,9 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
     loss's implementation when it should differ from ``kernels`` (benchmarks: fused vs full-logits
     loss with the same attention).  ``kd_topk`` K: the KD step's loss is top-K KD (paper eq. 13-14);
     ``vocab``: the tokenizer's vocabulary when a model's embedding has padded rows beyond it (their
-    columns get no probability; see :func:`salt.runtime.losses.token_parts`)."""
+    columns get no probability; see :func:`salt.runtime.losses.token_parts`); ``vocab_chunks``: the
+    vocabulary-parallel loss's chunk count on a data-only mesh (None: the automatic choice of
+    :func:`salt.runtime.losses.token_parts`)."""
     compute_dtype = jnp.dtype(dtype)
     loss_impl = kernels if loss_kernels is None else loss_kernels
     if not isinstance(grad_accum, int) or grad_accum < 1:
@@ -81,7 +83,7 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
                                        teacher_topk=(batch["topk_logits"], batch["topk_ids"]))
         elif teacher is None:
             parts = losses.token_parts(hidden, params["embed"], labels, impl=loss_impl, mesh=mesh,
-                                       vocab=vocab)
+                                       vocab=vocab, vocab_chunks=vocab_chunks)
             omega = jnp.float32(0.0)
         else:  # the teacher reads the same input (same bidirectional prefix)
             t_hidden = jax.lax.stop_gradient(model.hidden(
@@ -91,7 +93,8 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
                                     hyper["kd_steps1"])
             parts = losses.token_parts(hidden, params["embed"], labels,
                                        teacher=(t_hidden, teacher_params["embed"]), omega=omega,
-                                       rho=rho, impl=loss_impl, mesh=mesh, kd_topk=kd_topk, vocab=vocab)
+                                       rho=rho, impl=loss_impl, mesh=mesh, kd_topk=kd_topk, vocab=vocab,
+                                       vocab_chunks=vocab_chunks)
         if mask_BxT is None:
             mean = losses.batch_mean
         else:  # loss and KD on the target positions only; ``n_valid``: the whole batch's count
@@ -146,7 +149,8 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
 def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: str, *,
                  transition: str = "step", rho: float = 0.25, dtype: str = "float32",
                  kernels: str = "xla", remat: bool = False, mesh=None, grad_accum: int = 1,
-                 loss_kernels: str | None = None, kd_topk: int | None = None, vocab: int | None = None):
+                 loss_kernels: str | None = None, kd_topk: int | None = None, vocab: int | None = None,
+                 vocab_chunks: int | None = None):
     """The pure train step ``(params, opt_state, teacher_params, windows_BxT1, step, hyper)
     -> (params, opt_state, metrics)``; ``teacher`` None builds the standard (CE) step.
     ``step`` is the 1-based step number; ``hyper`` the dict of :func:`hyperparameters`.
@@ -154,7 +158,8 @@ def make_step_fn(student: ModelConfig, teacher: ModelConfig | None, optimizer: s
     direction = optim.make_direction(optimizer)
     accumulated_grads = make_grad_fn(student, teacher, transition=transition, rho=rho, dtype=dtype,
                                      kernels=kernels, remat=remat, mesh=mesh, grad_accum=grad_accum,
-                                     loss_kernels=loss_kernels, kd_topk=kd_topk, vocab=vocab)
+                                     loss_kernels=loss_kernels, kd_topk=kd_topk, vocab=vocab,
+                                     vocab_chunks=vocab_chunks)
 
     def step_fn(params, opt_state, teacher_params, windows_BxT1, step, hyper):
         grads, metrics = accumulated_grads(params, teacher_params, windows_BxT1, step, hyper)
@@ -220,7 +225,7 @@ def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs,
     kd = teacher is not None or (isinstance(windows_abs, dict) and "topk_logits" in windows_abs)
     key = (student, teacher, cfg.optimizer, cfg.transition if kd else None,
            float(cfg.rho) if kd else None, cfg.kd_topk if kd else None, vocab, cfg.dtype, kernels, cfg.remat,
-           cfg.grad_accum, jax.tree.structure(windows_abs),
+           cfg.grad_accum, cfg.vocab_chunks, jax.tree.structure(windows_abs),
            tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(windows_abs)),
            tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)
     if key not in _COMPILED:
@@ -229,7 +234,8 @@ def compiled_step(student, teacher, cfg: TrainConfig, mesh, params_abs, opt_abs,
         fn = make_step_fn(student, teacher, cfg.optimizer, transition=cfg.transition,
                           rho=float(cfg.rho), dtype=cfg.dtype, kernels=kernels,
                           remat=cfg.remat, mesh=mesh, grad_accum=cfg.grad_accum,
-                          kd_topk=cfg.kd_topk if teacher is not None else None, vocab=vocab)
+                          kd_topk=cfg.kd_topk if teacher is not None else None, vocab=vocab,
+                          vocab_chunks=cfg.vocab_chunks)
         out_sh = (shardings_of(params_abs), shardings_of(opt_abs), sharding.replicated(mesh))
         _COMPILED[key] = compile_step(fn, params_abs, opt_abs, teacher_abs, windows_abs,
                                       mesh=mesh, out_shardings=out_sh)

@@ -137,6 +137,24 @@ def test_cli_plan_json_and_table(tiny_plan):
     assert out.exit_code == 0 and "not searched" in out.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.tpu_aot
+@needs_libtpu
+def test_plan_with_vocab_chunks_compiles_the_vocabulary_parallel_steps():
+    """--vocab-chunks reaches the compiled steps (the tiny embeddings would otherwise be replicated):
+    both steps compile for v5e:2x2 with the vocabulary-parallel Pallas loss, and the report says so."""
+    r = plan.plan(**TINY, vocab_chunks=2, search=False)
+    assert r["vocab_chunks"] == 2 and all(s["error"] is None for s in r["steps"].values())
+    assert "vocabulary-parallel loss in 2 chunks" in plan.format_plan(r)
+    s, t = get_preset("tiny-student"), get_preset("tiny-teacher")
+    cfg = plan.train_config(s, t, batch=8, seq_len=32, mesh_spec="data=-1,model=1", optimizer="adafactor",
+                            dtype="bfloat16", kernels="pallas", remat=True, vocab_chunks=2)
+    compiled, _ = plan.compile_step(s, t, cfg, plan.topology_mesh("v5e:2x2", "data=-1,model=1"), 8)
+    assert "all-to-all" in compiled.as_text()  # the vocabulary-parallel exchange
+    with pytest.raises(plan.PlanError, match="vocab_chunks.*data-only mesh"):
+        plan.plan(**dict(TINY, mesh="data=2,model=2"), vocab_chunks=2, search=False)
+
+
 def test_compiler_out_of_memory_is_a_result_not_a_crash(monkeypatch):
     import jax
 

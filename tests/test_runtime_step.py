@@ -44,18 +44,22 @@ def inputs():
     return params, t_params, windows
 
 
-def _grads(inputs, teacher, *, kernels, mesh_spec=None, dtype="float32", grad_accum=1):
-    """(grads, metrics) of one step's loss, on a mesh when ``mesh_spec`` is given."""
+def _grads(inputs, teacher, *, kernels, mesh_spec=None, dtype="float32", grad_accum=1, vocab_chunks=None,
+           jaxpr=False):
+    """(grads, metrics) of one step's loss, on a mesh when ``mesh_spec`` is given (``jaxpr``: the
+    traced program's text instead)."""
     params, t_params, windows = inputs
     mesh = None if mesh_spec is None else sharding.make_mesh(mesh_spec)
     fn = step_mod.make_grad_fn(STUDENT, teacher, rho=0.25, dtype=dtype, kernels=kernels, mesh=mesh,
-                               grad_accum=grad_accum)
+                               grad_accum=grad_accum, vocab_chunks=vocab_chunks)
     t_arg = t_params if teacher is not None else None
     w = jnp.asarray(windows)
     if mesh is not None:
         params = sharding.shard_params(params, STUDENT, mesh)
         t_arg = None if t_arg is None else sharding.shard_params(t_arg, TEACHER, mesh)
         w = jax.device_put(w, sharding.batch_sharding(mesh))
+    if jaxpr:
+        return str(jax.make_jaxpr(fn)(params, t_arg, w, jnp.int32(1), HYPER))
     return jax.jit(fn)(params, t_arg, w, jnp.int32(1), HYPER)
 
 
@@ -81,6 +85,32 @@ def test_fused_step_matches_full_logits_on_one_device_and_on_a_mesh(inputs, kind
     _compare(_grads(inputs, teacher, kernels="xla"), want, F32_TOL, "xla, 1 device")
     _compare(_grads(inputs, teacher, kernels="xla", mesh_spec="data=4,model=2"), want, F32_TOL,
              "xla, data=4,model=2")
+
+
+@pytest.mark.parametrize("kind", ["kd", "standard"])
+def test_vocab_chunks_select_the_vocabulary_parallel_loss_in_the_step(inputs, kind):
+    """``vocab_chunks`` (``salt train --vocab-chunks``) on a data=8 mesh: the step's loss takes the
+    vocabulary-parallel path (its all_to_all exchange; without it these small embeddings are
+    replicated) and matches the full-logits step, for a chunk count that leaves a ragged last chunk."""
+    teacher = TEACHER if kind == "kd" else None
+    assert "all_to_all" in _grads(inputs, teacher, kernels="xla", mesh_spec="data=8", vocab_chunks=3, jaxpr=True)
+    assert "all_to_all" not in _grads(inputs, teacher, kernels="xla", mesh_spec="data=8", jaxpr=True)
+    _compare(_grads(inputs, teacher, kernels="xla", mesh_spec="data=8", vocab_chunks=3),
+             _grads(inputs, teacher, kernels="naive"), F32_TOL, "xla, data=8, 3 vocabulary chunks")
+
+
+def test_vocab_chunks_validation():
+    base = dict(preset="tiny-student", data="-", out="-", teacher="-", kd_steps=2, steps=4, mesh="data=8")
+    TrainConfig(**base, vocab_chunks=3).validate()
+    TrainConfig(**dict(base, mesh="data=4,model=1"), vocab_chunks=1).validate()
+    for changes, message in (({"vocab_chunks": 0}, "integer >= 1"), ({"vocab_chunks": True}, "integer >= 1"),
+                             ({"vocab_chunks": 2.0}, "integer >= 1"),
+                             ({"vocab_chunks": 2, "kd_topk": 4}, "no top-k KD"),
+                             ({"vocab_chunks": 2, "mesh": "data=4,model=2"}, "data-only mesh"),
+                             ({"vocab_chunks": 2, "runtime": "reference"}, "reference runtime")):
+        with pytest.raises(TrainError, match=f"vocab_chunks=.*{message}"):
+            TrainConfig(**{**base, **changes}).validate()
+    assert "vocab_chunks" in TrainConfig.RESUMABLE_CHANGES  # a chunk count changes float rounding only
 
 
 def test_fused_step_bfloat16(inputs):

@@ -5,13 +5,14 @@ random parameters of the chosen presets (vocabulary ``--vocab``), random windows
 mesh.  Reported:
 
 * median wall time of each step (timed alternately, ``--iters`` each after ``--warmup``
-  untimed calls), their ratio, and the ratio predicted by the analytic FLOP counts
-  ``1 + teacher forward FLOPs / student train-step FLOPs`` (``salt.runtime.model``); the
-  difference in percentage points.  On a multi-core CPU the KD step runs below the prediction:
-  XLA runs the teacher's forward concurrently with the student's work on otherwise idle cores,
-  and the optimizer update (memory-bound, not in the FLOP counts, the same in both steps) dilutes
-  the ratio; ``taskset -c 0`` gives the one-core figure and ``--gradients`` also times the
-  gradient computations alone, the work the FLOP counts describe (docs/reproduction.md);
+  untimed calls), their ratio, the mean and standard error of the per-iteration paired ratios, and
+  the ratio predicted by the analytic FLOP counts ``1 + teacher forward FLOPs / student train-step
+  FLOPs`` (``salt.runtime.model``); the difference in percentage points.  On a multi-core CPU the
+  KD step runs below the prediction: XLA runs the teacher's forward concurrently with the
+  student's work on otherwise idle cores.  ``--cores 1`` (like ``taskset -c 0``) serialises the
+  work as an accelerator does; the optimizer update (memory-bound, not in the FLOP counts, the same
+  in both steps) still dilutes the ratio at small batches.  ``--gradients`` also times the gradient
+  computations alone, the work the FLOP counts describe (docs/reproduction.md);
 * tokens/s of each step; achieved FLOP/s (analytic FLOPs / time) and its fraction of this
   machine's measured float32 matmul rate (a jitted square matmul, timed first);
 * the compiled temporary memory (``memory_analysis().temp_size_in_bytes``) of both steps;
@@ -37,6 +38,21 @@ import time
 import click
 
 
+def restrict_cores(n: int) -> None:
+    """Pin this process to the first ``n`` CPU cores it may use, before JAX starts its backend (XLA
+    sizes its CPU thread pool from the cores it may run on)."""
+    import os
+
+    allowed = sorted(os.sched_getaffinity(0))
+    if n > len(allowed):
+        raise click.BadParameter(f"{n} cores asked for, this process may use {len(allowed)}",
+                                 param_hint="--cores")
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    if bridge is not None and bridge.backends_are_initialized():
+        raise click.UsageError("--cores must be set before JAX starts its backend")
+    os.sched_setaffinity(0, allowed[:n])
+
+
 def measure_matmul_rate(n: int = 1024, iters: int = 10) -> float:
     """float32 FLOP/s of a jitted ``[n, n] @ [n, n]`` on the default device (median)."""
     import jax
@@ -59,6 +75,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
                   warmup: int = 2, transition: str = "step", matmul_n: int = 1024,
                   kernels: str = "auto", loss_kernels: str | None = None,
                   kd_topk: int | None = None, gradients: bool = False, progress: bool = True) -> dict:
+    import os
     import tempfile
 
     import jax
@@ -175,9 +192,12 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         "kernels": resolve_kernels(kernels),
         "loss_kernels": loss_kernels or resolve_kernels(kernels),
         "iters": iters, "device": str(jax.devices()[0].device_kind),
+        "cpu_cores": len(os.sched_getaffinity(0)),
         "standard_step_s": t_std, "kd_step_s": t_kd,
         "measured_ratio": measured, "predicted_ratio": predicted,
         "difference_pp": 100.0 * (measured - predicted),
+        "paired_ratio": paired_ratio(times["kd"], times["standard"]),
+        "times_s": times,
         "standard_tokens_per_s": tokens / t_std, "kd_tokens_per_s": tokens / t_kd,
         "student_train_flops": student_flops, "teacher_forward_flops": teacher_flops,
         "standard_flops_per_s": student_flops / t_std,
@@ -195,6 +215,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     if gradients:
         g_std, g_kd = statistics.median(times["standard_grad"]), statistics.median(times["kd_grad"])
         result.update({"standard_grad_s": g_std, "kd_grad_s": g_kd, "grad_ratio": g_kd / g_std,
+                       "paired_grad_ratio": paired_ratio(times["kd_grad"], times["standard_grad"]),
                        "grad_difference_pp": 100.0 * (g_kd / g_std - predicted)})
     if kd_topk is not None:
         from salt.runtime.teacher_cache import bytes_per_token
@@ -207,6 +228,14 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
             "cache_bytes_per_token": {str(v): {str(k): bytes_per_token(k, v, batch=batch, seq_len=seq_len)
                                                for k in CACHE_KS} for v in sorted({vocab, PAPER_VOCAB})}})
     return result
+
+
+def paired_ratio(a_s, b_s) -> dict:
+    """Mean and standard error of the per-iteration ratios ``a_i / b_i`` of two interleaved timings
+    (iteration ``i`` times both back to back, so slow drifts of the machine cancel)."""
+    ratios = [a / b for a, b in zip(a_s, b_s)]
+    se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+    return {"mean": statistics.fmean(ratios), "se": se, "n": len(ratios)}
 
 
 CACHE_KS = (16, 64, 128)
@@ -243,12 +272,16 @@ def _xla_flops(compiled):
         return None
 
 
+def _mean_se(p: dict) -> str:
+    return f"{p['mean']:.3f} ± {p['se']:.3f} s.e. (n={p['n']})"
+
+
 def format_report(r: dict) -> str:
     mb = lambda b: "n/a" if b is None else f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
     lines = [
         f"student {r['student']['name']} ({r['student_params']:,} params), teacher "
         f"{r['teacher']['name']} ({r['teacher_params']:,}); batch {r['batch']} x seq {r['seq_len']}, "
-        f"{r['optimizer']}, {r['dtype']}, {r['device']}, median of {r['iters']}",
+        f"{r['optimizer']}, {r['dtype']}, {r['device']} (CPU cores: {r['cpu_cores']}), median of {r['iters']}",
         f"{'step':<10}{'time':>12}{'tokens/s':>12}{'GFLOP/s':>10}{'of matmul':>11}{'temp mem':>12}",
         f"{'standard':<10}{r['standard_step_s'] * 1e3:>10.1f}ms{r['standard_tokens_per_s']:>12,.0f}"
         f"{r['standard_flops_per_s'] / 1e9:>10.2f}{100 * r['standard_fraction_of_matmul']:>10.1f}%"
@@ -257,13 +290,19 @@ def format_report(r: dict) -> str:
         f"{r['kd_flops_per_s'] / 1e9:>10.2f}{100 * r['kd_fraction_of_matmul']:>10.1f}%"
         f"{mb(r['kd_temp_bytes']):>12}",
         f"KD/standard time ratio: measured {r['measured_ratio']:.3f}, FLOP-predicted "
-        f"{r['predicted_ratio']:.3f} ({r['difference_pp']:+.1f} percentage points)",
+        f"{r['predicted_ratio']:.3f} ({r['difference_pp']:+.1f} percentage points); paired per-iteration ratio "
+        f"{_mean_se(r['paired_ratio'])}",
         f"float32 matmul rate of this machine: {r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s",
     ]
+    if r["cpu_cores"] > 1 and r["device"] == "cpu":
+        lines.append(f"on {r['cpu_cores']} CPU cores XLA may run the teacher's forward alongside the student's work "
+                     "(the KD step then costs less than its FLOPs); --cores 1 serialises the work as an accelerator "
+                     "does (docs/reproduction.md)")
     if "grad_ratio" in r:
         lines.insert(5, f"gradient computations alone (forward + backward, no optimizer update): standard "
                         f"{r['standard_grad_s'] * 1e3:.1f} ms, KD {r['kd_grad_s'] * 1e3:.1f} ms, ratio "
-                        f"{r['grad_ratio']:.3f} ({r['grad_difference_pp']:+.1f} percentage points)")
+                        f"{r['grad_ratio']:.3f} ({r['grad_difference_pp']:+.1f} percentage points; paired "
+                        f"{_mean_se(r['paired_grad_ratio'])})")
     if r.get("kd_topk") is not None:
         lines[4:4] = [
             f"{'cached':<10}{r['cached_step_s'] * 1e3:>10.1f}ms{r['cached_tokens_per_s']:>12,.0f}"
@@ -318,11 +357,17 @@ def format_report(r: dict) -> str:
 @click.option("--gradients", is_flag=True,
               help="Also time the gradient computations alone (no optimizer update: the work the FLOP "
                    "prediction counts), interleaved with the steps.")
+@click.option("--cores", type=click.IntRange(min=1), default=None,
+              help="Run on the first N of the CPU cores this process may use (as taskset; default: all). "
+                   "--cores 1 serialises the steps as an accelerator does: on more cores XLA runs the "
+                   "teacher's forward concurrently with the student's work.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def cli(student, teacher, vocab, batch, seq_len, optimizer, dtype, iters, warmup, kernels, compare, kd_topk,
-        gradients, as_json):
+        gradients, cores, as_json):
     """KD-step vs standard-step time (vs the FLOP prediction), tokens/s, FLOP/s, memory; with
     --kd-topk also the KD step from a teacher cache."""
+    if cores is not None:
+        restrict_cores(cores)
     common = dict(vocab=vocab, batch=batch, seq_len=seq_len, optimizer=optimizer, dtype=dtype, iters=iters,
                   warmup=warmup, kernels=kernels, kd_topk=kd_topk, gradients=gradients)
     try:

@@ -2,6 +2,7 @@
 checkpoint contents, the non-finite-loss stop, bad input, and the NumPy reference runtime."""
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -222,3 +223,32 @@ def test_bench_step_reports_both_steps(tiny):
         1 + r["teacher_forward_flops"] / r["student_train_flops"])
     assert r["kd_temp_bytes"] is None or r["kd_temp_bytes"] >= 0
     assert "KD/standard time ratio" in format_report(r)
+    pr = r["paired_ratio"]  # one iteration: the ratio of the two times, no standard error
+    assert pr["n"] == 1 and pr["mean"] == r["kd_step_s"] / r["standard_step_s"] and math.isnan(pr["se"])
+    assert r["cpu_cores"] == len(os.sched_getaffinity(0))
+
+
+def test_bench_step_paired_ratio_and_cores_errors():
+    import click
+
+    from salt.bench.step import paired_ratio, restrict_cores
+    p = paired_ratio([2.0, 3.0, 4.0], [1.0, 2.0, 2.0])
+    assert p["mean"] == pytest.approx((2 + 1.5 + 2) / 3) and p["n"] == 3
+    assert p["se"] == pytest.approx(np.std([2, 1.5, 2], ddof=1) / 3 ** 0.5)
+    with pytest.raises(click.BadParameter, match="may use"):
+        restrict_cores(len(os.sched_getaffinity(0)) + 1)
+    jax.devices()  # the backend is up: too late to pin the process
+    with pytest.raises(click.UsageError, match="before JAX starts"):
+        restrict_cores(1)
+
+
+def test_bench_step_cores_pins_the_cli_process():
+    """`salt bench step --cores 1` pins the process before JAX starts (XLA then sees one core)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "salt.cli.main", "bench", "step", "--student", "tiny-student",
+                          "--teacher", "tiny-teacher", "--vocab", "300", "--batch", "2", "--seq-len", "8",
+                          "--iters", "1", "--warmup", "0", "--no-compare", "--cores", "1", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["cpu_cores"] == 1

@@ -109,7 +109,10 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
              ("kd", teacher, step_mod.abstract_of(t_params), step_mod.abstract_of(windows))]
     tmp = None
     if kd_topk is not None:
-        from salt.runtime.train import cached_batch_abstract
+        import types
+
+        from salt.runtime.train import cached_batch_abstract, cached_step_batch
+        one_process = types.SimpleNamespace(process_index=0, local_batch=batch)  # the loader's sharding fields
         kinds.append(("cached", None, None, cached_batch_abstract(cfg, mesh)))
         tmp = tempfile.TemporaryDirectory(prefix="salt-bench-cache-")
         cache = _one_step_cache(tmp.name, t_params, teacher, windows, kd_topk, vocab, kernels)
@@ -144,9 +147,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         inputs = windows
         if kind == "cached":  # the trainer's per-step work: read + decode the step, then upload
             t = time.perf_counter()
-            logits, ids = cache.batch(0, kd_topk)
-            inputs = {"tokens": windows, "topk_logits": sharding.global_batch_array(logits, mesh, batch),
-                      "topk_ids": sharding.global_batch_array(ids, mesh, batch)}
+            inputs = cached_step_batch(cfg, cache, one_process, 0, windows, mesh)
             jax.block_until_ready(inputs)
             read_s.append(time.perf_counter() - t)
         p, o, m = compiled[kind](state["params"], state["opt"], t_arg, inputs, step_arr, hyper)

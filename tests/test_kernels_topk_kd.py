@@ -26,6 +26,14 @@ RHO = 0.25
 KERNEL_BLOCKS = TopKKernelBlockSizes(block_tokens=16, block_vocab=128)
 
 
+def logits64(h, e):
+    """float64 ``h @ e.T`` summed in the same order for every entry, so that identical embedding
+    rows give exactly tied logits (a BLAS matmul may sum edge columns in another order: 1-ulp
+    differences that break the ties the tests construct)."""
+    h, e = np.asarray(h, np.float64), np.asarray(e, np.float64)
+    return (h[:, None, :] * e[None, :, :]).sum(axis=-1)
+
+
 def blocks(k, rows=5):
     """Vocab chunks of 128 (ragged: 300 = 2 x 128 + a shifted last chunk), token chunks of ``rows``,
     16 x 128 tiles for the top-k kernel."""
@@ -77,8 +85,8 @@ def check(impl, case, k, tol, omegas=(0.0, 0.667, 1.0), rows=5):
     hs, es, ht, et, y, mask = case
     fn = _fn(impl, k, blocks(k, rows))
     w = np.random.default_rng(11).uniform(0.5, 1.5, size=N).astype(np.float32)
-    hs64, es64, ht64, et64 = (np.asarray(a, dtype=np.float64) for a in (hs, es, ht, et))
-    s64, t64 = hs64 @ es64.T, ht64 @ et64.T
+    hs64, es64 = (np.asarray(a, dtype=np.float64) for a in (hs, es))
+    s64, t64 = logits64(hs, es), logits64(ht, et)
     for omega in omegas:
         (_, (loss, parts)), (d_hs, d_es, d_ht, d_et, d_omega) = fn(hs, es, ht, et, jnp.float32(omega), y,
                                                                    mask, w)
@@ -122,7 +130,8 @@ def test_ties_go_to_the_lower_id(k):
     """Exactly tied teacher logits inside a chunk and across chunk boundaries: the chunked top-k set
     equals the reference's (ties to the lower id) in order, and the loss follows."""
     hs, es, ht, et, y, mask = make_case(3, ties=True)
-    t64 = np.asarray(ht, np.float64) @ np.asarray(et, np.float64).T
+    t64 = logits64(ht, et)
+    assert (t64[:, 3] == t64[:, 299]).all() and (t64[:, 10] == t64[:, 11]).all()  # exact ties
     want = ref.topk_indices(t64, k)
     assert (np.argmax(t64, axis=1) == 3).sum() > 10, "the case must put the tied ids on top"
     for impl, chunk in (("naive", 128), ("xla", 128), ("xla", 7), ("xla", V), ("pallas", 0)):
@@ -138,8 +147,8 @@ def test_k_equal_v_is_full_vocabulary_kd():
     hs, es, ht, et, y, mask = make_case(4)
     loss = fused_linear_topk_kd_loss(hs, es, ht, et, y, 0.667, RHO, V, mask, impl="xla",
                                      block_sizes=blocks(V))
-    s64 = np.asarray(hs, np.float64) @ np.asarray(es, np.float64).T
-    t64 = np.asarray(ht, np.float64) @ np.asarray(et, np.float64).T
+    s64 = logits64(hs, es)
+    t64 = logits64(ht, et)
     assert_close(loss, ref.kd_loss(s64, t64, y, 0.667, RHO, mask), F32_TOL, "k = V vs full KD")
 
 
@@ -172,7 +181,7 @@ def test_from_teacher_topk_and_lse():
     """The loss from a given top-k set (a teacher cache's) equals the loss from the teacher's hidden
     states; the scan's full-vocabulary lse(t) equals the float64 reference."""
     hs, es, ht, et, y, mask = make_case(7)
-    t64 = np.asarray(ht, np.float64) @ np.asarray(et, np.float64).T
+    t64 = logits64(ht, et)
     lse64 = np.log(np.exp(t64 - t64.max(axis=1, keepdims=True)).sum(axis=1)) + t64.max(axis=1)
     for impl in ("xla", "naive"):
         top, ids, lse = teacher_topk(ht, et, 7, impl=impl, chunk_vocab=128, with_lse=True)
@@ -206,7 +215,7 @@ def test_topk_kernel_float32(k, block_sizes):
     in this case), values within 1e-5 of float64 and equal to the scan's, lse within 1e-5.  Ragged
     N and V; k = 1, k = V, k > 128 (two set lanes blocks); default blocks (one 48 x 384 tile)."""
     _, _, ht, et, _, _ = make_case(8)
-    t64 = np.asarray(ht, np.float64) @ np.asarray(et, np.float64).T
+    t64 = logits64(ht, et)
     want = ref.topk_indices(t64, k)
     top, ids, lse = _kernel_topk(ht, et, k, block_sizes)
     assert top.shape == ids.shape == (N, k) and top.dtype == jnp.float32 and ids.dtype == jnp.int32
@@ -223,7 +232,7 @@ def test_topk_kernel_bfloat16():
     inputs) at the returned ids and the float64 top-k values, within the bf16 tolerance; the ids are
     distinct; lse within the bf16 tolerance."""
     _, _, ht, et, _, _ = make_case(9, dtype=ml_dtypes.bfloat16)
-    t64 = np.asarray(ht, np.float64) @ np.asarray(et, np.float64).T
+    t64 = logits64(ht, et)
     top, ids, lse = _kernel_topk(ht, et, 7)
     ids = np.asarray(ids)
     assert all(len(set(row)) == 7 for row in ids)

@@ -58,12 +58,15 @@ VMEM_BUDGET_BYTES = 15 * 1024 * 1024
 @dataclasses.dataclass(frozen=True)
 class FusedKDBlockSizes:
     """``block_tokens`` (multiple of 16) x ``block_vocab`` (multiple of 128) Pallas tiles;
-    ``chunk_vocab``: vocab columns per step of the ``xla`` scan.  ``None`` fields are chosen from
-    the hidden sizes and dtype so the kernels fit :data:`VMEM_BUDGET_BYTES`."""
+    ``chunk_vocab``: vocab columns per step of the ``xla`` scan; ``xla_block_tokens``: rows per
+    block of the ``xla`` path (the vocabulary scan runs block by block, so its ``[rows,
+    chunk_vocab]`` float32 tiles stay small; None: all rows at once).  ``None`` Pallas fields are
+    chosen from the hidden sizes and dtype so the kernels fit :data:`VMEM_BUDGET_BYTES`."""
 
     block_tokens: int | None = None
     block_vocab: int | None = None
     chunk_vocab: int = 1024
+    xla_block_tokens: int | None = 2048
 
     def __post_init__(self):
         if self.block_tokens is not None and not (
@@ -74,6 +77,10 @@ class FusedKDBlockSizes:
             raise ValueError(f"block_vocab must be a positive multiple of 128, got {self.block_vocab!r}")
         if not (isinstance(self.chunk_vocab, int) and self.chunk_vocab > 0):
             raise ValueError(f"chunk_vocab must be a positive integer, got {self.chunk_vocab!r}")
+        if self.xla_block_tokens is not None and not (
+                isinstance(self.xla_block_tokens, int) and not isinstance(self.xla_block_tokens, bool)
+                and self.xla_block_tokens > 0):
+            raise ValueError(f"xla_block_tokens must be a positive integer or None, got {self.xla_block_tokens!r}")
 
 
 def vmem_estimate(bt, bv, d_s, d_t, itemsize):
@@ -166,7 +173,38 @@ def _chunk_logits(hs, es, teacher, j, chunk, vocab, rho):
     return start, es_c, s_c, rt_c, cols_1xC, cols_1xC >= j * chunk
 
 
-def _stats_xla(hs, es, teacher, y, rho, chunk, theta=None):
+def _row_blocks(n, block):
+    """``(blocks, padding)`` of ``n`` rows in blocks of ``block`` (None when one block holds them)."""
+    if block is None or n <= block:
+        return None, 0
+    blocks = -(-n // block)
+    return blocks, blocks * block - n
+
+
+def _blocked(x, blocks, pad):
+    """``[n, ...]`` -> ``[blocks, n_block, ...]`` with ``pad`` zero rows at the end."""
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(blocks, -1, *x.shape[1:])
+
+
+def _stats_xla(hs, es, teacher, y, rho, chunk, theta=None, block=None):
+    """Row statistics, the rows in blocks of ``block`` (``lax.map``; padded rows dropped)."""
+    blocks, pad = _row_blocks(hs.shape[0], block)
+    if blocks is None:
+        return _stats_xla_rows(hs, es, teacher, y, rho, chunk, theta)
+    theta = _label_logit(hs, es, y) if theta is None else theta
+    rows = (hs, y, theta) + (() if teacher is None else (teacher[0],))
+    xs = [_blocked(a, blocks, pad) for a in rows]
+
+    def one(x):
+        h, yb, tb, *t = x
+        return _stats_xla_rows(h, es, None if teacher is None else (t[0], teacher[1]), yb, rho, chunk, tb)
+
+    out = lax.map(one, xs)
+    return {k: v.reshape(-1)[:hs.shape[0]] for k, v in out.items()}
+
+
+def _stats_xla_rows(hs, es, teacher, y, rho, chunk, theta=None):
     n, vocab = hs.shape[0], es.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
     theta = _label_logit(hs, es, y) if theta is None else theta
@@ -180,7 +218,30 @@ def _stats_xla(hs, es, teacher, y, rho, chunk, theta=None):
     return {k: v[:, 0] for k, v in _kd.stats_finish(carry).items()}
 
 
-def _grad_xla(hs, es, teacher, y, rows, rho, chunk, f32_out=False):
+def _grad_xla(hs, es, teacher, y, rows, rho, chunk, f32_out=False, block=None):
+    """``(d hs, d es)``, the rows in blocks of ``block`` (a ``lax.scan`` carrying ``d es``; padded
+    rows have zero coefficients and zero hidden states, so they add nothing)."""
+    blocks, pad = _row_blocks(hs.shape[0], block)
+    des = jnp.zeros(es.shape, jnp.float32)
+    if blocks is None:
+        dhs, des = _grad_xla_rows(hs, es, teacher, y, rows, rho, chunk, des)
+    else:
+        xs = ([_blocked(a, blocks, pad) for a in (hs, y)], {k: _blocked(v, blocks, pad) for k, v in rows.items()},
+              [] if teacher is None else [_blocked(teacher[0], blocks, pad)])
+
+        def body(des, x):
+            (h, yb), rb, t = x
+            dh, des = _grad_xla_rows(h, es, None if teacher is None else (t[0], teacher[1]), yb, rb, rho, chunk, des)
+            return des, dh
+
+        des, dhs = lax.scan(body, des, xs)
+        dhs = dhs.reshape(-1, hs.shape[1])[:hs.shape[0]]
+    if f32_out:
+        return dhs, des
+    return dhs.astype(hs.dtype), des.astype(es.dtype)
+
+
+def _grad_xla_rows(hs, es, teacher, y, rows, rho, chunk, des_VxD):
     vocab = es.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
     rows = {k: v[:, None] for k, v in rows.items()}
@@ -199,11 +260,9 @@ def _grad_xla(hs, es, teacher, y, rows, rho, chunk, f32_out=False):
         des_VxD = lax.dynamic_update_slice_in_dim(des_VxD, old + des_CxD, start, axis=0)
         return (dhs_NxD, des_VxD), None
 
-    init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros(es.shape, jnp.float32))
+    init = (jnp.zeros(hs.shape, jnp.float32), des_VxD)
     (dhs, des), _ = lax.scan(body, init, jnp.arange(n_chunks))
-    if f32_out:
-        return dhs, des
-    return dhs.astype(hs.dtype), des.astype(es.dtype)
+    return dhs, des
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +457,7 @@ def _stats(hs, es, teacher, y, rho, cfg, theta=None):
     """Row statistics (``theta``: the label logits when given, else ``h_n · E[y_n]``)."""
     impl, block_sizes, interpret = cfg
     if impl == "xla":
-        return _stats_xla(hs, es, teacher, y, rho, block_sizes.chunk_vocab, theta)
+        return _stats_xla(hs, es, teacher, y, rho, block_sizes.chunk_vocab, theta, block_sizes.xla_block_tokens)
     return _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret, theta)
 
 
@@ -407,7 +466,8 @@ def _grads(hs, es, teacher, y, rows, rho, cfg, f32_out=False):
     float32 gradients, else in the inputs' dtypes)."""
     impl, block_sizes, interpret = cfg
     if impl == "xla":
-        return _grad_xla(hs, es, teacher, y, rows, rho, block_sizes.chunk_vocab, f32_out)
+        return _grad_xla(hs, es, teacher, y, rows, rho, block_sizes.chunk_vocab, f32_out,
+                         block_sizes.xla_block_tokens)
     return _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret, f32_out)
 
 

@@ -148,6 +148,19 @@ def test_logits_of_magnitude_1e4(impl):
     check(impl, case, (0.667,), 0.25, F32_TOL)
 
 
+# the xla path in row blocks: 37 = 2 x 16 + 5 (the last block padded), 37 = 3 x 13 - 2, one block
+ROW_BLOCKS = [FusedKDBlockSizes(chunk_vocab=128, xla_block_tokens=b) for b in (16, 13, None)]
+
+
+@pytest.mark.parametrize("block_sizes", ROW_BLOCKS, ids=["rows16", "rows13", "rows-all"])
+def test_xla_row_blocks(block_sizes):
+    """The xla path's row blocks (``xla_block_tokens``), ragged and padded: KD and CE loss, parts and
+    gradients against the float64 reference, as in one block."""
+    case = make_case(*RAGGED, seed=21)
+    check("xla", case, (0.0, 0.667), 0.25, F32_TOL, block_sizes=block_sizes)
+    check_ce("xla", case, F32_TOL, block_sizes=block_sizes)
+
+
 @pytest.mark.parametrize("impl", ["xla", "naive", "pallas"])
 def test_masked_rows_may_hold_garbage(impl):
     hs, es, ht, et, y, mask = make_case(*RAGGED, seed=5)
@@ -156,18 +169,20 @@ def test_masked_rows_may_hold_garbage(impl):
     hs[3] = np.nan
     ht[17] = np.inf
     y[3], y[17] = -1, 10**6
-    fn = _loss_and_grads(impl, 0.25, SMALL_BLOCKS, impl == "pallas")
-    (_, (loss, _)), (d_hs, d_es, _, _, d_omega) = fn(hs, es, ht, et, jnp.float32(0.667), y, mask,
-                                                      np.ones(len(y), np.float32))
-    for name, value in (("loss", loss), ("d_hs", d_hs), ("d_es", d_es), ("d_omega", d_omega)):
-        assert np.isfinite(np.asarray(value)).all(), name
-    assert not np.asarray(loss)[[3, 17]].any() and not np.asarray(d_hs)[[3, 17]].any()
-    keep = mask
-    s64 = hs[keep].astype(np.float64) @ es.astype(np.float64).T
-    t64 = ht[keep].astype(np.float64) @ et.astype(np.float64).T
-    assert_close(np.asarray(loss)[keep], ref.kd_loss(s64, t64, y[keep], 0.667, 0.25), F32_TOL, "loss")
-    g = ref.kd_loss_grad(s64, t64, y[keep], 0.667, 0.25)
-    assert_close(d_es, g.T @ hs[keep].astype(np.float64), F32_TOL, "d_es")
+    blocks = [SMALL_BLOCKS] + (ROW_BLOCKS[:1] if impl == "xla" else [])  # garbage rows inside a row block too
+    for block_sizes in blocks:
+        fn = _loss_and_grads(impl, 0.25, block_sizes, impl == "pallas")
+        (_, (loss, _)), (d_hs, d_es, _, _, d_omega) = fn(hs, es, ht, et, jnp.float32(0.667), y, mask,
+                                                          np.ones(len(y), np.float32))
+        for name, value in (("loss", loss), ("d_hs", d_hs), ("d_es", d_es), ("d_omega", d_omega)):
+            assert np.isfinite(np.asarray(value)).all(), (name, block_sizes)
+        assert not np.asarray(loss)[[3, 17]].any() and not np.asarray(d_hs)[[3, 17]].any()
+        keep = mask
+        s64 = hs[keep].astype(np.float64) @ es.astype(np.float64).T
+        t64 = ht[keep].astype(np.float64) @ et.astype(np.float64).T
+        assert_close(np.asarray(loss)[keep], ref.kd_loss(s64, t64, y[keep], 0.667, 0.25), F32_TOL, "loss")
+        g = ref.kd_loss_grad(s64, t64, y[keep], 0.667, 0.25)
+        assert_close(d_es, g.T @ hs[keep].astype(np.float64), F32_TOL, "d_es")
 
 
 @pytest.mark.parametrize("impl", ["xla", "naive", "pallas"])
@@ -265,7 +280,8 @@ def test_bad_input(kwargs, match):
 
 @pytest.mark.parametrize("fields, match", [
     (dict(block_tokens=20), "block_tokens"), (dict(block_vocab=64), "block_vocab"),
-    (dict(chunk_vocab=-1), "chunk_vocab")])
+    (dict(chunk_vocab=-1), "chunk_vocab"), (dict(xla_block_tokens=0), "xla_block_tokens"),
+    (dict(xla_block_tokens=True), "xla_block_tokens")])
 def test_bad_block_sizes(fields, match):
     with pytest.raises(ValueError, match=match):
         FusedKDBlockSizes(**fields)

@@ -171,8 +171,15 @@ def _sharded_kernel_attention(kernel, q, k, v, prefix_len_B, mesh):
     return fn(q, k, v, jnp.asarray(prefix, jnp.int32))
 
 
-def _matmul(x, w, dtype):
-    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+def _matmul(x_BxTxD, w_DxF, dtype):
+    """``x @ w`` over the last axis, as one 2-D ``[B·T, D] @ [D, F]`` matmul (float32 result).
+
+    The leading axes are merged first (a free reshape; a sharded batch axis stays sharded): XLA's
+    CPU backend runs the weight gradient of a 2-D matmul much faster than that of the 3-D form,
+    whose contraction over two axes it lays out with transposed copies (``salt bench step``)."""
+    y = jnp.matmul(x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).astype(dtype), w_DxF.astype(dtype),
+                   preferred_element_type=jnp.float32)
+    return y.reshape(*x_BxTxD.shape[:-1], w_DxF.shape[-1])
 
 
 def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, attention_impl,

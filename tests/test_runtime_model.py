@@ -4,6 +4,7 @@ import math
 import time
 
 import jax
+import jax.extend  # noqa: F401 (jax.extend.core.Jaxpr, ClosedJaxpr)
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -221,6 +222,39 @@ def test_flop_counts_equal_the_matmuls_of_the_traced_program(name):
         model.forward_flops(config, B, T)
     train = jax.grad(lambda p, x: model.forward(p, x, config).sum())
     assert matmul_flops(train, params, tokens) == model.train_step_flops(config, B, T)
+
+
+def test_dense_layers_are_two_dimensional_matmuls():
+    """Every projection and MLP matmul of the student's forward + backward contracts one axis of
+    2-D operands (``[B·T, D] @ [D, F]``): the 3-D form's weight gradient, a contraction over batch
+    and time, is what XLA's CPU backend laid out with transposed copies (docs/design.md §5).
+    Only attention's batched einsums keep batch dimensions."""
+    config = CONFIGS["mqa"]
+    tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    train = jax.grad(lambda p, x: model.hidden(p, x, config, attention_impl="xla").sum())
+    dots = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append(eqn)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(train)(model.abstract_params(config), tokens).jaxpr)
+    unbatched = [e for e in dots if not e.params["dimension_numbers"][1][0]]
+    assert len(unbatched) == 3 * 7  # the layer scan's forward, input and weight gradients of 7 matrices
+    for eqn in unbatched:
+        (lhs_contract, rhs_contract), _ = eqn.params["dimension_numbers"]
+        assert [v.aval.ndim for v in eqn.invars] == [2, 2] and len(lhs_contract) == len(rhs_contract) == 1
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((4, 5)), jnp.float32)
+    np.testing.assert_allclose(model._matmul(x, w, jnp.float32), np.einsum("btd,df->btf", x, w),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_paper_2_8b_train_step_lowers_fast():

@@ -11,6 +11,25 @@ def matmul_flops(fn, *args) -> int:
     return _count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
+def dot_generals(fn, *args) -> list:
+    """The ``dot_general`` equations of the traced program, each loop or kernel body once."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn)
+            elif eqn.primitive.name == "while":  # no trip count needed here
+                walk(eqn.params["cond_jaxpr"].jaxpr)
+                walk(eqn.params["body_jaxpr"].jaxpr)
+            else:
+                for sub, _ in _sub_jaxprs(eqn):
+                    walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
 def _sub_jaxprs(eqn):
     """(jaxpr, multiplicity) of the programs an equation runs."""
     name, params = eqn.primitive.name, eqn.params

@@ -4,13 +4,12 @@ import math
 import time
 
 import jax
-import jax.extend  # noqa: F401 (jax.extend.core.Jaxpr, ClosedJaxpr)
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from salt.kernels.logits_kd import kd_loss
-from matmul_count import matmul_flops
+from matmul_count import dot_generals, matmul_flops
 from salt.reference import model as ref_model
 from salt.reference.config import flatten_params, get_preset
 from salt.runtime import losses, model, optim
@@ -232,20 +231,7 @@ def test_dense_layers_are_two_dimensional_matmuls():
     config = CONFIGS["mqa"]
     tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
     train = jax.grad(lambda p, x: model.hidden(p, x, config, attention_impl="xla").sum())
-    dots = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                dots.append(eqn)
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jax.extend.core.Jaxpr):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(train)(model.abstract_params(config), tokens).jaxpr)
+    dots = dot_generals(train, model.abstract_params(config), tokens)
     unbatched = [e for e in dots if not e.params["dimension_numbers"][1][0]]
     assert len(unbatched) == 3 * 7  # the layer scan's forward, input and weight gradients of 7 matrices
     for eqn in unbatched:

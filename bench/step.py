@@ -1,13 +1,13 @@
 """``salt bench step``: the KD train step against the standard train step, in one run.
 
-Both steps are the trainer's own AOT-compiled steps (``salt.runtime.step.compiled_step``) on
+Both steps are the trainer's own AOT-compiled steps (``salt.runtime.train.step.compiled_step``) on
 random parameters of the chosen presets (vocabulary ``--vocab``), random windows, one device
 mesh.  Reported:
 
 * median wall time of each step (timed alternately, ``--iters`` each after ``--warmup``
   untimed calls), their ratio, the mean and standard error of the per-iteration paired ratios, and
   the ratio predicted by the analytic FLOP counts ``1 + teacher forward FLOPs / student train-step
-  FLOPs`` (``salt.runtime.model``); the difference in percentage points.  On a multi-core CPU the
+  FLOPs`` (``salt.runtime.model.transformer``); the difference in percentage points.  On a multi-core CPU the
   KD step runs below the prediction: XLA runs the teacher's forward concurrently with the
   student's work on otherwise idle cores.  ``--cores 1`` (like ``taskset -c 0``) serialises the
   work as an accelerator does; the optimizer update (memory-bound, not in the FLOP counts, the same
@@ -22,7 +22,7 @@ mesh.  Reported:
 * with ``--kd-topk K``: the KD step is top-K KD (paper eq. 13-14) with the online teacher, and a
   third step is timed in the same interleaved loop: KD from a teacher cache (``salt teacher
   cache``; no teacher forward).  Its timed call includes reading the step's files from a real
-  on-disk cache (one step written by :func:`salt.runtime.teacher_cache.write_step`, bfloat16
+  on-disk cache (one step written by :func:`salt.runtime.train.teacher_cache.write_step`, bfloat16
   logits) and decoding them (that part is also reported on its own); reported as ratios to the
   standard and the online-teacher step, with the cache's on-disk bytes per token for k = 16, 64,
   128 (measured from written files, at this vocabulary and at the paper's V = 256,000).
@@ -83,9 +83,10 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     from tqdm import tqdm
 
     from salt.reference.config import get_preset, param_count
-    from salt.runtime import model, optim, sharding
-    from salt.runtime import step as step_mod
-    from salt.runtime.config import TrainConfig, resolve_kernels
+    from salt.runtime.model import transformer as model, sharding
+    from salt.runtime.train import optim
+    from salt.runtime.train import step as step_mod
+    from salt.runtime.train.config import TrainConfig, resolve_kernels
 
     student = get_preset(student_name).replace(vocab_size=vocab)
     teacher = get_preset(teacher_name).replace(vocab_size=vocab)
@@ -111,7 +112,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     if kd_topk is not None:
         import types
 
-        from salt.runtime.train import cached_batch_abstract, cached_step_batch
+        from salt.runtime.train.trainer import cached_batch_abstract, cached_step_batch
         one_process = types.SimpleNamespace(process_index=0, local_batch=batch)  # the loader's sharding fields
         kinds.append(("cached", None, None, cached_batch_abstract(cfg, mesh)))
         tmp = tempfile.TemporaryDirectory(prefix="salt-bench-cache-")
@@ -219,7 +220,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
                        "paired_grad_ratio": paired_ratio(times["kd_grad"], times["standard_grad"]),
                        "grad_difference_pp": 100.0 * (g_kd / g_std - predicted)})
     if kd_topk is not None:
-        from salt.runtime.teacher_cache import bytes_per_token
+        from salt.runtime.train.teacher_cache import bytes_per_token
         t_cached = statistics.median(times["cached"])
         result.update({
             "cached_step_s": t_cached, "cached_ratio": t_cached / t_std, "cached_vs_online": t_cached / t_kd,
@@ -247,9 +248,9 @@ def _one_step_cache(path, t_params, teacher, windows, k, vocab, kernels):
     """A real one-step teacher cache (bfloat16 logits) of the teacher on ``windows``, opened."""
     import jax
 
-    from salt.data import outputs
-    from salt.runtime import teacher_cache
-    from salt.runtime.config import resolve_kernels
+    from salt.core import outputs
+    from salt.runtime.train import teacher_cache
+    from salt.runtime.train.config import resolve_kernels
 
     run = teacher_cache.make_topk_fn(teacher, vocab, k, resolve_kernels(kernels))
     top, ids, lse = jax.device_get(run(t_params, windows))

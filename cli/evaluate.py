@@ -37,7 +37,7 @@ def evaluate(run_path, step, data_dir, seq_len, teacher, teacher_step, max_windo
         return _evaluate_tasks(run_path, step, data_dir, tasks, tasks_dir, num_fewshot, limit, batch, out)
     if data_dir is None:
         raise click.UsageError("Missing option '--data' (the token store of the held-out split).")
-    from salt.runtime.evaluate import evaluate_checkpoints, format_table
+    from salt.runtime.eval.evaluate import evaluate_checkpoints, format_table
 
     try:
         result = evaluate_checkpoints(run_path, step, data_dir=data_dir, seq_len=seq_len,
@@ -62,7 +62,7 @@ def _evaluate_tasks(run_path, step, data_dir, tasks, tasks_dir, num_fewshot, lim
     if out is not None and pathlib.Path(out).exists():
         raise click.ClickException(f"--out {out!r} already exists; choose another path")
     try:
-        from salt.runtime import harness
+        from salt.runtime.eval import harness
     except ModuleNotFoundError as e:
         raise click.ClickException(f"--tasks needs the optional extra salt[eval] "
                                    f"(pip install 'salt[eval]'): {e}") from None

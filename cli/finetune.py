@@ -1,12 +1,12 @@
-"""``salt finetune``: supervised fine-tuning on prompt/completion JSONL (see salt.runtime.finetune)."""
+"""``salt finetune``: supervised fine-tuning on prompt/completion JSONL (see salt.runtime.train.finetune)."""
 from __future__ import annotations
 
 import json
 
 import click
 
-from salt.runtime.config import DTYPES
-from salt.runtime.optim import OPTIMIZERS
+from salt.runtime.train.config import DTYPES
+from salt.runtime.train.optim import OPTIMIZERS
 
 
 @click.command("finetune")
@@ -51,7 +51,7 @@ from salt.runtime.optim import OPTIMIZERS
 def finetune(as_json, quiet, progress, **options):
     """Fine-tune a checkpoint on prompt/completion pairs (loss on the completions only), then
     decode the held-out prompts greedily and report exact match and ROUGE (paper Table 3)."""
-    from salt.runtime.finetune import FinetuneConfig, TrainError, finetune as run_finetune
+    from salt.runtime.train.finetune import FinetuneConfig, TrainError, finetune as run_finetune
 
     try:
         summary = run_finetune(FinetuneConfig(**options), progress=progress and not quiet)

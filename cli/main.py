@@ -6,7 +6,6 @@ To add a command, add its ``"name": "module:attribute"`` to ``COMMANDS``.
 """
 from __future__ import annotations
 
-import glob
 import importlib
 import importlib.util
 import os
@@ -15,6 +14,8 @@ import sys
 import threading
 
 import click
+
+from salt.core.platform import default_jax_platforms
 
 COMMANDS = {
     "data": ("salt.cli.data", "data", "Prepare the corpus, tokenizer and token store."),
@@ -73,20 +74,6 @@ def cli():
     """SALT: a small LM helps pre-train a large one (KD early, then standard training)."""
 
 
-def _default_jax_platforms() -> None:
-    """Skip JAX's TPU probe on hosts without a TPU.
-
-    With ``libtpu`` installed (the test extra brings it, for ahead-of-time TPU compiles) every
-    JAX start-up on a CPU or GPU host prints libtpu initialisation warnings. When the user has
-    not chosen platforms and the host has no TPU device files, choose them here.
-    """
-    if "JAX_PLATFORMS" in os.environ:
-        return
-    accelerators = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
-    if not any(glob.glob(pattern) for pattern in accelerators):
-        os.environ["JAX_PLATFORMS"] = "cpu"
-
-
 class Terminated(BaseException):
     """SIGTERM outside the training loop (which saves a checkpoint instead)."""
 
@@ -129,7 +116,7 @@ def main(argv=None):
     """Run the CLI. User errors, interrupts and OS errors end with one line on stderr and a
     non-zero exit code, never a traceback (docs/safety.md): ClickException -> its code (1, 2 for
     usage); Ctrl-C -> 130; SIGTERM outside the training loop -> 143; OSError -> 1."""
-    _default_jax_platforms()
+    default_jax_platforms()
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored (nohup, &)

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from salt.runtime.config import DTYPES, TrainConfig
-from salt.runtime.optim import OPTIMIZERS
+from salt.runtime.train.config import DTYPES, TrainConfig
+from salt.runtime.train.optim import OPTIMIZERS
 
 # --grad-accum is offered only when the trainer's step accumulates gradients
 HAS_GRAD_ACCUM = "grad_accum" in {f.name for f in dataclasses.fields(TrainConfig)}
@@ -57,7 +57,7 @@ def plan(topology, student, teacher, batch, seq_len, mesh, optimizer, dtype, ker
     standard steps ahead of time for TOPOLOGY's chips (no TPU needed) and reports per chip the
     compiled memory against the chip's HBM, the largest per-chip batch that fits, analytic
     FLOPs, the roofline step time and the predicted KD overhead."""
-    from salt.runtime.plan import PlanError, format_plan, plan as make_plan
+    from salt.runtime.experiments.plan import PlanError, format_plan, plan as make_plan
 
     def progress(text):  # on stderr: stdout holds only the report
         click.echo(text, err=True)

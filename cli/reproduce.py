@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from salt.runtime.presets import SIZES, TRANSITIONS
-from salt.runtime.teacher_cache import DEFAULT_TOP_K as DEFAULT_CACHE_TOPK
+from salt.runtime.experiments.presets import SIZES, TRANSITIONS
+from salt.runtime.train.teacher_cache import DEFAULT_TOP_K as DEFAULT_CACHE_TOPK
 
 
 @click.command("reproduce")
@@ -14,7 +14,7 @@ from salt.runtime.teacher_cache import DEFAULT_TOP_K as DEFAULT_CACHE_TOPK
               help="Use this prepared token store instead of preparing the embedded corpus.")
 @click.option("--size", "size", type=click.Choice(sorted(SIZES)), default="small",
               show_default=True,
-              help="Named experiment (salt.runtime.presets): small (the default, ~16 min on 2 "
+              help="Named experiment (salt.runtime.experiments.presets): small (the default, ~16 min on 2 "
                    "cores; the paper's ω, ρ), small-rho1 (~13 min; ρ = 1, a weaker SLM: the "
                    "ablation that shows claims a, b at CPU scale), medium (~1 h 45 min), quick "
                    "(smoke run, too small "
@@ -68,8 +68,8 @@ def reproduce(out, data_dir, size, size_alias, tiny, overwrite, overwrite_alias,
     with per-seed and pooled paired differences, tables and plots.  Re-running skips finished
     stages.
     """
-    from salt.runtime.presets import config_for
-    from salt.runtime.reproduce import run
+    from salt.runtime.experiments.presets import config_for
+    from salt.runtime.experiments.reproduce import run
 
     if overrides.get("teacher_cache"):
         overrides["teacher_cache"] = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from salt.reference.config import PAPER_K
-from salt.runtime.score import TOPK_MODES
+from salt.runtime.select.score import TOPK_MODES
 
 
 @click.command("score")
@@ -39,7 +39,7 @@ def score(teacher, teacher_step, data_dir, k, seq_len, exclude_runs, exclude_fil
     recorded loader config and step) and any --exclude-run / --exclude windows.  Resumable:
     re-running the same command continues where an interrupted run stopped.
     """
-    from salt.runtime.score import ScoreJob, score as run_score
+    from salt.runtime.select.score import ScoreJob, score as run_score
 
     job = ScoreJob(teacher=teacher, data=data_dir, out=out, k=k, seq_len=seq_len, mode=topk_mode,
                    batch=batch, teacher_step=teacher_step, exclude_runs=tuple(exclude_runs),
@@ -63,7 +63,7 @@ def score(teacher, teacher_step, data_dir, k, seq_len, exclude_runs, exclude_fil
 @click.option("--force", "overwrite_alias", is_flag=True, hidden=True)  # older spelling of --overwrite
 def select(scores_path, top_m, out, overwrite, overwrite_alias):
     """Keep the top-m windows by score (ties: window id ascending) for `salt train --subset`."""
-    from salt.runtime.score import select as run_select
+    from salt.runtime.select.score import select as run_select
 
     try:
         ids = run_select(scores_path, top_m, out, force=overwrite or overwrite_alias)

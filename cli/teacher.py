@@ -1,12 +1,12 @@
 """``salt teacher cache``: the teacher's top-k over a run's KD-phase batches, computed once
-(see salt.runtime.teacher_cache)."""
+(see salt.runtime.train.teacher_cache)."""
 from __future__ import annotations
 
 import json
 
 import click
 
-from salt.runtime.teacher_cache import DEFAULT_TOP_K
+from salt.runtime.train.teacher_cache import DEFAULT_TOP_K
 
 
 @click.group("teacher")
@@ -36,8 +36,8 @@ def cache(teacher_run, teacher_step, data, top_k, steps, batch, seq_len, seed, s
     """Run the teacher once over the windows a `salt train` with these settings sees in its KD
     phase; store the top-k logits, their ids and the full-vocabulary log-sum-exp per position.
     Use it with `salt train --teacher-cache OUT --kd-topk K` (K <= --top-k)."""
-    from salt.runtime.config import TrainConfig
-    from salt.runtime.teacher_cache import CacheError, build
+    from salt.runtime.train.config import TrainConfig
+    from salt.runtime.train.teacher_cache import CacheError, build
 
     cfg = TrainConfig(preset="tiny-student", data=data, out=out, teacher=teacher_run, teacher_step=teacher_step,
                       kd_steps=steps, steps=steps, batch=batch, seq_len=seq_len, seed=seed, subset=subset,
@@ -46,7 +46,7 @@ def cache(teacher_run, teacher_step, data, top_k, steps, batch, seq_len, seed, s
         manifest = build(cfg, top_k=top_k, out=out, values_dtype=values_dtype, progress=not quiet)
     except (CacheError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    from salt.runtime.teacher_cache import stored_bytes
+    from salt.runtime.train.teacher_cache import stored_bytes
     size = stored_bytes(out)
     click.echo(json.dumps({"cache": out, "steps": steps, "top_k": top_k, "values_dtype": values_dtype,
                            "ids_dtype": manifest["ids_dtype"], "bytes": size,

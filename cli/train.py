@@ -1,4 +1,4 @@
-"""``salt train``: BASELINE / RKD / SALT / SALT_DS training (see salt.runtime.train)."""
+"""``salt train``: BASELINE / RKD / SALT / SALT_DS training (see salt.runtime.train.trainer)."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import sys
 import click
 
 from salt.reference.config import PAPER_OMEGA, PAPER_RHO
-from salt.runtime.config import DTYPES, KERNELS, OBJECTIVES, RUNTIMES
-from salt.runtime.losses import TRANSITIONS
-from salt.runtime.optim import OPTIMIZERS
+from salt.runtime.train.config import DTYPES, KERNELS, OBJECTIVES, RUNTIMES
+from salt.runtime.model.losses import TRANSITIONS
+from salt.runtime.train.optim import OPTIMIZERS
 
 
 def _keep(ctx, param, value):
@@ -102,8 +102,8 @@ def _keep(ctx, param, value):
 @click.option("--progress/--no-progress", default=True, hidden=True)  # older spelling of --quiet
 def train(as_json, quiet, progress, **options):
     """Train a student (or a teacher: --kd-steps 0) and write checkpoints and metrics.jsonl."""
-    from salt.runtime.config import COMPILE_CACHE_OFF, default_compile_cache
-    from salt.runtime.train import TrainConfig, TrainError, train as run_train
+    from salt.runtime.train.config import COMPILE_CACHE_OFF, default_compile_cache
+    from salt.runtime.train.trainer import TrainConfig, TrainError, train as run_train
 
     cache = options["compile_cache"]
     if cache is None:

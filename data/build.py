@@ -35,7 +35,8 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from salt.data import outputs, store as store_format
+from salt.core import outputs
+from salt.data import store as store_format
 from salt.data.corpus import Corpus, CorpusStats, embedded_corpus, iter_documents, resolve_sources
 from salt.data.tokenizer import (EOS_ID, SPECIAL_IDS, TRAINER_OPTIONS, VocabSizeError,
                                  encode_document, load_processor, sha256_bytes,
@@ -193,7 +194,7 @@ def _check_args(vocab_size, tokenizer, val_fraction, seed, workers, sample_bytes
 
 
 def _check_out_dir(out: pathlib.Path, overwrite: bool, inputs):
-    """The safety rule (salt.data.outputs): --overwrite replaces only a token store that holds
+    """The safety rule (salt.core.outputs): --overwrite replaces only a token store that holds
     nothing else and none of the inputs."""
     outputs.check_output_dir(out, "store", mode="replace" if overwrite else "create", inputs=inputs)
 

@@ -135,7 +135,7 @@ class TokenStore:
             fresh[split] = dict(key, max_id=max_id)
         if changed:
             try:  # a cache only: a read-only store is checked again next time
-                from salt.data import outputs
+                from salt.core import outputs
                 outputs.write_json(cache_path, fresh)
             except OSError:
                 pass

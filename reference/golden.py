@@ -358,7 +358,7 @@ def _select(names):
 
 def write_npz_atomic(path: pathlib.Path, arrays: dict) -> None:
     """``np.savez_compressed`` to a temporary file in the same folder, then rename over ``path``."""
-    from salt.data import outputs
+    from salt.core import outputs
 
     outputs.save_npz(path, compressed=True, **arrays)
 

@@ -1,4 +1,4 @@
-"""The LAMBADA-style last-word task of `salt reproduce` (salt.runtime.cloze): SLM-difficulty
+"""The LAMBADA-style last-word task of `salt reproduce` (salt.runtime.eval.cloze): SLM-difficulty
 buckets, the held-out passage builder, scoring against the float64 reference model, the report."""
 import math
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from kernel_tolerances import F32_TOL, assert_close
-from salt.runtime import cloze as C
+from salt.runtime.eval import cloze as C
+from salt.runtime.experiments import cloze_stage
 from tiny_corpus import SYLLABLES
 
 
@@ -49,7 +50,7 @@ def _scores(rng, n):
 
 
 def test_summarize_pools_seeds_and_report_shows_table_and_claim():
-    from salt.runtime import report as R, report_render as RR
+    from salt.runtime.experiments import report as R, report_render as RR
 
     rng = np.random.default_rng(0)
     n = 31
@@ -57,7 +58,7 @@ def test_summarize_pools_seeds_and_report_shows_table_and_claim():
                 "length_P": np.full(n, 9), "n_candidates": 40, "n_documents": 5}
     scores = {seed: {(v, ph): _scores(rng, n) for v in R.VARIANTS for ph in ("at_kd", "final")}
               for seed in (0, 1)}
-    cz = C.summarize(passages, _scores(rng, n), scores)
+    cz = cloze_stage.summarize(passages, _scores(rng, n), scores)
     assert cz["bucket_sizes"] == {"easy": 11, "medium": 10, "hard": 10}
     assert cz["slm"]["buckets"]["easy"]["accuracy"] >= cz["slm"]["buckets"]["hard"]["accuracy"]
     for m in ("accuracy", "loglik"):
@@ -162,7 +163,7 @@ def test_scores_equal_float64_reference_logits():
 
     from salt.reference.config import get_preset
     from salt.reference.model import forward as ref_forward
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
 
     config = get_preset("tiny-student").replace(vocab_size=97)
     params = model.init_params(config, seed=3)

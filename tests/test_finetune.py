@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from salt.cli.main import cli
 from salt.data.tokenizer import EOS_ID, PAD_ID
-from salt.runtime import checkpoint
-from salt.runtime import finetune as F
+from salt.runtime.model import checkpoint
+from salt.runtime.train import finetune as F
 from tiny_corpus import SYLLABLES, make_tiny_corpus, save_checkpoint
 
 SEQ_LEN = 24
@@ -25,7 +25,7 @@ STEPS = 40
 def setup(tmp_path_factory):
     from salt.data import TokenStore, prepare
     from salt.reference.config import get_preset
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
 
     root = tmp_path_factory.mktemp("finetune")
     prepare(root / "data", [make_tiny_corpus(root / "src", n_docs=20, words=200)], vocab_size=300,
@@ -81,7 +81,7 @@ def test_finetune_learns_the_task_and_reports_exact_match(setup):
     for p in preds:
         assert json.loads(lines[p["line"] - 1])["prompt"] == p["prompt"]
     # the result is a checkpoint the other commands load (token store and seq_len recorded)
-    from salt.runtime.generate import LoadedModel
+    from salt.runtime.model.generate import LoadedModel
     loaded = LoadedModel(setup / "ft")
     assert loaded.step == STEPS and loaded.seq_len == SEQ_LEN
     # an existing --out is refused without --resume, untouched
@@ -141,7 +141,7 @@ def test_masked_ce_is_the_mean_over_masked_positions(impl):
     import jax.numpy as jnp
 
     from salt.reference.config import get_preset
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
     config = get_preset("tiny-student").replace(vocab_size=40)
     params = model.init_params(config, seed=0)
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness adapter (salt.runtime.harness), offline on the local tasks of
+"""The lm-evaluation-harness adapter (salt.runtime.eval.harness), offline on the local tasks of
 tests/tasks: scores against the float64 reference, greedy decoding against a plain loop,
 padding/batching invariance, simple_evaluate, `salt eval --tasks` and `salt-lm-eval`."""
 import json
@@ -20,7 +20,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from kernel_tolerances import F32_TOL, assert_close  # noqa: E402
 from salt.data.tokenizer import EOS_ID  # noqa: E402
-from salt.runtime import harness  # noqa: E402
+from salt.runtime.eval import harness  # noqa: E402
 from tiny_corpus import make_tiny_corpus, save_checkpoint  # noqa: E402
 
 TASKS = pathlib.Path(__file__).resolve().parent / "tasks"
@@ -32,7 +32,7 @@ SEQ_LEN = 24
 def run(tmp_path_factory):
     from salt.data import TokenStore, prepare
     from salt.reference.config import get_preset
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
 
     root = tmp_path_factory.mktemp("harness")
     prepare(root / "data", [make_tiny_corpus(root / "src", n_docs=20, words=200)], vocab_size=300,
@@ -108,7 +108,7 @@ def test_scoring_compiles_once_per_length_bucket(run, lm):
 def test_loglikelihood_of_a_greedy_continuation_is_greedy(run, lm):
     """Token level (re-encoding decoded text need not give the same ids): the ids greedy
     decoding produced are the argmax at every position, and a changed last id is not."""
-    from salt.runtime.generate import greedy_generate
+    from salt.runtime.model.generate import greedy_generate
     ctx = [EOS_ID] + lm.tok_encode("kalo mi ne")
     new = greedy_generate(run["params"], run["config"], [ctx], 4)[0]
     assert len(new) == 4
@@ -268,7 +268,7 @@ def test_salt_eval_unknown_task_is_clear(run):
 def test_salt_lm_eval_console_script(run, tmp_path):
     """The harness's own CLI with `--model salt` (the console script salt-lm-eval)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-c", "from salt.runtime.harness import lm_eval_main; lm_eval_main()",
+    cmd = [sys.executable, "-c", "from salt.runtime.eval.harness import lm_eval_main; lm_eval_main()",
            "--model", "salt", "--model_args", f"run={run['run']},step=5", "--tasks", "salt_mc",
            "--include_path", str(TASKS), "--limit", "2", "--batch_size", "2",
            "--output_path", str(tmp_path / "out")]

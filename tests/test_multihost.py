@@ -23,8 +23,8 @@ import jax
 import numpy as np
 import pytest
 
-from salt.runtime import checkpoint
-from salt.runtime.train import TrainConfig, train
+from salt.runtime.model import checkpoint
+from salt.runtime.train.trainer import TrainConfig, train
 from tiny_corpus import make_tiny_corpus
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from salt.cli.main import cli
 from salt.kernels import tpu_aot
 from salt.reference.config import get_preset
-from salt.runtime import model, plan
+from salt.runtime.model import transformer as model
+from salt.runtime.experiments import plan
 
 needs_libtpu = pytest.mark.skipif(not tpu_aot.libtpu_available(), reason="libtpu is not installed")
 TINY = dict(topology="v5e:2x2", student="tiny-student", teacher="tiny-teacher", batch=8, seq_len=32)

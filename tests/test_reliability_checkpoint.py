@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from salt.reference.config import get_preset
-from salt.runtime import checkpoint, model, optim
-from salt.runtime.train import TrainConfig, TrainError, train
+from salt.runtime.model import checkpoint, transformer as model
+from salt.runtime.train import optim
+from salt.runtime.train.trainer import TrainConfig, TrainError, train
 from tiny_corpus import make_tiny_corpus
 
 
@@ -102,7 +103,7 @@ def test_deletion_is_atomic(saved, monkeypatch):
 
 
 def test_last_good_checkpoint_means_verified(saved):
-    from salt.runtime.train import _verified_or_none
+    from salt.runtime.train.trainer import _verified_or_none
     run, _ = saved
     _damage(run, 6, "bitflip")
     assert _verified_or_none(run, 6) is None and _verified_or_none(run, 4) == 4

@@ -23,8 +23,8 @@ def _snapshot(root: pathlib.Path) -> dict:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from salt.data import TokenStore, prepare
-    from salt.runtime.score import SCORES_FORMAT
-    from salt.data import outputs
+    from salt.runtime.select.score import SCORES_FORMAT
+    from salt.core import outputs
     root = tmp_path_factory.mktemp("inputs")
     src = make_tiny_corpus(root / "src", n_docs=20, words=200, seed=4)
     prepare(root / "data", [src], vocab_size=300, val_fraction=0.2, progress=False)

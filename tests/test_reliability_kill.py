@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from salt.runtime import checkpoint
+from salt.runtime.model import checkpoint
 from tiny_corpus import make_tiny_corpus
 
 KILLS = 20

@@ -1,4 +1,4 @@
-"""The output rule (docs/safety.md, salt.data.outputs): atomic writers (property-based) and every
+"""The output rule (docs/safety.md, salt.core.outputs): atomic writers (property-based) and every
 data-destroying case of issue 10 — each refused with a message, the user's files untouched."""
 import json
 import os
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from salt.cli.main import cli
-from salt.data import outputs
+from salt.core import outputs
 from tiny_corpus import make_tiny_corpus
 
 
@@ -206,7 +206,7 @@ def test_student_whose_teacher_is_its_own_out_is_refused(world, tmp_path):
 
 
 def test_reproduce_never_deletes_user_files_under_out(world, tmp_path):
-    from salt.runtime import reproduce
+    from salt.runtime.experiments import reproduce
     out = tmp_path / "repro"
     (out / "data").mkdir(parents=True)
     (out / "data" / "corpus.txt").write_text("my corpus")

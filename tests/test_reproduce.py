@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from salt.runtime import report as R
-from salt.runtime import report_render as RR
+from salt.runtime.experiments import report as R
+from salt.runtime.experiments import report_render as RR
 from tiny_corpus import make_tiny_corpus
 
 
@@ -188,7 +188,7 @@ def tiny_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("rep")
     src = make_tiny_corpus(root / "src")
-    for f in sorted(src.iterdir()):  # sentences, for the last-word task (salt.runtime.cloze)
+    for f in sorted(src.iterdir()):  # sentences, for the last-word task (salt.runtime.eval.cloze)
         words = f.read_text().split()
         f.write_text(" ".join(w + "." * (i % 9 == 8) for i, w in enumerate(words)) + "\n")
     prepare(root / "data", [src], vocab_size=300, val_fraction=0.2, progress=False)
@@ -196,9 +196,9 @@ def tiny_data(tmp_path_factory):
 
 
 def test_salt_forked_from_rkd_is_bit_identical_to_salt_from_scratch(tmp_path, tiny_data):
-    from salt.runtime import checkpoint
-    from salt.runtime.presets import config_for
-    from salt.runtime.reproduce import _train, fork_run, train_config
+    from salt.runtime.model import checkpoint
+    from salt.runtime.experiments.presets import config_for
+    from salt.runtime.experiments.reproduce import _train, fork_run, train_config
 
     cfg = config_for("tiny", data=str(tiny_data), out=str(tmp_path))
     slm = tmp_path / "SLM"
@@ -243,7 +243,7 @@ def _leaves(tree):
 @pytest.mark.slow
 def test_reproduce_tiny_two_seeds_end_to_end_and_resume(tmp_path, tiny_data):
     from salt.cli.main import cli
-    from salt.runtime.checkpoint import all_steps
+    from salt.runtime.model.checkpoint import all_steps
 
     out = tmp_path / "rep"
     argv = ["reproduce", "--tiny", "--seeds", "2", "--seed", "5", "--data", str(tiny_data),

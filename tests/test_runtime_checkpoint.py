@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from salt.reference.config import get_preset
-from salt.runtime import checkpoint, model, optim
-from salt.runtime.train import TrainConfig, train
+from salt.runtime.model import checkpoint, transformer as model
+from salt.runtime.train import optim
+from salt.runtime.train.trainer import TrainConfig, train
 
 
 def _tree_equal(a, b):

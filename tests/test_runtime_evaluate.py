@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from salt.runtime import evaluate as E
+from salt.runtime.eval import evaluate as E
 from tiny_corpus import make_tiny_corpus, save_checkpoint
 
 
@@ -65,7 +65,7 @@ def test_format_table_lists_buckets():
 def models(tmp_path_factory):
     from salt.data import TokenStore, prepare
     from salt.reference.config import get_preset
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
 
     root = tmp_path_factory.mktemp("eval")
     prepare(root / "data", [make_tiny_corpus(root / "src")], vocab_size=300, val_fraction=0.2,
@@ -152,7 +152,7 @@ def test_cli_eval_bad_input(models, flag, value, message):
 
 
 def test_eval_refuses_tokenizer_mismatch(models, tmp_path):
-    from salt.runtime import checkpoint
+    from salt.runtime.model import checkpoint
 
     config, params = models["student"]
     meta = {"config": config.to_dict(), "tokenizer_sha256": "0" * 64, "vocab_size": 300,

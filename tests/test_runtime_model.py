@@ -12,7 +12,8 @@ from salt.kernels.logits_kd import kd_loss
 from matmul_count import dot_generals, matmul_flops
 from salt.reference import model as ref_model
 from salt.reference.config import flatten_params, get_preset
-from salt.runtime import losses, model, optim
+from salt.runtime.model import losses, transformer as model
+from salt.runtime.train import optim
 
 LOGITS_REL_TOL = 1e-5   # float32 logits vs the float64 reference (issue 4)
 GRAD_REL_TOL = 1e-4     # float32 gradients vs the float64 reference (issue 4)
@@ -246,7 +247,7 @@ def test_dense_layers_are_two_dimensional_matmuls():
 def test_paper_2_8b_train_step_lowers_fast():
     """Lowering is depth-independent (lax.scan): the 92-layer KD step (with the 44-layer
     teacher) lowers on abstract shapes, no parameters allocated."""
-    from salt.runtime import step as step_mod
+    from salt.runtime.train import step as step_mod
     student, teacher = get_preset("paper-2.8b"), get_preset("paper-1.5b")
     params = model.abstract_params(student)
     windows = jax.ShapeDtypeStruct((8, 1281), jnp.int32)

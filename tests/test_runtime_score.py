@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 from salt.reference.score import selection_score
-from salt.runtime import score as S
+from salt.core import outputs
+from salt.data.ids import load_window_ids
+from salt.runtime.select import score as S
 from tiny_corpus import make_tiny_corpus, save_checkpoint
 
 
@@ -88,16 +90,16 @@ def test_overlapping_windows_maps_token_ranges():
 def test_save_and_load_helpers_are_atomic_and_pickle_free(tmp_path):
     out = tmp_path / "ids.npy"
     S.save_npy_atomic(out, np.arange(5, dtype=np.int64))
-    np.testing.assert_array_equal(S.load_window_ids(out), np.arange(5))
+    np.testing.assert_array_equal(load_window_ids(out), np.arange(5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy"]  # no temp left behind
     with pytest.raises(ValueError, match="does not exist"):
-        S.load_window_ids(tmp_path / "missing.npy")
+        load_window_ids(tmp_path / "missing.npy")
     bad = tmp_path / "bad.npy"
     np.save(bad, np.array([0.5, 1.5]))
     with pytest.raises(ValueError, match="integer"):
-        S.load_window_ids(bad)
+        load_window_ids(bad)
     with pytest.raises(ValueError, match="not a SALT scores file"):
-        S.save_npz_atomic(tmp_path / "x.npz", a=np.zeros(2))
+        outputs.save_npz(tmp_path / "x.npz", a=np.zeros(2))
         S.load_scores(tmp_path / "x.npz")
 
 
@@ -109,7 +111,7 @@ def test_teacher_forward_scores_equal_reference_on_teacher_logits():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from salt.reference.config import get_preset
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
 
     config = get_preset("tiny-teacher")
     params = model.init_params(config, seed=3)
@@ -136,7 +138,7 @@ def test_teacher_forward_scores_equal_reference_on_teacher_logits():
 def tiny_setup(tmp_path_factory):
     from salt.data import TokenStore, prepare
     from salt.reference.config import get_preset
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
 
     root = tmp_path_factory.mktemp("score")
     prepare(root / "data", [make_tiny_corpus(root / "src")], vocab_size=300, val_fraction=0.2,
@@ -154,7 +156,7 @@ def test_score_job_equals_reference_and_excludes_seen_windows(tiny_setup, tmp_pa
     import jax.numpy as jnp
 
     from salt.data import Loader
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
 
     t = tiny_setup
     T = 16

@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from salt.reference.config import get_preset
-from salt.runtime import model, sharding
-from salt.runtime.train import TrainConfig, train
+from salt.runtime.model import transformer as model, sharding
+from salt.runtime.train.trainer import TrainConfig, train
 from tiny_corpus import make_tiny_corpus
 
 
@@ -153,7 +153,7 @@ def test_sharded_kd_step_with_pallas_kernels_compiles_for_tpu():
     Mosaic kernel) compiles ahead of time for a 4-chip TPU v5p mesh data=2, model=2."""
     from jax.sharding import Mesh
     from salt.kernels import tpu_aot
-    from salt.runtime import step as train_mod
+    from salt.runtime.train import step as train_mod
     if not tpu_aot.libtpu_available():
         pytest.skip("libtpu is not installed")
     tpu_aot.ensure_env()

@@ -1,4 +1,4 @@
-"""The compiled train step (salt.runtime.step): fused-linear losses against the full-logits
+"""The compiled train step (salt.runtime.train.step): fused-linear losses against the full-logits
 ``naive`` path (one device and an 8-device mesh, f32 and bf16), gradient accumulation against the
 whole batch, no ``[tokens, vocab]`` buffer in either compiled step (CPU xla; TPU AOT), the
 persistent compilation cache across processes, and ``--runtime`` device selection."""
@@ -16,9 +16,10 @@ import pytest
 
 from salt.kernels import tpu_aot
 from salt.reference.config import flatten_params, get_preset
-from salt.runtime import model, optim, sharding
-from salt.runtime import step as step_mod
-from salt.runtime.config import TrainConfig, TrainError, runtime_devices
+from salt.runtime.model import transformer as model, sharding
+from salt.runtime.train import optim
+from salt.runtime.train import step as step_mod
+from salt.runtime.train.config import TrainConfig, TrainError, runtime_devices
 from kernel_tolerances import BF16_TOL, F32_TOL
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -224,7 +225,7 @@ _CACHE_SCRIPT = textwrap.dedent("""
                                        if event == "/jax/compilation_cache/cache_hits" else None)
     from salt.reference.config import get_preset
     from salt.runtime import model, sharding, step as step_mod
-    from salt.runtime.config import TrainConfig
+    from salt.runtime.train.config import TrainConfig
     cfg = TrainConfig(preset="tiny-student", data="-", out="-", batch=4, seq_len=8, compile_cache=sys.argv[1])
     student = get_preset("tiny-student").replace(vocab_size=300)
     mesh = sharding.make_mesh("data=1")

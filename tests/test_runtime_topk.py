@@ -21,9 +21,9 @@ from salt.kernels import tpu_aot
 from salt.reference import losses as ref_losses
 from salt.reference import model as ref_model
 from salt.reference.config import flatten_params, get_preset
-from salt.runtime import model, sharding
-from salt.runtime import step as step_mod
-from salt.runtime.config import TrainConfig, TrainError
+from salt.runtime.model import transformer as model, sharding
+from salt.runtime.train import step as step_mod
+from salt.runtime.train.config import TrainConfig, TrainError
 from kernel_tolerances import BF16_TOL, F32_TOL
 from test_runtime_step import _compare, _rel, _tokens_by_vocab_shapes
 
@@ -130,7 +130,7 @@ def test_padded_vocabularies_give_the_unpadded_loss(inputs, kind, kernels):
 def test_padded_embedding_scores_like_the_unpadded_one(inputs):
     """The CE parts that ``salt score`` and ``salt eval`` read (ce, correct, n_greater) from an
     embedding padded with large rows equal the unpadded ones once the tokenizer's vocabulary is given."""
-    from salt.runtime import losses
+    from salt.runtime.model import losses
     params, _, windows = inputs
     p_pad, s_pad = _padded(params, STUDENT, 20, 7)
     hidden = model.hidden(params, jnp.asarray(windows[:, :-1]), STUDENT)
@@ -147,7 +147,7 @@ def test_padded_kernels_match_the_reference_with_vocab(inputs, kind):
     """The fused ``xla`` losses on differently padded embeddings (student +20 rows, teacher +44,
     large there) against the float64 reference given the same padded logits and ``vocab``."""
     from kernel_tolerances import assert_close
-    from salt.runtime import losses
+    from salt.runtime.model import losses
     params, t_params, windows = inputs
     p_pad, s_pad = _padded(params, STUDENT, 20, 8)
     t_pad, t_cfg = _padded(t_params, TEACHER, 44, 9)

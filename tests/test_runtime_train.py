@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from salt.runtime import checkpoint
-from salt.runtime.train import NonFiniteLoss, TrainConfig, TrainError, train
+from salt.runtime.model import checkpoint
+from salt.runtime.train.trainer import NonFiniteLoss, TrainConfig, TrainError, train
 from tiny_corpus import make_tiny_corpus
 
 SEQ, BATCH = 16, 8

@@ -11,8 +11,9 @@ import pytest
 from salt.data import PAD_ID, ul2
 from salt.reference import model as ref_model
 from salt.reference.config import flatten_params, get_preset
-from salt.runtime import model, step as step_mod
-from salt.runtime.train import TrainConfig, TrainError, train
+from salt.runtime.model import transformer as model
+from salt.runtime.train import step as step_mod
+from salt.runtime.train.trainer import TrainConfig, TrainError, train
 from tiny_corpus import make_tiny_corpus
 
 LOGITS_REL_TOL = 1e-5   # float32 vs the float64 reference, as tests/test_runtime_model.py
@@ -129,7 +130,7 @@ def test_ul2_salt_run_resumes_bit_identically(ul2_data):
     (seed, step, slot)."""
     import dataclasses
     import shutil
-    from salt.runtime import checkpoint
+    from salt.runtime.model import checkpoint
 
     whole = train(_salt_cfg(ul2_data, "whole"), progress=False)
     assert whole["last_step"] == 6

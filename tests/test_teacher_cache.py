@@ -140,7 +140,7 @@ def test_kill_during_build_then_resume_is_byte_identical(setup, tmp_path):
 
 
 def test_ids_dtype_and_bytes_per_token_from_written_files():
-    from salt.runtime.teacher_cache import bytes_per_token, ids_dtype
+    from salt.runtime.train.teacher_cache import bytes_per_token, ids_dtype
     assert [ids_dtype(v).name for v in (2, 256, 257, 65536, 65537, 256_000)] == \
         ["uint8", "uint8", "uint16", "uint16", "uint32", "uint32"]
     n = 4 * 8  # positions of one step
@@ -195,7 +195,7 @@ def test_reproduce_with_teacher_cache(tmp_path):
     """`salt reproduce --tiny --teacher-cache auto`: one cache per seed and data order, every KD
     run reads one (RKD and SALT the whole pool's order, SALT_DS the selected), the report says so."""
     from salt.data import prepare
-    from salt.runtime.checkpoint import all_steps
+    from salt.runtime.model.checkpoint import all_steps
     src = make_tiny_corpus(tmp_path / "src")
     for f in sorted(src.iterdir()):  # sentences, for the last-word task
         words = f.read_text().split()

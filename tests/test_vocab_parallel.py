@@ -1,4 +1,4 @@
-"""The vocabulary-parallel loss (salt.kernels.vocab_parallel through runtime/losses.py token_parts on
+"""The vocabulary-parallel loss (salt.kernels.vocab_parallel through runtime/model/losses.py token_parts on
 a data=8 mesh of CPU devices, tests/conftest.py) against the float64 reference and against the
 single-device fused path: loss, parts, gradients for the hidden states, the student embedding and
 omega (the teacher gets none), CE and KD, float32 and bfloat16, ragged vocabularies and chunk
@@ -13,7 +13,7 @@ import pytest
 
 from salt.kernels import tpu_aot, vocab_parallel
 from salt.reference import losses as ref
-from salt.runtime import losses, sharding
+from salt.runtime.model import losses, sharding
 from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
 
 B, T, D, D_T = 8, 7, 16, 8

@@ -17,12 +17,12 @@ def make_tiny_corpus(directory, n_docs=40, words=300, seed=0):
 
 def save_checkpoint(run_dir, config, params, store, step, run_config=None):
     """A checkpoint in the trainer's layout (params + meta) without training."""
-    from salt.runtime import checkpoint
+    from salt.runtime.model import checkpoint
 
     meta = {"config": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
             "vocab_size": int(store.vocab_size), "teacher": None, "preset": config.name}
     if run_config is not None:  # recorded as the trainer records it: a whole TrainConfig
-        from salt.runtime.config import TrainConfig
+        from salt.runtime.train.config import TrainConfig
         base = TrainConfig(preset=config.name, data=str(store.path), out=str(run_dir))
         meta["run_config"] = {**base.to_dict(), **run_config}
     checkpoint.save(run_dir, step, params, {"count": np.zeros((), np.int32)}, meta)

@@ -26,7 +26,7 @@ import pathlib
 
 import numpy as np
 
-from salt.data import outputs
+from salt.core import outputs
 
 CACHE_FORMAT = "salt-teacher-cache-v1"
 VALUE_DTYPES = ("bfloat16", "float16", "float32")  # float32: exact, for checks
@@ -101,7 +101,7 @@ def make_topk_fn(t_config, vocab: int, k: int, attention: str):
     import jax
 
     from salt.kernels.topk_kd import teacher_topk
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
 
     @jax.jit
     def run(params, windows_BxT1):
@@ -115,13 +115,13 @@ def make_topk_fn(t_config, vocab: int, k: int, attention: str):
 
 def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: bool = True) -> dict:
     """Build (or resume building) the cache ``out`` for the KD phase of ``cfg`` (a
-    :class:`salt.runtime.config.TrainConfig`: teacher, teacher_step, data, batch, seq_len, seed,
+    :class:`salt.runtime.train.config.TrainConfig`: teacher, teacher_step, data, batch, seq_len, seed,
     subset, exclude; ``kd_steps`` is the number of steps cached).  Returns the manifest."""
     import jax
     import jax.numpy as jnp
 
-    from salt.runtime import train as train_mod
-    from salt.runtime.config import TrainError
+    from salt.runtime.train import trainer as train_mod
+    from salt.runtime.train.config import TrainError
 
     if values_dtype not in VALUE_DTYPES:
         raise CacheError(f"--values-dtype must be one of {VALUE_DTYPES}, got {values_dtype!r}")
@@ -170,7 +170,7 @@ def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: boo
 
     vocab = store.vocab_size
 
-    from salt.runtime.config import resolve_kernels
+    from salt.runtime.train.config import resolve_kernels
     run = make_topk_fn(t_config, vocab, top_k, resolve_kernels(cfg.kernels))  # the KD step's attention
 
     from tqdm import tqdm

@@ -1,7 +1,7 @@
 """Rendering of the ``salt reproduce`` results: ``report.md`` and the PNG plots (Figs 2-3 style).
 
-Pure functions of the ``results`` dict built by ``salt.runtime.reproduce`` (numbers from
-``salt.runtime.report``) and the runs' metrics rows; nothing here trains or evaluates.
+Pure functions of the ``results`` dict built by ``salt.runtime.experiments.reproduce`` (numbers from
+``salt.runtime.experiments.report``) and the runs' metrics rows; nothing here trains or evaluates.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pathlib
 
 import numpy as np
 
-from salt.runtime.report import BUCKETS, PAPER, PAPER_TABLE11, VARIANTS, train_rows, verdict_lines
+from salt.runtime.experiments.report import BUCKETS, PAPER, PAPER_TABLE11, VARIANTS, train_rows, verdict_lines
 
 
 # --------------------------------------------------------------------------- plots
@@ -25,7 +25,7 @@ def _plt():
 
 
 def _savefig_atomic(fig, path: pathlib.Path) -> None:
-    from salt.data import outputs
+    from salt.core import outputs
 
     outputs.write_bytes(path, lambda f: fig.savefig(f, format="png"))
 
@@ -376,7 +376,7 @@ def _cloze_section(results: dict) -> list[str]:
 
 
 def write_report(results: dict, out_dir) -> str:
-    from salt.data import outputs
+    from salt.core import outputs
 
     path = pathlib.Path(out_dir) / "report.md"
     text = render_report(results)

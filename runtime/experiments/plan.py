@@ -1,8 +1,8 @@
 """``salt plan``: will a run fit a TPU pod, and how fast can it go?  Answered on a CPU host.
 
-The trainer's own KD and standard steps (:func:`salt.runtime.step.compiled_step`, built from a
-:class:`~salt.runtime.config.TrainConfig` exactly as ``salt train`` builds them: float32
-parameters with the FSDP / tensor-parallel shardings of :mod:`salt.runtime.sharding`, the
+The trainer's own KD and standard steps (:func:`salt.runtime.train.step.compiled_step`, built from a
+:class:`~salt.runtime.train.config.TrainConfig` exactly as ``salt train`` builds them: float32
+parameters with the FSDP / tensor-parallel shardings of :mod:`salt.runtime.model.sharding`, the
 run's optimizer, compute dtype, kernels and rematerialisation) are compiled ahead of time for
 every chip of a TPU topology (libtpu compile-only devices, :mod:`salt.kernels.tpu_aot`).
 Per chip the plan reports:
@@ -18,7 +18,7 @@ Per chip the plan reports:
   kept a quarter of the way inside the bracket, and bisection where the line points outside
   it), until the largest fitting and smallest failing batches are adjacent or the compile
   budget is spent (``exact`` says which);
-* **analytic FLOPs** (:func:`salt.runtime.model.forward_flops`: the matmuls, full ``T x T``
+* **analytic FLOPs** (:func:`salt.runtime.model.transformer.forward_flops`: the matmuls, full ``T x T``
   attention, the LM head; a training step is 3 forwards, a KD step adds one teacher forward;
   ``remat`` re-runs the layers' forward once more in the backward).  Not ``cost_analysis()``:
   it counts a ``lax.scan`` body once, not once per layer.  The loss kernels' recomputed logit
@@ -92,7 +92,7 @@ class PlanError(ValueError):
 def topology_mesh(topology: str, mesh_spec: str):
     """The trainer's ``("data", "model")`` mesh over the compile-only chips of ``topology``."""
     from salt.kernels import tpu_aot
-    from salt.runtime import sharding
+    from salt.runtime.model import sharding
     if not tpu_aot.libtpu_available():
         raise PlanError("salt plan needs the 'libtpu' package for TPU ahead-of-time compilation "
                         "(pip install libtpu)")
@@ -118,7 +118,7 @@ def train_config(student: ModelConfig, teacher: ModelConfig | None, *, batch: in
                  mesh_spec: str, optimizer: str, dtype: str, kernels: str, remat: bool,
                  grad_accum: int = 1, vocab_chunks: int | None = None):
     """The TrainConfig a ``salt train`` of this shape would run with (data/out are unused)."""
-    from salt.runtime.config import TrainConfig, TrainError
+    from salt.runtime.train.config import TrainConfig, TrainError
     extra = {}
     if grad_accum != 1:
         if "grad_accum" not in {f.name for f in dataclasses.fields(TrainConfig)}:
@@ -136,15 +136,15 @@ def train_config(student: ModelConfig, teacher: ModelConfig | None, *, batch: in
 
 
 def _abstract_params(config: ModelConfig, mesh):
-    from salt.runtime import model, sharding
+    from salt.runtime.model import transformer as model, sharding
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         model.abstract_params(config), sharding.param_shardings(config, mesh))
 
 
 def compile_step(student, teacher, cfg, mesh, batch: int) -> tuple:
     """(compiled step, compile seconds) of the trainer's step at global ``batch``."""
-    from salt.runtime import sharding
-    from salt.runtime.step import compiled_step, opt_state_abstract
+    from salt.runtime.model import sharding
+    from salt.runtime.train.step import compiled_step, opt_state_abstract
     params_abs = _abstract_params(student, mesh)
     opt_abs = opt_state_abstract(cfg.optimizer, params_abs, mesh)
     teacher_abs = None if teacher is None else _abstract_params(teacher, mesh)
@@ -174,7 +174,7 @@ def step_flops(student: ModelConfig, teacher: ModelConfig | None, batch: int, se
                remat: bool) -> dict:
     """Analytic FLOPs of one step over the whole batch: ``model`` (3 student forwards + one
     teacher forward) and ``executed`` (with remat, the student's layers run forward twice)."""
-    from salt.runtime import model
+    from salt.runtime.model import transformer as model
     fwd = model.forward_flops(student, batch, seq_len)
     head = 2.0 * batch * seq_len * student.d_model * student.vocab_size
     teacher_fwd = 0.0 if teacher is None else model.forward_flops(teacher, batch, seq_len)

@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from salt.core import outputs
+
 BUCKETS = ("easy", "medium", "hard")
 
 
@@ -26,12 +28,12 @@ BUCKETS = ("easy", "medium", "hard")
 def _stats_fn(config, mesh=None, kernels: str = "auto", vocab: int | None = None):
     """``jit``-ed per-position ``(ce_BxT, correct_BxT)`` of one model config from the final hidden
     states and the tied embedding through the fused-linear kernel (no ``[tokens, vocab]`` logits;
-    :func:`salt.runtime.losses.token_parts`).  ``mesh``: the devices' mesh (axis ``data``) of the
+    :func:`salt.runtime.model.losses.token_parts`).  ``mesh``: the devices' mesh (axis ``data``) of the
     batch.  Cached, so that evaluating many checkpoints of a run compiles once."""
     import jax
 
-    from salt.runtime import losses, model
-    from salt.runtime.config import resolve_kernels
+    from salt.runtime.model import losses, transformer as model
+    from salt.runtime.train.config import resolve_kernels
 
     impl = resolve_kernels(kernels)
 
@@ -111,7 +113,7 @@ def model_window_stats(path, step=None, *, data_dir, seq_len, batch_size=32, max
     Returns ``(stats, info)`` with ``info = {"path", "step", "preset", "tokenizer_sha256"}``.
     Raises ValueError when ``check_tokenizer`` is given and differs from the checkpoint's.
     """
-    from salt.runtime import checkpoint
+    from salt.runtime.model import checkpoint
 
     config, params, meta = checkpoint.load_params(path, step=step)
     sha = meta.get("tokenizer_sha256")
@@ -164,9 +166,7 @@ def summarize(stats: dict, teacher_stats: dict | None = None) -> dict:
 
 
 def save_stats(path, stats: dict) -> None:
-    from salt.runtime.score import save_npz_atomic
-
-    save_npz_atomic(path, **stats)
+    outputs.save_npz(path, **stats)
 
 
 def load_stats(path) -> dict:
@@ -208,7 +208,7 @@ def evaluate_checkpoints(path, step=None, *, data_dir, seq_len=None, teacher=Non
                          max_windows=None, batch_size=32, progress=False) -> dict:
     """What ``salt eval`` prints: metrics of one checkpoint, bucketed by a teacher if given."""
     from salt.data import TokenStore
-    from salt.runtime import checkpoint
+    from salt.runtime.model import checkpoint
 
     data_path = pathlib.Path(data_dir)
     if not data_path.is_dir():

@@ -37,7 +37,8 @@ import sys
 
 import numpy as np
 
-from salt.data import outputs
+from salt.core import outputs
+from salt.data.ids import load_window_ids, numpy_file_kind
 from salt.reference.config import PAPER_K
 
 TOPK_MODES = ("zero", "exclude")
@@ -66,15 +67,15 @@ def make_token_terms_fn(config, k: int, mesh=None, kernels: str = "auto", vocab:
     """``jit``-ed ``(params, windows_BxT1) -> (ce_BxT, in_topk_BxT)``: teacher forward on the
     inputs ``w[:, :-1]``, then the per-position CE and the rank of the target (number of logits
     strictly above it) from the final hidden states and the tied embedding through the
-    fused-linear kernel (:func:`salt.runtime.losses.token_parts`; no ``[tokens, vocab]`` logits
+    fused-linear kernel (:func:`salt.runtime.model.losses.token_parts`; no ``[tokens, vocab]`` logits
     unless ``kernels="naive"``).  ``mesh``: the devices' mesh (axis ``data``) the batch is sharded
     on (the kernels then run per shard).  ``vocab``: the tokenizer's vocabulary when the model's
     embedding is padded beyond it (padded columns take no probability and are not counted).
     Cached per model config, k, mesh, kernels and vocab, so repeated jobs compile once."""
     import jax
 
-    from salt.runtime import losses, model
-    from salt.runtime.config import resolve_kernels
+    from salt.runtime.model import losses, transformer as model
+    from salt.runtime.train.config import resolve_kernels
 
     impl = resolve_kernels(kernels)
 
@@ -121,11 +122,11 @@ def seen_windows(run_config: dict, data_dir, steps: int) -> tuple[int, np.ndarra
     """Window ids (at the run's own seq_len) that a run's loaders served in its first ``steps`` steps.
 
     ``run_config`` is the TrainConfig dict a checkpoint records (``meta["run_config"]``); the
-    loaders are the trainer's own (:func:`salt.runtime.train.make_loaders`) for that config, the KD
+    loaders are the trainer's own (:func:`salt.runtime.train.trainer.make_loaders`) for that config, the KD
     loader serving steps ``step0 < kd_steps``.  Returns ``(seq_len, ids)``.
     """
-    from salt.runtime.config import TrainConfig
-    from salt.runtime.train import make_loaders
+    from salt.runtime.train.config import TrainConfig
+    from salt.runtime.train.trainer import make_loaders
 
     try:
         cfg = TrainConfig.from_dict(run_config)
@@ -179,51 +180,9 @@ class ScoreJob:
     force: bool = False
 
 
-# atomic writers: the one implementation lives in salt.data.outputs (docs/safety.md)
+# atomic writers: the one implementation lives in salt.core.outputs (docs/safety.md)
 write_bytes_atomic = outputs.write_bytes
 save_npy_atomic = outputs.save_npy
-
-
-def save_npz_atomic(path, **arrays) -> None:
-    """``np.savez`` to ``path`` (exact name, no suffix added) via a temp file and rename."""
-    outputs.save_npz(path, **arrays)
-
-
-def _numpy_file_kind(path: pathlib.Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if head == b"\x93NUMPY":
-        return "npy"
-    if head[:4] == b"PK\x03\x04":
-        return "npz"
-    return "other"
-
-
-def load_window_ids(path, what: str = "window-id") -> np.ndarray:
-    """A 1-D int64 array of window ids from a ``.npy`` file (``salt select`` output); errors name
-    the file (never suggest unpickling)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} file {str(path)!r} does not exist")
-    try:
-        kind = _numpy_file_kind(path)
-        if kind == "npz":
-            raise ValueError(f"{what} file {str(path)!r} is a .npz archive; expected a .npy array of "
-                             "window ids (as `salt select` writes)")
-        if kind != "npy":
-            raise ValueError(f"{what} file {str(path)!r} is not a NumPy .npy file (no .npy header)")
-        ids = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if str(path) in str(e):
-            raise
-        raise ValueError(f"{what} file {str(path)!r} is not a readable .npy array of window ids "
-                         f"(holds objects or is corrupt)") from None
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{what} file {str(path)!r} cannot be read ({e})") from None
-    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{what} file {str(path)!r} must hold a 1-D integer array of window ids, got "
-                         f"{getattr(ids, 'dtype', type(ids).__name__)} {getattr(ids, 'shape', '')}")
-    return ids.astype(np.int64)
 
 
 def load_scores(path) -> dict:
@@ -232,7 +191,7 @@ def load_scores(path) -> dict:
     if not path.is_file():
         raise ValueError(f"scores file {str(path)!r} does not exist")
     try:
-        if _numpy_file_kind(path) != "npz":
+        if numpy_file_kind(path) != "npz":
             raise ValueError("not a .npz archive")
         with np.load(path, allow_pickle=False) as z:
             out = {name: z[name] for name in z.files}
@@ -251,7 +210,7 @@ def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_win
     """Sorted candidate window ids (all training windows at ``job.seq_len`` minus the excluded
     ones; with ``job.max_candidates`` a seeded uniform sample of that many of them) and the
     number excluded."""
-    from salt.runtime import checkpoint
+    from salt.runtime.model import checkpoint
 
     excluded = [np.zeros(0, np.int64)]
     sources = []
@@ -326,7 +285,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     if not data_dir.is_dir():
         raise ValueError(f"data directory {str(data_dir)!r} does not exist")
     store = TokenStore(data_dir)
-    from salt.runtime import checkpoint
+    from salt.runtime.model import checkpoint
 
     config, params, meta = checkpoint.load_params(job.teacher, job.teacher_step)
     teacher_step = int(meta.get("step", job.teacher_step or 0))
@@ -401,12 +360,12 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
                 ce, in_topk = np.asarray(ce)[:ids_B.size], np.asarray(in_topk)[:ids_B.size]
                 scores_C[b0:b0 + ids_B.size] = window_medians(ce, in_topk, job.mode)
                 bar.update(ids_B.size)
-            save_npz_atomic(chunk_path, window_ids=ids_C, scores=scores_C)
+            outputs.save_npz(chunk_path, window_ids=ids_C, scores=scores_C)
     finally:
         bar.close()
 
     scores_N = np.concatenate([_read_chunk(partial / f"chunk_{c:06d}.npz") for c in range(n_chunks)])
-    save_npz_atomic(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
+    outputs.save_npz(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
                     mode=np.str_(job.mode), teacher=np.str_(ident), teacher_step=np.int64(teacher_step),
                     tokenizer_sha256=np.str_(store.tokenizer_sha256), seq_len=np.int64(job.seq_len),
                     n_excluded=np.int64(n_excluded), n_train_windows=np.int64(num_windows),

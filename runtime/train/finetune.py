@@ -16,7 +16,7 @@ epoch), so ``--resume`` continues bit-identically; checkpoints as in ``salt trai
 with ``meta.run_config`` naming the token store and ``seq_len`` so that ``salt eval``, the
 harness adapter and a further ``salt finetune`` can load the result.
 
-Evaluation after training: greedy decoding (``salt.runtime.generate``) of the held-out split
+Evaluation after training: greedy decoding (``salt.runtime.model.generate``) of the held-out split
 (``eval_data``, or a seeded ``eval_fraction`` of the examples, never trained on) with
 exact match (stripped strings equal) and ROUGE-1/2/L F1 (``rouge-score``), written to
 ``OUT/eval.json`` and the predictions to ``OUT/predictions.jsonl``.
@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from salt.data.tokenizer import EOS_ID, PAD_ID
-from salt.runtime import checkpoint, losses, model, optim
-from salt.runtime.config import NonFiniteLoss, TrainError, resolve_kernels
-from salt.runtime.generate import LoadedModel, greedy_generate
-from salt.runtime.train import _Stop, _truncate_metrics, finite_or_none
+from salt.runtime.model import checkpoint, losses, transformer as model
+from salt.runtime.train import optim
+from salt.runtime.train.config import NonFiniteLoss, TrainError, resolve_kernels
+from salt.runtime.model.generate import LoadedModel, greedy_generate
+from salt.runtime.train.trainer import _Stop, _truncate_metrics, finite_or_none
 
 HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -195,7 +196,7 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
 def masked_ce(params, inputs_BxT, targets_BxT, mask_BxT, config, *, dtype, attention_impl):
     """Mean cross-entropy and accuracy over the positions with ``mask`` 1 (docs/design.md §2
     with a 0/1 weight per position): the model's final hidden states and the trainer's loss
-    entry point (:func:`salt.runtime.losses.token_parts`, fused with the tied LM head unless
+    entry point (:func:`salt.runtime.model.losses.token_parts`, fused with the tied LM head unless
     ``attention_impl`` is "naive")."""
     h_BxTxD = model.hidden(params, inputs_BxT, config, dtype=dtype, attention_impl=attention_impl)
     parts = losses.token_parts(h_BxTxD, params["embed"], targets_BxT, impl=attention_impl)

@@ -31,7 +31,7 @@ import tempfile
 import jax
 import orbax.checkpoint as ocp
 
-from salt.data import outputs
+from salt.core import outputs
 from salt.reference.config import ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -310,7 +310,7 @@ def load_params(path, step: int | None = None, *, shardings=None):
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptCheckpoint(f"checkpoint {step_dir(run_dir, step)}: bad model config in its "
                                 f"metadata ({e})") from None
-    from salt.runtime.model import abstract_params
+    from salt.runtime.model.transformer import abstract_params
     abstract = abstract_params(config)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -330,5 +330,5 @@ def load_params(path, step: int | None = None, *, shardings=None):
     return config, out["params"], dict(meta, step=int(step), manifest_sha256=digest)
 
 
-# the one atomic JSON writer (salt.data.outputs); kept under this name for its callers
+# the one atomic JSON writer (salt.core.outputs); kept under this name for its callers
 write_json_atomic = outputs.write_json

@@ -18,8 +18,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from salt.reference.config import ModelConfig
-from salt.runtime import losses, model, optim, sharding
-from salt.runtime.config import TrainConfig, TrainError, resolve_kernels
+from salt.runtime.model import losses, transformer as model, sharding
+from salt.runtime.train import optim
+from salt.runtime.train.config import TrainConfig, TrainError, resolve_kernels
 
 HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay", "omega",
                 "kd_steps", "kd_steps1")
@@ -53,7 +54,7 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
     of the batch-mean loss and the batch-mean metrics; ``teacher`` None: the standard (CE) loss.
 
     The loss comes from the final hidden states and tied embeddings through the fused-linear
-    kernels (:func:`salt.runtime.losses.token_parts`): no ``[tokens, vocab]`` logits unless
+    kernels (:func:`salt.runtime.model.losses.token_parts`): no ``[tokens, vocab]`` logits unless
     ``kernels="naive"``.  ``grad_accum`` K > 1: the batch is split into K microbatches (microbatch
     ``k`` holds rows ``k, K + k, 2K + k, …``, so each device keeps its own rows) that run one after
     another in a ``lax.scan``; their gradients and metrics are averaged and ONE optimizer update
@@ -62,9 +63,9 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
     loss's implementation when it should differ from ``kernels`` (benchmarks: fused vs full-logits
     loss with the same attention).  ``kd_topk`` K: the KD step's loss is top-K KD (paper eq. 13-14);
     ``vocab``: the tokenizer's vocabulary when a model's embedding has padded rows beyond it (their
-    columns get no probability; see :func:`salt.runtime.losses.token_parts`); ``vocab_chunks``: the
+    columns get no probability; see :func:`salt.runtime.model.losses.token_parts`); ``vocab_chunks``: the
     vocabulary-parallel loss's chunk count on a data-only mesh (None: the automatic choice of
-    :func:`salt.runtime.losses.token_parts`)."""
+    :func:`salt.runtime.model.losses.token_parts`)."""
     compute_dtype = jnp.dtype(dtype)
     loss_impl = kernels if loss_kernels is None else loss_kernels
     if not isinstance(grad_accum, int) or grad_accum < 1:

@@ -1,7 +1,7 @@
 """The trainer's configuration: one frozen dataclass, its validation and the user-facing errors.
 
 ``TrainConfig`` is what ``salt train`` (and ``salt reproduce`` for each of its runs) hands to
-:func:`salt.runtime.train.train`; it is recorded in ``RUN/run_config.json`` and compared on
+:func:`salt.runtime.train.trainer.train`; it is recorded in ``RUN/run_config.json`` and compared on
 ``--resume``.  ``validate`` raises :class:`TrainError` naming the first bad field.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import os
 import jax
 
 from salt.reference.config import PAPER_OMEGA, PAPER_RHO, get_preset
-from salt.runtime import losses, optim, sharding
+from salt.runtime.model import losses, sharding
+from salt.runtime.train import optim
 
 # "jax": the JAX runtime on the default platform; "tpu" / "gpu" / "cpu": on that platform's devices;
 # "reference": the NumPy reference trainer (tiny models).

@@ -18,7 +18,7 @@ uses exactly that teacher checkpoint or refuses.  Output-directory rules: docs/s
 
 Why one module of ~470 lines: it is the loop read top to bottom — set-up, resume checks, the
 per-step batch (causal or UL2), the loop with its checkpoints and interrupts — over
-runtime/config.py (what a run is) and runtime/step.py (the compiled step).
+runtime/train/config.py (what a run is) and runtime/train/step.py (the compiled step).
 """
 from __future__ import annotations
 
@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from salt.reference.config import VOCAB_FROM_DATA, ModelConfig, get_preset, param_count
-from salt.data import outputs
-from salt.runtime import checkpoint, model, optim, sharding
-from salt.runtime.config import (NonFiniteLoss, TrainConfig, TrainError, resolve_kernels,  # noqa: F401
+from salt.core import outputs
+from salt.runtime.model import checkpoint, transformer as model, sharding
+from salt.runtime.train import optim
+from salt.runtime.train.config import (NonFiniteLoss, TrainConfig, TrainError, resolve_kernels,  # noqa: F401
                                  runtime_devices)
-from salt.runtime.step import (abstract_of, compiled_step, hyperparameters, opt_state_abstract,
+from salt.runtime.train.step import (abstract_of, compiled_step, hyperparameters, opt_state_abstract,
                                shardings_of)
 
 
@@ -58,7 +59,7 @@ def _open_store(path: str):
 
 
 def _load_ids(path: str, what: str) -> np.ndarray:
-    from salt.runtime.score import load_window_ids
+    from salt.data.ids import load_window_ids
 
     try:
         ids = load_window_ids(path, what=f"--{what}")
@@ -249,7 +250,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.teacher_cache is not None and not need_teacher:  # resuming past the KD phase: the
         teacher["identity"] = pinned_teacher  # cache may be gone; record the identity, read nothing
     elif cfg.teacher_cache is not None:  # the KD phase reads the teacher's top-k from the cache
-        from salt.runtime.teacher_cache import CacheError, TeacherCache
+        from salt.runtime.train.teacher_cache import CacheError, TeacherCache
         try:
             cache = TeacherCache(cfg.teacher_cache)
             cache.check(cfg, store, make_loaders(cfg, store, subset_ids, exclude_ids)[1], store.vocab_size)
@@ -271,7 +272,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         if padded_vocab(store.vocab_size, config, teacher["config"]) is not None:
             raise TrainError("--runtime reference needs embeddings of exactly the tokenizer's "
                              f"{store.vocab_size} rows (no vocabulary padding)")
-        from salt.runtime.reference_train import train_reference
+        from salt.runtime.train.reference_train import train_reference
         return train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_dir,
                                 progress)
     return _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_dir,
@@ -321,7 +322,7 @@ def make_loaders(cfg, store, subset_ids, exclude_ids):
 
 def batch_abstract(cfg, mesh):
     """The abstract step input: windows ``[B, T+1]`` (causal), or for UL2 the dict of
-    :func:`salt.runtime.step.split_batch` (tokens, prefix lengths, target mask)."""
+    :func:`salt.runtime.train.step.split_batch` (tokens, prefix lengths, target mask)."""
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
     tokens = spec((cfg.batch, cfg.seq_len + 1), jnp.int32)
@@ -358,7 +359,7 @@ def cached_batch_abstract(cfg, mesh):
 
 def cached_step_batch(cfg, cache, loader, step0: int, windows, mesh):
     """The KD step's input from the cache: this process's rows of the cached global batch."""
-    from salt.runtime.teacher_cache import CacheError
+    from salt.runtime.train.teacher_cache import CacheError
     try:
         logits, ids = cache.batch(step0, cfg.kd_topk)
     except CacheError as e:

@@ -16,10 +16,10 @@ training stage resumes from its last checkpoint):
 5. ``overhead``  KD-step vs standard-step time, interleaved in one process (``salt bench step``);
 6. ``eval``      per-window held-out statistics of every kept checkpoint; cached in ``OUT/eval/``;
    ``cloze``     the LAMBADA-style last-word task on held-out passages: the final SLM and every
-                 student at n_kd and at the end, by SLM-difficulty bucket (``salt.runtime.cloze``,
+                 student at n_kd and at the end, by SLM-difficulty bucket (``salt.runtime.eval.cloze``,
                  paper appendix J); cached in ``OUT/eval/cloze/``.  It reads only finished runs,
                  so a reproduction finished before this stage existed runs just this stage;
-7. ``report``    ``OUT/report.md``, ``OUT/results.json`` and PNG plots (``salt.runtime.report``).
+7. ``report``    ``OUT/report.md``, ``OUT/results.json`` and PNG plots (``salt.runtime.experiments.report``).
 
 Re-running with different settings in the same ``OUT`` is refused unless ``--overwrite`` (which
 starts over).  Students train two at a time, each process pinned to one core with single-threaded
@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from salt.runtime.presets import SIZES, ReproduceConfig, config_for  # noqa: F401 (re-exported)
+from salt.runtime.experiments.presets import SIZES, ReproduceConfig, config_for  # noqa: F401 (re-exported)
 
 VARIANTS = ("BASELINE", "RKD", "SALT", "SALT_DS")
 
@@ -52,7 +52,7 @@ class _State:
     """``OUT/state.json``: the settings fingerprint, finished stages and their wall times."""
 
     def __init__(self, out: pathlib.Path, cfg: ReproduceConfig, force: bool):
-        from salt.runtime.checkpoint import write_json_atomic
+        from salt.runtime.model.checkpoint import write_json_atomic
 
         self._write = write_json_atomic
         self.path = out / "state.json"
@@ -105,7 +105,7 @@ def train_config(cfg: ReproduceConfig, run_dir, data_dir, *, preset: str, steps:
     ω is constant for the whole run whatever SALT's transition is).  A KD run is top-K KD when
     ``cfg.kd_topk`` is set; ``teacher_cache``: its KD phase reads that cache instead of running
     ``teacher``."""
-    from salt.runtime.train import TrainConfig
+    from salt.runtime.train.trainer import TrainConfig
 
     transition = transition or cfg.transition
     if teacher_cache is not None:
@@ -126,8 +126,8 @@ def train_config(cfg: ReproduceConfig, run_dir, data_dir, *, preset: str, steps:
 
 
 def _train(tc, progress=True) -> dict:
-    from salt.runtime.checkpoint import latest_step
-    from salt.runtime.train import train
+    from salt.runtime.model.checkpoint import latest_step
+    from salt.runtime.train.trainer import train
 
     run_dir = pathlib.Path(tc.out)
     resume = latest_step(run_dir) is not None
@@ -148,7 +148,7 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
     Only valid when both runs are identical up to ``step`` (RKD and SALT with the step
     transition up to n_kd); the directory appears complete or not at all (temp dir + rename).
     """
-    from salt.runtime.checkpoint import all_steps, checkpoint_root, write_json_atomic
+    from salt.runtime.model.checkpoint import all_steps, checkpoint_root, write_json_atomic
 
     src_run, dst_run = pathlib.Path(src_run), pathlib.Path(dst_run)
     if step not in all_steps(src_run):
@@ -167,7 +167,7 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
     for s in all_steps(src_run):  # every kept checkpoint up to the fork: a complete-looking run
         if s <= step:
             shutil.copytree(checkpoint_root(src_run) / str(s), checkpoint_root(tmp) / str(s))
-    from salt.runtime import report
+    from salt.runtime.experiments import report
 
     rows = [r for r in report.read_metrics(src_run / "metrics.jsonl") if r.get("step", 0) <= step]
     (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -182,7 +182,7 @@ def _worker() -> None:
     d = json.loads(sys.stdin.read())
     os.sched_setaffinity(0, {d.pop("core")})  # before XLA starts its threads
     d["keep_checkpoints"] = tuple(d["keep_checkpoints"])
-    from salt.runtime.train import TrainConfig
+    from salt.runtime.train.trainer import TrainConfig
 
     _train(TrainConfig(**d), progress=False)
 
@@ -211,7 +211,7 @@ def _side_by_side(jobs, state, prepare_job) -> None:
             prepare_job(job[0], job[1], job[2])
             log = tempfile.TemporaryFile()  # the child's output (a file: no pipe to fill)
             proc = subprocess.Popen(
-                [sys.executable, "-c", "from salt.runtime.reproduce import _worker; _worker()"],
+                [sys.executable, "-c", "from salt.runtime.experiments.reproduce import _worker; _worker()"],
                 stdin=subprocess.PIPE, stdout=log, stderr=log, env=env)
             proc.stdin.write(json.dumps(dict(job[1].to_dict(), core=core)).encode())
             proc.stdin.close()
@@ -235,7 +235,7 @@ def _side_by_side(jobs, state, prepare_job) -> None:
 
 
 def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):
-    from salt.runtime import evaluate
+    from salt.runtime.eval import evaluate
 
     if cache.is_file():
         return evaluate.load_stats(cache)
@@ -253,7 +253,7 @@ def teacher_sharpness(run_dir, step, data_dir, cfg) -> dict:
     import jax.numpy as jnp
 
     from salt.data import validation_batches
-    from salt.runtime import checkpoint, model
+    from salt.runtime.model import checkpoint, transformer as model
 
     config, params, _ = checkpoint.load_params(run_dir, step)
 
@@ -281,7 +281,7 @@ def teacher_caches(cfg: ReproduceConfig, state, out, data_dir, slm_dir, selectio
     SALT_DS's selected order (``selected``: ``n_kd`` steps).  The final SLM, top-``cfg.kd_topk``,
     bfloat16 logits.  Returns ``{(seed, order): cache directory}``; stage ``teacher cache/…``
     records each build's wall time and size."""
-    from salt.runtime import teacher_cache
+    from salt.runtime.train import teacher_cache
 
     caches = {}
     for seed in cfg.student_seeds():
@@ -329,12 +329,15 @@ def kd_summary(cfg: ReproduceConfig, state, overhead: dict, forked: bool) -> dic
 
 def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the whole reproduction; returns the results dict (also in results.json)."""
-    from salt.runtime import cloze, evaluate, report, report_render, score as score_mod
-    from salt.runtime.checkpoint import all_steps, write_json_atomic
+    from salt.runtime.eval import evaluate
+    from salt.runtime.experiments import cloze_stage
+    from salt.runtime.experiments import report, report_render
+    from salt.runtime.select import score as score_mod
+    from salt.runtime.model.checkpoint import all_steps, write_json_atomic
 
     cfg.validate()
     out = pathlib.Path(cfg.out)
-    from salt.data import outputs  # the output rule of docs/safety.md (OUT, OUT/data, OUT/runs/*)
+    from salt.core import outputs  # the output rule of docs/safety.md (OUT, OUT/data, OUT/runs/*)
     outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
                              inputs=[cfg.data] if force and cfg.data else ())
     if force and (out / "state.json").is_file():
@@ -498,7 +501,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     t0 = time.time()
     if not state.done("cloze"):
         _say("scoring the LAMBADA-style last-word task (held-out passages, SLM-difficulty buckets)")
-    cloze_result = cloze.reproduce_stage(out, cfg, data_dir, VARIANTS)
+    cloze_result = cloze_stage.reproduce_stage(out, cfg, data_dir, VARIANTS)
     if not state.done("cloze"):
         state.finish("cloze", time.time() - t0, n_passages=cloze_result["n_passages"])
 

@@ -2,7 +2,7 @@
 
 Everything here is a pure function of the numbers the experiment produced (per-window held-out
 statistics, a ``results`` dict and the runs' ``metrics.jsonl`` rows), so it can be re-computed
-and tested without training.  Rendering (markdown, plots) is in ``salt.runtime.report_render``.
+and tested without training.  Rendering (markdown, plots) is in ``salt.runtime.experiments.report_render``.
 
 Statistics.  Within one seed the unit is the held-out window: the paired difference of two
 models is the mean over windows of (model - base) per-window mean CE (or accuracy), with the
@@ -102,7 +102,7 @@ def pooled(values, window_se=None) -> dict:
 def seed_results(stats: dict, teacher_stats: dict, *, n_kd: int, n_steps: int) -> dict:
     """One seed's evaluations ``stats[(variant, step)]`` -> models (at n_kd / final summaries,
     with buckets), held-out curves, and paired differences at n_kd, at the end and per step."""
-    from salt.runtime import evaluate
+    from salt.runtime.eval import evaluate
 
     models, curves = {}, {}
     for (name, step), st in sorted(stats.items(), key=lambda kv: (kv[0][0], kv[0][1])):

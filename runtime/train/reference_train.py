@@ -14,9 +14,10 @@ import jax
 import numpy as np
 
 from salt.reference.config import param_count
-from salt.runtime import checkpoint, model, optim
-from salt.runtime.config import NonFiniteLoss, TrainError
-from salt.runtime.train import finite_or_none, jsonable, make_loaders
+from salt.runtime.model import checkpoint, transformer as model
+from salt.runtime.train import optim
+from salt.runtime.train.config import NonFiniteLoss, TrainError
+from salt.runtime.train.trainer import finite_or_none, jsonable, make_loaders
 
 
 def train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_dir, progress):

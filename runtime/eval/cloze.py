@@ -24,7 +24,7 @@ LAMBADA's passages were filtered by people so that the word is guessable from th
 passage but not from its last sentence; nothing here does that (docs/evaluation.md).
 
 Scoring (:func:`score_passages`) runs the held-out evaluation's compiled per-position
-statistics (``salt.runtime.evaluate``: fused-linear CE and argmax from the final hidden states)
+statistics (``salt.runtime.eval.evaluate``: fused-linear CE and argmax from the final hidden states)
 on windows padded to the evaluation's fixed ``[batch, T + 1]`` shape: the log-likelihood of a
 passage is the sum of its target tokens' log-probabilities, and it is *correct* when every
 target token is the argmax (LAMBADA's accuracy).
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import pathlib
 import re
 
 import numpy as np
@@ -151,12 +150,12 @@ def passages_sha(passages: dict) -> str:
 def score_passages(params, config, passages: dict, *, batch_size: int = 32) -> dict:
     """``{"loglik_P": float64, "correct_P": bool}``: the target tokens' summed log-probability
     and whether each of them is the argmax, from the held-out evaluation's compiled statistics
-    (``salt.runtime.evaluate``) on fixed ``[batch, T + 1]`` windows (one compile per model)."""
+    (``salt.runtime.eval.evaluate``) on fixed ``[batch, T + 1]`` windows (one compile per model)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from salt.runtime import evaluate
+    from salt.runtime.eval import evaluate
 
     windows = passages["windows_PxT1"]
     devices = jax.devices()
@@ -221,103 +220,3 @@ def paired_bucket_difference(scores: dict, base: dict, buckets: dict) -> dict:
             se = float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
             out[metric][b] = {"mean": float(d.mean()), "se": se, "n": int(d.size)}
     return out
-
-
-# --------------------------------------------------------------------------- salt reproduce
-
-COMPARISONS = (("SALT", "BASELINE"), ("SALT_DS", "BASELINE"), ("RKD", "BASELINE"))
-
-
-def summarize(passages: dict, slm_scores: dict, scores: dict) -> dict:
-    """The report's numbers.  ``scores[seed][(variant, phase)]`` (phase "at_kd" / "final") are
-    :func:`score_passages` results; buckets come from the final SLM's ``slm_scores``."""
-    from salt.runtime.report import pooled
-
-    buckets = difficulty_buckets(slm_scores["correct_P"], slm_scores["loglik_P"])
-    out = {"n_passages": int(passages["windows_PxT1"].shape[0]),
-           "n_candidates": passages["n_candidates"], "n_documents": passages["n_documents"],
-           "mean_target_tokens": float(np.mean(passages["n_target_P"])),
-           "mean_tokens": float(np.mean(passages["length_P"])),
-           "bucket_sizes": {b: int(idx.size) for b, idx in buckets.items()},
-           "slm": model_summary(slm_scores, buckets), "per_seed": {}, "pooled": {}}
-    for seed, by_model in scores.items():
-        models, paired = {}, {}
-        for (name, phase), s in by_model.items():
-            models.setdefault(name, {})[phase] = model_summary(s, buckets)
-        for a, b in COMPARISONS:
-            for phase in ("at_kd", "final"):
-                if (a, phase) in by_model and (b, phase) in by_model:
-                    paired.setdefault(phase, {})[f"{a}-{b}"] = paired_bucket_difference(
-                        by_model[(a, phase)], by_model[(b, phase)], buckets)
-        out["per_seed"][str(seed)] = {"models": models, "paired": paired}
-    for phase in ("at_kd", "final"):
-        for a, b in COMPARISONS:
-            key = f"{a}-{b}"
-            ds = [r["paired"][phase][key] for r in out["per_seed"].values()
-                  if key in r["paired"].get(phase, {})]
-            if ds:
-                out["pooled"].setdefault(phase, {})[key] = {
-                    m: {g: pooled([d[m][g]["mean"] for d in ds], [d[m][g]["se"] for d in ds])
-                        for g in BUCKETS + ("all",)} for m in ("accuracy", "loglik")}
-    return out
-
-
-def _cached_scores(path: pathlib.Path, sha: str, run_dir, step, passages, batch_size) -> dict:
-    """Scores of one checkpoint, cached in ``path`` (recomputed when the passages changed)."""
-    from salt.runtime import checkpoint
-    from salt.runtime.score import save_npz_atomic
-
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["passages_sha"]) == sha:
-                    return {"loglik_P": z["loglik_P"], "correct_P": z["correct_P"]}
-        except Exception:  # noqa: BLE001 - our own cache: unreadable means recompute
-            pass
-    config, params, _ = checkpoint.load_params(run_dir, step)
-    s = score_passages(params, config, passages, batch_size=batch_size)
-    save_npz_atomic(path, passages_sha=np.asarray(sha), **s)
-    return s
-
-
-def reproduce_stage(out, cfg, data_dir, variants) -> dict:
-    """``salt reproduce``'s cloze stage: score the final SLM and every student (each seed) at
-    n_kd and at the end on the passages (scores cached in ``OUT/eval/cloze/``), bucket by the
-    SLM, and return :func:`summarize`'s dict (``{"n_passages": P, "skipped": why}`` when fewer
-    than three passages)."""
-    from salt.data import TokenStore
-    from salt.runtime.checkpoint import all_steps
-
-    out, store = pathlib.Path(out), TokenStore(data_dir)
-    passages = build_passages(store, cfg.seq_len)
-    n = int(passages["windows_PxT1"].shape[0])
-    if n < len(BUCKETS):
-        return {"n_passages": n, "n_candidates": passages["n_candidates"],
-                "n_documents": passages["n_documents"],
-                "skipped": f"only {n} passages in the held-out split (need {len(BUCKETS)})"}
-    sha = passages_sha(passages)
-    cache = out / "eval" / "cloze"
-    cache.mkdir(parents=True, exist_ok=True)
-
-    def get(name, run_dir, step):
-        return _cached_scores(cache / f"{name}_{step}.npz", sha, run_dir, step, passages,
-                              cfg.eval_batch)
-
-    slm = get("SLM", out / "runs" / "SLM", cfg.teacher_steps)
-    scores = {}
-    for seed in cfg.student_seeds():
-        for name in variants:
-            run_dir = out / "runs" / f"{name}-seed{seed}"
-            kept = all_steps(run_dir) if run_dir.is_dir() else []
-            for phase, step in (("at_kd", cfg.kd_steps), ("final", cfg.steps)):
-                if step in kept:
-                    scores.setdefault(seed, {})[(name, phase)] = get(f"seed{seed}_{name}", run_dir, step)
-    result = summarize(passages, slm, scores)
-    result["passages_sha"] = sha
-    sp = store.processor()
-    result["examples"] = []
-    for i in np.linspace(0, n - 1, min(n, 3)).round().astype(int):
-        L, k = int(passages["length_P"][i]), int(passages["n_target_P"][i])
-        result["examples"].append({"context": sp.decode(passages["windows_PxT1"][i, 1:L - k].tolist()),
-                                   "target": sp.decode(passages["windows_PxT1"][i, L - k:L].tolist())})
-    return result

@@ -20,7 +20,7 @@ Conventions (the model was trained on documents separated by EOS, no BOS):
   cross-entropy kernel) and reports whether every continuation token was the argmax;
 * ``loglikelihood_rolling`` scores a whole text in disjoint windows of ``max_length``
   (the harness's ``get_rolling_token_windows``), the first conditioned on EOS;
-* ``generate_until`` decodes greedily (``salt.runtime.generate``) and cuts the text at the
+* ``generate_until`` decodes greedily (``salt.runtime.model.generate``) and cuts the text at the
   first ``until`` string; sampling (``do_sample``/``temperature > 0``) is refused.
 
 Scoring batches have a fixed ``batch_size`` rows and a power-of-two length bucket, so each
@@ -41,17 +41,18 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from salt.core.platform import default_jax_platforms
 from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.reference.config import ModelConfig
-from salt.runtime import losses, model
-from salt.runtime.generate import LoadedModel, bucket_length, greedy_generate
+from salt.runtime.model import losses, transformer as model
+from salt.runtime.model.generate import LoadedModel, bucket_length, greedy_generate
 
 
 @functools.lru_cache(maxsize=16)
 def _score_fn(config: ModelConfig, dtype: str, attention_impl: str):
     """Compiled ``(params, inputs_BxT, targets_BxT) -> (logp_BxT, greedy_BxT)``: the
     log-probability of each target and whether it is the (first) argmax, from the runtime's one
-    loss entry point (:func:`salt.runtime.losses.token_parts`: ``logp = −ce``, ``greedy =
+    loss entry point (:func:`salt.runtime.model.losses.token_parts`: ``logp = −ce``, ``greedy =
     correct``; fused with the tied LM head unless ``attention_impl`` is "naive", so no
     ``[B, T, V]`` logits at a large vocabulary)."""
     compute_dtype = jnp.dtype(dtype)
@@ -300,7 +301,7 @@ def evaluate_tasks(run, step=None, *, tasks, tasks_dir=None, store=None, num_few
     names = [t.strip() for t in tasks if t and t.strip()]
     if not names:
         raise ValueError("--tasks is empty")
-    from salt.runtime import checkpoint
+    from salt.runtime.model import checkpoint
     checkpoint.resolve(run, step)  # a missing checkpoint fails before the slow task index
     tm = task_manager(names, tasks_dir)
     lm = SaltLM(run=run, step=step, store=store, batch_size=batch_size, max_length=max_length)
@@ -333,8 +334,7 @@ def write_results(results: dict, path) -> None:
 # ----------------------------------------------------------------------------- console script
 def lm_eval_main():
     """``salt-lm-eval``: the harness's own command line, with the ``salt`` model registered."""
-    from salt.cli.main import _default_jax_platforms
-    _default_jax_platforms()
+    default_jax_platforms()
     from lm_eval.__main__ import cli_evaluate
     sys.argv[0] = os.path.basename(sys.argv[0])
     cli_evaluate()

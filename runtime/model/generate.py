@@ -22,7 +22,7 @@ import numpy as np
 
 from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.reference.config import ModelConfig
-from salt.runtime import model
+from salt.runtime.model import transformer as model
 
 CHUNK = 8
 MIN_BUCKET = 16
@@ -144,7 +144,7 @@ class LoadedModel:
     def __init__(self, run, step: int | None = None, store=None):
         from salt.data import TokenStore
         from salt.data.tokenizer import space_mark_byte_ids
-        from salt.runtime import checkpoint
+        from salt.runtime.model import checkpoint
 
         self.run_dir, self.step = checkpoint.resolve(run, step)
         meta = checkpoint.read_meta(self.run_dir, self.step)

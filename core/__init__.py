@@ -1,0 +1,1 @@
+"""salt.core: contracts every layer may use (atomic outputs, platform choice)."""

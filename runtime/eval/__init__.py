@@ -1,0 +1,1 @@
+"""Evaluation: held-out window statistics, the cloze task, the lm-eval adapter."""

@@ -1,0 +1,1 @@
+"""The paper's experiment end to end (reproduce, report) and the TPU planner."""

@@ -1,0 +1,1 @@
+"""The JAX model layer: transformer, sharding, per-token losses, checkpoints, generation."""

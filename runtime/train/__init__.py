@@ -1,0 +1,1 @@
+"""The trainer: config, step, setup, the loop, the teacher cache, fine-tuning."""

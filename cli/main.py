@@ -78,24 +78,32 @@ class Terminated(BaseException):
     """SIGTERM outside the training loop (which saves a checkpoint instead)."""
 
 
-def _cannot_take_an_exception(frame) -> bool:
+def _cannot_take_an_exception(frame, entry=None) -> bool:
     """Whether the interrupted code is somewhere an exception raised by a signal handler does harm:
-    an import (extension modules run Python code from native code during their set-up, and an
-    exception there aborts or crashes the process), or a finaliser / JAX's garbage-collection
-    callback (where it is swallowed: "Exception ignored in ...")."""
-    while frame is not None:
+    a module's top-level code (an import: extension modules run it from native code during their
+    set-up, sometimes without importlib's frames on the stack, and an exception there aborts or
+    crashes the process), importlib itself, or a finaliser / JAX's garbage-collection callback
+    (where it is swallowed: "Exception ignored in ...").  ``entry``: the frame the command started
+    in (:func:`main`'s); the frames below it (the interpreter's own ``__main__``, a test runner)
+    are not looked at."""
+    while frame is not None and frame is not entry:
         code = frame.f_code
         if code.co_filename.startswith("<frozen importlib") or code.co_name in ("__del__", "_xla_gc_callback"):
             return True
+        if code.co_name == "<module>" and frame.f_globals.get("__name__") != "__main__":
+            return True
         frame = frame.f_back
     return False
+
+
+_ENTRY = None  # main()'s frame while the command runs
 
 
 def _raising(exc):
     """A handler that raises ``exc`` where the interrupted code can take it, and otherwise re-sends
     the signal 50 ms later (so a Ctrl-C or SIGTERM during start-up is neither lost nor fatal)."""
     def handler(signum, frame):
-        if _cannot_take_an_exception(frame):
+        if _cannot_take_an_exception(frame, _ENTRY):
             resend = threading.Timer(0.05, os.kill, (os.getpid(), signum))
             resend.daemon = True  # never joined at exit (it would raise in threading._shutdown)
             resend.start()
@@ -116,7 +124,9 @@ def main(argv=None):
     """Run the CLI. User errors, interrupts and OS errors end with one line on stderr and a
     non-zero exit code, never a traceback (docs/safety.md): ClickException -> its code (1, 2 for
     usage); Ctrl-C -> 130; SIGTERM outside the training loop -> 143; OSError -> 1."""
+    global _ENTRY
     default_jax_platforms()
+    _ENTRY = sys._getframe()
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored (nohup, &)

@@ -21,6 +21,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from kernel_tolerances import F32_TOL, assert_close  # noqa: E402
 from salt.data.tokenizer import EOS_ID  # noqa: E402
 from salt.runtime.eval import harness  # noqa: E402
+from salt.runtime.model.tokens import token_stats_fn  # noqa: E402
 from tiny_corpus import make_tiny_corpus, save_checkpoint  # noqa: E402
 
 TASKS = pathlib.Path(__file__).resolve().parent / "tasks"
@@ -97,7 +98,7 @@ def test_scores_do_not_depend_on_batching_or_padding(run, lm):
 def test_scoring_compiles_once_per_length_bucket(run, lm):
     reqs = [_req("loglikelihood", c, x) for c, x in PAIRS]
     lm.loglikelihood(reqs, disable_tqdm=True)
-    fn = harness._score_fn(run["config"], lm.dtype, lm.kernels)
+    fn = token_stats_fn(run["config"], lm.kernels, dtype=lm.dtype)
     compiled = fn._cache_size()
     # other lengths in the same buckets (16 and 32 positions): no new executable
     other = [_req("loglikelihood", c[:-1] or "k", x + "a") for c, x in PAIRS]

@@ -1,7 +1,6 @@
 """The JAX model against the float64 NumPy reference: logits, hidden states, gradients, the
 ω / lr schedules, bf16 compute, and depth-independent lowering of the paper-2.8b step."""
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from salt.kernels.logits_kd import kd_loss
-from matmul_count import dot_generals, matmul_flops
+from matmul_count import matmul_flops
 from salt.reference import model as ref_model
 from salt.reference.config import flatten_params, get_preset
 from salt.runtime.model import losses, transformer as model
@@ -224,39 +223,31 @@ def test_flop_counts_equal_the_matmuls_of_the_traced_program(name):
     assert matmul_flops(train, params, tokens) == model.train_step_flops(config, B, T)
 
 
-def test_dense_layers_are_two_dimensional_matmuls():
-    """Every projection and MLP matmul of the student's forward + backward contracts one axis of
-    2-D operands (``[B·T, D] @ [D, F]``): the 3-D form's weight gradient, a contraction over batch
-    and time, is what XLA's CPU backend laid out with transposed copies (docs/design.md §5).
-    Only attention's batched einsums keep batch dimensions."""
-    config = CONFIGS["mqa"]
-    tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
-    train = jax.grad(lambda p, x: model.hidden(p, x, config, attention_impl="xla").sum())
-    dots = dot_generals(train, model.abstract_params(config), tokens)
-    unbatched = [e for e in dots if not e.params["dimension_numbers"][1][0]]
-    assert len(unbatched) == 3 * 7  # the layer scan's forward, input and weight gradients of 7 matrices
-    for eqn in unbatched:
-        (lhs_contract, rhs_contract), _ = eqn.params["dimension_numbers"]
-        assert [v.aval.ndim for v in eqn.invars] == [2, 2] and len(lhs_contract) == len(rhs_contract) == 1
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)), jnp.float32)
-    w = jnp.asarray(np.random.default_rng(1).standard_normal((4, 5)), jnp.float32)
-    np.testing.assert_allclose(model._matmul(x, w, jnp.float32), np.einsum("btd,df->btf", x, w),
-                               rtol=1e-6, atol=1e-6)
+def test_dense_layer_matmul_equals_einsum_for_any_leading_axes():
+    """``_matmul`` (the dense layers' one matmul; it merges the leading axes into rows) is the
+    plain contraction over the last axis, for 2-D and 3-D inputs, values and gradients."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)
+    for shape, spec in (((6, 4), "nd,df->nf"), ((2, 3, 4), "btd,df->btf")):
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        np.testing.assert_allclose(model._matmul(x, w, jnp.float32), np.einsum(spec, x, w), rtol=1e-6, atol=1e-6)
+        g_got = jax.grad(lambda a, b: (model._matmul(a, b, jnp.float32) ** 2).sum(), argnums=(0, 1))(x, w)
+        g_want = jax.grad(lambda a, b, s=spec: (jnp.einsum(s, a, b) ** 2).sum(), argnums=(0, 1))(x, w)
+        for got, want in zip(g_got, g_want):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_paper_2_8b_train_step_lowers_fast():
-    """Lowering is depth-independent (lax.scan): the 92-layer KD step (with the 44-layer
-    teacher) lowers on abstract shapes, no parameters allocated."""
+def test_paper_2_8b_train_step_lowers_as_a_loop():
+    """The 92-layer KD step (with the 44-layer teacher) lowers on abstract shapes, no parameters
+    allocated, with the layers as one loop (lax.scan), not 92 unrolled copies."""
     from salt.runtime.train import step as step_mod
     student, teacher = get_preset("paper-2.8b"), get_preset("paper-1.5b")
     params = model.abstract_params(student)
     windows = jax.ShapeDtypeStruct((8, 1281), jnp.int32)
     opt_state = jax.eval_shape(optim.make_direction("adafactor").init, params)
-    start = time.perf_counter()
     lowered = step_mod.compile_step(step_mod.make_step_fn(student, teacher, "adafactor", remat=True),
                                  params, opt_state, model.abstract_params(teacher), windows,
                                  lower_only=True)
-    assert time.perf_counter() - start < 60.0
     text = lowered.as_text()
     assert "while" in text  # the layer loop stays a loop, not 92 unrolled copies
 

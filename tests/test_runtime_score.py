@@ -89,7 +89,7 @@ def test_overlapping_windows_maps_token_ranges():
 
 def test_save_and_load_helpers_are_atomic_and_pickle_free(tmp_path):
     out = tmp_path / "ids.npy"
-    S.save_npy_atomic(out, np.arange(5, dtype=np.int64))
+    outputs.save_npy(out, np.arange(5, dtype=np.int64))
     np.testing.assert_array_equal(load_window_ids(out), np.arange(5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy"]  # no temp left behind
     with pytest.raises(ValueError, match="does not exist"):
@@ -104,26 +104,24 @@ def test_save_and_load_helpers_are_atomic_and_pickle_free(tmp_path):
 
 
 def test_teacher_forward_scores_equal_reference_on_teacher_logits():
-    """The jitted teacher-forward + terms path (what `salt score` runs) vs the reference score
-    on the same model's logits, both modes, sharded over the 8 fake devices."""
-    import jax
+    """The per-token statistics `salt score` runs (WindowStats: the batch sharded over the 8 fake
+    devices, the fused-linear kernels per shard) vs the reference score on the same model's
+    logits, both modes."""
     import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from salt.reference.config import get_preset
     from salt.runtime.model import transformer as model
+    from salt.runtime.model.tokens import WindowStats
 
     config = get_preset("tiny-teacher")
     params = model.init_params(config, seed=3)
     rng = np.random.default_rng(0)
     windows = rng.integers(0, config.vocab_size, size=(8, 13)).astype(np.int32)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    sharded = jax.device_put(jnp.asarray(windows), NamedSharding(mesh, P("data")))
     logits = np.asarray(model.forward(params, jnp.asarray(windows[:, :-1]), config), np.float64)
+    stats = WindowStats(params, config, batch_size=8, impl="xla")(windows)
     for k in (1, 10):
-        ce, in_topk = S.make_token_terms_fn(config, k)(params, sharded)
         for mode in ("zero", "exclude"):
-            got = S.window_medians(np.asarray(ce), np.asarray(in_topk), mode)
+            got = S.window_medians(stats["ce"], stats["n_greater"] < k, mode)
             want = selection_score(logits, windows[:, 1:], k, mode=mode)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -310,7 +308,7 @@ def test_exclude_file_and_exclude_run(tiny_setup, tmp_path):
     np.testing.assert_array_equal(np.setdiff1d(everything, pool), seen)
     np.testing.assert_array_equal(everything, np.arange(everything.size))
     # an explicit exclusion file
-    S.save_npy_atomic(tmp_path / "ex.npy", pool[:3])
+    outputs.save_npy(tmp_path / "ex.npy", pool[:3])
     S.score(S.ScoreJob(out=str(tmp_path / "d.npz"), exclude_files=(str(tmp_path / "ex.npy"),), **base),
             progress=False)
     np.testing.assert_array_equal(S.load_scores(tmp_path / "d.npz")["window_ids"], pool[3:])

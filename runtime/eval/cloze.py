@@ -43,6 +43,9 @@ import re
 
 import numpy as np
 
+from salt.runtime.model.tokens import WindowStats
+from salt.runtime.train.config import resolve_kernels
+
 BUCKETS = ("easy", "medium", "hard")
 MAX_PASSAGES = 512
 SCAN_FACTOR = 4  # documents are read until SCAN_FACTOR * max_passages passages are found
@@ -149,29 +152,18 @@ def passages_sha(passages: dict) -> str:
 
 def score_passages(params, config, passages: dict, *, batch_size: int = 32) -> dict:
     """``{"loglik_P": float64, "correct_P": bool}``: the target tokens' summed log-probability
-    and whether each of them is the argmax, from the held-out evaluation's compiled statistics
-    (``salt.runtime.eval.evaluate``) on fixed ``[batch, T + 1]`` windows (one compile per model)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    from salt.runtime.eval import evaluate
-
+    and whether each of them is the argmax, from the per-token statistics
+    (:class:`salt.runtime.model.tokens.WindowStats`) on fixed ``[batch, T + 1]`` windows (one compile per model)."""
     windows = passages["windows_PxT1"]
-    devices = jax.devices()
-    batch = -(-batch_size // len(devices)) * len(devices)
-    mesh = Mesh(np.asarray(devices), ("data",))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    stats = evaluate._stats_fn(config, mesh)  # the held-out evaluation's per-position CE / argmax
+    stats = WindowStats(params, config, batch_size=batch_size, impl=resolve_kernels("auto"))
+    batch = stats.batch
     n_pass = windows.shape[0]
     loglik, correct = np.zeros(n_pass, np.float64), np.zeros(n_pass, bool)
     for start in range(0, n_pass, batch):
         rows = windows[start:start + batch]
         n = rows.shape[0]
-        if n < batch:
-            rows = np.concatenate([rows, np.zeros((batch - n, rows.shape[1]), np.int32)])
-        ce_BxT, ok_BxT = stats(params, jax.device_put(jnp.asarray(rows), NamedSharding(mesh, P("data"))))
-        ce_BxT, ok_BxT = np.asarray(ce_BxT, np.float64), np.asarray(ok_BxT)
+        token_stats = stats(rows)
+        ce_BxT, ok_BxT = token_stats["ce"].astype(np.float64), token_stats["correct"]
         for r in range(n):
             i = start + r
             span = slice(passages["length_P"][i] - passages["n_target_P"][i] - 1,

@@ -13,38 +13,20 @@ ties by window id) and splits the ranking into tertiles ``easy`` / ``medium`` / 
 """
 from __future__ import annotations
 
-import functools
 import pathlib
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 from salt.core import outputs
+from salt.data import TokenStore, validation_batches
+from salt.data.store import open_store
+from salt.runtime.model import checkpoint
+from salt.runtime.model.tokens import WindowStats
+from salt.runtime.train.config import resolve_kernels
 
 BUCKETS = ("easy", "medium", "hard")
-
-
-@functools.lru_cache(maxsize=16)
-def _stats_fn(config, mesh=None, kernels: str = "auto", vocab: int | None = None):
-    """``jit``-ed per-position ``(ce_BxT, correct_BxT)`` of one model config from the final hidden
-    states and the tied embedding through the fused-linear kernel (no ``[tokens, vocab]`` logits;
-    :func:`salt.runtime.model.losses.token_parts`).  ``mesh``: the devices' mesh (axis ``data``) of the
-    batch.  Cached, so that evaluating many checkpoints of a run compiles once."""
-    import jax
-
-    from salt.runtime.model import losses, transformer as model
-    from salt.runtime.train.config import resolve_kernels
-
-    impl = resolve_kernels(kernels)
-
-    @jax.jit
-    def stats(params, windows_BxT1):
-        hidden = model.hidden(params, windows_BxT1[:, :-1], config, attention_impl=impl, mesh=mesh)
-        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh,
-                                   vocab=vocab)  # padded embedding rows (beyond vocab): no probability
-        return parts["ce"], parts["correct"] > 0.5
-
-    return stats
 
 
 def window_stats(params, config, data_dir, *, seq_len: int, batch_size: int = 32,
@@ -54,26 +36,14 @@ def window_stats(params, config, data_dir, *, seq_len: int, batch_size: int = 32
     Returns ``{"window_ids": int64[N], "loss_sum": float64[N], "correct": int64[N],
     "n_tokens": int64[N]}``.
     """
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from tqdm import tqdm
-
-    from salt.data import validation_batches
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-    devices = jax.devices()
-    batch = -(-batch_size // len(devices)) * len(devices)
-    mesh = Mesh(np.asarray(devices), ("data",))
-    batch_sharding = NamedSharding(mesh, P("data"))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-
-    from salt.data.store import open_store
     tokenizer_vocab = open_store(data_dir).vocab_size
-    stats = _stats_fn(config, mesh, vocab=tokenizer_vocab if config.vocab_size > tokenizer_vocab else None)
+    stats = WindowStats(params, config, batch_size=batch_size, impl=resolve_kernels("auto"),
+                        vocab=tokenizer_vocab if config.vocab_size > tokenizer_vocab else None)
+    batch = stats.batch
 
     ids_out, loss_out, correct_out = [], [], []
     bar = tqdm(desc=desc, unit="win", file=sys.stderr, disable=not progress, dynamic_ncols=True,
@@ -87,11 +57,8 @@ def window_stats(params, config, data_dir, *, seq_len: int, batch_size: int = 32
             if tokens.shape != (n, seq_len + 1):
                 raise RuntimeError(f"validation batch of shape {tokens.shape}, expected "
                                    f"{(n, seq_len + 1)}")
-            if n < batch:  # pad: one compiled shape
-                tokens = np.concatenate([tokens, np.zeros((batch - n, seq_len + 1), np.int32)])
-            ce, correct = stats(params, jax.device_put(jnp.asarray(tokens), batch_sharding))
-            ce = np.asarray(ce, dtype=np.float64)[:n]
-            correct = np.asarray(correct)[:n]
+            token_stats = stats(tokens)
+            ce, correct = token_stats["ce"].astype(np.float64), token_stats["correct"]
             ids_out.append(ids)
             loss_out.append(ce.sum(axis=1))
             correct_out.append(correct.sum(axis=1).astype(np.int64))
@@ -113,8 +80,6 @@ def model_window_stats(path, step=None, *, data_dir, seq_len, batch_size=32, max
     Returns ``(stats, info)`` with ``info = {"path", "step", "preset", "tokenizer_sha256"}``.
     Raises ValueError when ``check_tokenizer`` is given and differs from the checkpoint's.
     """
-    from salt.runtime.model import checkpoint
-
     config, params, meta = checkpoint.load_params(path, step=step)
     sha = meta.get("tokenizer_sha256")
     if check_tokenizer and sha and sha != check_tokenizer:
@@ -207,9 +172,6 @@ def recorded_seq_len(meta: dict):
 def evaluate_checkpoints(path, step=None, *, data_dir, seq_len=None, teacher=None, teacher_step=None,
                          max_windows=None, batch_size=32, progress=False) -> dict:
     """What ``salt eval`` prints: metrics of one checkpoint, bucketed by a teacher if given."""
-    from salt.data import TokenStore
-    from salt.runtime.model import checkpoint
-
     data_path = pathlib.Path(data_dir)
     if not data_path.is_dir():
         raise ValueError(f"data directory {str(data_path)!r} does not exist")

@@ -28,14 +28,12 @@ bucket compiles once.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -43,27 +41,9 @@ from tqdm import tqdm
 
 from salt.core.platform import default_jax_platforms
 from salt.data.tokenizer import EOS_ID, PAD_ID
-from salt.reference.config import ModelConfig
-from salt.runtime.model import losses, transformer as model
 from salt.runtime.model.generate import LoadedModel, bucket_length, greedy_generate
-
-
-@functools.lru_cache(maxsize=16)
-def _score_fn(config: ModelConfig, dtype: str, attention_impl: str):
-    """Compiled ``(params, inputs_BxT, targets_BxT) -> (logp_BxT, greedy_BxT)``: the
-    log-probability of each target and whether it is the (first) argmax, from the runtime's one
-    loss entry point (:func:`salt.runtime.model.losses.token_parts`: ``logp = −ce``, ``greedy =
-    correct``; fused with the tied LM head unless ``attention_impl`` is "naive", so no
-    ``[B, T, V]`` logits at a large vocabulary)."""
-    compute_dtype = jnp.dtype(dtype)
-
-    def score(params, inputs_BxT, targets_BxT):
-        h_BxTxD = model.hidden(params, inputs_BxT, config, dtype=compute_dtype,
-                               attention_impl=attention_impl)
-        parts = losses.token_parts(h_BxTxD, params["embed"], targets_BxT, impl=attention_impl)
-        return -parts["ce"], parts["correct"] > 0
-
-    return jax.jit(score)
+from salt.runtime.model.tokens import token_stats_fn
+from salt.runtime.train.config import resolve_kernels
 
 
 @register_model("salt")
@@ -101,7 +81,7 @@ class SaltLM(TemplateLM):
         self.dtype = dtype
         if kernels not in ("auto", "naive", "xla"):
             raise ValueError(f"kernels must be auto, naive or xla, got {kernels!r}")
-        self.kernels = "xla" if kernels == "auto" else kernels
+        self.kernels = resolve_kernels(kernels)
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -142,7 +122,7 @@ class SaltLM(TemplateLM):
         return results
 
     def _score_rows(self, rows, disable_tqdm):
-        fn = _score_fn(self.loaded.config, self.dtype, self.kernels)
+        fn = token_stats_fn(self.loaded.config, self.kernels, dtype=self.dtype)  # compiled once per length bucket
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         results: list = [None] * len(rows)
         B = self.batch_size
@@ -156,8 +136,8 @@ class SaltLM(TemplateLM):
                 inp, tgt, _ = rows[i]
                 inputs_BxT[r, :len(inp)] = inp
                 targets_BxT[r, :len(tgt)] = tgt
-            logp_BxT, greedy_BxT = (np.asarray(a) for a in jax.device_get(
-                fn(self.loaded.params, inputs_BxT, targets_BxT)))
+            stats = jax.device_get(fn(self.loaded.params, inputs_BxT, targets_BxT))
+            logp_BxT, greedy_BxT = -np.asarray(stats["ce"]), np.asarray(stats["correct"])
             for r, i in enumerate(batch):
                 n, n_cont = len(rows[i][0]), rows[i][2]
                 span = slice(n - n_cont, n)

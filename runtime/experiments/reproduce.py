@@ -395,7 +395,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         clipped = m > z["window_ids"].size
         m = min(m, int(z["window_ids"].size))
         ids = score_mod.select_top_m(z["window_ids"], z["scores"], m)
-        score_mod.save_npy_atomic(selection_path, ids)
+        outputs.save_npy(selection_path, ids)
         finite = z["scores"][np.isfinite(z["scores"])]
         selected = z["scores"][np.isin(z["window_ids"], ids)]
         state.finish("score", time.time() - t0, n_scored=summary["n_scored"],

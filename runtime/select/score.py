@@ -28,7 +28,6 @@ checkpoint saw), the resumable scoring job and the top-m selection are one comma
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -36,10 +35,18 @@ import pathlib
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 from salt.core import outputs
+from salt.data import Loader, TokenStore
 from salt.data.ids import load_window_ids, numpy_file_kind
+from salt.kernels.logits_kd import loss_naive
 from salt.reference.config import PAPER_K
+from salt.reference.score import top_m_indices
+from salt.runtime.model import checkpoint
+from salt.runtime.model.tokens import WindowStats
+from salt.runtime.train.config import TrainConfig, resolve_kernels
+from salt.runtime.train.trainer import make_loaders
 
 TOPK_MODES = ("zero", "exclude")
 SCORES_FORMAT = "salt-scores-v1"
@@ -49,45 +56,15 @@ SCORES_FORMAT = "salt-scores-v1"
 
 def token_terms(logits_BxTxV, targets_BxT, k: int):
     """Per-position cross-entropy and top-k membership from full logits (the ``naive`` cross-check
-    of :func:`make_token_terms_fn`; the maths is :func:`salt.kernels.logits_kd.loss_naive`'s).
+    of :class:`salt.runtime.model.tokens.WindowStats`; the maths is :func:`salt.kernels.logits_kd.loss_naive`'s).
 
     Returns ``(ce_BxT float32, in_topk_BxT bool)`` where ``in_topk`` holds iff fewer than ``k``
     vocabulary entries have a logit strictly greater than the target's.
     """
-    from salt.kernels.logits_kd import loss_naive
-
     B, T, V = logits_BxTxV.shape
     ce_N, parts = loss_naive(logits_BxTxV.reshape(B * T, V), None, targets_BxT.reshape(B * T).astype("int32"),
                              0.0, 1.0)
     return ce_N.reshape(B, T), (parts["n_greater"] < k).reshape(B, T)
-
-
-@functools.lru_cache(maxsize=16)
-def make_token_terms_fn(config, k: int, mesh=None, kernels: str = "auto", vocab: int | None = None):
-    """``jit``-ed ``(params, windows_BxT1) -> (ce_BxT, in_topk_BxT)``: teacher forward on the
-    inputs ``w[:, :-1]``, then the per-position CE and the rank of the target (number of logits
-    strictly above it) from the final hidden states and the tied embedding through the
-    fused-linear kernel (:func:`salt.runtime.model.losses.token_parts`; no ``[tokens, vocab]`` logits
-    unless ``kernels="naive"``).  ``mesh``: the devices' mesh (axis ``data``) the batch is sharded
-    on (the kernels then run per shard).  ``vocab``: the tokenizer's vocabulary when the model's
-    embedding is padded beyond it (padded columns take no probability and are not counted).
-    Cached per model config, k, mesh, kernels and vocab, so repeated jobs compile once."""
-    import jax
-
-    from salt.runtime.model import losses, transformer as model
-    from salt.runtime.train.config import resolve_kernels
-
-    impl = resolve_kernels(kernels)
-
-    @jax.jit
-    def terms(params, windows_BxT1):
-        inputs = windows_BxT1[:, :-1]
-        hidden = model.hidden(params, inputs, config, attention_impl=impl, mesh=mesh)
-        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh,
-                                   vocab=vocab)
-        return parts["ce"], parts["n_greater"] < k
-
-    return terms
 
 
 def window_medians(ce_NxT: np.ndarray, in_topk_NxT: np.ndarray, mode: str = "zero") -> np.ndarray:
@@ -125,9 +102,6 @@ def seen_windows(run_config: dict, data_dir, steps: int) -> tuple[int, np.ndarra
     loaders are the trainer's own (:func:`salt.runtime.train.trainer.make_loaders`) for that config, the KD
     loader serving steps ``step0 < kd_steps``.  Returns ``(seq_len, ids)``.
     """
-    from salt.runtime.train.config import TrainConfig
-    from salt.runtime.train.trainer import make_loaders
-
     try:
         cfg = TrainConfig.from_dict(run_config)
     except (TypeError, ValueError) as e:
@@ -180,10 +154,6 @@ class ScoreJob:
     force: bool = False
 
 
-# atomic writers: the one implementation lives in salt.core.outputs (docs/safety.md)
-write_bytes_atomic = outputs.write_bytes
-save_npy_atomic = outputs.save_npy
-
 
 def load_scores(path) -> dict:
     """Read a scores ``.npz`` written by :func:`score` (no pickle) into a dict."""
@@ -210,8 +180,6 @@ def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_win
     """Sorted candidate window ids (all training windows at ``job.seq_len`` minus the excluded
     ones; with ``job.max_candidates`` a seeded uniform sample of that many of them) and the
     number excluded."""
-    from salt.runtime.model import checkpoint
-
     excluded = [np.zeros(0, np.int64)]
     sources = []
     if job.exclude_teacher_seen:
@@ -266,12 +234,6 @@ def _fingerprint(**fields) -> str:
 
 def score(job: ScoreJob, progress: bool = True) -> dict:
     """Run a scoring job (see module docstring); returns a summary dict."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    from salt.data import Loader, TokenStore
-
     _check_mode(job.mode)
     out = pathlib.Path(job.out)
     outputs.check_output_file(out, force=job.force, is_own=_is_scores_file)
@@ -285,8 +247,6 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     if not data_dir.is_dir():
         raise ValueError(f"data directory {str(data_dir)!r} does not exist")
     store = TokenStore(data_dir)
-    from salt.runtime.model import checkpoint
-
     config, params, meta = checkpoint.load_params(job.teacher, job.teacher_step)
     teacher_step = int(meta.get("step", job.teacher_step or 0))
     t_sha = meta.get("tokenizer_sha256")
@@ -324,17 +284,12 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
                                  "remove it or use --overwrite")
             outputs.remove_tree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(state_path, lambda f: f.write(json.dumps(
+    outputs.write_bytes(state_path, lambda f: f.write(json.dumps(
         {"fingerprint": fingerprint, "teacher": ident, "n_pool": int(pool_N.size)}).encode()))
 
-    devices = jax.devices()
-    n_dev = len(devices)
-    batch = -(-job.batch // n_dev) * n_dev  # a multiple of the device count
-    mesh = Mesh(np.asarray(devices), ("data",))
-    batch_sharding = NamedSharding(mesh, P("data"))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-
-    terms = make_token_terms_fn(config, job.k, mesh, vocab=store.vocab_size if padded else None)
+    stats = WindowStats(params, config, batch_size=job.batch, impl=resolve_kernels("auto"),
+                        vocab=store.vocab_size if padded else None)
+    batch = stats.batch
     chunk = batch * job.chunk_batches
     n_chunks = -(-pool_N.size // chunk)
     done = sum((partial / f"chunk_{c:06d}.npz").is_file() for c in range(n_chunks))
@@ -353,11 +308,8 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
                 if windows.shape != (ids_B.size, job.seq_len + 1):
                     raise RuntimeError(f"loader returned windows of shape {windows.shape}, "
                                        f"expected {(ids_B.size, job.seq_len + 1)}")
-                if ids_B.size < batch:  # pad the last batch: one compiled shape
-                    windows = np.concatenate(
-                        [windows, np.zeros((batch - ids_B.size, windows.shape[1]), np.int32)])
-                ce, in_topk = terms(params, jax.device_put(jnp.asarray(windows), batch_sharding))
-                ce, in_topk = np.asarray(ce)[:ids_B.size], np.asarray(in_topk)[:ids_B.size]
+                token_stats = stats(windows)
+                ce, in_topk = token_stats["ce"], token_stats["n_greater"] < job.k
                 scores_C[b0:b0 + ids_B.size] = window_medians(ce, in_topk, job.mode)
                 bar.update(ids_B.size)
             outputs.save_npz(chunk_path, window_ids=ids_C, scores=scores_C)
@@ -386,8 +338,6 @@ def _read_chunk(path: pathlib.Path) -> np.ndarray:
 
 
 def _progress_bar(total: int, desc: str, enable: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="win", file=sys.stderr, disable=not enable,
                 dynamic_ncols=True)
 
@@ -401,8 +351,6 @@ def select_top_m(window_ids_N: np.ndarray, scores_N: np.ndarray, m: int) -> np.n
     order so that "lower index" means "lower window id"): ``-inf`` (a window with nothing to take the
     median of) ranks last, NaN is rejected, ``m = 0`` selects nothing.
     """
-    from salt.reference.score import top_m_indices
-
     window_ids_N = np.asarray(window_ids_N, dtype=np.int64)
     scores_N = np.asarray(scores_N, dtype=np.float64)
     if window_ids_N.shape != scores_N.shape or window_ids_N.ndim != 1:
@@ -424,5 +372,5 @@ def select(scores_path, m: int, out_path, force: bool = False) -> np.ndarray:
     outputs.check_output_file(out_path, force=force, is_own=_is_ids_file)
     z = load_scores(scores_path)
     ids = select_top_m(z["window_ids"], z["scores"], m)
-    save_npy_atomic(out_path, ids)
+    outputs.save_npy(out_path, ids)
     return ids

@@ -31,7 +31,8 @@ def run_benchmark(seqs: int, tokens: int, vocab: int, k: int, mode: str, seed: i
                   threads: int | None = None, log=lambda message: None) -> dict:
     import numba
 
-    from salt.reference.score import selection_score, selection_score_numpy
+    from salt.reference.score import selection_score
+    from salt.reference.score_numba import selection_score_numba
 
     if threads is not None:
         numba.set_num_threads(threads)
@@ -39,15 +40,15 @@ def run_benchmark(seqs: int, tokens: int, vocab: int, k: int, mode: str, seed: i
     log("generating logits ...")
     logits, targets = _make_batch(seqs, tokens, vocab, seed)
     log("numba (warm-up, then timed) ...")
-    selection_score(logits[:1, :2], targets[:1, :2], min(k, vocab), mode)  # compile / load cache
+    selection_score_numba(logits[:1, :2], targets[:1, :2], min(k, vocab), mode)  # compile / load cache
 
     start = time.perf_counter()
-    numba_scores = selection_score(logits, targets, k, mode)
+    numba_scores = selection_score_numba(logits, targets, k, mode)
     numba_s = time.perf_counter() - start
 
     log(f"numba took {numba_s:.2f} s; numpy ...")
     start = time.perf_counter()
-    numpy_scores = selection_score_numpy(logits, targets, k, mode)
+    numpy_scores = selection_score(logits, targets, k, mode)
     numpy_s = time.perf_counter() - start
 
     finite = np.isfinite(numpy_scores)

@@ -28,10 +28,5 @@ from salt.reference.losses import (  # noqa: F401
     topk_kd_loss_grad,
 )
 from salt.reference.schedule import lr_at, lr_values, omega_at, omega_values  # noqa: F401
-from salt.reference.score import (  # noqa: F401
-    selection_score,
-    selection_score_numpy,
-    token_costs,
-    token_costs_numpy,
-    top_m_indices,
-)
+from salt.reference.score import selection_score, token_costs, top_m_indices  # noqa: F401
+from salt.reference.score_numba import selection_score_numba, token_costs_numba  # noqa: F401

@@ -45,10 +45,10 @@ def test_golden_files_are_self_consistent(golden_dir):
             assert (f[f"{c}/kd_loss"][:, ~mask] == 0).all()
             np.testing.assert_allclose(f[f"{c}/kd_grad"].sum(-1), 0, atol=1e-9)
     with np.load(golden_dir / "score.npz", allow_pickle=False) as f:
-        from salt.reference.score import selection_score_numpy
+        from salt.reference.score import selection_score
         for i, k in enumerate(f["ks"]):
             for mode in ("zero", "exclude"):
-                want = selection_score_numpy(f["teacher_logits"], f["targets"], int(k), mode, f["mask"])
+                want = selection_score(f["teacher_logits"], f["targets"], int(k), mode, f["mask"])
                 np.testing.assert_allclose(want, f[f"scores_{mode}"][i], rtol=1e-12, atol=0)
     for name in ("model_mqa_causal", "model_gqa_prefix", "model_mha_prefix"):
         with np.load(golden_dir / f"{name}.npz", allow_pickle=False) as f:

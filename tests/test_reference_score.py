@@ -1,12 +1,12 @@
-"""Reference selection score (eq. 11): Numba vs NumPy agreement, an independent per-token formula,
+"""Reference selection score (eq. 11): the NumPy reference and its Numba twin agree, an independent per-token formula,
 ties, k = 1 / k = V, magnitudes 1e4, both modes, masks, dtypes, the vectorised exp, bad input."""
 import ml_dtypes
 import numpy as np
 import pytest
 
-from salt.reference import score as score_module
-from salt.reference.score import (
-    selection_score, selection_score_numpy, token_costs, token_costs_numpy, top_m_indices)
+from salt.reference import score_numba as score_module
+from salt.reference.score import selection_score, token_costs, top_m_indices
+from salt.reference.score_numba import selection_score_numba, token_costs_numba
 
 LD = np.longdouble
 MODES = ("zero", "exclude")
@@ -60,8 +60,8 @@ def _random(seed, batch=4, length=7, vocab=300, scale=3.0, dtype=np.float32):
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))
 def test_numba_numpy_and_independent_agree(mode, k, dtype):
     logits, targets = _random(1, dtype=dtype)
-    got = selection_score(logits, targets, k, mode)
-    _assert_agree(got, selection_score_numpy(logits, targets, k, mode))
+    got = selection_score_numba(logits, targets, k, mode)
+    _assert_agree(got, selection_score(logits, targets, k, mode))
     _assert_agree(got, _independent_score(logits, targets, k, mode), rtol=1e-13)
 
 
@@ -72,16 +72,16 @@ def test_ties_count_in_favour_of_membership(mode):
     logits = rng.integers(-3, 4, size=(5, 9, 40)).astype(np.float32)
     targets = rng.integers(0, 40, size=(5, 9))
     for k in (1, 3, 40):
-        got = selection_score(logits, targets, k, mode)
-        _assert_agree(got, selection_score_numpy(logits, targets, k, mode))
+        got = selection_score_numba(logits, targets, k, mode)
+        _assert_agree(got, selection_score(logits, targets, k, mode))
         _assert_agree(got, _independent_score(logits, targets, k, mode), rtol=1e-13)
     # explicit: target tied with the max is in the top-1 even though 3 entries share the max
     row = np.array([[[5.0, 1.0, 5.0, 5.0]]])
-    costs, in_topk = token_costs(row, np.array([[3]]), 1)
+    costs, in_topk = token_costs_numba(row, np.array([[3]]), 1)
     assert in_topk[0, 0] and costs[0, 0] == pytest.approx(np.log(3 + np.exp(-4.0)), rel=1e-15)
-    _, in_topk = token_costs(row, np.array([[1]]), 3)
+    _, in_topk = token_costs_numba(row, np.array([[1]]), 3)
     assert not in_topk[0, 0]  # three entries strictly larger
-    _, in_topk = token_costs(row, np.array([[1]]), 4)
+    _, in_topk = token_costs_numba(row, np.array([[1]]), 4)
     assert in_topk[0, 0]
 
 
@@ -89,9 +89,9 @@ def test_ties_count_in_favour_of_membership(mode):
 def test_magnitude_1e4(mode):
     logits, targets = _random(3, vocab=200, scale=1e4, dtype=np.float64)
     for k in (1, 5, 200):
-        got = selection_score(logits, targets, k, mode)
+        got = selection_score_numba(logits, targets, k, mode)
         assert not np.isnan(got).any()
-        _assert_agree(got, selection_score_numpy(logits, targets, k, mode))
+        _assert_agree(got, selection_score(logits, targets, k, mode))
         # the literal lse - t_x cancels 1e4-sized terms: its own error is ~1e4 * 1e-19
         _assert_agree(got, _independent_score(logits, targets, k, mode), rtol=1e-12, atol=1e-14)
 
@@ -106,9 +106,9 @@ def test_rows_spanning_blocks_and_rising_maxima():
     logits[2, 3, -1] = 1e4                           # the max is the very last logit
     for mode in MODES:
         for k in (1, 7, vocab):
-            _assert_agree(selection_score(logits, targets, k, mode),
-                          selection_score_numpy(logits, targets, k, mode))
-    costs, _ = token_costs(logits, targets, 1)
+            _assert_agree(selection_score_numba(logits, targets, k, mode),
+                          selection_score(logits, targets, k, mode))
+    costs, _ = token_costs_numba(logits, targets, 1)
     want = _independent_score(logits[:, :, :], targets, vocab, "zero")
     _assert_agree(np.median(costs, axis=1), want, rtol=1e-13)
 
@@ -117,16 +117,16 @@ def test_uniform_logits_analytic():
     logits = np.full((2, 5, 64), 0.25, dtype=np.float32)
     targets = np.arange(10).reshape(2, 5)
     for mode in MODES:
-        np.testing.assert_allclose(selection_score(logits, targets, 1, mode), np.log(64), rtol=1e-15)
+        np.testing.assert_allclose(selection_score_numba(logits, targets, 1, mode), np.log(64), rtol=1e-15)
 
 
 def test_confident_token_cost_is_relatively_accurate():
     row = np.zeros((1, 1, 50))
     row[0, 0, 7] = 40.0  # c = log1p(49 e^-40) ~ 2.1e-16, below float64 resolution of 1 + c
-    costs, _ = token_costs(row, np.array([[7]]), 1)
+    costs, _ = token_costs_numba(row, np.array([[7]]), 1)
     want = float(np.log1p(LD(49) * np.exp(LD(-40))))
     assert costs[0, 0] == pytest.approx(want, rel=1e-14)
-    costs_np, _ = token_costs_numpy(row, np.array([[7]]), 1)
+    costs_np, _ = token_costs(row, np.array([[7]]), 1)
     assert costs_np[0, 0] == pytest.approx(want, rel=1e-14)
 
 
@@ -142,27 +142,27 @@ def test_median_conventions_and_modes():
     targets = np.array([[0, 1, 3, 0]])
     c0 = np.log(np.exp(2.0) + 3) - 2
     c2 = np.log(np.exp(5.0) + 3) - 5
-    zero = selection_score(logits, targets, 1, "zero")
+    zero = selection_score_numba(logits, targets, 1, "zero")
     assert zero[0] == pytest.approx(np.median([c0, 0.0, c2, 0.0]), rel=1e-15)  # (0 + min(c0,c2)) / 2
-    exclude = selection_score(logits, targets, 1, "exclude")
+    exclude = selection_score_numba(logits, targets, 1, "exclude")
     assert exclude[0] == pytest.approx((c0 + c2) / 2, rel=1e-15)
-    assert selection_score(logits, targets, vocab, "zero")[0] == pytest.approx(
-        np.median(token_costs_numpy(logits, targets, vocab)[0][0]), rel=1e-15)
-    _assert_agree(zero, selection_score_numpy(logits, targets, 1, "zero"))
-    _assert_agree(exclude, selection_score_numpy(logits, targets, 1, "exclude"))
+    assert selection_score_numba(logits, targets, vocab, "zero")[0] == pytest.approx(
+        np.median(token_costs(logits, targets, vocab)[0][0]), rel=1e-15)
+    _assert_agree(zero, selection_score(logits, targets, 1, "zero"))
+    _assert_agree(exclude, selection_score(logits, targets, 1, "exclude"))
 
 
 def test_empty_sequences_score_minus_inf():
     logits, targets = _random(5, batch=3, length=6, vocab=50)
     mask = np.ones((3, 6), bool)
     mask[1] = False  # fully padded sequence
-    for fn in (selection_score, selection_score_numpy):
+    for fn in (selection_score_numba, selection_score):
         for mode in MODES:
             out = fn(logits, targets, 3, mode, mask=mask)
             assert out[1] == -np.inf and np.isfinite(out[[0, 2]]).all()
     # exclude mode with no target in the top-1 at all
     targets_low = logits.astype(np.float64).argmin(axis=-1)
-    for fn in (selection_score, selection_score_numpy):
+    for fn in (selection_score_numba, selection_score):
         np.testing.assert_array_equal(fn(logits, targets_low, 1, "exclude"), -np.inf)
         np.testing.assert_array_equal(fn(logits, targets_low, 1, "zero"), 0.0)
 
@@ -176,7 +176,7 @@ def test_mask_excludes_padding_and_is_never_read():
     garbage_targets[~mask] = -1
     for mode in MODES:
         want = _independent_score(logits, targets, 4, mode, mask)
-        for fn in (selection_score, selection_score_numpy):
+        for fn in (selection_score_numba, selection_score):
             _assert_agree(fn(garbage_logits, garbage_targets, 4, mode, mask=mask), want, rtol=1e-13)
             _assert_agree(fn(garbage_logits, garbage_targets, 4, mode, mask=mask.astype(np.int8)), want,
                           rtol=1e-13)
@@ -190,19 +190,19 @@ def test_narrow_float_inputs(dtype, monkeypatch):
     narrow = logits.astype(dtype)
     want = _independent_score(narrow.astype(np.float64), targets, 3, "zero")
     monkeypatch.setattr(score_module, "_CHUNK_ELEMENTS", 2 * 3 * 70)  # several chunks
-    _assert_agree(selection_score(narrow, targets, 3), want, rtol=1e-13)
-    _assert_agree(selection_score_numpy(narrow, targets, 3, chunk_elements=3 * 70), want, rtol=1e-13)
+    _assert_agree(selection_score_numba(narrow, targets, 3), want, rtol=1e-13)
+    _assert_agree(selection_score(narrow, targets, 3, chunk_elements=3 * 70), want, rtol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", (np.dtype(">f8"), np.longdouble))
 def test_wide_non_native_floats_are_not_narrowed_to_float32(dtype):
     # float64 in the other byte order, or extended precision, must be scored as float64.
     logits, targets = _random(13, batch=3, length=5, vocab=70, dtype=np.float64)
-    want_costs = token_costs_numpy(logits, targets, 3)[0]
+    want_costs = token_costs(logits, targets, 3)[0]
     assert (want_costs > 0).all()
-    for costs in (token_costs, token_costs_numpy):
+    for costs in (token_costs_numba, token_costs):
         np.testing.assert_allclose(costs(logits.astype(dtype), targets, 3)[0], want_costs, rtol=1e-13)
-    want = selection_score_numpy(logits, targets, 3, "exclude")
+    want = selection_score(logits, targets, 3, "exclude")
     assert (want > 0).all()
     for fn in BOTH:
         _assert_agree(fn(logits.astype(dtype), targets, 3, "exclude"), want, rtol=1e-13)
@@ -210,8 +210,8 @@ def test_wide_non_native_floats_are_not_narrowed_to_float32(dtype):
 
 def test_numpy_chunking_does_not_change_results():
     logits, targets = _random(8, batch=7, length=5, vocab=40)
-    full = selection_score_numpy(logits, targets, 2, "exclude", chunk_elements=10**9)
-    chunked = selection_score_numpy(logits, targets, 2, "exclude", chunk_elements=1)
+    full = selection_score(logits, targets, 2, "exclude", chunk_elements=10**9)
+    chunked = selection_score(logits, targets, 2, "exclude", chunk_elements=1)
     np.testing.assert_array_equal(chunked, full)
 
 
@@ -250,7 +250,7 @@ def test_top_m_indices():
 
 # ----------------------------------------------------------------------------- bad input
 
-BOTH = (selection_score, selection_score_numpy)
+BOTH = (selection_score_numba, selection_score)
 
 
 @pytest.mark.parametrize("fn", BOTH)
@@ -313,14 +313,14 @@ def test_padded_vocabulary_scores_like_the_unpadded_one(mode):
     padded = np.concatenate([logits, (30 + rng.standard_normal(logits.shape[:2] + (13,))).astype(logits.dtype)],
                             axis=-1)
     V = logits.shape[-1]
-    want = selection_score(logits, targets, 10, mode)
-    np.testing.assert_array_equal(selection_score(padded, targets, 10, mode, vocab=V), want)
-    np.testing.assert_array_equal(selection_score_numpy(padded, targets, 10, mode, vocab=V),
-                                  selection_score_numpy(logits, targets, 10, mode))
+    want = selection_score_numba(logits, targets, 10, mode)
+    np.testing.assert_array_equal(selection_score_numba(padded, targets, 10, mode, vocab=V), want)
+    np.testing.assert_array_equal(selection_score(padded, targets, 10, mode, vocab=V),
+                                  selection_score(logits, targets, 10, mode))
+    for got, ref in zip(token_costs_numba(padded, targets, 10, vocab=V), token_costs_numba(logits, targets, 10)):
+        np.testing.assert_array_equal(got, ref)
     for got, ref in zip(token_costs(padded, targets, 10, vocab=V), token_costs(logits, targets, 10)):
         np.testing.assert_array_equal(got, ref)
-    for got, ref in zip(token_costs_numpy(padded, targets, 10, vocab=V), token_costs_numpy(logits, targets, 10)):
-        np.testing.assert_array_equal(got, ref)
-    assert not np.allclose(selection_score(padded, targets, 10, mode), want)
+    assert not np.allclose(selection_score_numba(padded, targets, 10, mode), want)
     with pytest.raises(ValueError, match="vocab must be an integer"):
-        selection_score(padded, targets, 10, mode, vocab=V + 14)
+        selection_score_numba(padded, targets, 10, mode, vocab=V + 14)

@@ -17,6 +17,9 @@ import time
 
 import click
 
+from salt.kernels import tpu_aot
+from salt.kernels.attention import mqa_attention
+
 DEFAULT_SHAPES = ("2,1024,8,1,64", "1,2048,4,1,128")
 
 
@@ -39,7 +42,6 @@ def causal_flops(B, T, H, hd):
 
 def _fwd_bwd(impl, block_sizes=None):
     import jax
-    from salt.kernels.attention import mqa_attention
 
     def f(q, k, v, do):
         out, vjp = jax.vjp(lambda q, k, v: mqa_attention(q, k, v, impl=impl,
@@ -83,7 +85,6 @@ def run_benchmark(shape, impls, dtype_name="float32", repeats=5, seed=0, topolog
             f"max_rel_err_vs_{impls[0]}": err,
         })
     if topology:
-        from salt.kernels import tpu_aot
 
         spec = jax.ShapeDtypeStruct
         compiled = tpu_aot.compile_for_topology(

@@ -21,6 +21,8 @@ import time
 
 import click
 
+from salt.data import Loader, prepare
+
 
 def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -30,7 +32,6 @@ def _cpu_seconds() -> float:
 
 def bench_prepare(out_dir: str, *, vocab_size: int | None, workers: int | None, progress: bool,
                   overwrite: bool = False) -> dict:
-    from salt.data import prepare
 
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     meta = prepare(out_dir, None, vocab_size=vocab_size, workers=workers, overwrite=overwrite,
@@ -58,7 +59,6 @@ def bench_prepare(out_dir: str, *, vocab_size: int | None, workers: int | None, 
 def bench_loader(store_dir: str, *, seq_len: int, batch: int, batches: int, seed: int = 0) -> dict:
     import numpy as np
 
-    from salt.data import Loader
 
     loader = Loader(store_dir, seq_len=seq_len, global_batch=batch, seed=seed,
                     process_index=0, process_count=1)

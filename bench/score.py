@@ -17,6 +17,9 @@ import time
 import click
 import numpy as np
 
+from salt.reference.score import selection_score
+from salt.reference.score_numba import selection_score_numba
+
 
 def _make_batch(seqs: int, tokens: int, vocab: int, seed: int):
     rng = np.random.default_rng(seed)
@@ -31,8 +34,6 @@ def run_benchmark(seqs: int, tokens: int, vocab: int, k: int, mode: str, seed: i
                   threads: int | None = None, log=lambda message: None) -> dict:
     import numba
 
-    from salt.reference.score import selection_score
-    from salt.reference.score_numba import selection_score_numba
 
     if threads is not None:
         numba.set_num_threads(threads)

@@ -97,10 +97,11 @@ import zipfile
 import numpy as np
 from tqdm import tqdm
 
+from salt.core import outputs
 from salt.reference import losses, schedule, score
 from salt.reference.config import ModelConfig, flatten_params, get_preset, unflatten_params
 from salt.reference.model import backward, forward, init_params, loss_and_grad
-from salt.reference.optim import AdamW, SGD
+from salt.reference.optim import SGD, AdamW
 from salt.reference.trainer import lr_schedule, train
 
 DEFAULT_TOL = 1e-12
@@ -358,8 +359,6 @@ def _select(names):
 
 def write_npz_atomic(path: pathlib.Path, arrays: dict) -> None:
     """``np.savez_compressed`` to a temporary file in the same folder, then rename over ``path``."""
-    from salt.core import outputs
-
     outputs.save_npz(path, compressed=True, **arrays)
 
 

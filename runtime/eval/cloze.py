@@ -43,6 +43,7 @@ import re
 
 import numpy as np
 
+from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.runtime.model.tokens import WindowStats
 from salt.runtime.train.config import resolve_kernels
 
@@ -57,8 +58,6 @@ TARGET = re.compile(r"(?<= )([A-Za-z]{3,})(?=[.!?](?:\s|$))")
 def held_out_documents(store):
     """The validation split's documents as text, in store order, one at a time (the store's
     tokenizer; the trailing EOS dropped)."""
-    from salt.data.tokenizer import EOS_ID
-
     sp = store.processor()
     tokens, offsets = store.tokens("val"), store.doc_offsets("val")
     for d in range(offsets.size - 1):
@@ -94,8 +93,6 @@ def build_passages(store, seq_len: int, max_passages: int = MAX_PASSAGES) -> dic
     target's document in the validation split and its character offset), ``word_P`` (str) and
     ``n_candidates`` (sentence-final words in the documents read, before the fit/length rules and
     the cap), ``n_documents`` (validation documents read)."""
-    from salt.data.tokenizer import EOS_ID, PAD_ID
-
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 for a last-word task, got {seq_len}")
     sp = store.processor()

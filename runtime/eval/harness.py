@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from salt.core.platform import default_jax_platforms
 from salt.data.tokenizer import EOS_ID, PAD_ID
+from salt.runtime.model import checkpoint
 from salt.runtime.model.generate import LoadedModel, bucket_length, greedy_generate
 from salt.runtime.model.tokens import token_stats_fn
 from salt.runtime.train.config import resolve_kernels
@@ -281,7 +282,6 @@ def evaluate_tasks(run, step=None, *, tasks, tasks_dir=None, store=None, num_few
     names = [t.strip() for t in tasks if t and t.strip()]
     if not names:
         raise ValueError("--tasks is empty")
-    from salt.runtime.model import checkpoint
     checkpoint.resolve(run, step)  # a missing checkpoint fails before the slow task index
     tm = task_manager(names, tasks_dir)
     lm = SaltLM(run=run, step=step, store=store, batch_size=batch_size, max_length=max_length)

@@ -54,7 +54,12 @@ import time
 import jax
 import jax.numpy as jnp
 
+from salt.kernels import tpu_aot
 from salt.reference.config import ModelConfig, get_preset, param_count
+from salt.runtime.model import sharding
+from salt.runtime.model import transformer as model
+from salt.runtime.train.config import TrainConfig, TrainError
+from salt.runtime.train.step import compiled_step, opt_state_abstract
 
 GiB = 2 ** 30
 PAPER_KD_OVERHEAD = 0.120     # paper §5.2: measured cost of a KD step over a standard step
@@ -91,8 +96,6 @@ class PlanError(ValueError):
 # ----------------------------------------------------------------------------- set-up
 def topology_mesh(topology: str, mesh_spec: str):
     """The trainer's ``("data", "model")`` mesh over the compile-only chips of ``topology``."""
-    from salt.kernels import tpu_aot
-    from salt.runtime.model import sharding
     if not tpu_aot.libtpu_available():
         raise PlanError("salt plan needs the 'libtpu' package for TPU ahead-of-time compilation "
                         "(pip install libtpu)")
@@ -118,7 +121,6 @@ def train_config(student: ModelConfig, teacher: ModelConfig | None, *, batch: in
                  mesh_spec: str, optimizer: str, dtype: str, kernels: str, remat: bool,
                  grad_accum: int = 1, vocab_chunks: int | None = None):
     """The TrainConfig a ``salt train`` of this shape would run with (data/out are unused)."""
-    from salt.runtime.train.config import TrainConfig, TrainError
     extra = {}
     if grad_accum != 1:
         if "grad_accum" not in {f.name for f in dataclasses.fields(TrainConfig)}:
@@ -136,15 +138,12 @@ def train_config(student: ModelConfig, teacher: ModelConfig | None, *, batch: in
 
 
 def _abstract_params(config: ModelConfig, mesh):
-    from salt.runtime.model import transformer as model, sharding
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         model.abstract_params(config), sharding.param_shardings(config, mesh))
 
 
 def compile_step(student, teacher, cfg, mesh, batch: int) -> tuple:
     """(compiled step, compile seconds) of the trainer's step at global ``batch``."""
-    from salt.runtime.model import sharding
-    from salt.runtime.train.step import compiled_step, opt_state_abstract
     params_abs = _abstract_params(student, mesh)
     opt_abs = opt_state_abstract(cfg.optimizer, params_abs, mesh)
     teacher_abs = None if teacher is None else _abstract_params(teacher, mesh)
@@ -174,7 +173,6 @@ def step_flops(student: ModelConfig, teacher: ModelConfig | None, batch: int, se
                remat: bool) -> dict:
     """Analytic FLOPs of one step over the whole batch: ``model`` (3 student forwards + one
     teacher forward) and ``executed`` (with remat, the student's layers run forward twice)."""
-    from salt.runtime.model import transformer as model
     fwd = model.forward_flops(student, batch, seq_len)
     head = 2.0 * batch * seq_len * student.d_model * student.vocab_size
     teacher_fwd = 0.0 if teacher is None else model.forward_flops(teacher, batch, seq_len)

@@ -234,30 +234,13 @@ def _fingerprint(**fields) -> str:
 
 def score(job: ScoreJob, progress: bool = True) -> dict:
     """Run a scoring job (see module docstring); returns a summary dict."""
-    _check_mode(job.mode)
     out = pathlib.Path(job.out)
-    outputs.check_output_file(out, force=job.force, is_own=_is_scores_file)
-    if job.batch < 1:
-        raise ValueError(f"batch must be >= 1, got {job.batch}")
-    if job.seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {job.seq_len}")
-    if job.max_candidates is not None and job.max_candidates < 1:
-        raise ValueError(f"max_candidates must be >= 1, got {job.max_candidates}")
+    _check_job(job, out)
     data_dir = pathlib.Path(job.data)
-    if not data_dir.is_dir():
-        raise ValueError(f"data directory {str(data_dir)!r} does not exist")
     store = TokenStore(data_dir)
     config, params, meta = checkpoint.load_params(job.teacher, job.teacher_step)
     teacher_step = int(meta.get("step", job.teacher_step or 0))
-    t_sha = meta.get("tokenizer_sha256")
-    if t_sha and t_sha != store.tokenizer_sha256:
-        raise ValueError(f"tokenizer mismatch: teacher {job.teacher!r} was trained with tokenizer "
-                         f"{t_sha[:12]}…, data {str(data_dir)!r} has {store.tokenizer_sha256[:12]}…")
-    if config.vocab_size < store.vocab_size:
-        raise ValueError(f"teacher vocabulary {config.vocab_size} is smaller than the data's "
-                         f"{store.vocab_size}")
-    if not 1 <= job.k <= store.vocab_size:
-        raise ValueError(f"k must be in [1, {store.vocab_size}] (the tokenizer's vocabulary), got {job.k}")
+    _check_teacher(job, store, config, meta)
     padded = config.vocab_size > store.vocab_size  # padded embedding rows: no probability, not counted
 
     loader = Loader(data_dir, seq_len=job.seq_len, global_batch=job.batch, seed=0, split="train")
@@ -271,32 +254,80 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
         mode=job.mode, seq_len=job.seq_len, batch=job.batch, chunk_batches=job.chunk_batches,
         n_candidates=int(num_windows),
         pool=hashlib.sha256(pool_N.tobytes()).hexdigest(), **({"vocab": store.vocab_size} if padded else {}))
+    partial = _open_partial(out, job, {"fingerprint": fingerprint, "teacher": ident, "n_pool": int(pool_N.size)})
 
+    stats = WindowStats(params, config, batch_size=job.batch, impl=resolve_kernels("auto"),
+                        vocab=store.vocab_size if padded else None)
+    chunk_paths, done = _score_chunks(job, stats, loader, pool_N, partial, progress)
+    scores_N = np.concatenate([_read_chunk(path) for path in chunk_paths])
+    outputs.save_npz(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
+                     mode=np.str_(job.mode), teacher=np.str_(ident), teacher_step=np.int64(teacher_step),
+                     tokenizer_sha256=np.str_(store.tokenizer_sha256), seq_len=np.int64(job.seq_len),
+                     n_excluded=np.int64(n_excluded), n_train_windows=np.int64(num_windows),
+                     format=np.str_(SCORES_FORMAT))
+    outputs.remove_tree(partial)
+    return {"out": str(out), "n_scored": int(pool_N.size), "n_excluded": n_excluded,
+            "n_train_windows": num_windows,
+            "resumed_chunks": int(done), "teacher": ident, "k": job.k, "mode": job.mode}
+
+
+def _check_job(job: ScoreJob, out: pathlib.Path) -> None:
+    """The job's own fields and its output, before anything is read or written."""
+    _check_mode(job.mode)
+    outputs.check_output_file(out, force=job.force, is_own=_is_scores_file)
+    if job.batch < 1:
+        raise ValueError(f"batch must be >= 1, got {job.batch}")
+    if job.seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {job.seq_len}")
+    if job.max_candidates is not None and job.max_candidates < 1:
+        raise ValueError(f"max_candidates must be >= 1, got {job.max_candidates}")
+    if not pathlib.Path(job.data).is_dir():
+        raise ValueError(f"data directory {str(job.data)!r} does not exist")
+
+
+def _check_teacher(job: ScoreJob, store, config, meta: dict) -> None:
+    """The teacher fits the data: the same tokenizer, a vocabulary at least the data's, k in range."""
+    t_sha = meta.get("tokenizer_sha256")
+    if t_sha and t_sha != store.tokenizer_sha256:
+        raise ValueError(f"tokenizer mismatch: teacher {job.teacher!r} was trained with tokenizer "
+                         f"{t_sha[:12]}…, data {str(job.data)!r} has {store.tokenizer_sha256[:12]}…")
+    if config.vocab_size < store.vocab_size:
+        raise ValueError(f"teacher vocabulary {config.vocab_size} is smaller than the data's "
+                         f"{store.vocab_size}")
+    if not 1 <= job.k <= store.vocab_size:
+        raise ValueError(f"k must be in [1, {store.vocab_size}] (the tokenizer's vocabulary), got {job.k}")
+
+
+def _open_partial(out: pathlib.Path, job: ScoreJob, state: dict) -> pathlib.Path:
+    """``OUT.partial/``: the resumable chunks of this job (``job.json`` holds its fingerprint); the
+    partial results of a different job are refused unless ``--overwrite``."""
     partial = out.with_name(out.name + ".partial")
     state_path = partial / "job.json"
     if partial.exists():
         outputs.check_output_dir(partial, "score", mode="replace", what="partial results")
         old = json.loads(state_path.read_text())  # valid: checked just above
-        if old.get("fingerprint") != fingerprint:
+        if old.get("fingerprint") != state["fingerprint"]:
             if not job.force:
                 raise ValueError(f"{str(partial)!r} holds partial scores of a different job "
                                  "(teacher, data, k, mode, seq_len, batch or pool differ); "
                                  "remove it or use --overwrite")
             outputs.remove_tree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    outputs.write_bytes(state_path, lambda f: f.write(json.dumps(
-        {"fingerprint": fingerprint, "teacher": ident, "n_pool": int(pool_N.size)}).encode()))
+    outputs.write_bytes(state_path, lambda f: f.write(json.dumps(state).encode()))
+    return partial
 
-    stats = WindowStats(params, config, batch_size=job.batch, impl=resolve_kernels("auto"),
-                        vocab=store.vocab_size if padded else None)
+
+def _score_chunks(job: ScoreJob, stats: WindowStats, loader, pool_N: np.ndarray, partial: pathlib.Path,
+                  progress: bool) -> tuple[list, int]:
+    """Score the pool in chunks of ``chunk_batches`` batches, each saved to ``partial`` as it is done
+    (a re-run skips the chunks already there); returns the chunk paths and how many were resumed."""
     batch = stats.batch
     chunk = batch * job.chunk_batches
-    n_chunks = -(-pool_N.size // chunk)
-    done = sum((partial / f"chunk_{c:06d}.npz").is_file() for c in range(n_chunks))
+    paths = [partial / f"chunk_{c:06d}.npz" for c in range(-(-pool_N.size // chunk))]
+    done = sum(path.is_file() for path in paths)
     bar = _progress_bar(total=int(pool_N.size), desc="score", enable=progress)
     try:
-        for c in range(n_chunks):
-            chunk_path = partial / f"chunk_{c:06d}.npz"
+        for c, chunk_path in enumerate(paths):
             ids_C = pool_N[c * chunk:(c + 1) * chunk]
             if chunk_path.is_file():
                 bar.update(ids_C.size)
@@ -315,17 +346,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
             outputs.save_npz(chunk_path, window_ids=ids_C, scores=scores_C)
     finally:
         bar.close()
-
-    scores_N = np.concatenate([_read_chunk(partial / f"chunk_{c:06d}.npz") for c in range(n_chunks)])
-    outputs.save_npz(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
-                    mode=np.str_(job.mode), teacher=np.str_(ident), teacher_step=np.int64(teacher_step),
-                    tokenizer_sha256=np.str_(store.tokenizer_sha256), seq_len=np.int64(job.seq_len),
-                    n_excluded=np.int64(n_excluded), n_train_windows=np.int64(num_windows),
-                    format=np.str_(SCORES_FORMAT))
-    outputs.remove_tree(partial)
-    return {"out": str(out), "n_scored": int(pool_N.size), "n_excluded": n_excluded,
-            "n_train_windows": num_windows,
-            "resumed_chunks": int(done), "teacher": ident, "k": job.k, "mode": job.mode}
+    return paths, done
 
 
 def _read_chunk(path: pathlib.Path) -> np.ndarray:

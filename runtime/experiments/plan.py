@@ -302,17 +302,8 @@ def plan(*, topology: str, student: str, teacher: str | None, batch: int, seq_le
     kinds = [("standard", None)] + ([("kd", t_cfg)] if t_cfg is not None else [])
     steps = {}
     for kind, t in kinds:  # both steps at the asked batch first, then the searches
-        step = compile_at(kind, t, per_chip)
-        mem = step["memory"]
-        step["fits"] = mem is not None and mem["total"] <= capacity
-        step["hbm_fraction"] = None if mem is None else mem["total"] / capacity
-        flops = step_flops(s_cfg, t, batch, seq_len, remat)
-        step["flops"] = flops
-        step["flops_per_chip"] = {k: v / chips for k, v in flops.items()}
-        moved = 0 if mem is None else mem["arguments"] + mem["outputs"]
-        step["roofline"] = roofline(step["flops_per_chip"]["executed"], moved, chip)
-        step["tokens_per_s"] = batch * seq_len / step["roofline"]["step_s"]
-        steps[kind] = step
+        steps[kind] = _with_fit_and_roofline(compile_at(kind, t, per_chip), step_flops(s_cfg, t, batch, seq_len, remat),
+                                             chip, chips, batch * seq_len)
     # with K microbatches the global batch must split into K: search in multiples of `unit`
     unit = grad_accum // math.gcd(grad_accum, data)
     for kind, t in kinds if search else ():
@@ -339,17 +330,35 @@ def plan(*, topology: str, student: str, teacher: str | None, batch: int, seq_le
         "vocab_chunks": vocab_chunks, "steps": steps,
     }
     if "kd" in steps:
-        std, kd = steps["standard"], steps["kd"]
-        both = std["memory"] is not None and kd["memory"] is not None
-        result["kd_overhead"] = {
-            "paper_measured": PAPER_KD_OVERHEAD, "rule_of_thumb": RULE_OF_THUMB_KD_OVERHEAD,
-            "model_flops": kd["flops"]["model"] / std["flops"]["model"] - 1.0,
-            "executed_flops": kd["flops"]["executed"] / std["flops"]["executed"] - 1.0,
-            "roofline": kd["roofline"]["step_s"] / std["roofline"]["step_s"] - 1.0,
-            "temporaries_ratio": (kd["memory"]["temporaries"] / max(std["memory"]["temporaries"], 1)
-                                  if both else None),
-        }
+        result["kd_overhead"] = _kd_overhead(steps["standard"], steps["kd"])
     return result
+
+
+def _with_fit_and_roofline(step: dict, flops: dict, chip: Chip, chips: int, tokens: int) -> dict:
+    """A compiled step's fit in HBM, its FLOPs (whole step and per chip) and roofline time."""
+    mem = step["memory"]
+    capacity = chip.allocatable_bytes
+    step["fits"] = mem is not None and mem["total"] <= capacity
+    step["hbm_fraction"] = None if mem is None else mem["total"] / capacity
+    step["flops"] = flops
+    step["flops_per_chip"] = {k: v / chips for k, v in flops.items()}
+    moved = 0 if mem is None else mem["arguments"] + mem["outputs"]
+    step["roofline"] = roofline(step["flops_per_chip"]["executed"], moved, chip)
+    step["tokens_per_s"] = tokens / step["roofline"]["step_s"]
+    return step
+
+
+def _kd_overhead(std: dict, kd: dict) -> dict:
+    """The KD step against the standard one: FLOPs, roofline time and temporaries."""
+    both = std["memory"] is not None and kd["memory"] is not None
+    return {
+        "paper_measured": PAPER_KD_OVERHEAD, "rule_of_thumb": RULE_OF_THUMB_KD_OVERHEAD,
+        "model_flops": kd["flops"]["model"] / std["flops"]["model"] - 1.0,
+        "executed_flops": kd["flops"]["executed"] / std["flops"]["executed"] - 1.0,
+        "roofline": kd["roofline"]["step_s"] / std["roofline"]["step_s"] - 1.0,
+        "temporaries_ratio": (kd["memory"]["temporaries"] / max(std["memory"]["temporaries"], 1)
+                              if both else None),
+    }
 
 
 # ----------------------------------------------------------------------------- report

@@ -1,4 +1,5 @@
-"""What every kernel module agrees on: which implementation runs (``impl``).
+"""What every kernel module agrees on: which implementation runs (``impl``), and the ``a @ b.T``
+contraction (:data:`NT`).
 
 The one decision of the implementation: :func:`default_impl` is what ``impl=None`` and
 ``--kernels auto`` mean on a platform; :func:`resolve_impl` turns a requested ``impl`` into the one an
@@ -11,6 +12,10 @@ none (attention, the loss from logits, the teacher's top-k).
 from __future__ import annotations
 
 import jax
+
+# dot_general dimension numbers of ``a @ b.T`` (contract the last dims, no batch dims): the logit
+# tiles ``h @ E.T`` and the attention scores ``q @ k.T`` of every kernel.
+NT = (((1,), (1,)), ((), ()))
 
 IMPLS = ("pallas", "xla", "naive")
 GPU_IMPL = "pallas_gpu"

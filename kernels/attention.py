@@ -51,12 +51,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from salt.kernels._common import IMPLS, default_impl, resolve_impl  # noqa: F401 (default_impl: public)
+from salt.kernels._common import NT as _NT, IMPLS, default_impl, resolve_impl  # noqa: F401 (default_impl: public)
 
 # Finite "minus infinity" for masked scores: exp(MASK - m) is exactly 0 and never NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LANES = 128
-_NT = (((1,), (1,)), ((), ()))  # dot_general dims: a @ b.T
 
 
 @dataclasses.dataclass(frozen=True)

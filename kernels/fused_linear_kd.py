@@ -48,10 +48,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from salt.kernels._common import NT as _NT
 from salt.kernels import fused_linear_kd_gpu as _gpu
 from salt.kernels import logits_kd as _kd
 
-_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _GPU = "pallas_gpu"
 
 # Budget for the Pallas blocks when block sizes are not given, checked against :func:`vmem_estimate`:

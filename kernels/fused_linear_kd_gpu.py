@@ -37,9 +37,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from salt.kernels._common import NT as _NT
 from salt.kernels import logits_kd as _kd
 
-_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 
 # dS chunk budget of the backward: rows per chunk = the most whole token blocks whose
 # ``[rows, V]`` dS (embedding dtype) fits (Liger's shape in bf16: 8192 rows, one chunk).
@@ -71,7 +71,7 @@ def choose_gpu_blocks(n, vocab, d_s, d_t, itemsize, block_tokens=None, block_voc
                       chunk_tokens=None) -> GPUBlocks:
     """Default tiles: ``bt = 128`` rows (each embedding tile read from L2 once per ``bt`` rows: at
     Liger's shape ``bt = 64`` would move ~270 GB through L2 in the forward), ``bv = 128``,
-    ``bk = 64`` (bf16) or 32 (float32) — a 128x128 float32 accumulator and ~48 KiB of operand tiles
+    ``bk = 64`` (bf16) or 32 (float32) — a 128x128 float32 accumulator and 32 KiB of operand tiles
     per pipeline stage; capped to the problem.  Given ``block_tokens``/``block_vocab`` must be
     powers of two >= 16."""
     for name, value in (("block_tokens", block_tokens), ("block_vocab", block_vocab)):
@@ -81,10 +81,13 @@ def choose_gpu_blocks(n, vocab, d_s, d_t, itemsize, block_tokens=None, block_voc
     bt = min(block_tokens or 128, cap(n))
     bv = min(block_vocab or 128, cap(vocab))
     bk = min(64 if itemsize <= 2 else 32, cap(min(d_s, d_t) if d_t else d_s))
+    v_pad = _round_up(vocab, bv)
     if chunk_tokens is None:
-        chunk = max(bt, GRAD_CHUNK_BYTES // (_round_up(vocab, bv) * itemsize) // bt * bt)
+        chunk = max(bt, GRAD_CHUNK_BYTES // (v_pad * itemsize) // bt * bt)
     else:
         chunk = _round_up(chunk_tokens, bt)
+    # Triton addresses an array with 32-bit offsets up to 2**32 elements: keep dS below 2**31
+    chunk = min(chunk, max(bt, (2**31 - 1) // v_pad // bt * bt))
     return GPUBlocks(bt, bv, bk, min(chunk, _round_up(n, bt)))
 
 

@@ -16,7 +16,13 @@
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/device_check_out}"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then  # the image's interpreter with jax: python3, else python
+  for candidate in python3 python; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c "import jax" 2>/dev/null; then PYTHON="$candidate"; break; fi
+  done
+  PYTHON="${PYTHON:-python3}"
+fi
 LIMIT_S="${DEVICE_CHECK_LIMIT_S:-540}"   # well inside the device machine's 10 minutes per command
 mkdir -p "$OUT"
 
@@ -30,6 +36,7 @@ export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
 export SALT_DEVICE_WHEELS="$REPO/bench/device_wheels"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONSAFEPATH=1   # the checkout's kernels/ folder must not shadow anything
+export PYTHONDONTWRITEBYTECODE=1   # write nothing outside $OUT (no __pycache__ in the checkout)
 unset JAX_PLATFORMS
 
 { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } \

@@ -34,6 +34,13 @@ def test_ragged_float32(block_sizes):
           interpret=True)
 
 
+def test_uneven_vocabulary_splits(monkeypatch):
+    """Two splits of 3 vocabulary blocks over 5 (V = 600): the second split re-reads its last
+    block past V (a static trip count) and must mask it out of the statistics."""
+    monkeypatch.setattr(G, "TARGET_PROGRAMS", 2)  # one row block of 16: two splits
+    check(GPU, make_case(16, 600, 24, 16, seed=10), (0.667,), 0.25, F32_TOL, interpret=True)
+
+
 @pytest.mark.parametrize("rho", [1.0, 4.0])
 def test_rho_values(rho):
     check(GPU, make_case(21, 200, 16, 8, seed=2), (0.667, 1.0), rho, F32_TOL, interpret=True)

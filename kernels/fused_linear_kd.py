@@ -352,7 +352,7 @@ def _bwd_embed_kernel(*refs, teacher, row_names, acc_scratch, rho, n_tokens, voc
                            n_tokens=n_tokens, vocab=vocab)
     hs = ins["hs"][...]
     hs_rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (hs.shape[0], 1), 0)
-    keep = (hs_rows < n_tokens) & (_kd.load_row(rows["g_p"]) != 0.0)  # padded rows, zero-cotangent (masked) rows
+    keep = (hs_rows < n_tokens) & _kd.nonzero(_kd.load_row(rows["g_p"]))  # padded rows, zero-cotangent (masked) rows
     hs = jnp.where(keep, hs, jnp.zeros_like(hs))
     acc[...] += jnp.dot(ds.T.astype(hs.dtype), hs, preferred_element_type=jnp.float32)
 

@@ -200,7 +200,13 @@ def grad_tile(s_f32, rt_f32, onehot, rows):
     if rt_f32 is not None:
         ds = ds - rows["g_q"] * jnp.exp((rt_f32 - rows["m_t"]) - rows["log_l_t"])
     # rows with a zero cotangent (masked rows, whose logits may be garbage) get exactly 0
-    return jnp.where(rows["g_p"] != 0.0, ds, 0.0)
+    return jnp.where(nonzero(rows["g_p"]), ds, 0.0)
+
+
+def nonzero(x):
+    """``x != 0`` (True for NaN) spelled as ``not (x == 0)``: Mosaic (libtpu 0.0.42) cannot lower
+    the unordered ``!=`` of floats (``arith.cmpf une``) but lowers ``==``."""
+    return jnp.logical_not(x == 0.0)
 
 
 GRAD_ROWS_STATS = ("m_s", "log_l_s", "m_t", "log_l_t")

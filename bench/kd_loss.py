@@ -49,14 +49,16 @@ def _parse_shape(text: str):
     return values
 
 
-def executed_flops(kind, impl, n, vocab, d_s, d_t):
-    """Analytic flops the implementation executes (the fused ones recompute logits backward)."""
-    from salt.kernels import fused_linear_kd
+def executed_flops(kind, impl, n, vocab, d_s, d_t, platform=None):
+    """Analytic flops the implementation executes (the fused ones recompute logits backward;
+    ``impl`` as resolved on ``platform``, e.g. "pallas" on a GPU runs "pallas_gpu")."""
+    from salt.kernels import fused_linear_kd, resolve_impl
     from salt.kernels.logits_kd import bwd_flops, fwd_flops
 
     if kind == "logits":
         return fwd_flops(n, vocab) + bwd_flops(n, vocab)
-    return fused_linear_kd.analytic_flops(n, vocab, d_s, d_t, schedule=impl)
+    schedule = resolve_impl(impl, gpu_kernel=True, platform=platform)
+    return fused_linear_kd.analytic_flops(n, vocab, d_s, d_t, schedule=schedule)
 
 
 def flop_floor(kind, n, vocab, d_s, d_t):
@@ -88,7 +90,7 @@ def _inputs(kind, n, vocab, d_s, d_t, dtype, seed):
     return arrays + (y,)
 
 
-def _fwd_bwd(kind, impl, omega=0.667, rho=0.25):
+def _fwd_bwd(kind, impl, omega=0.667, rho=0.25, block_sizes=None):
     import jax
     from salt.kernels.fused_linear_kd import fused_linear_kd_loss
     from salt.kernels.logits_kd import kd_loss
@@ -99,17 +101,19 @@ def _fwd_bwd(kind, impl, omega=0.667, rho=0.25):
         return f
 
     def g(hs, es, ht, et, y):
-        loss = lambda a, b: fused_linear_kd_loss(a, b, ht, et, y, omega, rho, impl=impl).sum()  # noqa: E731
+        loss = lambda a, b: fused_linear_kd_loss(a, b, ht, et, y, omega, rho, impl=impl,  # noqa: E731
+                                                 block_sizes=block_sizes).sum()
         return jax.value_and_grad(loss, argnums=(0, 1))(hs, es)
     return g
 
 
-def measure_backend_peaks(size=2048, repeats=3):
-    """(matmul FLOP/s, elementwise bytes/s) measured on the default backend (float32)."""
+def measure_backend_peaks(size=2048, repeats=3, dtype_name="float32"):
+    """(matmul FLOP/s, elementwise bytes/s) measured on the default backend (the matmul in
+    ``dtype_name``, the elementwise pass in float32)."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((size, size), jnp.float32)
+    a = jnp.ones((size, size), jnp.dtype(dtype_name))
     mm = jax.jit(lambda x: x @ x)
     jax.block_until_ready(mm(a))
     times = []
@@ -228,7 +232,8 @@ def _fmt_bytes(x):
 @click.option("--kind", "kinds", multiple=True, default=("fused",), show_default=True,
               type=click.Choice(["fused", "logits"]), help="fused-linear loss or loss from logits")
 @click.option("--impl", "impls", multiple=True, default=("naive", "xla"), show_default=True,
-              type=click.Choice(["naive", "xla", "pallas"]), help="first one is the baseline")
+              type=click.Choice(["naive", "xla", "pallas", "pallas_gpu"]),
+              help="first one is the baseline; pallas: the platform's Pallas kernels (GPU: pallas_gpu)")
 @click.option("--dtype", "dtype_name", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16"]))
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
@@ -240,11 +245,13 @@ def cli(shapes, kinds, impls, dtype_name, repeats, topology, as_json):
     from tqdm import tqdm
 
     parsed = [_parse_shape(s) for s in shapes]
-    if topology is None and "pallas" in impls:
+    if topology is None and {"pallas", "pallas_gpu"} & set(impls):
         import jax
-        if jax.default_backend() != "tpu":
-            raise click.BadParameter("pallas kernels run on a TPU only; use --topology to compile them "
-                                     "for one, or --impl naive/xla here", param_hint="--impl")
+        backend = jax.default_backend()
+        if backend not in ("tpu", "gpu") or ("pallas_gpu" in impls and backend != "gpu"):
+            raise click.BadParameter(f"the Pallas kernels run on a TPU (pallas) or a GPU (pallas, pallas_gpu), "
+                                     f"not on {backend}; use --topology to compile them for a TPU, or --impl "
+                                     "naive/xla here", param_hint="--impl")
     if topology is not None:
         from salt.kernels import tpu_aot
         if not tpu_aot.libtpu_available():

@@ -51,12 +51,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("pallas", "xla", "naive")
+from salt.kernels._common import NT as _NT, IMPLS, default_impl, resolve_impl  # noqa: F401 (default_impl: public)
 
 # Finite "minus infinity" for masked scores: exp(MASK - m) is exactly 0 and never NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LANES = 128
-_NT = (((1,), (1,)), ((), ()))  # dot_general dims: a @ b.T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,26 +94,20 @@ class AttentionBlockSizes:
 # Public entry point
 # ----------------------------------------------------------------------------------------------
 
-def default_impl() -> str:
-    return "pallas" if jax.default_backend() == "tpu" else "xla"
-
-
 def mqa_attention(q, k, v, prefix_len=None, *, impl=None, interpret=False, block_sizes=None,
                   causal=True):
     """Masked multi-query / grouped-query attention; returns ``[B, T, H, K]`` in q's dtype.
 
     q: [B, T, H, K]; k, v: [B, T, G, K] with H % G == 0.
     prefix_len: int [B] or None (causal). Values are clipped to [0, T].
-    impl: "pallas", "xla" or "naive"; None = "pallas" on TPU, "xla" elsewhere.
+    impl: "pallas", "xla" or "naive"; None = "pallas" on TPU, "xla" elsewhere (no GPU kernel:
+      "pallas" on a GPU runs "xla"; :func:`salt.kernels._common.resolve_impl`).
     interpret: Pallas only: run the TPU kernels in the TPU interpreter (True, or a
       ``pltpu.InterpretParams``, e.g. with ``detect_races=True``).
     block_sizes: AttentionBlockSizes (pallas and xla).
     causal: False makes every key visible (same as prefix_len = T).
     """
-    if impl is None:
-        impl = default_impl()
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    impl = resolve_impl(impl)  # no GPU kernel: "pallas" on a GPU runs the "xla" path
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be rank 4 ([B, T, heads, head_dim]); got shapes "

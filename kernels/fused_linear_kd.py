@@ -23,6 +23,9 @@ and V by masking: columns past V
   get ``-inf`` logits and their (padded) embedding rows are zeroed; rows past N are zeroed.
   bf16 inputs are multiplied on the MXU with f32 accumulation; ``dS`` is cast to the embedding
   dtype for the gradient matmuls.
+* ``"pallas_gpu"`` (GPU/Triton, :mod:`salt.kernels.fused_linear_kd_gpu`): the forward statistics
+  in one kernel; the backward writes ``dS`` per chunk of token rows from a second kernel and leaves
+  the two gradient matmuls to XLA (docs/gpu.md).
 * ``"xla"``: ``lax.scan`` over vocabulary chunks (forward: statistics; backward: recompute the
   chunk's logits, accumulate ``d h_s`` in the carry and add the chunk's ``d E_s`` rows in place).
 * ``"naive"``: full logits + :func:`salt.kernels.logits_kd.loss_naive`, autodiff.
@@ -45,9 +48,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from salt.kernels._common import NT as _NT
+from salt.kernels import fused_linear_kd_gpu as _gpu
 from salt.kernels import logits_kd as _kd
 
-_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
+_GPU = "pallas_gpu"
 
 # Budget for the Pallas blocks when block sizes are not given, checked against :func:`vmem_estimate`:
 # below the smallest default scoped VMEM limit of the supported chips (16 MiB on v5e).  The TPU AOT
@@ -61,12 +66,16 @@ class FusedKDBlockSizes:
     ``chunk_vocab``: vocab columns per step of the ``xla`` scan; ``xla_block_tokens``: rows per
     block of the ``xla`` path (the vocabulary scan runs block by block, so its ``[rows,
     chunk_vocab]`` float32 tiles stay small; None: all rows at once).  ``None`` Pallas fields are
-    chosen from the hidden sizes and dtype so the kernels fit :data:`VMEM_BUDGET_BYTES`."""
+    chosen from the hidden sizes and dtype so the kernels fit :data:`VMEM_BUDGET_BYTES` (TPU) or by
+    :func:`salt.kernels.fused_linear_kd_gpu.choose_gpu_blocks` (GPU; given ones must then be powers
+    of two >= 16).  ``gpu_chunk_tokens``: token rows per ``dS`` chunk of the GPU backward (None:
+    as many as keep it under :data:`salt.kernels.fused_linear_kd_gpu.GRAD_CHUNK_BYTES`)."""
 
     block_tokens: int | None = None
     block_vocab: int | None = None
     chunk_vocab: int = 1024
     xla_block_tokens: int | None = 2048
+    gpu_chunk_tokens: int | None = None
 
     def __post_init__(self):
         if self.block_tokens is not None and not (
@@ -81,6 +90,10 @@ class FusedKDBlockSizes:
                 isinstance(self.xla_block_tokens, int) and not isinstance(self.xla_block_tokens, bool)
                 and self.xla_block_tokens > 0):
             raise ValueError(f"xla_block_tokens must be a positive integer or None, got {self.xla_block_tokens!r}")
+        if self.gpu_chunk_tokens is not None and not (
+                isinstance(self.gpu_chunk_tokens, int) and not isinstance(self.gpu_chunk_tokens, bool)
+                and self.gpu_chunk_tokens > 0):
+            raise ValueError(f"gpu_chunk_tokens must be a positive integer or None, got {self.gpu_chunk_tokens!r}")
 
 
 def vmem_estimate(bt, bv, d_s, d_t, itemsize):
@@ -129,9 +142,10 @@ def grad_matmul_flops(n, vocab, d_s):
 def analytic_flops(n, vocab, d_s, d_t, *, backward=True, schedule="pallas"):
     """Flops of forward (+ backward) per schedule.  ``"pallas"``: forward forms the logits once;
     each of the two backward kernels recomputes them (3 logit passes in all) and does one gradient
-    matmul.  ``"xla"``: the backward scan recomputes them once (2 passes).  ``"naive"``: one pass.
-    Plus ~20 (forward) and ~10 (per backward pass) elementwise flops per logit pair."""
-    passes = {"pallas": 3, "xla": 2, "naive": 1}[schedule]
+    matmul.  ``"xla"`` and ``"pallas_gpu"``: the backward recomputes them once (2 passes).
+    ``"naive"``: one pass.  Plus ~20 (forward) and ~10 (per backward pass) elementwise flops per
+    logit pair."""
+    passes = {"pallas": 3, "xla": 2, "pallas_gpu": 2, "naive": 1}[schedule]
     fwd = logits_flops(n, vocab, d_s, d_t) + _kd.fwd_flops(n, vocab)
     if not backward:
         return fwd
@@ -218,20 +232,22 @@ def _stats_xla_rows(hs, es, teacher, y, rho, chunk, theta=None):
     return {k: v[:, 0] for k, v in _kd.stats_finish(carry).items()}
 
 
-def _grad_xla(hs, es, teacher, y, rows, rho, chunk, f32_out=False, block=None):
+def _grad_blocked(grad_rows_fn, hs, es, teacher, y, rows, f32_out=False, block=None):
     """``(d hs, d es)``, the rows in blocks of ``block`` (a ``lax.scan`` carrying ``d es``; padded
-    rows have zero coefficients and zero hidden states, so they add nothing)."""
+    rows have zero coefficients and zero hidden states, so they add nothing).  ``grad_rows_fn(hs,
+    es, teacher, y, rows, des)``: one block's float32 ``(d hs, des + its d es)`` (the xla scan or
+    the GPU kernel)."""
     blocks, pad = _row_blocks(hs.shape[0], block)
     des = jnp.zeros(es.shape, jnp.float32)
     if blocks is None:
-        dhs, des = _grad_xla_rows(hs, es, teacher, y, rows, rho, chunk, des)
+        dhs, des = grad_rows_fn(hs, es, teacher, y, rows, des)
     else:
         xs = ([_blocked(a, blocks, pad) for a in (hs, y)], {k: _blocked(v, blocks, pad) for k, v in rows.items()},
               [] if teacher is None else [_blocked(teacher[0], blocks, pad)])
 
         def body(des, x):
             (h, yb), rb, t = x
-            dh, des = _grad_xla_rows(h, es, None if teacher is None else (t[0], teacher[1]), yb, rb, rho, chunk, des)
+            dh, des = grad_rows_fn(h, es, None if teacher is None else (t[0], teacher[1]), yb, rb, des)
             return des, dh
 
         des, dhs = lax.scan(body, des, xs)
@@ -241,7 +257,7 @@ def _grad_xla(hs, es, teacher, y, rows, rho, chunk, f32_out=False, block=None):
     return dhs.astype(hs.dtype), des.astype(es.dtype)
 
 
-def _grad_xla_rows(hs, es, teacher, y, rows, rho, chunk, des_VxD):
+def _grad_xla_rows(hs, es, teacher, y, rows, des_VxD, *, rho, chunk):
     vocab = es.shape[0]
     chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
     rows = {k: v[:, None] for k, v in rows.items()}
@@ -336,7 +352,7 @@ def _bwd_embed_kernel(*refs, teacher, row_names, acc_scratch, rho, n_tokens, voc
                            n_tokens=n_tokens, vocab=vocab)
     hs = ins["hs"][...]
     hs_rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (hs.shape[0], 1), 0)
-    keep = (hs_rows < n_tokens) & (_kd.load_row(rows["g_p"]) != 0.0)  # padded rows, zero-cotangent (masked) rows
+    keep = (hs_rows < n_tokens) & _kd.nonzero(_kd.load_row(rows["g_p"]))  # padded rows, zero-cotangent (masked) rows
     hs = jnp.where(keep, hs, jnp.zeros_like(hs))
     acc[...] += jnp.dot(ds.T.astype(hs.dtype), hs, preferred_element_type=jnp.float32)
 
@@ -458,6 +474,9 @@ def _stats(hs, es, teacher, y, rho, cfg, theta=None):
     impl, block_sizes, interpret = cfg
     if impl == "xla":
         return _stats_xla(hs, es, teacher, y, rho, block_sizes.chunk_vocab, theta, block_sizes.xla_block_tokens)
+    if impl == _GPU:
+        theta = _label_logit(hs, es, y) if theta is None else theta
+        return _gpu.stats(hs, es, teacher, y, theta, rho, _gpu_blocks(hs, es, teacher, block_sizes), interpret)
     return _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret, theta)
 
 
@@ -466,9 +485,19 @@ def _grads(hs, es, teacher, y, rows, rho, cfg, f32_out=False):
     float32 gradients, else in the inputs' dtypes)."""
     impl, block_sizes, interpret = cfg
     if impl == "xla":
-        return _grad_xla(hs, es, teacher, y, rows, rho, block_sizes.chunk_vocab, f32_out,
-                         block_sizes.xla_block_tokens)
+        return _grad_blocked(functools.partial(_grad_xla_rows, rho=rho, chunk=block_sizes.chunk_vocab),
+                             hs, es, teacher, y, rows, f32_out, block_sizes.xla_block_tokens)
+    if impl == _GPU:
+        blk = _gpu_blocks(hs, es, teacher, block_sizes)
+        return _grad_blocked(functools.partial(_gpu.grad_rows_block, rho=rho, blk=blk, interpret=interpret),
+                             hs, es, teacher, y, rows, f32_out, blk.chunk)
     return _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret, f32_out)
+
+
+def _gpu_blocks(hs, es, teacher, block_sizes):
+    n, vocab, d_s, d_t = _dims(hs, es, teacher)
+    return _gpu.choose_gpu_blocks(n, vocab, d_s, d_t, max(hs.dtype.itemsize, es.dtype.itemsize),
+                                  block_sizes.block_tokens, block_sizes.block_vocab, block_sizes.gpu_chunk_tokens)
 
 
 def _outputs(stats, y, omega):
@@ -519,7 +548,7 @@ def _check_pair(hidden, embedding, who):
 
 def _run(hs, es, teacher, labels, mask, omega, rho, impl, interpret, block_sizes, return_parts):
     labels, valid = _kd.check_labels_mask(labels, mask, (hs.shape[0],))
-    impl = _kd.check_impl(impl)
+    impl = _kd.check_impl(impl, gpu_kernel=True)
     block_sizes = FusedKDBlockSizes() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, FusedKDBlockSizes):
         raise ValueError(f"block_sizes must be a FusedKDBlockSizes, got {type(block_sizes).__name__}")
@@ -544,7 +573,9 @@ def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teac
       labels: int ``[N]`` in ``[0, V)`` where ``mask`` is true.  (Flatten ``B*T`` first.)
       omega: weight in [0, 1], Python number or (traced) scalar; rho: Python number > 0 (static).
       mask: optional ``[N]``; masked tokens give loss 0 and no gradient.
-      impl: "pallas" | "xla" | "naive" (None: "pallas" on TPU, else "xla"); interpret: for pallas.
+      impl: "pallas" | "pallas_gpu" | "xla" | "naive" (None: "pallas" on a TPU or a GPU, else "xla";
+        "pallas" is the TPU kernel, on a GPU the GPU kernel "pallas_gpu": see
+        :func:`salt.kernels._common.resolve_impl`); interpret: for the Pallas kernels.
       block_sizes: :class:`FusedKDBlockSizes`; return_parts: also ``{"ce", "kd", "kl", "correct",
         "n_greater"}`` (see :func:`salt.kernels.logits_kd.kd_loss`; monitoring values, no gradient).
 

@@ -55,7 +55,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-IMPLS = ("pallas", "xla", "naive")
+from salt.kernels._common import IMPLS, default_impl, resolve_impl  # noqa: F401 (default_impl: public)
+
 _NEG_INF = float("-inf")
 
 
@@ -169,6 +170,27 @@ def stats_finish(carry) -> dict:
     return stats
 
 
+def merge_stats(a: dict, b: dict) -> dict:
+    """Merge the finished row statistics of two disjoint column sets (``m_s, log_l_s, arg, n_gt``
+    [+ ``m_t, log_l_t, qs_c, qrt_c``]; ``arg`` in global ids: ties go to the lower id).  ``d_y``
+    is not merged (it is ``m_s − θ`` with the exact label logit, set by the caller)."""
+    m_s = jnp.maximum(a["m_s"], b["m_s"])
+    out = {"m_s": m_s, "n_gt": a["n_gt"] + b["n_gt"],
+           "log_l_s": jnp.logaddexp(a["log_l_s"] + (a["m_s"] - m_s), b["log_l_s"] + (b["m_s"] - m_s)),
+           "arg": jnp.where(a["m_s"] > b["m_s"], a["arg"],
+                            jnp.where(b["m_s"] > a["m_s"], b["arg"], jnp.minimum(a["arg"], b["arg"])))}
+    if "m_t" not in a:
+        return out
+    m_t = jnp.maximum(a["m_t"], b["m_t"])
+    wa, wb = a["log_l_t"] + (a["m_t"] - m_t), b["log_l_t"] + (b["m_t"] - m_t)  # log teacher masses
+    log_l_t = jnp.logaddexp(wa, wb)
+    wa, wb = jnp.exp(wa - log_l_t), jnp.exp(wb - log_l_t)                      # their shares of Q
+    out.update(m_t=m_t, log_l_t=log_l_t,
+               qs_c=wa * (a["qs_c"] + (a["m_s"] - m_s)) + wb * (b["qs_c"] + (b["m_s"] - m_s)),
+               qrt_c=wa * (a["qrt_c"] + (a["m_t"] - m_t)) + wb * (b["qrt_c"] + (b["m_t"] - m_t)))
+    return out
+
+
 def grad_tile(s_f32, rt_f32, onehot, rows):
     """``g_p·P − g_y·onehot − g_q·Q`` for one tile (``rows``: dict of ``[n, 1]`` row vectors
     ``m_s, log_l_s, g_p, g_y`` [+ ``m_t, log_l_t, g_q``]); with ``g_p = g``, ``g_y = (1−ω)·g``,
@@ -178,7 +200,13 @@ def grad_tile(s_f32, rt_f32, onehot, rows):
     if rt_f32 is not None:
         ds = ds - rows["g_q"] * jnp.exp((rt_f32 - rows["m_t"]) - rows["log_l_t"])
     # rows with a zero cotangent (masked rows, whose logits may be garbage) get exactly 0
-    return jnp.where(rows["g_p"] != 0.0, ds, 0.0)
+    return jnp.where(nonzero(rows["g_p"]), ds, 0.0)
+
+
+def nonzero(x):
+    """``x != 0`` (True for NaN) spelled as ``not (x == 0)``: Mosaic (libtpu 0.0.42) cannot lower
+    the unordered ``!=`` of floats (``arith.cmpf une``) but lowers ``==``."""
+    return jnp.logical_not(x == 0.0)
 
 
 GRAD_ROWS_STATS = ("m_s", "log_l_s", "m_t", "log_l_t")
@@ -236,16 +264,10 @@ def finish_output(outputs, valid_rows, return_parts):
 # Argument checking shared with fused_linear_kd.
 # ----------------------------------------------------------------------------------------------
 
-def default_impl() -> str:
-    return "pallas" if jax.default_backend() == "tpu" else "xla"
-
-
-def check_impl(impl):
-    if impl is None:
-        return default_impl()
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
-    return impl
+def check_impl(impl, gpu_kernel: bool = False):
+    """The implementation to run (:func:`salt.kernels._common.resolve_impl`); ``gpu_kernel``: the
+    caller has a Pallas GPU kernel."""
+    return resolve_impl(impl, gpu_kernel=gpu_kernel)
 
 
 def check_rho(rho) -> float:

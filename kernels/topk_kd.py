@@ -43,11 +43,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from salt.kernels._common import NT as _NT
 from salt.kernels import logits_kd as _kd
 from salt.kernels.fused_linear_kd import FusedKDBlockSizes, fused_linear_ce_loss
 from salt.kernels.topk_pallas import TopKKernelBlockSizes, teacher_topk_pallas
 
-_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _NEG_INF = float("-inf")
 
 

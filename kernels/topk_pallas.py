@@ -55,10 +55,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from salt.kernels._common import NT as _NT
 from salt.kernels import logits_kd as _kd
 from salt.kernels.fused_linear_kd import VMEM_BUDGET_BYTES
 
-_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
 _BIG_ID = float(2 ** 30)  # above every id (float32-exact ids are < 2**24)

@@ -38,6 +38,7 @@ from jax import lax
 
 from salt.kernels import fused_linear_kd as _fk
 from salt.kernels import logits_kd as _kd
+from salt.kernels.logits_kd import merge_stats
 
 # Default gathered rows per chunk (one chunk is ``[n·c, D]``; see :func:`chunk_layout`).
 DEFAULT_CHUNK_ROWS = 8192
@@ -73,27 +74,6 @@ def label_logits(h_NxD, e_VxDn, y_N, axis: str, n: int):
     rows = jnp.take(e_VxDn.T, y_all, axis=1, mode="clip").reshape(e_VxDn.shape[1], n, N)
     e_y_DxN = lax.all_to_all(rows, axis, 1, 0, tiled=True).reshape(-1, N)        # full label rows
     return jnp.sum(h_NxD.astype(jnp.float32) * e_y_DxN.T.astype(jnp.float32), axis=1)
-
-
-def merge_stats(a: dict, b: dict) -> dict:
-    """Merge the finished row statistics of two disjoint column sets (``m_s, log_l_s, arg, n_gt``
-    [+ ``m_t, log_l_t, qs_c, qrt_c``]; ``arg`` in global ids: ties go to the lower id).  ``d_y``
-    is not merged (it is ``m_s − θ`` with the exact label logit, set by the caller)."""
-    m_s = jnp.maximum(a["m_s"], b["m_s"])
-    out = {"m_s": m_s, "n_gt": a["n_gt"] + b["n_gt"],
-           "log_l_s": jnp.logaddexp(a["log_l_s"] + (a["m_s"] - m_s), b["log_l_s"] + (b["m_s"] - m_s)),
-           "arg": jnp.where(a["m_s"] > b["m_s"], a["arg"],
-                            jnp.where(b["m_s"] > a["m_s"], b["arg"], jnp.minimum(a["arg"], b["arg"])))}
-    if "m_t" not in a:
-        return out
-    m_t = jnp.maximum(a["m_t"], b["m_t"])
-    wa, wb = a["log_l_t"] + (a["m_t"] - m_t), b["log_l_t"] + (b["m_t"] - m_t)  # log teacher masses
-    log_l_t = jnp.logaddexp(wa, wb)
-    wa, wb = jnp.exp(wa - log_l_t), jnp.exp(wb - log_l_t)                      # their shares of Q
-    out.update(m_t=m_t, log_l_t=log_l_t,
-               qs_c=wa * (a["qs_c"] + (a["m_s"] - m_s)) + wb * (b["qs_c"] + (b["m_s"] - m_s)),
-               qrt_c=wa * (a["qrt_c"] + (a["m_t"] - m_t)) + wb * (b["qrt_c"] + (b["m_t"] - m_t)))
-    return out
 
 
 def _gathered(e_CxcxD, j, axis):
@@ -180,9 +160,11 @@ def local_loss(hs_NxD, es_VxDn, y_N, omega, teacher=None, *, rho=1.0, axis: str,
     ``teacher = (ht_NxDt, et_VxDtn)``) or ``fused_linear_ce_loss`` (``teacher`` None), parts
     ``ce, correct, n_greater`` (+ ``kd, kl``) under ``stop_gradient``.  ``es_VxDn``/``et_VxDtn``:
     this chip's ``D``-split blocks of the embeddings (gradient: the student's, in that layout);
-    ``vocab_chunks``: ``C`` of :func:`chunk_layout`; ``impl``: "pallas" or "xla" per chunk."""
-    if impl not in ("pallas", "xla"):
-        raise ValueError(f"the vocabulary-parallel loss runs impl 'pallas' or 'xla', got {impl!r}")
+    ``vocab_chunks``: ``C`` of :func:`chunk_layout`; ``impl``: "pallas" (on a GPU "pallas_gpu"),
+    "pallas_gpu" or "xla" per chunk."""
+    if impl not in ("pallas", "pallas_gpu", "xla"):
+        raise ValueError(f"the vocabulary-parallel loss runs impl 'pallas', 'pallas_gpu' or 'xla', got {impl!r}")
+    impl = _kd.check_impl(impl, gpu_kernel=True)  # "pallas" on a GPU: the GPU kernel
     vocab = es_VxDn.shape[0]
     C, c = chunk_layout(vocab, n, vocab_chunks)
     block_sizes = _fk.FusedKDBlockSizes() if block_sizes is None else block_sizes

@@ -12,6 +12,7 @@ import os
 
 import jax
 
+from salt.kernels import default_impl
 from salt.reference.config import PAPER_OMEGA, PAPER_RHO, get_preset
 from salt.runtime.model import losses, sharding
 from salt.runtime.train import optim
@@ -28,11 +29,13 @@ COMPILE_CACHE_OFF = ("", "off", "none")
 
 
 def resolve_kernels(name: str, platform: str | None = None) -> str:
-    """``--kernels``: "pallas" (TPU kernels), "xla" (their pure-JAX chunked paths: no
+    """``--kernels``: "pallas" (the Pallas kernels of the platform: TPU kernels; on a GPU the
+    fused-linear losses' GPU kernel, the xla paths elsewhere), "xla" (the pure-JAX chunked paths: no
     ``[tokens, vocab]`` logits or probabilities, flash attention) or "naive" (plain full-size
-    maths); "auto" is Pallas on TPU and "xla" elsewhere (``platform``: default JAX's)."""
+    maths); "auto" is :func:`salt.kernels.default_impl` (Pallas on TPU and GPU, "xla" elsewhere;
+    ``platform``: default JAX's)."""
     if name == "auto":
-        return "pallas" if (platform or jax.default_backend()) == "tpu" else "xla"
+        return default_impl(platform)
     return name
 
 

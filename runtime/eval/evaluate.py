@@ -40,7 +40,7 @@ def _stats_fn(config, mesh=None, kernels: str = "auto", vocab: int | None = None
     @jax.jit
     def stats(params, windows_BxT1):
         hidden = model.hidden(params, windows_BxT1[:, :-1], config, attention_impl=impl, mesh=mesh)
-        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh,
+        parts = losses.token_parts(hidden, model.head_matrix(params), windows_BxT1[:, 1:], impl=impl, mesh=mesh,
                                    vocab=vocab)  # padded embedding rows (beyond vocab): no probability
         return parts["ce"], parts["correct"] > 0.5
 

@@ -60,7 +60,7 @@ def _score_fn(config: ModelConfig, dtype: str, attention_impl: str):
     def score(params, inputs_BxT, targets_BxT):
         h_BxTxD = model.hidden(params, inputs_BxT, config, dtype=compute_dtype,
                                attention_impl=attention_impl)
-        parts = losses.token_parts(h_BxTxD, params["embed"], targets_BxT, impl=attention_impl)
+        parts = losses.token_parts(h_BxTxD, model.head_matrix(params), targets_BxT, impl=attention_impl)
         return -parts["ce"], parts["correct"] > 0
 
     return jax.jit(score)

@@ -83,7 +83,7 @@ def make_token_terms_fn(config, k: int, mesh=None, kernels: str = "auto", vocab:
     def terms(params, windows_BxT1):
         inputs = windows_BxT1[:, :-1]
         hidden = model.hidden(params, inputs, config, attention_impl=impl, mesh=mesh)
-        parts = losses.token_parts(hidden, params["embed"], windows_BxT1[:, 1:], impl=impl, mesh=mesh,
+        parts = losses.token_parts(hidden, model.head_matrix(params), windows_BxT1[:, 1:], impl=impl, mesh=mesh,
                                    vocab=vocab)
         return parts["ce"], parts["n_greater"] < k
 

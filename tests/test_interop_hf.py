@@ -292,7 +292,7 @@ def test_kd_with_an_imported_teacher_end_to_end(work, hf_tokenizer, corpus):
     metrics = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
     assert any("kd" in m for m in metrics) and all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
     other = work / "store-other"
-    assert _invoke("data", "prepare", corpus, "--out", other, "--vocab-size", "300", "--quiet").exit_code == 0
+    assert _invoke("data", "prepare", corpus, "--out", other, "--vocab-size", "330", "--quiet").exit_code == 0
     result = _invoke("train", "--preset", "tiny-student", "--data", other, "--out", work / "student-x",
                      "--teacher", run, "--kd-steps", "1", "--steps", "1", "--batch", "2", "--seq-len", "16")
     assert result.exit_code != 0 and "tokenizer sha256" in result.output
@@ -304,7 +304,7 @@ def test_salt_preset_exports_as_gemma(work, corpus):
     tokenizer trained by salt data prepare) exports as Gemma: transformers' logits equal SALT's and
     AutoTokenizer gives SentencePiece's ids."""
     store = work / "store-sp"
-    assert _invoke("data", "prepare", corpus, "--out", store, "--vocab-size", "300", "--quiet").exit_code == 0
+    assert _invoke("data", "prepare", corpus, "--out", store, "--vocab-size", "330", "--quiet").exit_code == 0
     run = work / "salt-run"
     result = _invoke("train", "--preset", "tiny-student", "--data", store, "--out", run, "--steps", "3",
                      "--batch", "2", "--seq-len", "16", "--lr", "0.05", "--quiet")

@@ -90,8 +90,8 @@ def to_salt(hf: dict, name: str) -> ModelConfig:
     if hf.get("pretraining_tp", 1) not in (1, None):
         raise _unsupported("pretraining_tp", hf["pretraining_tp"], "1")
     d_model, n_heads = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
-    head_dim = hf.get("head_dim")
-    head_dim = None if head_dim is None or head_dim * n_heads == d_model else _int(hf, "head_dim")
+    head_dim = _int(hf, "head_dim") if hf.get("head_dim") is not None else d_model // n_heads  # transformers' rule
+    head_dim = None if head_dim * n_heads == d_model else head_dim
     tied = hf.get("tie_word_embeddings", tie_default)
     try:
         return ModelConfig(

@@ -334,3 +334,37 @@ def test_salt_preset_exports_as_gemma(work, corpus):
     (work / "foreign" / "notes.txt").write_text("mine")
     result = _invoke("export", "hf", run, "--out", work / "foreign", "--overwrite")
     assert result.exit_code == 1 and (work / "foreign" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_continued_pretraining_from_an_imported_model(work, hf_tokenizer, corpus):
+    """salt train --init RUN starts from the imported weights (step 1's CE is transformers' CE of the
+    source model on that batch, over the tokenizer's ids), keeps its architecture, and exports back
+    to its family."""
+    run = work / "init-qwen3"
+    src = _checkpoint(work, "qwen3", hf_tokenizer)
+    import_hf(src, run)
+    store = work / "store-init"
+    assert _invoke("data", "prepare", corpus, "--out", store, "--tokenizer", hf_tokenizer, "--quiet").exit_code == 0
+    student = work / "student-init"
+    result = _invoke("train", "--init", run, "--data", store, "--out", student, "--steps", "2", "--batch", "2",
+                     "--seq-len", "16", "--lr", "1e-3", "--quiet")
+    assert result.exit_code == 0, result.output
+    config, _, _ = checkpoint.load_params(student)
+    assert config == checkpoint.load_params(run)[0]
+    first = json.loads((student / "metrics.jsonl").read_text().splitlines()[0])
+    from salt.data.store import TokenStore
+    from salt.runtime.train.config import TrainConfig
+    from salt.runtime.train.trainer import make_loaders
+    loader = make_loaders(TrainConfig(preset="tiny-student", data=str(store), out=str(student), steps=2, batch=2,
+                                      seq_len=16), TokenStore(store), None, None)[0]
+    windows = np.asarray(loader.batch(0))
+    logits = _hf_logits(src, windows[:, :-1])[..., :TOKENIZER_VOCAB]  # the loss skips padded rows
+    logp = torch.log_softmax(torch.tensor(logits), -1).numpy()
+    ce = -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
+    assert abs(first["ce"] - ce) < 1e-4, (first["ce"], ce)
+    out = work / "export-init"
+    assert _invoke("export", "hf", student, "--out", out).exit_code == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
+    assert _invoke("train", "--init", run, "--preset", "tiny-student", "--data", store, "--out", work / "x",
+                   "--steps", "1").exit_code != 0

@@ -260,6 +260,11 @@ def _tokenizer_source(run_dir: pathlib.Path, meta: dict, tokenizer) -> tuple[pat
                        "recorded, or they moved); pass --tokenizer PATH")
 
 
+def _is_json_file(path: pathlib.Path) -> bool:
+    with open(path, "rb") as f:
+        return is_hf_tokenizer(f.read(64))
+
+
 def _tokenizer_files(path: pathlib.Path, want_sha: str | None, where: str) -> tuple[dict, dict]:
     """({file name: bytes} for the export, special ids) from a token store, a model directory or a
     tokenizer file; its sha256 must be the run's."""
@@ -267,7 +272,7 @@ def _tokenizer_files(path: pathlib.Path, want_sha: str | None, where: str) -> tu
     if path.is_dir() and (path / store_format.METADATA_FILE).is_file():  # a token store
         store = store_format.TokenStore(path)
         data, special = store.tokenizer_path.read_bytes(), store.special_ids
-    elif path.is_dir() or is_hf_tokenizer(path.read_bytes()[:64]):
+    elif path.is_dir() or _is_json_file(path):
         data, special, config = read_hf_tokenizer(path)
         folder = path if path.is_dir() else path.parent
         if config is not None:
@@ -309,10 +314,9 @@ def export_hf(run, out, *, step: int | None = None, tokenizer=None, dtype: str |
         raise InteropError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     inputs = [run] + ([tokenizer] if tokenizer is not None else [])
     outputs.check_output_dir(out, "hf_export", mode="replace" if overwrite else "create", inputs=inputs)
-    run_dir, step = checkpoint.resolve(run, step)
-    meta = checkpoint.meta_of(run_dir, step)
-    imported = meta.get("hf") or {}
-    config, params, meta = checkpoint.load_params(run_dir, step)
+    config, params, meta = checkpoint.load_params(run, step)
+    run_dir, step = checkpoint.resolve(run, meta["step"])
+    imported = meta.get("hf") or {}  # the source of an imported run (a trained run has none)
     model_type = hf_config.family_of(config, imported.get("model_type"))
     if dtype is None:
         dtype = imported.get("dtype") if imported.get("dtype") in EXPORT_DTYPES else "float32"

@@ -274,7 +274,7 @@ def test_bare_tokenizer_json_finds_its_eos_by_name(work, hf_tokenizer, corpus):
 @pytest.mark.slow
 def test_kd_with_an_imported_teacher_end_to_end(work, hf_tokenizer, corpus):
     """An imported teacher (vocabulary padded beyond the tokenizer's) over a store prepared with
-    its tokenizer: salt eval, salt teacher cache and a KD run of salt train all accept it; a store
+    its tokenizer: salt eval, salt score, salt teacher cache and a KD run of salt train all accept it; a store
     with another tokenizer is refused."""
     run = work / "teacher-kd"
     import_hf(_checkpoint(work, "llama3", hf_tokenizer), run)
@@ -282,6 +282,10 @@ def test_kd_with_an_imported_teacher_end_to_end(work, hf_tokenizer, corpus):
     assert _invoke("data", "prepare", corpus, "--out", store, "--tokenizer", hf_tokenizer, "--quiet").exit_code == 0
     result = _invoke("eval", "--run", run, "--data", store, "--seq-len", "16", "--batch", "2", "--max-windows", "4")
     assert result.exit_code == 0, result.output
+    result = _invoke("score", "--teacher", run, "--data", store, "--seq-len", "16", "--batch", "4",
+                     "--max-candidates", "8", "--no-exclude-teacher-seen", "--out", work / "scores-kd.npz")
+    assert result.exit_code == 0, result.output
+    assert len(np.load(work / "scores-kd.npz")["scores"]) == 8
     result = _invoke("teacher", "cache", "--teacher", run, "--data", store, "--steps", "2", "--batch", "2",
                      "--seq-len", "16", "--top-k", "4", "--out", work / "cache-kd", "--quiet")
     assert result.exit_code == 0, result.output

@@ -266,23 +266,19 @@ def _token_content(value):
 
 def hf_special_ids(tokenizer, config: dict | None, where: str) -> dict:
     """``{"bos", "eos", "pad", "unk": id or None}`` of a ``tokenizers.Tokenizer``: the tokens that
-    ``tokenizer_config.json`` (``config``) names, else the usual names (:data:`HF_SPECIAL_NAMES`)
-    among its special tokens.  ValueError naming ``where`` when there is no eos (SALT's document
-    separator) or a named token is not in the vocabulary."""
+    ``tokenizer_config.json`` (``config``) names (null: none), else, for a key it does not name, the
+    usual names (:data:`HF_SPECIAL_NAMES`) among its special tokens.  ValueError naming ``where``
+    when there is no eos (SALT's document separator) or a named token is not in the vocabulary."""
     out = {}
-    if config is not None:
-        for key in ("bos", "eos", "pad", "unk"):
-            token = _token_content(config.get(f"{key}_token"))
-            if token is None:
-                out[key] = None
-                continue
-            out[key] = tokenizer.token_to_id(token)
-            if out[key] is None:
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    for key, names in HF_SPECIAL_NAMES.items():
+        if config is not None and f"{key}_token" in config:  # named (or null: none) by the config
+            token = _token_content(config[f"{key}_token"])
+            out[key] = None if token is None else tokenizer.token_to_id(token)
+            if token is not None and out[key] is None:
                 raise ValueError(f"tokenizer {where}: {HF_CONFIG_FILE} names {key}_token {token!r}, "
                                  "which is not in its vocabulary")
-    else:
-        specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-        for key, names in HF_SPECIAL_NAMES.items():
+        else:
             found = [n for n in names if n in specials]
             out[key] = tokenizer.token_to_id(found[0]) if found else None
     if out["eos"] is None:

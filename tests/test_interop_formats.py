@@ -112,3 +112,20 @@ def test_family_of_and_back():
     back = hf_config.to_salt(g, salt.name)
     assert back.replace(norm_offset=0.0) == salt and back.norm_offset == 1.0
     assert math.isclose(g["rope_parameters"]["rope_theta"], salt.rope_base) and g["eos_token_id"] == 3
+
+
+def test_hf_special_ids_from_config_or_names():
+    tokenizers = pytest.importorskip("tokenizers")
+    from salt.data.tokenizer import hf_special_ids
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    tok.add_special_tokens(["<|endoftext|>", "<s>", "<pad>"])
+    ids = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<s>", "<pad>")}
+    assert hf_special_ids(tok, None, "t") == {"eos": ids["<|endoftext|>"], "bos": ids["<s>"],
+                                              "pad": ids["<pad>"], "unk": None}
+    # the config decides what it names (null: none); unnamed keys fall back to the usual names
+    got = hf_special_ids(tok, {"eos_token": {"content": "<s>"}, "bos_token": None}, "t")
+    assert got == {"eos": ids["<s>"], "bos": None, "pad": ids["<pad>"], "unk": None}
+    with pytest.raises(ValueError, match="names eos_token '</s>', which is not in its vocabulary"):
+        hf_special_ids(tok, {"eos_token": "</s>"}, "t")
+    with pytest.raises(ValueError, match="no eos token"):
+        hf_special_ids(tok, {"eos_token": None}, "t")

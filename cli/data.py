@@ -20,8 +20,9 @@ def data():
 @click.option("--vocab-size", type=click.IntRange(min=1), default=None,
               help=f"Vocabulary of the trained tokenizer [default: {EMBEDDED_VOCAB_SIZE} for the "
                    "embedded corpus; by corpus size otherwise].")
-@click.option("--tokenizer", type=click.Path(dir_okay=False), default=None,
-              help="Reuse this SentencePiece model instead of training one (teacher and student share it).")
+@click.option("--tokenizer", type=click.Path(), default=None,
+              help="Reuse this tokenizer instead of training one (teacher and student share it): a SentencePiece "
+                   "model, a Hugging Face tokenizer.json, or a model directory holding one.")
 @click.option("--text-field", default="text", show_default=True,
               help="JSONL field holding the document text.")
 @click.option("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, show_default=True,

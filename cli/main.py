@@ -30,6 +30,8 @@ COMMANDS = {
     "teacher": ("salt.cli.teacher", "teacher", "Cache the teacher's top-k over a run's KD phase."),
     "presets": ("salt.cli.presets", "presets", "List model presets with exact parameter counts."),
     "plan": ("salt.cli.plan", "plan", "Compile the steps for a TPU topology: memory, fit, roofline."),
+    "import": ("salt.cli.interop", "import_", "Import a Hugging Face checkpoint as a SALT run."),
+    "export": ("salt.cli.interop", "export", "Export a SALT run as a Hugging Face checkpoint."),
 }
 
 

@@ -25,7 +25,10 @@ def _keep(ctx, param, value):
 
 
 @click.command("train")
-@click.option("--preset", required=True, help="Model preset of the student (see `salt presets`).")
+@click.option("--preset", default="", help="Model preset of the student (see `salt presets`); or --init.")
+@click.option("--init", type=click.Path(), default=None,
+              help="Start from this run's newest checkpoint (its architecture and weights, e.g. from "
+                   "`salt import hf`) instead of a preset: continued pre-training.")
 @click.option("--data", required=True, type=click.Path(), help="Token store (from `salt data prepare`).")
 @click.option("--out", required=True, type=click.Path(), help="Run directory (checkpoints, metrics).")
 @click.option("--teacher", type=click.Path(), default=None,
@@ -110,6 +113,8 @@ def train(as_json, quiet, progress, **options):
         options["compile_cache"] = default_compile_cache()
     elif cache.strip().lower() in COMPILE_CACHE_OFF:
         options["compile_cache"] = None
+    if not options["preset"] and options["init"] is None:
+        raise click.UsageError("give --preset NAME, or --init RUN to continue training a run's model")
     cfg = TrainConfig(**options)
     try:
         summary = run_train(cfg, progress=progress and not quiet)

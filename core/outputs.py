@@ -15,6 +15,7 @@ run            ``run_config.json`` (a JSON object with a ``train`` entry)
 reproduction   ``state.json`` (a JSON object with ``settings`` and ``stages``)
 score          ``job.json`` (a JSON object with a ``fingerprint``)
 teacher_cache  ``cache.json`` whose ``format`` is ``salt-teacher-cache-v1``
+hf_export      ``salt_export.json`` whose ``format`` is ``salt-hf-export-v1`` (``salt export hf``)
 =============  ==========================================================================
 
 ``replace`` (``--overwrite`` / ``--force``) additionally requires that the directory holds
@@ -177,18 +178,25 @@ def _is_teacher_cache(d: pathlib.Path) -> bool:
     return manifest is not None and manifest.get("format") == "salt-teacher-cache-v1"
 
 
+def _is_hf_export(d: pathlib.Path) -> bool:
+    marker = _json_object(d / "salt_export.json")
+    return marker is not None and marker.get("format") == "salt-hf-export-v1"
+
+
 MARKERS = {"store": _is_store, "run": _is_run, "reproduction": _is_reproduction, "score": _is_score_job,
-           "teacher_cache": _is_teacher_cache}
+           "teacher_cache": _is_teacher_cache, "hf_export": _is_hf_export}
 MARKER_FILES = {"store": "metadata.json", "run": "run_config.json", "reproduction": "state.json",
-                "score": "job.json", "teacher_cache": "cache.json"}
+                "score": "job.json", "teacher_cache": "cache.json", "hf_export": "salt_export.json"}
 # names each kind writes (regular expressions over the top-level entries)
 OWN_NAMES = {
-    "store": r"metadata\.json|tokenizer\.model|token_check\.json|(train|val)\.(tokens|doc_offsets)\.bin",
+    "store": r"metadata\.json|tokenizer\.(model|json)|token_check\.json|(train|val)\.(tokens|doc_offsets)\.bin",
     "run": r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints",
     "reproduction": r"state\.json|data|runs|eval|teacher_cache|scores\.npz|scores\.npz\.partial|selection\.npy"
                     r"|results\.json|report\.md|[\w.-]+\.png",
     "score": r"job\.json|chunk_\d+\.npz",
     "teacher_cache": r"cache\.json|step_\d{6}\.(logits|ids|lse)\.npy",
+    "hf_export": r"salt_export\.json|config\.json|model\.safetensors|tokenizer\.json|tokenizer_config\.json"
+                 r"|special_tokens_map\.json|generation_config\.json",
 }
 MODES = ("create", "resume", "replace")
 # sub-directories an own directory of a kind holds, and the kind each must be (or absent/empty)

@@ -38,9 +38,9 @@ from tqdm import tqdm
 from salt.core import outputs
 from salt.data import store as store_format
 from salt.data.corpus import Corpus, CorpusStats, embedded_corpus, iter_documents, resolve_sources
-from salt.data.tokenizer import (EOS_ID, SPECIAL_IDS, TRAINER_OPTIONS, VocabSizeError,
-                                 encode_document, load_processor, sha256_bytes,
-                                 space_mark_byte_ids, train_tokenizer)
+from salt.data.tokenizer import (HF_TOKENIZER_FILE, SPECIAL_IDS, TRAINER_OPTIONS, VocabSizeError,
+                                 encode_document, is_hf_tokenizer, load_processor, load_tokenizer,
+                                 read_hf_tokenizer, sha256_bytes, space_mark_byte_ids, train_tokenizer)
 
 DEFAULT_VAL_FRACTION = 0.02
 # Vocabulary for the embedded corpus (~31 MB of stdlib Python): 4096 pieces give ~2.9
@@ -92,7 +92,9 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
 
     sources: paths, directories or globs (see ``salt.data.corpus``); None = the embedded
     default corpus (the interpreter's stdlib ``*.py``). tokenizer: an existing SentencePiece
-    model to reuse (special ids must be pad=0 unk=1 bos=2 eos=3) instead of training one.
+    model to reuse (special ids must be pad=0 unk=1 bos=2 eos=3) instead of training one, or a
+    Hugging Face ``tokenizer.json`` / a model directory holding one (special ids from its
+    ``tokenizer_config.json``; the store keeps it as ``tokenizer.json``).
     workers: tokenising processes (default: 1 for inputs under 4 MB, else min(2, CPUs));
     the output does not depend on it. sentinels: UL2 sentinel ids the trained tokenizer
     reserves (``salt.data.tokenizer.sentinel_ids``); with ``tokenizer`` given, it has its own.
@@ -106,16 +108,22 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
     out.parent.mkdir(parents=True, exist_ok=True)  # fail now (OSError), not after the work
 
     tokenizer_info: dict = {}
+    special_ids, tokenizer_file = dict(SPECIAL_IDS), store_format.TOKENIZER_FILE
     if tokenizer is not None:
         if sentinels:
             raise ValueError(f"--sentinels applies to a tokenizer trained here; {os.fspath(tokenizer)!r} "
                              "has its own (drop one of the two)")
-        model_bytes = _read_tokenizer(tokenizer)
-        sp = load_processor(model_bytes, name=repr(os.fspath(tokenizer)))
+        model_bytes = None if pathlib.Path(tokenizer).is_dir() else _read_tokenizer(tokenizer)
+        if model_bytes is None or is_hf_tokenizer(model_bytes):  # Hugging Face tokenizer.json
+            model_bytes, special_ids, _ = read_hf_tokenizer(tokenizer)
+            tokenizer_file = HF_TOKENIZER_FILE
+        sp = load_tokenizer(model_bytes, special_ids, name=repr(os.fspath(tokenizer)))
         if vocab_size is not None and vocab_size != sp.vocab_size():
             raise ValueError(f"vocab_size={vocab_size} disagrees with tokenizer {os.fspath(tokenizer)!r}, "
                              f"whose vocabulary has {sp.vocab_size()} pieces; drop one of the two")
         tokenizer_info = {"trained": False, "source": os.fspath(tokenizer)}
+        if tokenizer_file != store_format.TOKENIZER_FILE:
+            tokenizer_info.update(kind="huggingface", file=tokenizer_file)
     else:
         model_bytes, tokenizer_info = _train_on_sample(
             corpus, vocab_size=vocab_size, text_field=text_field, val_fraction=val_fraction,
@@ -131,10 +139,10 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        (tmp / store_format.TOKENIZER_FILE).write_bytes(model_bytes)
+        (tmp / tokenizer_file).write_bytes(model_bytes)
         stats = CorpusStats()
         splits, roundtrip_failures = _tokenize_to(
-            tmp, corpus, stats, model_bytes=model_bytes, dtype=dtype, text_field=text_field,
+            tmp, corpus, stats, model_bytes=model_bytes, special_ids=special_ids, dtype=dtype, text_field=text_field,
             val_fraction=val_fraction, skip_invalid=skip_invalid, seed=seed, progress=progress,
             workers=workers, total_bytes=tokenizer_info.get("corpus_bytes"))
         if stats.documents == 0:
@@ -155,7 +163,7 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
             "tokenizer_sha256": sha256_bytes(model_bytes),
             "vocab_size": vocab,
             "token_dtype": dtype.str,
-            "special_ids": dict(SPECIAL_IDS),
+            "special_ids": special_ids,
             "document_separator": "eos",
             "splits": splits,
             "totals": {k: splits["train"][k] + splits["val"][k] for k in ("documents", "tokens", "bytes")},
@@ -179,8 +187,8 @@ def _check_args(vocab_size, tokenizer, val_fraction, seed, workers, sample_bytes
     if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
                                    or vocab_size < 1):
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-    if tokenizer is not None and not pathlib.Path(tokenizer).is_file():
-        raise ValueError(f"tokenizer {os.fspath(tokenizer)!r}: no such file")
+    if tokenizer is not None and not pathlib.Path(tokenizer).exists():
+        raise ValueError(f"tokenizer {os.fspath(tokenizer)!r}: no such file or directory")
     if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if not isinstance(seed, int) or not -(1 << 63) <= seed < (1 << 63):
@@ -282,9 +290,9 @@ _worker_sp = None
 _worker_space_ids = None
 
 
-def _init_worker(model_bytes: bytes):
+def _init_worker(model_bytes: bytes, special_ids: dict | None = None):
     global _worker_sp, _worker_space_ids
-    _worker_sp = load_processor(model_bytes)
+    _worker_sp = load_tokenizer(model_bytes, special_ids)
     _worker_space_ids = space_mark_byte_ids(_worker_sp)
 
 
@@ -295,7 +303,7 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         ids = encode_document(_worker_sp, text, _worker_space_ids)
         if _worker_sp.decode(ids) != text:
             failures += 1
-        ids.append(EOS_ID)
+        ids.append(_worker_sp.eos_id())
         pieces.append(np.asarray(ids, dtype=np.uint32))
         lengths[i] = len(ids)
     return np.concatenate(pieces), lengths, failures
@@ -329,7 +337,7 @@ class _SplitWriter:
         return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes}
 
 
-def _tokenize_to(directory: pathlib.Path, corpus: Corpus, stats: CorpusStats, *, model_bytes, dtype,
+def _tokenize_to(directory: pathlib.Path, corpus: Corpus, stats: CorpusStats, *, model_bytes, special_ids, dtype,
                  text_field, val_fraction, skip_invalid, seed, progress, workers, total_bytes):
     threshold = val_fraction * 2.0 ** 64
     writers = {s: _SplitWriter(directory, s, dtype) for s in store_format.SPLITS}
@@ -365,13 +373,13 @@ def _tokenize_to(directory: pathlib.Path, corpus: Corpus, stats: CorpusStats, *,
 
     try:
         if workers == 1:
-            _init_worker(model_bytes)
+            _init_worker(model_bytes, special_ids)
             for texts, is_val, sizes in chunks():
                 consume(_encode_chunk(texts), is_val, sizes)
         else:
             # "spawn": safe even if the caller has started threads (JAX, tqdm monitors).
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(model_bytes,)) as pool:
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(model_bytes, special_ids)) as pool:
                 pending: collections.deque = collections.deque()
                 for texts, is_val, sizes in chunks():
                     pending.append((pool.apply_async(_encode_chunk, (texts,)), is_val, sizes))

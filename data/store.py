@@ -25,6 +25,8 @@ import pathlib
 
 import numpy as np
 
+from salt.data.tokenizer import HF_TOKENIZER_FILE, SPECIAL_IDS, load_tokenizer
+
 FORMAT_NAME = "salt-token-store"
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -91,12 +93,17 @@ class TokenStore:
                 int(self._counts[s]["tokens"]), int(self._counts[s]["documents"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"token store {self.path}: {METADATA_FILE} lacks or garbles a field ({e!r})") from None
-        self.tokenizer_path = self.path / TOKENIZER_FILE
+        tok_info = self.metadata.get("tokenizer")
+        tok_file = tok_info.get("file", TOKENIZER_FILE) if isinstance(tok_info, dict) else TOKENIZER_FILE
+        if tok_file not in (TOKENIZER_FILE, HF_TOKENIZER_FILE):
+            raise ValueError(f"token store {self.path}: {METADATA_FILE} names an unknown tokenizer file {tok_file!r}")
+        self.tokenizer_path = self.path / tok_file
+        self.special_ids = dict(self.metadata.get("special_ids") or SPECIAL_IDS)
         if not self.tokenizer_path.is_file():
-            raise ValueError(f"token store {self.path}: missing {TOKENIZER_FILE}")
+            raise ValueError(f"token store {self.path}: missing {tok_file}")
         digest = file_sha256(self.tokenizer_path)
         if digest != self.tokenizer_sha256:
-            raise ValueError(f"token store {self.path}: {TOKENIZER_FILE} sha256 {digest} does not match "
+            raise ValueError(f"token store {self.path}: {tok_file} sha256 {digest} does not match "
                              f"the metadata's {self.tokenizer_sha256}")
         for split in SPLITS:
             self._check_size(tokens_file(split), self.num_tokens(split) * self.dtype.itemsize)
@@ -145,8 +152,7 @@ class TokenStore:
         """Full check (``salt data info --verify``): token ids < vocab (no cache), document offsets
         start at 0, never decrease, end at the token count, and every document ends with EOS.
         Returns per-split facts; raises ValueError naming the file and position otherwise."""
-        from salt.data.tokenizer import EOS_ID
-
+        EOS_ID = self.special_ids["eos"]
         facts = self._check_token_ids(use_cache=False)
         for split in SPLITS:
             offsets, tokens = self.doc_offsets(split), self.tokens(split)
@@ -205,10 +211,9 @@ class TokenStore:
         return self._offsets[split]
 
     def processor(self):
-        """The store's tokenizer as a ``sentencepiece.SentencePieceProcessor``."""
-        from salt.data.tokenizer import load_processor
-
-        return load_processor(self.tokenizer_path)
+        """The store's tokenizer: a ``sentencepiece.SentencePieceProcessor``, or for a Hugging Face
+        ``tokenizer.json`` a :class:`salt.data.tokenizer.HFTokenizer` with the store's special ids."""
+        return load_tokenizer(self.tokenizer_path.read_bytes(), self.special_ids, name=str(self.tokenizer_path))
 
     def __repr__(self):
         return (f"TokenStore({str(self.path)!r}, vocab_size={self.vocab_size}, "

@@ -22,6 +22,13 @@ valid Unicode document (tested; the full embedded corpus is checked by ``prepare
 counts any failure in ``metadata.json``).
 
 Special ids: pad=0, unk=1, bos=2, eos=3 (eos separates documents in the token stream).
+
+Hugging Face tokenizers (``tokenizer.json``, the ``tokenizers`` library) are used as they are:
+:class:`HFTokenizer` gives them the few ``SentencePieceProcessor`` methods SALT calls, documents are
+encoded without added special tokens, and the special ids (bos / eos / pad / unk, any of them but
+eos may be absent) come from the tokenizer's ``tokenizer_config.json`` (or, without one, from the
+usual names of its special tokens: :data:`HF_SPECIAL_NAMES`).  :func:`load_tokenizer` reads either
+kind from its bytes.
 A tokenizer may also reserve ``n`` sentinel ids for the UL2 span-corruption objective
 (``salt data prepare --sentinels n``): control pieces ``<extra_id_0>`` … that no text ever
 encodes to (control pieces are not matched in input text), ids 4 … 3 + n.
@@ -30,7 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import pathlib
 import re
 from collections.abc import Iterable
 
@@ -159,7 +168,10 @@ def check_special_ids(sp: spm.SentencePieceProcessor, where: str) -> None:
 
 
 def sentinel_ids(sp: spm.SentencePieceProcessor) -> list[int]:
-    """The reserved UL2 sentinel ids, in order (``<extra_id_0>`` first); empty if none."""
+    """The reserved UL2 sentinel ids, in order (``<extra_id_0>`` first); empty if none (always
+    for a Hugging Face tokenizer)."""
+    if isinstance(sp, HFTokenizer):
+        return []
     out = []
     while True:
         i = sp.piece_to_id(SENTINEL_PIECE.format(len(out)))
@@ -169,7 +181,10 @@ def sentinel_ids(sp: spm.SentencePieceProcessor) -> list[int]:
 
 
 def space_mark_byte_ids(sp: spm.SentencePieceProcessor) -> list[int] | None:
-    """Ids of the byte pieces spelling U+2581 in UTF-8, or None without byte fallback."""
+    """Ids of the byte pieces spelling U+2581 in UTF-8, or None without byte fallback (and for a
+    Hugging Face tokenizer, whose ``decode`` has no such ambiguity to work around)."""
+    if isinstance(sp, HFTokenizer):
+        return None
     ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
     return None if any(i == sp.unk_id() for i in ids) else ids
 
@@ -193,6 +208,146 @@ def encode_document(sp: spm.SentencePieceProcessor, text: str,
         if part:
             ids.extend(sp.encode(part))
     return ids
+
+
+# ---- Hugging Face tokenizers ----------------------------------------------------------------
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+# special-token names recognised in a bare tokenizer.json (no tokenizer_config.json beside it)
+HF_SPECIAL_NAMES = {"eos": ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>"),
+                    "bos": ("<s>", "<bos>", "<|begin_of_text|>"), "pad": ("<pad>",), "unk": ("<unk>",)}
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` with the ``SentencePieceProcessor`` methods SALT uses (``encode``
+    without added special tokens, ``decode``, ``vocab_size`` = the largest id + 1, ``bos_id`` ...:
+    -1 when absent, as SentencePiece says)."""
+
+    def __init__(self, tokenizer, special_ids: dict, name: str):
+        self.tokenizer, self.special_ids, self.name = tokenizer, dict(special_ids), name
+        self._vocab = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def _special(self, key: str) -> int:
+        value = self.special_ids.get(key)
+        return -1 if value is None else int(value)
+
+    def bos_id(self) -> int:
+        return self._special("bos")
+
+    def eos_id(self) -> int:
+        return self._special("eos")
+
+    def pad_id(self) -> int:
+        return self._special("pad")
+
+    def unk_id(self) -> int:
+        return self._special("unk")
+
+
+def is_hf_tokenizer(data: bytes) -> bool:
+    """Whether tokenizer bytes are a Hugging Face ``tokenizer.json`` (JSON) rather than a
+    SentencePiece model (protobuf)."""
+    return data.lstrip()[:1] == b"{"
+
+
+def _token_content(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def hf_special_ids(tokenizer, config: dict | None, where: str) -> dict:
+    """``{"bos", "eos", "pad", "unk": id or None}`` of a ``tokenizers.Tokenizer``: the tokens that
+    ``tokenizer_config.json`` (``config``) names (null: none), else, for a key it does not name, the
+    usual names (:data:`HF_SPECIAL_NAMES`) among its special tokens.  ValueError naming ``where``
+    when there is no eos (SALT's document separator) or a named token is not in the vocabulary."""
+    out = {}
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    for key, names in HF_SPECIAL_NAMES.items():
+        if config is not None and f"{key}_token" in config:  # named (or null: none) by the config
+            token = _token_content(config[f"{key}_token"])
+            out[key] = None if token is None else tokenizer.token_to_id(token)
+            if token is not None and out[key] is None:
+                raise ValueError(f"tokenizer {where}: {HF_CONFIG_FILE} names {key}_token {token!r}, "
+                                 "which is not in its vocabulary")
+        else:
+            found = [n for n in names if n in specials]
+            out[key] = tokenizer.token_to_id(found[0]) if found else None
+    if out["eos"] is None:
+        raise ValueError(f"tokenizer {where}: no eos token (SALT separates documents with it); "
+                         f"give the model directory with its {HF_CONFIG_FILE}, or name eos_token there")
+    return out
+
+
+def read_hf_tokenizer(path: str | os.PathLike) -> tuple[bytes, dict, dict | None]:
+    """(``tokenizer.json`` bytes, special ids, ``tokenizer_config.json`` dict or None) of a
+    ``tokenizer.json`` file or a model directory holding one (its ``tokenizer_config.json``, in the
+    same folder, names the special tokens)."""
+    p = pathlib.Path(path)
+    file = p / HF_TOKENIZER_FILE if p.is_dir() else p
+    if not file.is_file():
+        raise ValueError(f"tokenizer {os.fspath(path)!r}: no {HF_TOKENIZER_FILE} in that directory")
+    data = file.read_bytes()
+    config = None
+    config_path = file.parent / HF_CONFIG_FILE
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"tokenizer {os.fspath(config_path)!r}: unreadable JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"tokenizer {os.fspath(config_path)!r}: not a JSON object")
+    tok = _hf_tokenizer(data, repr(os.fspath(file)))
+    return data, hf_special_ids(tok, config, repr(os.fspath(file))), config
+
+
+def _hf_tokenizer(data: bytes, where: str):
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError(f"tokenizer {where} is a Hugging Face tokenizer.json: install the `tokenizers` "
+                         "package (pip install 'salt[interop]')") from None
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a plain Exception
+        raise ValueError(f"tokenizer {where}: not a readable tokenizer.json ({e})") from None
+
+
+def load_tokenizer(data: bytes, special_ids: dict | None = None, name: str | None = None):
+    """The tokenizer in ``data``: a :class:`HFTokenizer` for ``tokenizer.json`` bytes (with
+    ``special_ids``, e.g. a token store's; None: found as :func:`hf_special_ids` does without a
+    config), else the SentencePiece model (:func:`load_processor`, SALT's fixed special ids)."""
+    where = name or "<bytes>"
+    if not is_hf_tokenizer(data):
+        return load_processor(data, name=name)
+    tok = _hf_tokenizer(data, where)
+    return HFTokenizer(tok, special_ids or hf_special_ids(tok, None, where), where)
+
+
+def sentencepiece_to_hf_json(model: bytes) -> bytes:
+    """A ``tokenizer.json`` (``tokenizers`` Unigram) of a SentencePiece model trained by SALT
+    (identity normalisation, no dummy prefix, byte fallback): the same pieces and scores, spaces as
+    "▁", bytes as ``<0xNN>``; control, unknown and unused pieces get a score no segmentation picks
+    (SentencePiece never matches them in text).  For ``salt export hf`` (docs/interop.md counts how
+    often its ids equal SentencePiece's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    sp = load_processor(model)
+    vocab = []
+    for i in range(sp.get_piece_size()):
+        special = sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+        vocab.append((sp.id_to_piece(i), -1e9 if special else float(sp.get_score(i))))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE_MARK, prepend_scheme="never", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace(_SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tok.to_str().encode("utf-8")
 
 
 def sha256_bytes(data: bytes) -> str:

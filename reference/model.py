@@ -16,7 +16,9 @@ names: ``embed``, ``final_norm``, ``layers/attn_norm``, ``layers/mlp_norm``,
 * matrices ``wq, wk, wv, w_gate, w_up``: std ``1/sqrt(fan_in)`` (fan_in = the ``D`` or
   ``F`` input axis);
 * output projections ``wo, w_down``: std ``1/sqrt(fan_in) / sqrt(2 * n_layers)``;
-* norm scales ``attn_norm, mlp_norm, final_norm``: ones.
+* norm scales ``attn_norm, mlp_norm, final_norm`` (and ``q_norm, k_norm``): ones;
+* with the architecture options of ``salt.reference.config``: biases ``bq, bk, bv`` zeros (drawn
+  and discarded like the norms); a separate head ``lm_head``: std ``1/sqrt(d_model)``.
 
 and finally casts to ``dtype``. The JAX runtime loads these exact arrays.
 
@@ -38,7 +40,8 @@ import math
 import numpy as np
 
 from salt.reference import losses
-from salt.reference.config import ModelConfig, flatten_params, param_shapes, unflatten_params
+from salt.reference.config import (ModelConfig, embed_multiplier, flatten_params, param_shapes, rope_inv_freq,
+                                   unflatten_params)
 
 GELU_K = math.sqrt(2.0 / math.pi)
 GELU_C = 0.044715
@@ -58,7 +61,9 @@ def init_params(config: ModelConfig, seed: int, dtype=np.float32) -> dict:
         leaf = name.split("/")[-1]
         if leaf.endswith("norm"):
             value = np.ones(shape)
-        elif leaf == "embed":
+        elif leaf in ("bq", "bk", "bv"):
+            value = np.zeros(shape)
+        elif leaf in ("embed", "lm_head"):
             value = draw / math.sqrt(config.d_model)
         else:
             fan_in = shape[-2]
@@ -117,10 +122,24 @@ def gelu_tanh_grad(x):
     return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float, dtype):
-    """cos/sin tables [T, head_dim/2]: angle[t, i] = t * base ** (-2 i / head_dim)."""
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def silu_grad(x):
+    sig = 1.0 / (1.0 + np.exp(-x))
+    return sig * (1.0 + x * (1.0 - sig))
+
+
+ACTIVATIONS = {"gelu_tanh": (gelu_tanh, gelu_tanh_grad), "silu": (silu, silu_grad)}
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, dtype, inv_freq=None):
+    """cos/sin tables [T, head_dim/2]: angle[t, i] = t * inv_freq[i], by default
+    ``inv_freq[i] = base ** (-2 i / head_dim)`` (``salt.reference.config.rope_inv_freq``)."""
     half = head_dim // 2
-    inv_freq = base ** (-2.0 * np.arange(half, dtype=np.float64) / head_dim)
+    if inv_freq is None:
+        inv_freq = base ** (-2.0 * np.arange(half, dtype=np.float64) / head_dim)
     angle_TxJ = np.arange(seq_len, dtype=np.float64)[:, None] * inv_freq[None, :]
     return np.cos(angle_TxJ).astype(dtype), np.sin(angle_TxJ).astype(dtype)
 
@@ -134,6 +153,16 @@ def rope(x_BxTxHxK, cos_TxJ, sin_TxJ, inverse=False):
     if inverse:
         s = -s
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def _norm_scale(w, config: ModelConfig):
+    """The RMS norm's multiplier: ``w``, or ``norm_offset + w`` (Gemma's ``1 + w``)."""
+    return w + w.dtype.type(config.norm_offset) if config.norm_offset else w
+
+
+def head_matrix(params: dict, config: ModelConfig):
+    """The LM head ``[V, D]``: the tied embedding, or ``lm_head``."""
+    return params["embed"] if config.tied_head else params["lm_head"]
 
 
 def attention_mask(seq_len: int, prefix_len_B) -> np.ndarray:
@@ -181,21 +210,27 @@ def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
     embed = params["embed"]
     dtype = embed.dtype
     c = config
-    D, H, G, K = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    H, G, K = c.n_heads, c.n_kv_heads, c.head_dim
     R = H // G
-    cos_TxJ, sin_TxJ = rope_tables(T, K, c.rope_base, dtype)
+    cos_TxJ, sin_TxJ = rope_tables(T, K, c.rope_base, dtype, _inv_freq(c))
     mask_Bx1x1xTxS = attention_mask(T, prefix_len_B)[:, None, None]
     scale = 1.0 / math.sqrt(K)
+    act = ACTIVATIONS[c.activation][0]
 
-    h_BxTxD = embed[tokens_BxT] * dtype.type(math.sqrt(D))
+    h_BxTxD = embed[tokens_BxT] * dtype.type(embed_multiplier(c))
     layers = []
     for l in range(c.n_layers):
         p = {k: v[l] for k, v in params["layers"].items()}
         lc = {"h_in": h_BxTxD}
-        a_BxTxD, lc["attn_rinv"] = rmsnorm(h_BxTxD, p["attn_norm"], c.norm_eps)
-        q = dense(a_BxTxD, p["wq"]).reshape(B, T, H, K)
-        k = dense(a_BxTxD, p["wk"]).reshape(B, T, G, K)
-        v_BxTxGxK = dense(a_BxTxD, p["wv"]).reshape(B, T, G, K)
+        a_BxTxD, lc["attn_rinv"] = rmsnorm(h_BxTxD, _norm_scale(p["attn_norm"], c), c.norm_eps)
+        q, k, v = dense(a_BxTxD, p["wq"]), dense(a_BxTxD, p["wk"]), dense(a_BxTxD, p["wv"])
+        if c.qkv_bias:
+            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+        q, k, v_BxTxGxK = q.reshape(B, T, H, K), k.reshape(B, T, G, K), v.reshape(B, T, G, K)
+        if c.qk_norm:
+            lc.update(q_raw=q, k_raw=k)
+            q, lc["q_rinv"] = rmsnorm(q, _norm_scale(p["q_norm"], c), c.norm_eps)
+            k, lc["k_rinv"] = rmsnorm(k, _norm_scale(p["k_norm"], c), c.norm_eps)
         qr = rope(q, cos_TxJ, sin_TxJ)
         kr = rope(k, cos_TxJ, sin_TxJ)
         # query head j = kv * R + r uses key/value head kv = j // R (R = H / G queries per kv head)
@@ -212,15 +247,15 @@ def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
         h_BxTxD = h_BxTxD + dense(o_BxTxHK, p["wo"])
         lc.update(a=a_BxTxD, q=q_BxGxRxTxK, k=k_BxGx1xSxK, v=v_BxGx1xSxK,
                   probs=probs_BxGxRxTxS, o=o_BxTxHK, h_mid=h_BxTxD)
-        m_BxTxD, lc["mlp_rinv"] = rmsnorm(h_BxTxD, p["mlp_norm"], c.norm_eps)
+        m_BxTxD, lc["mlp_rinv"] = rmsnorm(h_BxTxD, _norm_scale(p["mlp_norm"], c), c.norm_eps)
         gate_BxTxF = dense(m_BxTxD, p["w_gate"])
         up_BxTxF = dense(m_BxTxD, p["w_up"])
-        z_BxTxF = gelu_tanh(gate_BxTxF) * up_BxTxF
+        z_BxTxF = act(gate_BxTxF) * up_BxTxF
         h_BxTxD = h_BxTxD + dense(z_BxTxF, p["w_down"])
         lc.update(m=m_BxTxD, gate=gate_BxTxF, up=up_BxTxF, z=z_BxTxF)
         layers.append(lc)
-    hidden_BxTxD, final_rinv = rmsnorm(h_BxTxD, params["final_norm"], c.norm_eps)
-    logits_BxTxV = dense(hidden_BxTxD, embed.T)
+    hidden_BxTxD, final_rinv = rmsnorm(h_BxTxD, _norm_scale(params["final_norm"], c), c.norm_eps)
+    logits_BxTxV = dense(hidden_BxTxD, head_matrix(params, c).T)
     if not return_cache:
         return logits_BxTxV
     cache = {"tokens": tokens_BxT, "prefix_len": prefix_len_B, "layers": layers,
@@ -229,8 +264,13 @@ def forward(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None,
     return logits_BxTxV, cache
 
 
+def _inv_freq(config: ModelConfig):
+    """None for the default rotary frequencies (computed by ``rope_tables`` as always)."""
+    return None if config.rope_scaling == "none" else rope_inv_freq(config)
+
+
 def hidden_states(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None):
-    """The final normed hidden state [B, T, D] (the input of the tied LM head)."""
+    """The final normed hidden state [B, T, D] (the input of the LM head)."""
     return forward(params, tokens_BxT, config, prefix_len_B, return_cache=True)[1]["hidden_BxTxD"]
 
 
@@ -251,13 +291,15 @@ def backward(params: dict, cache: dict, dlogits_BxTxV, config: ModelConfig) -> d
     scale = dtype.type(1.0 / math.sqrt(K))
     cos_TxJ, sin_TxJ = cache["cos"], cache["sin"]
 
-    # tied LM head: logits = hidden @ embed.T
+    act_grad = ACTIVATIONS[c.activation]
+    # LM head: logits = hidden @ head.T (head = embed when tied)
     hidden_NxD = cache["hidden_BxTxD"].reshape(-1, D)
     dlogits_NxV = dlogits_BxTxV.reshape(-1, c.vocab_size)
-    d_embed = dlogits_NxV.T @ hidden_NxD
-    dhidden_BxTxD = (dlogits_NxV @ embed).reshape(B, T, D)
+    d_head = dlogits_NxV.T @ hidden_NxD
+    d_embed = d_head if c.tied_head else np.zeros_like(embed)
+    dhidden_BxTxD = (dlogits_NxV @ head_matrix(params, c)).reshape(B, T, D)
     dh, d_final_norm = rmsnorm_backward(dhidden_BxTxD, cache["h_final"], cache["final_rinv"],
-                                        params["final_norm"])
+                                        _norm_scale(params["final_norm"], c))
 
     dlayers = {k: np.zeros_like(v) for k, v in params["layers"].items()}
     for l in reversed(range(c.n_layers)):
@@ -269,12 +311,13 @@ def backward(params: dict, cache: dict, dlogits_BxTxV, config: ModelConfig) -> d
         dlayers["w_down"][l] = lc["z"].reshape(-1, c.d_ff).T @ dh_NxD
         dz = dense(dh, p["w_down"].T)
         gate, up = lc["gate"], lc["up"]
-        dup = dz * gelu_tanh(gate)
-        dgate = dz * up * gelu_tanh_grad(gate)
+        dup = dz * act_grad[0](gate)
+        dgate = dz * up * act_grad[1](gate)
         dlayers["w_gate"][l] = m_NxD.T @ dgate.reshape(-1, c.d_ff)
         dlayers["w_up"][l] = m_NxD.T @ dup.reshape(-1, c.d_ff)
         dm = dense(dgate, p["w_gate"].T) + dense(dup, p["w_up"].T)
-        dx, dlayers["mlp_norm"][l] = rmsnorm_backward(dm, lc["h_mid"], lc["mlp_rinv"], p["mlp_norm"])
+        dx, dlayers["mlp_norm"][l] = rmsnorm_backward(dm, lc["h_mid"], lc["mlp_rinv"],
+                                                      _norm_scale(p["mlp_norm"], c))
         dh = dh + dx
         # attention: h_mid = h_in + o @ wo
         dlayers["wo"][l] = lc["o"].reshape(-1, H * K).T @ dh.reshape(-1, D)
@@ -287,20 +330,30 @@ def backward(params: dict, cache: dict, dlogits_BxTxV, config: ModelConfig) -> d
         dk_BxGxSxK = (dscores.swapaxes(-1, -2) @ lc["q"]).sum(axis=2)
         dqr = dq_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
         dkr = dk_BxGxSxK.transpose(0, 2, 1, 3)
-        dq = rope(dqr, cos_TxJ, sin_TxJ, inverse=True).reshape(-1, H * K)
-        dk = rope(dkr, cos_TxJ, sin_TxJ, inverse=True).reshape(-1, G * K)
+        dq = rope(dqr, cos_TxJ, sin_TxJ, inverse=True)
+        dk = rope(dkr, cos_TxJ, sin_TxJ, inverse=True)
+        if c.qk_norm:
+            dq, dlayers["q_norm"][l] = rmsnorm_backward(dq, lc["q_raw"], lc["q_rinv"], _norm_scale(p["q_norm"], c))
+            dk, dlayers["k_norm"][l] = rmsnorm_backward(dk, lc["k_raw"], lc["k_rinv"], _norm_scale(p["k_norm"], c))
+        dq, dk = dq.reshape(-1, H * K), dk.reshape(-1, G * K)
         dv = dv_BxGxSxK.transpose(0, 2, 1, 3).reshape(-1, G * K)
+        if c.qkv_bias:
+            dlayers["bq"][l], dlayers["bk"][l], dlayers["bv"][l] = dq.sum(0), dk.sum(0), dv.sum(0)
         a_NxD = lc["a"].reshape(-1, D)
         dlayers["wq"][l] = a_NxD.T @ dq
         dlayers["wk"][l] = a_NxD.T @ dk
         dlayers["wv"][l] = a_NxD.T @ dv
         da = (dq @ p["wq"].T + dk @ p["wk"].T + dv @ p["wv"].T).reshape(B, T, D)
-        dx, dlayers["attn_norm"][l] = rmsnorm_backward(da, lc["h_in"], lc["attn_rinv"], p["attn_norm"])
+        dx, dlayers["attn_norm"][l] = rmsnorm_backward(da, lc["h_in"], lc["attn_rinv"],
+                                                       _norm_scale(p["attn_norm"], c))
         dh = dh + dx
 
-    # embedding gather: h0 = embed[tokens] * sqrt(D)  -> scatter-add
-    np.add.at(d_embed, tokens_BxT.reshape(-1), dh.reshape(-1, D) * dtype.type(math.sqrt(D)))
-    return {"embed": d_embed, "layers": dlayers, "final_norm": d_final_norm}
+    # embedding gather: h0 = embed[tokens] * embed_multiplier  -> scatter-add
+    np.add.at(d_embed, tokens_BxT.reshape(-1), dh.reshape(-1, D) * dtype.type(embed_multiplier(c)))
+    grads = {"embed": d_embed, "layers": dlayers, "final_norm": d_final_norm}
+    if not c.tied_head:
+        grads["lm_head"] = d_head
+    return grads
 
 
 # ----------------------------------------------------------------------------- loss

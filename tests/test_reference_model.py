@@ -8,6 +8,7 @@ import pytest
 
 from salt.reference import losses
 from salt.reference.config import flatten_params, get_preset, param_shapes, unflatten_params
+from arch_options import OPTION_CONFIGS, perturbed_params
 from salt.reference.model import (
     attention_mask, backward, forward, hidden_states, init_params, loss_and_grad, rope, rope_tables)
 
@@ -244,3 +245,65 @@ def test_bad_inputs_raise_clear_errors():
         loss_and_grad(params, np.zeros((2, 4), int), config, np.zeros((2, 3, 7)), 0.5, 1.0)
     with pytest.raises(ValueError, match="seed"):
         init_params(config, seed=-1)
+
+
+@pytest.mark.parametrize("kind", sorted(OPTION_CONFIGS))
+@pytest.mark.parametrize("prefix", ["causal", "partial"])
+def test_architecture_options_backward_matches_finite_differences(kind, prefix):
+    config = OPTION_CONFIGS[kind]
+    rng = np.random.default_rng([sorted(OPTION_CONFIGS).index(kind), len(prefix)])
+    B, T = 2, 5
+    params = perturbed_params(config, seed=4)
+    assert set(flatten_params(params)) == set(flatten_params(param_shapes(config)))
+    tokens = rng.integers(0, config.vocab_size, (B, T))
+    prefix_len = {"causal": None, "partial": np.array([2, 4])}[prefix]
+    w_BxTxV = rng.standard_normal((B, T, config.vocab_size))
+
+    def f(p):
+        return float(np.sum(w_BxTxV * forward(p, tokens, config, prefix_len)))
+
+    _, cache = forward(params, tokens, config, prefix_len, return_cache=True)
+    grads = backward(params, cache, w_BxTxV, config)
+    _check_grads(f, params, grads, rng)
+
+
+def test_architecture_options_change_the_function_and_layout():
+    """Each option is used: the layout gains exactly its parameters, and the logits differ from
+    the same weights without it."""
+    from salt.reference.config import rope_inv_freq
+    base = get_preset("tiny-student")
+    assert base.head_dim == 8 and "lm_head" not in param_shapes(base)
+    untied = base.replace(tied_head=False)
+    assert param_shapes(untied)["lm_head"] == (base.vocab_size, base.d_model)
+    assert set(param_shapes(base.replace(qkv_bias=True))["layers"]) - set(param_shapes(base)["layers"]) \
+        == {"bq", "bk", "bv"}
+    assert param_shapes(base.replace(qk_norm=True))["layers"]["q_norm"] == (base.n_layers, base.head_dim)
+    assert base.replace(attn_head_dim=12).head_dim == 12
+    assert param_shapes(base.replace(attn_head_dim=12))["layers"]["wq"] == (2, 16, 24)
+    params = perturbed_params(base, 1)
+    tokens = np.arange(6).reshape(1, 6)
+    ref = forward(params, tokens, base)
+    for change in (dict(activation="silu"), dict(embed_scale=1.0), dict(norm_offset=1.0),
+                   dict(rope_scaling="linear", rope_factor=4.0), dict(rope_base=500.0)):
+        assert not np.allclose(forward(params, tokens, base.replace(**change)), ref), change
+    # llama3 scaling: high frequencies kept, low ones divided by the factor, the middle smoothed
+    c = base.replace(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=64)
+    plain, scaled = rope_inv_freq(base), rope_inv_freq(c)
+    assert scaled[0] == plain[0] and np.allclose(scaled[2:], plain[2:] / 8)
+    assert plain[1] / 8 < scaled[1] < plain[1]
+
+
+def test_default_options_keep_the_config_dict():
+    """SALT's own presets serialise without the options (old runs and caches read the same)."""
+    from salt.reference.config import PRESETS, ModelConfig
+    for config in PRESETS.values():
+        d = config.to_dict()
+        assert set(d) == {"name", "vocab_size", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads",
+                          "rope_base", "norm_eps"}
+        assert ModelConfig.from_dict(d) == config
+    c = OPTION_CONFIGS["llama-qwen2"]
+    assert ModelConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="activation"):
+        get_preset("tiny-student").replace(activation="relu")
+    with pytest.raises(ValueError, match="rope_scaling"):
+        get_preset("tiny-student").replace(rope_scaling="yarn")

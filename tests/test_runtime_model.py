@@ -293,3 +293,43 @@ def test_init_params_jax_layout_and_scale():
     np.testing.assert_array_equal(params["final_norm"], 1.0)
     same = model.init_params_jax(config, 7)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same)))
+
+
+@pytest.mark.parametrize("kind", ["llama-qwen2", "gemma", "qwen3"])
+def test_architecture_options_match_reference(kind):
+    """Every architecture option of reference/config.py in the JAX model: logits (1e-5) and the
+    CE gradients through the fused loss kernel, which takes the head matrix (a separate
+    ``lm_head`` when untied; 1e-4), against the float64 reference."""
+    from arch_options import OPTION_CONFIGS, perturbed_params
+    config = OPTION_CONFIGS[kind]
+    params64 = perturbed_params(config, seed=2)
+    window = _inputs(config, B=2, T=7, seed=3)
+    prefix_len = np.array([0, 3], np.int32)
+    ref_logits = ref_model.forward(params64, window[:, :-1], config, prefix_len)
+    _, ref_grads, ref_metrics = ref_model.loss_and_grad(params64, window, config, prefix_len=prefix_len)
+    params32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params64)
+
+    @jax.jit
+    def run(params, window, prefix_len):
+        def ce(p):
+            h = model.hidden(p, window[:, :-1], config, prefix_len)
+            return losses.batch_mean(losses.token_parts(h, model.head_matrix(p), window[:, 1:])["loss"])
+        return model.forward(params, window[:, :-1], config, prefix_len), jax.value_and_grad(ce)(params)
+
+    logits, (loss, grads) = run(params32, jnp.asarray(window), jnp.asarray(prefix_len))
+    assert _rel(logits, ref_logits) < LOGITS_REL_TOL
+    assert abs(float(loss) - ref_metrics["ce"]) < LOGITS_REL_TOL * ref_metrics["ce"]
+    ours, ref = flatten_params(grads), flatten_params(ref_grads)
+    assert set(ours) == set(ref)
+    for key in ours:
+        assert _rel(ours[key], ref[key]) < GRAD_REL_TOL, key
+
+
+def test_init_params_jax_has_the_options_layout():
+    from arch_options import OPTION_CONFIGS
+    from salt.reference.config import param_shapes
+    for config in OPTION_CONFIGS.values():
+        params = model.init_params_jax(config, 0)
+        model.check_params(params, config)
+        want = flatten_params(param_shapes(config))
+        assert {k: tuple(v.shape) for k, v in flatten_params(params).items()} == want

@@ -1,4 +1,5 @@
-"""Training losses of the runtime from final hidden states and tied embeddings (docs/design.md §2),
+"""Training losses of the runtime from final hidden states and the LM head matrix (the tied
+embedding, or a separate ``lm_head``: ``transformer.head_matrix``) (docs/design.md §2),
 and the ω schedule (§3) in ``jnp``.
 
 :func:`token_parts` is the one loss entry point of the trainer, ``salt score`` and ``salt eval``:

@@ -90,8 +90,15 @@ def param_specs(config: ModelConfig, mesh: Mesh) -> dict:
         "w_up": P(None, data_d, ffn),
         "w_down": P(None, ffn, data_d),
     }
+    if config.qkv_bias:  # biases and q/k norm scales are small: replicated
+        layers.update(bq=P(None, None), bk=P(None, None), bv=P(None, None))
+    if config.qk_norm:
+        layers.update(q_norm=P(None, None), k_norm=P(None, None))
     assert set(layers) == set(shapes["layers"])
-    return {"embed": P(_axis(mesh, "model", V), data_d), "layers": layers, "final_norm": P(None)}
+    specs = {"embed": P(_axis(mesh, "model", V), data_d), "layers": layers, "final_norm": P(None)}
+    if "lm_head" in shapes:
+        specs["lm_head"] = specs["embed"]
+    return specs
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:

@@ -1,7 +1,7 @@
 """Per-token statistics of a model: the one forward + loss entry that evaluation, scoring, the
 cloze task, the lm-eval adapter and fine-tuning call.
 
-``per_token`` runs the model to its final hidden states and hands them, with the tied LM head,
+``per_token`` runs the model to its final hidden states and hands them, with the LM head (``head_matrix``),
 to the runtime's one loss entry (:func:`salt.runtime.model.losses.token_parts`), so no
 ``[tokens, vocab]`` logits exist unless ``impl`` is "naive".  It is differentiable (fine-tuning
 takes its gradient).  ``token_stats_fn`` and ``window_stats_fn`` are its compiled forms, cached per
@@ -27,10 +27,11 @@ def per_token(params: dict, inputs_BxT, targets_BxT, config: ModelConfig, *, imp
     """``{"ce", "correct", "n_greater"}``, each ``[B, T]``: the target's cross-entropy, whether it
     is the (first) argmax, and how many vocabulary entries have a strictly larger logit.
     ``impl``: a resolved kernel choice ("pallas", "xla" or "naive"); ``mesh``: the mesh (axis
-    ``data``) the batch is sharded on; ``vocab``: the tokenizer's vocabulary when the embedding is
+    ``data``) the batch is sharded on; ``vocab``: the tokenizer's vocabulary when the LM head is
     padded beyond it (padded columns take no probability and are not counted)."""
     hidden_BxTxD = transformer.hidden(params, inputs_BxT, config, dtype=dtype, attention_impl=impl, mesh=mesh)
-    parts = losses.token_parts(hidden_BxTxD, params["embed"], targets_BxT, impl=impl, mesh=mesh, vocab=vocab)
+    parts = losses.token_parts(hidden_BxTxD, transformer.head_matrix(params), targets_BxT, impl=impl, mesh=mesh,
+                               vocab=vocab)
     return {"ce": parts["ce"], "correct": parts["correct"] > 0.5, "n_greater": parts["n_greater"]}
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from salt.reference.config import ModelConfig, param_shapes
+from salt.reference.config import ModelConfig, embed_multiplier, flatten_params, param_shapes, rope_inv_freq
 
 ATTENTION_IMPLS = ("naive", "xla", "pallas")
 
@@ -66,18 +66,25 @@ def _init_params_jax(config: ModelConfig, seed) -> dict:
     def normal(name, shape, std):
         return std * jax.random.normal(keys[name], shape, jnp.float32)
 
+    if "lm_head" in shapes:
+        keys["lm_head"] = jax.random.fold_in(keys["embed"], 1)
     layers = {}
     for name, shape in shapes["layers"].items():
         if name.endswith("norm"):
             layers[name] = jnp.ones(shape, jnp.float32)
+        elif name in ("bq", "bk", "bv"):
+            layers[name] = jnp.zeros(shape, jnp.float32)
         else:
             std = 1.0 / math.sqrt(shape[1]) * (out_scale if name in ("wo", "w_down") else 1.0)
             layers[name] = normal(f"layers/{name}", shape, std)
-    return {
+    out = {
         "embed": normal("embed", shapes["embed"], 1.0 / math.sqrt(config.d_model)),
         "layers": layers,
         "final_norm": jnp.ones(shapes["final_norm"], jnp.float32),
     }
+    if "lm_head" in shapes:
+        out["lm_head"] = normal("lm_head", shapes["lm_head"], 1.0 / math.sqrt(config.d_model))
+    return out
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:
@@ -88,7 +95,6 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:
 
 def check_params(params: dict, config: ModelConfig) -> None:
     """Raise ValueError naming the first parameter whose shape differs from the layout."""
-    from salt.reference.config import flatten_params
     want = flatten_params(param_shapes(config))
     got = flatten_params(params)
     if set(want) != set(got):
@@ -108,15 +114,32 @@ def rmsnorm(x, scale, eps):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
+def norm_scale(w, config: ModelConfig):
+    """The RMS norm's multiplier: ``w``, or ``norm_offset + w`` (Gemma's ``1 + w``)."""
+    return w + config.norm_offset if config.norm_offset else w
+
+
 def gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def rope(x_BxTxNxK, base: float):
-    """Rotary embedding, half-split convention, positions 0..T-1 (computed in float32)."""
+def silu(x):
+    return x * jax.nn.sigmoid(x)
+
+
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "silu": silu}
+
+
+def rope(x_BxTxNxK, base: float, inv_freq=None):
+    """Rotary embedding, half-split convention, positions 0..T-1 (computed in float32).
+    ``inv_freq``: the frequencies (NumPy, ``salt.reference.config.rope_inv_freq``) when they are
+    not ``base ** (-2 i / K)``."""
     T, K = x_BxTxNxK.shape[1], x_BxTxNxK.shape[3]
     half = K // 2
-    inv_freq_H = base ** (-2.0 * jnp.arange(half, dtype=jnp.float32) / K)
+    if inv_freq is None:
+        inv_freq_H = base ** (-2.0 * jnp.arange(half, dtype=jnp.float32) / K)
+    else:
+        inv_freq_H = jnp.asarray(np.asarray(inv_freq, np.float32))
     angle_TxH = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_H[None, :]
     cos = jnp.cos(angle_TxH)[None, :, None, :]
     sin = jnp.sin(angle_TxH)[None, :, None, :]
@@ -186,16 +209,22 @@ def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, atten
            mesh=None):
     B, T, _ = h_BxTxD.shape
     H, G, K = config.n_heads, config.n_kv_heads, config.head_dim
-    a = rmsnorm(h_BxTxD, layer["attn_norm"], config.norm_eps)
-    q = _matmul(a, layer["wq"], dtype).reshape(B, T, H, K)
-    k = _matmul(a, layer["wk"], dtype).reshape(B, T, G, K)
-    v = _matmul(a, layer["wv"], dtype).reshape(B, T, G, K)
-    q = rope(q, config.rope_base).astype(dtype)
-    k = rope(k, config.rope_base).astype(dtype)
+    c = config
+    a = rmsnorm(h_BxTxD, norm_scale(layer["attn_norm"], c), c.norm_eps)
+    q, k, v = (_matmul(a, layer[w], dtype) for w in ("wq", "wk", "wv"))
+    if c.qkv_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, G, K), v.reshape(B, T, G, K)
+    if c.qk_norm:
+        q = rmsnorm(q, norm_scale(layer["q_norm"], c), c.norm_eps)
+        k = rmsnorm(k, norm_scale(layer["k_norm"], c), c.norm_eps)
+    inv_freq = None if c.rope_scaling == "none" else rope_inv_freq(c)
+    q = rope(q, c.rope_base, inv_freq).astype(dtype)
+    k = rope(k, c.rope_base, inv_freq).astype(dtype)
     attn = _attention(q, k, v.astype(dtype), prefix_len_B, attention_impl, mesh)
     h_BxTxD = h_BxTxD + _matmul(attn.reshape(B, T, H * K), layer["wo"], dtype)
-    m = rmsnorm(h_BxTxD, layer["mlp_norm"], config.norm_eps)
-    gate = gelu_tanh(_matmul(m, layer["w_gate"], dtype))
+    m = rmsnorm(h_BxTxD, norm_scale(layer["mlp_norm"], c), c.norm_eps)
+    gate = ACTIVATIONS[c.activation](_matmul(m, layer["w_gate"], dtype))
     up = _matmul(m, layer["w_up"], dtype)
     return h_BxTxD + _matmul(gate * up, layer["w_down"], dtype)
 
@@ -203,7 +232,7 @@ def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, atten
 # ----------------------------------------------------------------------------- model
 def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
            dtype=jnp.float32, attention_impl: str = "naive", remat: bool = False, mesh=None):
-    """Final normed hidden states ``[B, T, D]`` (before the tied LM head), in ``dtype``.
+    """Final normed hidden states ``[B, T, D]`` (before the LM head), in ``dtype``.
 
     ``mesh``: the device mesh the arrays are sharded on, needed only with kernel attention
     (``attention_impl`` other than "naive") on more than one device (see ``shard_map`` above)."""
@@ -213,7 +242,7 @@ def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
         raise ValueError(f"tokens must be [batch, time], got shape {tokens_BxT.shape}")
     dtype = jnp.dtype(dtype)
     h = jnp.take(params["embed"], tokens_BxT, axis=0).astype(jnp.float32)
-    h = h * math.sqrt(config.d_model)
+    h = h * embed_multiplier(config)
 
     def body(h_BxTxD, layer):
         return _layer(h_BxTxD, layer, config, prefix_len_B, dtype, attention_impl, mesh), None
@@ -221,12 +250,18 @@ def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
     h, _ = jax.lax.scan(body, h, params["layers"])
-    return rmsnorm(h, params["final_norm"], config.norm_eps).astype(dtype)
+    return rmsnorm(h, norm_scale(params["final_norm"], config), config.norm_eps).astype(dtype)
+
+
+def head_matrix(params: dict):
+    """The LM head ``[V, D]`` the logits and the fused losses take: the tied embedding, or the
+    separate ``lm_head`` of a model with ``tied_head=False``."""
+    return params["lm_head"] if "lm_head" in params else params["embed"]
 
 
 def logits_from_hidden(params: dict, hidden_BxTxD):
-    """Tied LM head: ``hidden @ embed.T`` with float32 accumulation and result."""
-    return jnp.einsum("btd,vd->btv", hidden_BxTxD, params["embed"].astype(hidden_BxTxD.dtype),
+    """LM head: ``hidden @ head.T`` (:func:`head_matrix`) with float32 accumulation and result."""
+    return jnp.einsum("btd,vd->btv", hidden_BxTxD, head_matrix(params).astype(hidden_BxTxD.dtype),
                       preferred_element_type=jnp.float32)
 
 

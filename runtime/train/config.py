@@ -128,6 +128,9 @@ class TrainConfig:
     grad_accum: int = 1
     vocab_chunks: int | None = None  # vocabulary-parallel loss chunks (None: automatic, losses.token_parts)
     compile_cache: str | None = None  # JAX persistent compilation cache directory (None: off)
+    # start from this run's newest checkpoint (its architecture and weights; e.g. `salt import hf`)
+    # instead of a preset's random initialisation: continued pre-training. preset is then ""
+    init: str | None = None
 
     # fields that may differ between a run and its resumption
     RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes",
@@ -156,10 +159,16 @@ class TrainConfig:
         """Raise TrainError naming the first bad field."""
         def bad(field, why):
             raise TrainError(f"{field}={getattr(self, field)!r}: {why}")
-        try:
-            get_preset(self.preset)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
+        if self.init is not None:
+            if self.preset:
+                bad("preset", "--init takes the architecture of the run it starts from; drop --preset")
+            if self.runtime == "reference":
+                bad("init", "the reference runtime starts from a preset's initialisation only")
+        else:
+            try:
+                get_preset(self.preset)
+            except ValueError as e:
+                raise TrainError(str(e)) from None
         for field in ("steps", "batch", "seq_len", "grad_accum"):
             v = getattr(self, field)
             if not isinstance(v, int) or v < 1:

@@ -199,7 +199,7 @@ def masked_ce(params, inputs_BxT, targets_BxT, mask_BxT, config, *, dtype, atten
     entry point (:func:`salt.runtime.model.losses.token_parts`, fused with the tied LM head unless
     ``attention_impl`` is "naive")."""
     h_BxTxD = model.hidden(params, inputs_BxT, config, dtype=dtype, attention_impl=attention_impl)
-    parts = losses.token_parts(h_BxTxD, params["embed"], targets_BxT, impl=attention_impl)
+    parts = losses.token_parts(h_BxTxD, model.head_matrix(params), targets_BxT, impl=attention_impl)
     # "loss" (= ce without a teacher) carries the gradient; the monitored parts do not
     return (losses.batch_mean(parts["loss"], mask_BxT),
             losses.batch_mean(parts["correct"], mask_BxT))

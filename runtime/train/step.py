@@ -79,11 +79,11 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
         if isinstance(batch, dict) and "topk_logits" in batch:  # KD from a teacher cache
             omega = losses.omega_at(step, hyper["omega"], hyper["kd_steps"], transition,
                                     hyper["kd_steps1"])
-            parts = losses.token_parts(hidden, params["embed"], labels, omega=omega, rho=rho, impl=loss_impl,
+            parts = losses.token_parts(hidden, model.head_matrix(params), labels, omega=omega, rho=rho, impl=loss_impl,
                                        mesh=mesh, vocab=vocab,
                                        teacher_topk=(batch["topk_logits"], batch["topk_ids"]))
         elif teacher is None:
-            parts = losses.token_parts(hidden, params["embed"], labels, impl=loss_impl, mesh=mesh,
+            parts = losses.token_parts(hidden, model.head_matrix(params), labels, impl=loss_impl, mesh=mesh,
                                        vocab=vocab, vocab_chunks=vocab_chunks)
             omega = jnp.float32(0.0)
         else:  # the teacher reads the same input (same bidirectional prefix)
@@ -92,8 +92,8 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
                 attention_impl=kernels, remat=remat, mesh=mesh))
             omega = losses.omega_at(step, hyper["omega"], hyper["kd_steps"], transition,
                                     hyper["kd_steps1"])
-            parts = losses.token_parts(hidden, params["embed"], labels,
-                                       teacher=(t_hidden, teacher_params["embed"]), omega=omega,
+            parts = losses.token_parts(hidden, model.head_matrix(params), labels,
+                                       teacher=(t_hidden, model.head_matrix(teacher_params)), omega=omega,
                                        rho=rho, impl=loss_impl, mesh=mesh, kd_topk=kd_topk, vocab=vocab,
                                        vocab_chunks=vocab_chunks)
         if mask_BxT is None:

@@ -107,7 +107,7 @@ def make_topk_fn(t_config, vocab: int, k: int, attention: str):
     def run(params, windows_BxT1):
         hidden = model.hidden(params, windows_BxT1[:, :-1], t_config, attention_impl=attention)
         B, T, D = hidden.shape
-        top, ids, lse = teacher_topk(hidden.reshape(B * T, D), params["embed"][:vocab], k, with_lse=True,
+        top, ids, lse = teacher_topk(hidden.reshape(B * T, D), model.head_matrix(params)[:vocab], k, with_lse=True,
                                      impl="pallas" if attention == "pallas" else "xla")
         return top.reshape(B, T, k), ids.reshape(B, T, k), lse.reshape(B, T)
     return run

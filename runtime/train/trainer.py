@@ -71,6 +71,15 @@ def _load_ids(path: str, what: str) -> np.ndarray:
 
 
 def student_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    if cfg.init is not None:  # the architecture of the run the student starts from
+        try:
+            config = ModelConfig.from_dict(checkpoint.read_meta(cfg.init)["config"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise TrainError(f"init {cfg.init!r}: {e}") from None
+        if config.vocab_size < vocab_size:
+            raise TrainError(f"init {cfg.init!r} has vocab_size={config.vocab_size} < the data's vocabulary "
+                             f"{vocab_size}")
+        return config
     config = get_preset(cfg.preset)
     if cfg.preset in VOCAB_FROM_DATA:
         return config.replace(vocab_size=int(vocab_size))
@@ -216,6 +225,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                          f"{cfg.data!r}")
     run_dir = pathlib.Path(cfg.out)
     _check_out(cfg, run_dir)
+    if cfg.init is not None:
+        init_sha = checkpoint.read_meta(cfg.init).get("tokenizer_sha256")
+        if init_sha != tokenizer_sha:
+            raise TrainError(f"init {cfg.init!r} was trained with tokenizer sha256 {init_sha}, but the data "
+                             f"{cfg.data!r} uses {tokenizer_sha}")
     start_step = 0
     pinned_teacher = None
     saved: dict = {}
@@ -294,7 +308,7 @@ def _check_out(cfg: TrainConfig, run_dir: pathlib.Path) -> None:
     """The output rule (docs/safety.md), before any work: --out is created only if absent or
     empty, resumed only if it is a run directory; it may not contain an input (a teacher, the
     data, a subset), and must be writable."""
-    inputs = [x for x in (cfg.data, cfg.teacher, cfg.subset, cfg.exclude, cfg.teacher_cache) if x]
+    inputs = [x for x in (cfg.data, cfg.teacher, cfg.subset, cfg.exclude, cfg.teacher_cache, cfg.init) if x]
     try:
         outputs.check_output_dir(run_dir, "run", mode="resume" if cfg.resume else "create",
                                  inputs=inputs)
@@ -400,7 +414,10 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     if start_step == 0:
         # generated on the devices, each shard where it lives: no host ever holds the model
         # (paper-8.6b is 34 GB in float32); the values do not depend on the mesh
-        params = model.init_params_jax(config, cfg.seed, out_shardings=p_shardings)
+        if cfg.init is None:
+            params = model.init_params_jax(config, cfg.seed, out_shardings=p_shardings)
+        else:  # continued pre-training from a run's newest intact checkpoint
+            params = checkpoint.load_params(cfg.init, shardings=p_shardings)[1]
         init = optim.make_direction(cfg.optimizer).init
         opt_state = jax.jit(init, out_shardings=shardings_of(opt_abs))(params)
     else:

@@ -224,7 +224,8 @@ _CACHE_SCRIPT = textwrap.dedent("""
     monitoring.register_event_listener(lambda event, **kw: hits.append(event)
                                        if event == "/jax/compilation_cache/cache_hits" else None)
     from salt.reference.config import get_preset
-    from salt.runtime import model, sharding, step as step_mod
+    from salt.runtime.model import sharding, transformer as model
+    from salt.runtime.train import step as step_mod
     from salt.runtime.train.config import TrainConfig
     cfg = TrainConfig(preset="tiny-student", data="-", out="-", batch=4, seq_len=8, compile_cache=sys.argv[1])
     student = get_preset("tiny-student").replace(vocab_size=300)

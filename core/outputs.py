@@ -174,7 +174,7 @@ def _is_score_job(d: pathlib.Path) -> bool:
 
 def _is_teacher_cache(d: pathlib.Path) -> bool:
     manifest = _json_object(d / "cache.json")
-    return manifest is not None and manifest.get("format") == "salt-teacher-cache-v1"
+    return manifest is not None and manifest.get("format") in ("salt-teacher-cache-v1", "salt-teacher-cache-v2")
 
 
 MARKERS = {"store": _is_store, "run": _is_run, "reproduction": _is_reproduction, "score": _is_score_job,
@@ -188,7 +188,7 @@ OWN_NAMES = {
     "reproduction": r"state\.json|data|runs|eval|teacher_cache|scores\.npz|scores\.npz\.partial|selection\.npy"
                     r"|results\.json|report\.md|[\w.-]+\.png",
     "score": r"job\.json|chunk_\d+\.npz",
-    "teacher_cache": r"cache\.json|step_\d{6}\.(logits|ids|lse)\.npy",
+    "teacher_cache": r"cache\.json|step_\d{6}\.(logits|ids|lse|rows)\.npy",
 }
 MODES = ("create", "resume", "replace")
 # sub-directories an own directory of a kind holds, and the kind each must be (or absent/empty)

@@ -95,6 +95,9 @@ def _keep(ctx, param, value):
 @click.option("--compile-cache", default=None, metavar="DIR",
               help="JAX persistent compilation cache (reused across runs); 'off' disables it. "
                    "Default: $SALT_COMPILE_CACHE, else ~/.cache/salt/jax-compile.")
+@click.option("--wandb", default=None, metavar="PROJECT",
+              help="Also log the metrics to this Weights & Biases project (optional dependency wandb; "
+                   "WANDB_MODE=offline works without a network). TensorBoard files are always written.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Resume even if the configuration changed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

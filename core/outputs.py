@@ -184,7 +184,7 @@ MARKER_FILES = {"store": "metadata.json", "run": "run_config.json", "reproductio
 # names each kind writes (regular expressions over the top-level entries)
 OWN_NAMES = {
     "store": r"metadata\.json|tokenizer\.model|token_check\.json|(train|val)\.(tokens|doc_offsets)\.bin",
-    "run": r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints",
+    "run": r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints|tensorboard|wandb",
     "reproduction": r"state\.json|data|runs|eval|teacher_cache|scores\.npz|scores\.npz\.partial|selection\.npy"
                     r"|results\.json|report\.md|[\w.-]+\.png",
     "score": r"job\.json|chunk_\d+\.npz",

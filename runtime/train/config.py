@@ -125,10 +125,11 @@ class TrainConfig:
     grad_accum: int = 1
     vocab_chunks: int | None = None  # vocabulary-parallel loss chunks (None: automatic, losses.token_parts)
     compile_cache: str | None = None  # JAX persistent compilation cache directory (None: off)
+    wandb: str | None = None  # W&B project the metrics are also logged to (optional dependency wandb)
 
     # fields that may differ between a run and its resumption
     RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes",
-                         "keep_checkpoints", "out", "compile_cache", "vocab_chunks")
+                         "keep_checkpoints", "out", "compile_cache", "vocab_chunks", "wandb")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -243,3 +244,9 @@ class TrainConfig:
             raise TrainError(str(e)) from None
         if not isinstance(self.seed, int) or self.seed < 0:
             bad("seed", "must be an integer >= 0")
+        if self.wandb is not None:
+            import importlib.util
+            if not isinstance(self.wandb, str) or not self.wandb:
+                bad("wandb", "must be a W&B project name")
+            if importlib.util.find_spec("wandb") is None:
+                bad("wandb", "needs the optional dependency wandb (pip install 'salt[wandb]')")

@@ -24,10 +24,16 @@ def _keep(ctx, param, value):
     return steps
 
 
+REQUIRED = ("preset", "data", "out", "steps")  # as flags or in --config
+
+
 @click.command("train")
-@click.option("--preset", required=True, help="Model preset of the student (see `salt presets`).")
-@click.option("--data", required=True, type=click.Path(), help="Token store (from `salt data prepare`).")
-@click.option("--out", required=True, type=click.Path(), help="Run directory (checkpoints, metrics).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML or JSON file of settings in groups (model, data, kd, optimizer, run; docs/workflow.md), "
+                   "or a run's run_config.json (re-run it); flags given explicitly override it.")
+@click.option("--preset", default=None, help="Model preset of the student (see `salt presets`). Required.")
+@click.option("--data", default=None, type=click.Path(), help="Token store (from `salt data prepare`). Required.")
+@click.option("--out", default=None, type=click.Path(), help="Run directory (checkpoints, metrics). Required.")
 @click.option("--teacher", type=click.Path(), default=None,
               help="Teacher run directory or checkpoint (needed when --kd-steps > 0).")
 @click.option("--teacher-step", type=int, default=None, help="Teacher checkpoint step (default: latest).")
@@ -45,7 +51,7 @@ def _keep(ctx, param, value):
               show_default=True, help="How ω goes to 0 at the end of the KD phase.")
 @click.option("--kd-steps1", type=click.IntRange(min=0), default=None,
               help="n_kd1: where the linear transitions start.")
-@click.option("--steps", type=click.IntRange(min=1), required=True, help="Total training steps n.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total training steps n. Required.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Global batch (windows).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens per window T.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adafactor", show_default=True)
@@ -103,10 +109,24 @@ def _keep(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--progress/--no-progress", default=True, hidden=True)  # older spelling of --quiet
-def train(as_json, quiet, progress, **options):
+def train(as_json, quiet, progress, config_file, **options):
     """Train a student (or a teacher: --kd-steps 0) and write checkpoints and metrics.jsonl."""
-    from salt.runtime.train.config import COMPILE_CACHE_OFF, default_compile_cache
+    from salt.runtime.train.config import COMPILE_CACHE_OFF, default_compile_cache, load_config_file
     from salt.runtime.train.trainer import TrainConfig, TrainError, train as run_train
+
+    if config_file is not None:  # the file's settings, under the flags given explicitly
+        from click.core import ParameterSource
+        ctx = click.get_current_context()
+        try:
+            from_file = load_config_file(config_file)
+        except TrainError as e:
+            raise click.ClickException(str(e)) from None
+        for name, value in from_file.items():
+            if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+                options[name] = value
+    missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if options[n] is None]
+    if missing:
+        raise click.UsageError(f"Missing {', '.join(missing)} (give as flags or in --config)")
 
     cache = options["compile_cache"]
     if cache is None:

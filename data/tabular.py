@@ -1,8 +1,8 @@
 """Documents from columnar sources (optional dependency ``pyarrow``, extra ``salt[parquet]``):
 
 * a Parquet file (``*.parquet``), or a directory / glob of them: the ``text_field`` column,
-  streamed in record batches of at most ``BATCH_ROWS`` rows within each row group (never the
-  whole file), rows in file order;
+  one row group at a time, in record batches of at most ``BATCH_ROWS`` rows (memory: about one
+  row group's text column, never the whole file), rows in file order;
 * a Hugging Face dataset saved to disk (``datasets.Dataset.save_to_disk``: a directory holding
   ``state.json`` and ``dataset_info.json`` beside Arrow stream files): its ``_data_files`` in the
   order ``state.json`` lists them, each streamed batch by batch.  A ``DatasetDict`` (a
@@ -87,13 +87,15 @@ def iter_parquet(path: pathlib.Path, stats, text_field: str, skip_invalid: bool,
     """The documents of a Parquet file; ``sanitize(text, stats)`` is the corpus's own text check."""
     pa = _pyarrow()
     try:
-        pf = pa.parquet.ParquetFile(path)
+        pf = pa.parquet.ParquetFile(path, pre_buffer=False)  # pre-buffering reads far ahead: unbounded
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
     schema = pf.schema_arrow
     columns = [text_field] if text_field in schema.names else None
-    rows = _texts(str(path), _guarded(path, pf.iter_batches(batch_size=BATCH_ROWS, columns=columns), pa),
-                  text_field, schema)
+    batches = (batch for group in range(pf.num_row_groups)  # one row group's text column at a time
+               for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=columns,
+                                            use_threads=False))
+    rows = _texts(str(path), _guarded(path, batches, pa), text_field, schema)
     yield from _documents(str(path), rows, stats, skip_invalid, sanitize)
 
 

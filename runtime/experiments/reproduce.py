@@ -280,7 +280,7 @@ def teacher_caches(cfg: ReproduceConfig, state, out, data_dir, slm_dir, selectio
     """Build (or resume) the teacher caches of the KD phases: per seed, one over the whole pool's
     order (``all``: RKD's ``n`` KD steps; SALT's first ``n_kd`` are the same windows) and one over
     SALT_DS's selected order (``selected``: ``n_kd`` steps).  The final SLM, top-``cfg.kd_topk``,
-    bfloat16 logits.  Returns ``{(seed, order): cache directory}``; stage ``teacher cache/…``
+    the default compact layout.  Returns ``{(seed, order): cache directory}``; stage ``teacher cache/…``
     records each build's wall time and size."""
     from salt.runtime.train import teacher_cache
 

@@ -22,10 +22,12 @@ mesh.  Reported:
 * with ``--kd-topk K``: the KD step is top-K KD (paper eq. 13-14) with the online teacher, and a
   third step is timed in the same interleaved loop: KD from a teacher cache (``salt teacher
   cache``; no teacher forward).  Its timed call includes reading the step's files from a real
-  on-disk cache (one step written by :func:`salt.runtime.train.teacher_cache.write_step`, bfloat16
-  logits) and decoding them (that part is also reported on its own); reported as ratios to the
-  standard and the online-teacher step, with the cache's on-disk bytes per token for k = 16, 64,
-  128 (measured from written files, at this vocabulary and at the paper's V = 256,000).
+  on-disk cache (one step written by :func:`salt.runtime.train.teacher_cache.write_step`, the
+  default compact layout), checking their sha256 and decoding them (that part is also reported on
+  its own); reported as ratios to the standard and the online-teacher step.  The same step from an
+  uncompressed cache (bfloat16 logits, the first layout) is timed in the same loop, and the cache's
+  on-disk bytes per token for k = 16, 64, 128 in both layouts (measured from written files, at this
+  vocabulary and at the paper's V = 256,000).
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         one_process = types.SimpleNamespace(process_index=0, local_batch=batch)  # the loader's sharding fields
         kinds.append(("cached", None, None, cached_batch_abstract(cfg, mesh)))
         tmp = tempfile.TemporaryDirectory(prefix="salt-bench-cache-")
-        cache = _one_step_cache(tmp.name, t_params, teacher, windows, kd_topk, vocab, kernels)
+        caches = _one_step_caches(tmp.name, t_params, teacher, windows, kd_topk, vocab, kernels)
     compiled = {}
     for kind, t_cfg, t_abs, w_abs in kinds:
         start = time.perf_counter()
@@ -131,6 +133,8 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
             compiled[kind] = step_mod.compile_step(fn, params_abs, opt_abs, t_abs, w_abs,
                                                    mesh=mesh, out_shardings=out_sh)
         compiled[kind + "_compile_s"] = time.perf_counter() - start
+    if kd_topk is not None:
+        compiled["cached_bf16"] = compiled["cached"]  # the same step, from the uncompressed cache
     if gradients:  # the gradient computations alone: what the FLOP counts describe (no optimizer update)
         for kind, t_cfg in (("standard_grad", None), ("kd_grad", teacher)):
             compiled[kind] = jax.jit(step_mod.make_grad_fn(
@@ -146,17 +150,18 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
             jax.block_until_ready(compiled[kind](state["params"], t_arg, windows, step_arr, hyper))
             return
         inputs = windows
-        if kind == "cached":  # the trainer's per-step work: read + decode the step, then upload
+        if kind.startswith("cached"):  # the trainer's per-step work: read + decode the step, then upload
             t = time.perf_counter()
-            inputs = cached_step_batch(cfg, cache, one_process, 0, windows, mesh)
+            inputs = cached_step_batch(cfg, caches[kind], one_process, 0, windows, mesh)
             jax.block_until_ready(inputs)
-            read_s.append(time.perf_counter() - t)
+            read_s[kind].append(time.perf_counter() - t)
         p, o, m = compiled[kind](state["params"], state["opt"], t_arg, inputs, step_arr, hyper)
         jax.block_until_ready((p, o, m))
         state["params"], state["opt"] = p, o  # the step donates its inputs
 
-    names = [k[0] for k in kinds] + (["standard_grad", "kd_grad"] if gradients else [])
-    read_s = []
+    names = [k[0] for k in kinds] + (["cached_bf16"] if kd_topk is not None else []) + \
+        (["standard_grad", "kd_grad"] if gradients else [])
+    read_s = {"cached": [], "cached_bf16": []}
     try:
         for kind in names:
             if kind.endswith("_grad"):
@@ -222,13 +227,20 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     if kd_topk is not None:
         from salt.runtime.train.teacher_cache import bytes_per_token
         t_cached = statistics.median(times["cached"])
+        t_bf16 = statistics.median(times["cached_bf16"])
         result.update({
             "cached_step_s": t_cached, "cached_ratio": t_cached / t_std, "cached_vs_online": t_cached / t_kd,
-            "cache_read_s": statistics.median(read_s[-iters:]),
+            "cache_read_s": statistics.median(read_s["cached"][-iters:]),
+            "cached_bf16_step_s": t_bf16, "cache_bf16_read_s": statistics.median(read_s["cached_bf16"][-iters:]),
+            "cached_vs_bf16": t_cached / t_bf16,
+            "paired_cached_vs_bf16": paired_ratio(times["cached"], times["cached_bf16"]),
             "cached_tokens_per_s": tokens / t_cached, "cached_temp_bytes": memory(compiled["cached"]),
             "cached_compile_s": compiled["cached_compile_s"],
             "cache_bytes_per_token": {str(v): {str(k): bytes_per_token(k, v, batch=batch, seq_len=seq_len)
-                                               for k in CACHE_KS} for v in sorted({vocab, PAPER_VOCAB})}})
+                                               for k in CACHE_KS} for v in sorted({vocab, PAPER_VOCAB})},
+            "cache_bf16_bytes_per_token": {
+                str(v): {str(k): bytes_per_token(k, v, values_dtype="bfloat16", batch=batch, seq_len=seq_len)
+                         for k in CACHE_KS} for v in sorted({vocab, PAPER_VOCAB})}})
     return result
 
 
@@ -244,24 +256,20 @@ CACHE_KS = (16, 64, 128)
 PAPER_VOCAB = 256_000
 
 
-def _one_step_cache(path, t_params, teacher, windows, k, vocab, kernels):
-    """A real one-step teacher cache (bfloat16 logits) of the teacher on ``windows``, opened."""
+def _one_step_caches(path, t_params, teacher, windows, k, vocab, kernels):
+    """Real one-step teacher caches of the teacher on ``windows``, opened: ``cached`` in the
+    default compact layout, ``cached_bf16`` uncompressed (bfloat16 logits)."""
     import jax
 
-    from salt.core import outputs
     from salt.runtime.train import teacher_cache
     from salt.runtime.train.config import resolve_kernels
 
     run = teacher_cache.make_topk_fn(teacher, vocab, k, resolve_kernels(kernels))
     top, ids, lse = jax.device_get(run(t_params, windows))
-    B, T = lse.shape
-    manifest = {"format": teacher_cache.CACHE_FORMAT, "vocab": vocab, "top_k": k, "steps": 1, "batch": B,
-                "seq_len": T, "values_dtype": "bfloat16", "ids_dtype": teacher_cache.ids_dtype(vocab).name,
-                "teacher": {"path": "random parameters (salt bench step)", "step": 0, "manifest_sha256": None},
-                "complete": True}
-    teacher_cache.write_step(path, 0, top, ids, lse, values_dtype="bfloat16", ids_dtype=manifest["ids_dtype"])
-    outputs.write_json(pathlib.Path(path) / teacher_cache.MANIFEST, manifest)
-    return teacher_cache.TeacherCache(path)
+    identity = {"path": "random parameters (salt bench step)", "step": 0, "manifest_sha256": None}
+    return {kind: teacher_cache.write_one_step(pathlib.Path(path) / kind, top, ids, lse, vocab=vocab,
+                                               teacher=identity, values_dtype=values)
+            for kind, values in (("cached", teacher_cache.DEFAULT_VALUES), ("cached_bf16", "bfloat16"))}
 
 
 def _xla_flops(compiled):
@@ -314,12 +322,17 @@ def format_report(r: dict) -> str:
             "forward; the timed call includes reading and decoding the step's files from disk)",
             f"time ratios: online-teacher KD/standard {r['measured_ratio']:.3f}, cached KD/standard "
             f"{r['cached_ratio']:.3f}, cached/online KD {r['cached_vs_online']:.3f}",
-            f"of the cached step's time, reading + decoding + uploading the step's cache files: "
+            f"of the cached step's time, reading + hashing + decoding + uploading the step's cache files: "
             f"{r['cache_read_s'] * 1e3:.1f} ms",
+            f"the same step from an uncompressed cache (bfloat16 logits): {r['cached_bf16_step_s'] * 1e3:.1f} ms "
+            f"(of which reading {r['cache_bf16_read_s'] * 1e3:.1f} ms); compact/uncompressed time "
+            f"{r['cached_vs_bf16']:.3f}, paired {_mean_se(r['paired_cached_vs_bf16'])}",
         ]
-        for v, per_k in r["cache_bytes_per_token"].items():
-            lines.append(f"teacher cache on disk (bfloat16 logits + ids + float32 lse), V = {int(v):,}: "
-                         + ", ".join(f"k={k} {b:.1f} B/token" for k, b in per_k.items()))
+        for layout, key in (("compact", "cache_bytes_per_token"), ("bfloat16 logits + ids + float32 lse",
+                                                                   "cache_bf16_bytes_per_token")):
+            for v, per_k in r[key].items():
+                lines.append(f"teacher cache on disk ({layout}), V = {int(v):,}: "
+                             + ", ".join(f"k={k} {b:.1f} B/token" for k, b in per_k.items()))
     base = r.get("full_logits")
     if base:
         lines += [

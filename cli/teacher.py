@@ -6,7 +6,7 @@ import json
 
 import click
 
-from salt.runtime.train.teacher_cache import DEFAULT_TOP_K
+from salt.runtime.train.teacher_cache import DEFAULT_LOGIT_BITS, DEFAULT_TOP_K, DEFAULT_VALUES, VALUE_DTYPES
 
 
 @click.group("teacher")
@@ -27,12 +27,16 @@ def teacher():
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="The run's --seed.")
 @click.option("--subset", type=click.Path(), default=None, help="The run's --subset (SALT_DS selection).")
 @click.option("--exclude", type=click.Path(), default=None, help="The run's --exclude.")
-@click.option("--values-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="Storage of the top-k logits (float32: exact, for checks).")
+@click.option("--values-dtype", type=click.Choice(VALUE_DTYPES), default=DEFAULT_VALUES, show_default=True,
+              help="Storage of the top-k set: compact (ids as a coded set, logits quantised to --logit-bits "
+                   "relative to the row's max; docs/design.md §2), or uncompressed logits of this dtype "
+                   "(float32: exact, for checks).")
+@click.option("--logit-bits", type=click.IntRange(1, 16), default=DEFAULT_LOGIT_BITS, show_default=True,
+              help="Bits per logit of the compact layout.")
 @click.option("--out", required=True, type=click.Path(), help="Cache directory (resumed if interrupted).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cache(teacher_run, teacher_step, data, top_k, steps, batch, seq_len, seed, subset, exclude, values_dtype,
-          out, quiet):
+          logit_bits, out, quiet):
     """Run the teacher once over the windows a `salt train` with these settings sees in its KD
     phase; store the top-k logits, their ids and the full-vocabulary log-sum-exp per position.
     Use it with `salt train --teacher-cache OUT --kd-topk K` (K <= --top-k)."""
@@ -43,11 +47,27 @@ def cache(teacher_run, teacher_step, data, top_k, steps, batch, seq_len, seed, s
                       kd_steps=steps, steps=steps, batch=batch, seq_len=seq_len, seed=seed, subset=subset,
                       exclude=exclude)
     try:
-        manifest = build(cfg, top_k=top_k, out=out, values_dtype=values_dtype, progress=not quiet)
+        manifest = build(cfg, top_k=top_k, out=out, values_dtype=values_dtype, logit_bits=logit_bits,
+                         progress=not quiet)
     except (CacheError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     from salt.runtime.train.teacher_cache import stored_bytes
     size = stored_bytes(out)
     click.echo(json.dumps({"cache": out, "steps": steps, "top_k": top_k, "values_dtype": values_dtype,
-                           "ids_dtype": manifest["ids_dtype"], "bytes": size,
-                           "bytes_per_token": size / (steps * batch * seq_len)}))
+                           "logit_bits": manifest.get("logit_bits"), "ids_dtype": manifest["ids_dtype"],
+                           "bytes": size, "bytes_per_token": size / (steps * batch * seq_len)}))
+
+
+@teacher.command("verify")
+@click.argument("cache_dir", type=click.Path())
+def verify(cache_dir):
+    """Hash every shard of a teacher cache against its cache.json (`salt train --teacher-cache`
+    checks sizes when it opens a cache and each shard's hash when it reads it; this checks all
+    of them up front)."""
+    from salt.runtime.train.teacher_cache import CacheError, TeacherCache
+
+    try:
+        n = TeacherCache(cache_dir).verify()
+    except CacheError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps({"cache": cache_dir, "shards_verified": n}))

@@ -24,13 +24,19 @@ def _keep(ctx, param, value):
     return steps
 
 
+REQUIRED = ("data", "out", "steps")  # as flags or in --config (and --preset or --init)
+
+
 @click.command("train")
-@click.option("--preset", default="", help="Model preset of the student (see `salt presets`); or --init.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML or JSON file of settings in groups (model, data, kd, optimizer, run; docs/workflow.md), "
+                   "or a run's run_config.json (re-run it); flags given explicitly override it.")
+@click.option("--preset", default=None, help="Model preset of the student (see `salt presets`); required unless --init.")
 @click.option("--init", type=click.Path(), default=None,
               help="Start from this run's newest checkpoint (its architecture and weights, e.g. from "
                    "`salt import hf`) instead of a preset: continued pre-training.")
-@click.option("--data", required=True, type=click.Path(), help="Token store (from `salt data prepare`).")
-@click.option("--out", required=True, type=click.Path(), help="Run directory (checkpoints, metrics).")
+@click.option("--data", default=None, type=click.Path(), help="Token store (from `salt data prepare`). Required.")
+@click.option("--out", default=None, type=click.Path(), help="Run directory (checkpoints, metrics). Required.")
 @click.option("--teacher", type=click.Path(), default=None,
               help="Teacher run directory or checkpoint (needed when --kd-steps > 0).")
 @click.option("--teacher-step", type=int, default=None, help="Teacher checkpoint step (default: latest).")
@@ -48,7 +54,7 @@ def _keep(ctx, param, value):
               show_default=True, help="How ω goes to 0 at the end of the KD phase.")
 @click.option("--kd-steps1", type=click.IntRange(min=0), default=None,
               help="n_kd1: where the linear transitions start.")
-@click.option("--steps", type=click.IntRange(min=1), required=True, help="Total training steps n.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total training steps n. Required.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Global batch (windows).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens per window T.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adafactor", show_default=True)
@@ -98,15 +104,32 @@ def _keep(ctx, param, value):
 @click.option("--compile-cache", default=None, metavar="DIR",
               help="JAX persistent compilation cache (reused across runs); 'off' disables it. "
                    "Default: $SALT_COMPILE_CACHE, else ~/.cache/salt/jax-compile.")
+@click.option("--wandb", default=None, metavar="PROJECT",
+              help="Also log the metrics to this Weights & Biases project (optional dependency wandb; "
+                   "WANDB_MODE=offline works without a network). TensorBoard files are always written.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Resume even if the configuration changed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--progress/--no-progress", default=True, hidden=True)  # older spelling of --quiet
-def train(as_json, quiet, progress, **options):
+def train(as_json, quiet, progress, config_file, **options):
     """Train a student (or a teacher: --kd-steps 0) and write checkpoints and metrics.jsonl."""
-    from salt.runtime.train.config import COMPILE_CACHE_OFF, default_compile_cache
+    from salt.runtime.train.config import COMPILE_CACHE_OFF, default_compile_cache, load_config_file
     from salt.runtime.train.trainer import TrainConfig, TrainError, train as run_train
+
+    if config_file is not None:  # the file's settings, under the flags given explicitly
+        from click.core import ParameterSource
+        ctx = click.get_current_context()
+        try:
+            from_file = load_config_file(config_file)
+        except TrainError as e:
+            raise click.ClickException(str(e)) from None
+        for name, value in from_file.items():
+            if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+                options[name] = value
+    missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if options[n] is None]
+    if missing:
+        raise click.UsageError(f"Missing {', '.join(missing)} (give as flags or in --config)")
 
     cache = options["compile_cache"]
     if cache is None:
@@ -115,6 +138,7 @@ def train(as_json, quiet, progress, **options):
         options["compile_cache"] = None
     if not options["preset"] and options["init"] is None:
         raise click.UsageError("give --preset NAME, or --init RUN to continue training a run's model")
+    options["preset"] = options["preset"] or ""
     cfg = TrainConfig(**options)
     try:
         summary = run_train(cfg, progress=progress and not quiet)

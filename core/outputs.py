@@ -175,7 +175,7 @@ def _is_score_job(d: pathlib.Path) -> bool:
 
 def _is_teacher_cache(d: pathlib.Path) -> bool:
     manifest = _json_object(d / "cache.json")
-    return manifest is not None and manifest.get("format") == "salt-teacher-cache-v1"
+    return manifest is not None and manifest.get("format") in ("salt-teacher-cache-v1", "salt-teacher-cache-v2")
 
 
 def _is_hf_export(d: pathlib.Path) -> bool:
@@ -190,11 +190,11 @@ MARKER_FILES = {"store": "metadata.json", "run": "run_config.json", "reproductio
 # names each kind writes (regular expressions over the top-level entries)
 OWN_NAMES = {
     "store": r"metadata\.json|tokenizer\.(model|json)|token_check\.json|(train|val)\.(tokens|doc_offsets)\.bin",
-    "run": r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints",
+    "run": r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints|tensorboard|wandb",
     "reproduction": r"state\.json|data|runs|eval|teacher_cache|scores\.npz|scores\.npz\.partial|selection\.npy"
                     r"|results\.json|report\.md|[\w.-]+\.png",
     "score": r"job\.json|chunk_\d+\.npz",
-    "teacher_cache": r"cache\.json|step_\d{6}\.(logits|ids|lse)\.npy",
+    "teacher_cache": r"cache\.json|step_\d{6}\.(logits|ids|lse|rows)\.npy",
     "hf_export": r"salt_export\.json|config\.json|model\.safetensors|tokenizer\.json|tokenizer_config\.json"
                  r"|special_tokens_map\.json|generation_config\.json",
 }

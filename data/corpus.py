@@ -5,6 +5,8 @@ A *source* is a path (file or directory) or a glob pattern. Files are read as fo
 
 * ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` / ``*.jsonl.zstd``: one JSON object per line,
   the document text under ``text_field``; streamed line by line (never the whole file).
+* ``*.parquet``, and a Hugging Face dataset saved to disk (a directory, one source): the
+  ``text_field`` column, streamed by record batches (:mod:`salt.data.tabular`).
 * any other ``*.gz`` / ``*.zst`` / ``*.zstd``: one compressed text document.
 * any other file: one text document (a file holding a NUL byte is treated as binary,
   skipped and counted). A file (or decompressed stream) larger than ``LARGE_DOCUMENT_BYTES``
@@ -41,6 +43,8 @@ import sys
 import sysconfig
 import zlib
 from collections.abc import Iterator, Sequence
+
+from salt.data import tabular
 
 REPLACEMENT_CHAR = "\ufffd"
 _REPLACEMENT_BYTES = REPLACEMENT_CHAR.encode("utf-8")
@@ -90,7 +94,7 @@ class Corpus:
 
     @property
     def total_file_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
+        return sum(tabular.source_bytes(f) for f in self.files)
 
 
 def embedded_corpus() -> Corpus:
@@ -142,7 +146,7 @@ def resolve_sources(sources: Sequence[str | os.PathLike]) -> Corpus:
     for source in sources:
         text = os.fspath(source)
         path = pathlib.Path(text)
-        if path.is_file():
+        if path.is_file() or tabular.is_hf_dataset(path):
             add(path)
         elif path.is_dir():
             found = sorted(_walk_dir(path), key=lambda f: f.relative_to(path).as_posix())
@@ -187,6 +191,9 @@ def iter_documents(corpus: Corpus, stats: CorpusStats, *, text_field: str = "tex
         try:
             if name.endswith(_JSONL_SUFFIXES):
                 yield from _iter_jsonl(path, stats, text_field, skip_invalid)
+            elif tabular.is_parquet(path) or path.is_dir():
+                read = tabular.iter_parquet if path.is_file() else tabular.iter_hf_dataset
+                yield from read(path, stats, text_field, skip_invalid, _sanitize_surrogates)
             else:
                 yield from _iter_text_file(path, stats)
         except OSError as e:

@@ -297,7 +297,7 @@ def _cache_lines(results: dict) -> list[str]:
         return []
     size = sum(b["bytes"] for b in tc["builds"].values())
     per_token = ", ".join(f"{name.split('/', 1)[1]} {b['bytes_per_token']:.0f}" for name, b in tc["builds"].items())
-    lines = [f"Teacher caches (top-{results['kd']['topk']}, bfloat16 logits, ids, float32 lse): "
+    lines = [f"Teacher caches (top-{results['kd']['topk']}, compact: id sets, 5-bit logits, float32 lse): "
              f"{len(tc['builds'])} built in **{tc['build_s']:.1f} s** in all, {size / 2 ** 20:.1f} MiB on disk "
              f"(bytes per token: {per_token}). {tc['cached_kd_steps']:,} KD steps read them. KD step with "
              f"the online teacher {1000 * tc['online_kd_step_s']:.1f} ms vs from the cache "

@@ -42,6 +42,7 @@ import time
 import numpy as np
 
 from salt.runtime.experiments.presets import SIZES, ReproduceConfig, config_for  # noqa: F401 (re-exported)
+from salt.runtime.train import metrics_log
 
 VARIANTS = ("BASELINE", "RKD", "SALT", "SALT_DS")
 
@@ -279,7 +280,7 @@ def teacher_caches(cfg: ReproduceConfig, state, out, data_dir, slm_dir, selectio
     """Build (or resume) the teacher caches of the KD phases: per seed, one over the whole pool's
     order (``all``: RKD's ``n`` KD steps; SALT's first ``n_kd`` are the same windows) and one over
     SALT_DS's selected order (``selected``: ``n_kd`` steps).  The final SLM, top-``cfg.kd_topk``,
-    bfloat16 logits.  Returns ``{(seed, order): cache directory}``; stage ``teacher cache/…``
+    the default compact layout.  Returns ``{(seed, order): cache directory}``; stage ``teacher cache/…``
     records each build's wall time and size."""
     from salt.runtime.train import teacher_cache
 
@@ -483,6 +484,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
                                                  cfg), teacher_stats)
         summary["step"] = s
         slm["final" if s == cfg.teacher_steps else "at_kd"] = summary
+    metrics_log.write_eval(slm_dir, {v["step"]: {k: x for k, x in v.items() if k != "step"} for v in slm.values()})
     per_seed = {}
     for seed in cfg.student_seeds():
         stats = {}
@@ -492,6 +494,8 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
                 if s <= cfg.steps:
                     stats[(name, s)] = _eval_stats(eval_dir / f"seed{seed}_{name}_{s}.npz", run_dir,
                                                    s, data_dir, cfg)
+            metrics_log.write_eval(run_dir, {s: evaluate.summarize(stats[(name, s)], teacher_stats)
+                                             for (n, s) in stats if n == name})
         per_seed[str(seed)] = report.seed_results(stats, teacher_stats, n_kd=cfg.kd_steps,
                                                   n_steps=cfg.steps)
     if not state.done("sharpness"):

@@ -7,8 +7,13 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 import os
+import pathlib
+import types
+import typing
 
 import jax
 
@@ -131,15 +136,21 @@ class TrainConfig:
     # start from this run's newest checkpoint (its architecture and weights; e.g. `salt import hf`)
     # instead of a preset's random initialisation: continued pre-training. preset is then ""
     init: str | None = None
+    wandb: str | None = None  # W&B project the metrics are also logged to (optional dependency wandb)
 
     # fields that may differ between a run and its resumption
     RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes",
-                         "keep_checkpoints", "out", "compile_cache", "vocab_chunks")
+                         "keep_checkpoints", "out", "compile_cache", "vocab_chunks", "wandb")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["keep_checkpoints"] = list(self.keep_checkpoints)
         return d
+
+    def to_nested(self) -> dict:
+        """The config as the groups of a ``--config`` file (:data:`GROUPS`)."""
+        flat = self.to_dict()
+        return {group: {name: flat[name] for name in names} for group, names in GROUPS.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -255,3 +266,105 @@ class TrainConfig:
             raise TrainError(str(e)) from None
         if not isinstance(self.seed, int) or self.seed < 0:
             bad("seed", "must be an integer >= 0")
+        if self.wandb is not None:
+            import importlib.util
+            if not isinstance(self.wandb, str) or not self.wandb:
+                bad("wandb", "must be a W&B project name")
+            if importlib.util.find_spec("wandb") is None:
+                bad("wandb", "needs the optional dependency wandb (pip install 'salt[wandb]')")
+
+
+# ----------------------------------------------------------------------------- config files
+# The groups of a `salt train --config FILE` (YAML or JSON); every TrainConfig field is in exactly one.
+GROUPS = {
+    "model": ("preset", "init", "dtype", "kernels", "remat", "vocab_chunks"),
+    "data": ("data", "seq_len", "batch", "subset", "exclude", "objective", "seed"),
+    "kd": ("teacher", "teacher_step", "kd_steps", "omega", "rho", "kd_topk", "teacher_cache", "transition",
+           "kd_steps1"),
+    "optimizer": ("optimizer", "steps", "lr", "final_lr", "warmup", "clip", "weight_decay", "grad_accum"),
+    "run": ("out", "runtime", "mesh", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "resume",
+            "force", "compile_cache", "wandb"),
+}
+assert sorted(n for names in GROUPS.values() for n in names) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _field_types() -> dict:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _type_ok(value, hint) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is tuple:
+        return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                         for v in value)
+    return False
+
+
+def _unknown(key: str, known, where: str) -> TrainError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return TrainError(f"{where}: unknown key {key!r}{hint}; known: {', '.join(known)}")
+
+
+def load_config_file(path) -> dict:
+    """The TrainConfig fields a ``--config`` file sets, flat, type-checked: nested groups
+    (:data:`GROUPS`; YAML for ``*.yaml`` / ``*.yml``, else JSON), or a run's ``run_config.json``
+    (its flat ``train`` record: re-run a run).  An unknown key, a key in the wrong group or a
+    value of the wrong type is a :class:`TrainError` naming it."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"--config {str(path)!r}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            doc = yaml.safe_load(text)
+        else:
+            doc = json.loads(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError, RecursionError
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
+        raise TrainError(f"--config {str(path)!r}: not valid {kind} ({first})") from None
+    if not isinstance(doc, dict):
+        raise TrainError(f"--config {str(path)!r}: expected a mapping of groups ({', '.join(GROUPS)})")
+    types_ = _field_types()
+    flat: dict = {}
+    if isinstance(doc.get("train"), dict) and "model" in doc and "tokenizer_sha256" in doc:  # a run_config.json
+        items = [(f"train.{k}", k, v) for k, v in doc["train"].items()]
+        for where, key, _ in items:
+            if key not in types_:
+                raise _unknown(key, types_, f"--config {str(path)!r}: {where}")
+    else:
+        items = []
+        for group, body in doc.items():
+            if group not in GROUPS:
+                raise _unknown(group, GROUPS, f"--config {str(path)!r}")
+            if not isinstance(body, dict):
+                raise TrainError(f"--config {str(path)!r}: group {group!r} must be a mapping of keys")
+            for key, value in body.items():
+                if key not in GROUPS[group]:
+                    owner = next((g for g, names in GROUPS.items() if key in names), None)
+                    if owner is not None:
+                        raise TrainError(f"--config {str(path)!r}: key {group}.{key} belongs in group {owner!r}")
+                    raise _unknown(key, GROUPS[group], f"--config {str(path)!r}: {group}")
+                items.append((f"{group}.{key}", key, value))
+    for where, key, value in items:
+        if not _type_ok(value, types_[key]):
+            want = getattr(types_[key], "__name__", str(types_[key]))
+            want = "a list of step numbers" if key == "keep_checkpoints" else want
+            raise TrainError(f"--config {str(path)!r}: {where} = {value!r} is not of type {want}")
+        flat[key] = tuple(value) if key == "keep_checkpoints" else value
+    return flat

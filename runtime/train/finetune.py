@@ -38,7 +38,7 @@ import numpy as np
 
 from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.runtime.model import checkpoint, losses, transformer as model
-from salt.runtime.train import optim
+from salt.runtime.train import metrics_log, optim
 from salt.runtime.train.config import NonFiniteLoss, TrainError, resolve_kernels
 from salt.runtime.model.generate import LoadedModel, greedy_generate
 from salt.runtime.train.trainer import _Stop, _truncate_metrics, finite_or_none
@@ -300,6 +300,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
             "run_config": {"data": store_path, "seq_len": seq_len, "finetune": cfg.to_dict()}}
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, start_step)
+    run_log = metrics_log.RunLog(out)
 
     history, last_saved, step = [], (start_step or None), start_step
     bar = _progress(cfg.steps, start_step, progress)
@@ -318,6 +319,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
                     raise NonFiniteLoss(step, m["loss"], last_saved)
                 metrics_file.write(json.dumps(finite_or_none(record)) + "\n")
                 metrics_file.flush()
+                run_log.write(record)
                 history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
@@ -329,6 +331,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
                     break
     finally:
         bar.close()
+        run_log.close()
     train_s = time.perf_counter() - t0
     interrupted = step < cfg.steps
     summary = {"out": str(out), "base": identity, "start_step": start_step, "last_step": step,
@@ -338,6 +341,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
                "first": history[0] if history else None}
     if not interrupted and eval_ex:
         summary["eval"] = evaluate_examples(params, config, base, eval_ex, cfg, out, seq_len)
+        metrics_log.write_eval(out, {step: summary["eval"]})
     return summary
 
 

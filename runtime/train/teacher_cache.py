@@ -4,32 +4,46 @@ with no teacher forward (top-k KD, docs/design.md §2).
 
 The KD phase's batches are known in advance: step ``j`` reads the loader's batch ``j - 1``, a
 function of the seed, the pool (subset / exclude) and the step.  For each of the first ``steps``
-batches the cache holds, per target position (``[B, T, k]`` / ``[B, T]``):
+batches the cache holds, per target position, the teacher's top-k set (ids and raw logits) and the
+full-vocabulary ``lse(t)`` (so that both sparse-KD variants are possible: renormalised top-k, and
+top-k with the remaining mass spread), in one of two layouts:
 
-* ``step_SSSSSS.logits.npy``: the teacher's top-k raw logits in descending order (ties to the
-  lower id), ``bfloat16`` (stored as its uint16 bit pattern), ``float16`` or (exact, for checks)
-  ``float32``;
-* ``step_SSSSSS.ids.npy``: their token ids, the smallest unsigned type that holds ``V``;
-* ``step_SSSSSS.lse.npy``: the full-vocabulary ``lse(t)`` (float32), so that both sparse-KD
-  variants are possible (renormalised top-k, and top-k with the remaining mass spread).
+* ``compact`` (the default): ``step_SSSSSS.rows.npy``, uint8 ``[B, T, R]``, one fixed-size row
+  per position coded by :mod:`salt.runtime.train.cache_codec` (ids as an Elias-Fano set, logits
+  quantised to ``logit_bits`` relative to the row's max);
+* ``bfloat16`` / ``float16`` / ``float32`` (uncompressed; float32 is exact, for checks):
+  ``step_SSSSSS.logits.npy`` (descending, ties to the lower id; bfloat16 as its uint16 bit
+  pattern), ``step_SSSSSS.ids.npy`` (the smallest unsigned type that holds ``V``) and
+  ``step_SSSSSS.lse.npy`` (float32).
 
 ``cache.json`` holds the key (format, tokenizer sha256 and vocabulary, teacher run + step +
-manifest sha256, the loader state, k, steps, dtypes) and ``complete``.  Every file is written
-atomically (temp + rename) and ``lse`` last, so a step is done when its three files exist; a
-killed build (even ``kill -9``) resumes at the first missing step and, the teacher forward being
-deterministic, ends with byte-identical files.  No pickle anywhere.
+manifest sha256, the loader state, k, steps, the encoding), ``complete`` and, once complete, every
+shard's size and sha256.  A run opening the cache checks every shard's size, and every shard read
+is hashed and compared before use (the bytes are in memory anyway), so a damaged shard stops the
+run with a one-line error naming the file; :meth:`TeacherCache.verify` (``salt teacher verify``)
+hashes all of them up front.  Every file is written atomically (temp + rename), a step's last file
+(``rows`` or ``lse``) last, so a step is done when that file exists; a killed build (even ``kill
+-9``) resumes at the first missing step and, the teacher forward being deterministic, ends with
+byte-identical files.  No pickle anywhere.  Caches of the first format (``salt-teacher-cache-v1``,
+no hashes) are still read, unverified.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import pathlib
 
 import numpy as np
 
 from salt.core import outputs
+from salt.runtime.train import cache_codec
 
-CACHE_FORMAT = "salt-teacher-cache-v1"
-VALUE_DTYPES = ("bfloat16", "float16", "float32")  # float32: exact, for checks
+CACHE_FORMAT = "salt-teacher-cache-v2"
+OLD_FORMATS = ("salt-teacher-cache-v1",)  # read (no shard hashes), never written
+VALUE_DTYPES = ("compact", "bfloat16", "float16", "float32")  # float32: exact, for checks
+DEFAULT_VALUES = "compact"
+DEFAULT_LOGIT_BITS = 5  # the compact layout's logit bits: 298 B/token at k = 128, V = 256,000
 MANIFEST = "cache.json"
 DEFAULT_TOP_K = 64  # `salt teacher cache --top-k`, and `salt reproduce --teacher-cache auto` without --kd-topk
 
@@ -46,18 +60,60 @@ def ids_dtype(vocab: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def _paths(cache: pathlib.Path, step0: int) -> dict:
+def _paths(cache: pathlib.Path, step0: int, values_dtype: str) -> dict:
+    """The step's files, the one that marks it done last."""
     stem = f"step_{step0 + 1:06d}"
-    return {name: cache / f"{stem}.{name}.npy" for name in ("logits", "ids", "lse")}
+    names = ("rows",) if values_dtype == "compact" else ("logits", "ids", "lse")
+    return {name: cache / f"{stem}.{name}.npy" for name in names}
 
 
-def write_step(cache, step0: int, top_BxTxK, ids_BxTxK, lse_BxT, *, values_dtype: str, ids_dtype) -> None:
-    """Write 0-based step ``step0``'s three files, each atomically (temp + rename), ``lse`` last:
-    the step is done once its ``lse`` file exists."""
-    paths = _paths(pathlib.Path(cache), step0)
-    outputs.save_npy(paths["logits"], _encode_logits(np.asarray(top_BxTxK, np.float32), values_dtype))
-    outputs.save_npy(paths["ids"], np.asarray(ids_BxTxK).astype(ids_dtype))
-    outputs.save_npy(paths["lse"], np.asarray(lse_BxT, np.float32))
+def _npy_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _shard(data: bytes) -> list:
+    """A shard's manifest entry: ``[size, sha256]``."""
+    return [len(data), hashlib.sha256(data).hexdigest()]
+
+
+def write_step(cache, step0: int, top_BxTxK, ids_BxTxK, lse_BxT, *, values_dtype: str, ids_dtype=None,
+               vocab: int | None = None, logit_bits: int = DEFAULT_LOGIT_BITS) -> dict:
+    """Write 0-based step ``step0``'s files, each atomically (temp + rename), the one that marks
+    the step done last; returns ``{file name: [size, sha256]}``.  ``compact`` needs ``vocab``
+    (and ``logit_bits``), the uncompressed layouts ``ids_dtype``."""
+    paths = _paths(pathlib.Path(cache), step0, values_dtype)
+    if values_dtype == "compact":
+        B, T, k = np.shape(top_BxTxK)
+        rows = cache_codec.encode(np.reshape(top_BxTxK, (B * T, k)), np.reshape(ids_BxTxK, (B * T, k)),
+                                  np.reshape(lse_BxT, B * T), vocab=vocab, logit_bits=logit_bits)
+        arrays = {"rows": rows.reshape(B, T, -1)}
+    else:
+        arrays = {"logits": _encode_logits(np.asarray(top_BxTxK, np.float32), values_dtype),
+                  "ids": np.asarray(ids_BxTxK).astype(ids_dtype), "lse": np.asarray(lse_BxT, np.float32)}
+    shards = {}
+    for name, path in paths.items():
+        data = _npy_bytes(arrays[name])
+        outputs.write_bytes(path, data)
+        shards[path.name] = _shard(data)
+    return shards
+
+
+def write_one_step(path, top_BxTxK, ids_BxTxK, lse_BxT, *, vocab: int, teacher: dict,
+                   values_dtype: str = DEFAULT_VALUES, logit_bits: int = DEFAULT_LOGIT_BITS) -> "TeacherCache":
+    """A complete one-step cache of these arrays in the (empty) directory ``path``, opened (for
+    ``salt bench step``, which times the cached step's read from real files)."""
+    B, T, k = np.shape(top_BxTxK)
+    manifest = {"format": CACHE_FORMAT, "vocab": vocab, "top_k": k, "steps": 1, "batch": B, "seq_len": T,
+                "values_dtype": values_dtype, "ids_dtype": ids_dtype(vocab).name, "teacher": teacher,
+                "complete": True}
+    if values_dtype == "compact":
+        manifest["logit_bits"] = logit_bits
+    manifest["shards"] = write_step(path, 0, top_BxTxK, ids_BxTxK, lse_BxT, values_dtype=values_dtype,
+                                    ids_dtype=manifest["ids_dtype"], vocab=vocab, logit_bits=logit_bits)
+    outputs.write_json(pathlib.Path(path) / MANIFEST, manifest)
+    return TeacherCache(path)
 
 
 def stored_bytes(cache) -> int:
@@ -65,17 +121,22 @@ def stored_bytes(cache) -> int:
     return sum(p.stat().st_size for p in pathlib.Path(cache).glob("step_*.npy"))
 
 
-def bytes_per_token(top_k: int, vocab: int, *, values_dtype: str = "bfloat16", batch: int = 8,
-                    seq_len: int = 128) -> float:
+def bytes_per_token(top_k: int, vocab: int, *, values_dtype: str = DEFAULT_VALUES, batch: int = 8,
+                    seq_len: int = 128, logit_bits: int = DEFAULT_LOGIT_BITS) -> float:
     """On-disk bytes per target position of a cache with these settings, measured: one step of
-    ``[batch, seq_len]`` is written with :func:`write_step` into a temporary directory and its
-    files' sizes (``.npy`` headers included) are divided by ``batch * seq_len``."""
+    ``[batch, seq_len]`` (distinct ids, random logits) is written with :func:`write_step` into a
+    temporary directory and its files' sizes (``.npy`` headers included) are divided by ``batch *
+    seq_len``."""
     import tempfile
     shape = (batch, seq_len, top_k)
+    rng = np.random.default_rng(0)
+    ids = np.argsort(rng.random((batch * seq_len, vocab)), axis=-1)[:, :top_k] if vocab <= 8192 else \
+        np.stack([rng.choice(vocab, top_k, replace=False) for _ in range(batch * seq_len)])
     with tempfile.TemporaryDirectory(prefix="salt-cache-size-") as tmp:
-        write_step(tmp, 0, np.zeros(shape, np.float32), np.zeros(shape, np.int64), np.zeros(shape[:2], np.float32),
-                   values_dtype=values_dtype, ids_dtype=ids_dtype(vocab))
-        size = sum(p.stat().st_size for p in _paths(pathlib.Path(tmp), 0).values())
+        write_step(tmp, 0, rng.standard_normal(shape).astype(np.float32), ids.reshape(shape),
+                   np.zeros(shape[:2], np.float32), values_dtype=values_dtype, ids_dtype=ids_dtype(vocab),
+                   vocab=vocab, logit_bits=logit_bits)
+        size = sum(p.stat().st_size for p in _paths(pathlib.Path(tmp), 0, values_dtype).values())
     return size / (batch * seq_len)
 
 
@@ -113,7 +174,8 @@ def make_topk_fn(t_config, vocab: int, k: int, attention: str):
     return run
 
 
-def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: bool = True) -> dict:
+def build(cfg, *, top_k: int, out, values_dtype: str = DEFAULT_VALUES, logit_bits: int = DEFAULT_LOGIT_BITS,
+          progress: bool = True) -> dict:
     """Build (or resume building) the cache ``out`` for the KD phase of ``cfg`` (a
     :class:`salt.runtime.train.config.TrainConfig`: teacher, teacher_step, data, batch, seq_len, seed,
     subset, exclude; ``kd_steps`` is the number of steps cached).  Returns the manifest."""
@@ -125,6 +187,8 @@ def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: boo
 
     if values_dtype not in VALUE_DTYPES:
         raise CacheError(f"--values-dtype must be one of {VALUE_DTYPES}, got {values_dtype!r}")
+    if values_dtype == "compact" and not (isinstance(logit_bits, int) and 1 <= logit_bits <= 16):
+        raise CacheError(f"--logit-bits must be in [1, 16], got {logit_bits!r}")
     if not cfg.teacher:
         raise CacheError("--teacher is required")
     if not isinstance(cfg.kd_steps, int) or cfg.kd_steps < 1:
@@ -149,6 +213,8 @@ def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: boo
            "steps": int(cfg.kd_steps), "batch": int(cfg.batch), "seq_len": int(cfg.seq_len),
            "seed": int(cfg.seed), "values_dtype": values_dtype,
            "ids_dtype": ids_dtype(store.vocab_size).name}
+    if values_dtype == "compact":
+        key["logit_bits"] = int(logit_bits)
     manifest_path = out / MANIFEST
     own_tmp = [*out.glob(".step_*.npy.*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")] if out.is_dir() else []
     if own_tmp and set(out.iterdir()) == set(own_tmp):  # killed while writing the first cache.json
@@ -175,18 +241,21 @@ def build(cfg, *, top_k: int, out, values_dtype: str = "bfloat16", progress: boo
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.kd_steps, desc="teacher cache", disable=not progress, dynamic_ncols=True)
+    shards: dict = {}
     try:
         for step0 in range(cfg.kd_steps):
-            paths = _paths(out, step0)
-            if all(p.is_file() for p in paths.values()):
+            paths = _paths(out, step0, values_dtype)
+            if all(p.is_file() for p in paths.values()):  # done by a killed build: hash what it wrote
+                shards.update({p.name: _shard(p.read_bytes()) for p in paths.values()})
                 bar.update(1)
                 continue
             top, ids, lse = jax.device_get(run(t_params, jnp.asarray(kd_loader.batch(step0))))
-            write_step(out, step0, top, ids, lse, values_dtype=values_dtype, ids_dtype=key["ids_dtype"])
+            shards.update(write_step(out, step0, top, ids, lse, values_dtype=values_dtype,
+                                     ids_dtype=key["ids_dtype"], vocab=vocab, logit_bits=logit_bits))
             bar.update(1)
     finally:
         bar.close()
-    manifest = dict(key, complete=True)
+    manifest = dict(key, complete=True, shards=shards)
     outputs.write_json(manifest_path, manifest)
     return manifest
 
@@ -197,13 +266,15 @@ def _read_manifest(cache: pathlib.Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CacheError(f"teacher cache {str(cache)!r}: {MANIFEST} is unreadable ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (CACHE_FORMAT, *OLD_FORMATS):
         raise CacheError(f"{str(cache)!r} is not a teacher cache (format {CACHE_FORMAT})")
     return manifest
 
 
 class TeacherCache:
-    """A complete cache opened for a run; :meth:`check` names the first mismatch."""
+    """A complete cache opened for a run; :meth:`check` names the first mismatch.  Opening checks
+    that every shard the manifest lists exists with its size; :meth:`batch` hashes each shard it
+    reads against the manifest; :meth:`verify` hashes them all."""
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
@@ -213,6 +284,43 @@ class TeacherCache:
         if not self.manifest.get("complete"):
             raise CacheError(f"teacher cache {str(path)!r} is incomplete (its build was interrupted): "
                              "re-run the same `salt teacher cache` command to finish it")
+        self.shards = self.manifest.get("shards") if self.manifest["format"] == CACHE_FORMAT else None
+        if self.manifest["format"] == CACHE_FORMAT and not isinstance(self.shards, dict):
+            raise CacheError(f"teacher cache {str(path)!r}: {MANIFEST} lists no shard hashes")
+        for name, entry in (self.shards or {}).items():
+            file = self.path / name
+            try:
+                size = file.stat().st_size
+            except OSError:
+                raise CacheError(f"teacher cache shard {str(file)!r} is missing: rebuild the cache") from None
+            if not isinstance(entry, list) or size != entry[0]:
+                raise CacheError(f"teacher cache shard {str(file)!r} is damaged (size {size}, expected "
+                                 f"{entry[0] if isinstance(entry, list) else '?'}): rebuild the cache")
+
+    def _read(self, file: pathlib.Path) -> bytes:
+        """A shard's bytes, checked against its manifest hash (unchecked in a v1 cache)."""
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            raise CacheError(f"teacher cache shard {str(file)!r} is unreadable ({e.strerror})") from None
+        if self.shards is not None:
+            entry = self.shards.get(file.name)
+            if entry is None:
+                raise CacheError(f"teacher cache shard {str(file)!r} is not listed in {MANIFEST}")
+            if _shard(data) != entry:
+                raise CacheError(f"teacher cache shard {str(file)!r} is damaged (sha256 mismatch): rebuild "
+                                 "the cache")
+        return data
+
+    def verify(self) -> int:
+        """Hash every shard against the manifest (CacheError naming the first damaged one);
+        returns the number of shards checked."""
+        if self.shards is None:
+            raise CacheError(f"teacher cache {str(self.path)!r} is of format {self.manifest['format']}, which has "
+                             "no shard hashes: rebuild it to verify it")
+        for name in sorted(self.shards):
+            self._read(self.path / name)
+        return len(self.shards)
 
     def check(self, cfg, store, kd_loader, vocab: int) -> None:
         """Refuse (CacheError naming the field) a cache whose data order, tokenizer, seq-len, batch,
@@ -238,20 +346,32 @@ class TeacherCache:
                              f"with K <= {m.get('top_k')}, got {cfg.kd_topk}")
 
     def batch(self, step0: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(logits_BxTxK float32, ids_BxTxK int32)`` of 0-based step ``step0``, the first ``k``."""
-        paths = _paths(self.path, step0)
-        try:
-            arrays = {name: np.load(p, allow_pickle=False) for name, p in paths.items() if name != "lse"}
-        except (OSError, ValueError) as e:
-            raise CacheError(f"teacher cache {str(self.path)!r}: step {step0 + 1} is unreadable ({e})") from None
+        """``(logits_BxTxK float32, ids_BxTxK int32)`` of 0-based step ``step0``, the first ``k``
+        (descending logits, ties to the lower id)."""
         m = self.manifest
-        shape = (m["batch"], m["seq_len"], m["top_k"])
-        stored = np.dtype(np.uint16 if m["values_dtype"] == "bfloat16" else m["values_dtype"])
-        for name, dtype in (("logits", stored),
-                            ("ids", np.dtype(m["ids_dtype"]))):
+        paths = _paths(self.path, step0, m["values_dtype"])
+        try:
+            arrays = {name: np.load(io.BytesIO(self._read(p)), allow_pickle=False) for name, p in paths.items()
+                      if name != "lse"}
+        except ValueError as e:
+            raise CacheError(f"teacher cache {str(self.path)!r}: step {step0 + 1} is unreadable ({e})") from None
+        B, T, K = m["batch"], m["seq_len"], m["top_k"]
+        if m["values_dtype"] == "compact":
+            expected = {"rows": (np.dtype(np.uint8), (B, T, cache_codec.row_bytes(m["vocab"], K, m["logit_bits"])))}
+        else:
+            expected = {"logits": (np.dtype(np.uint16 if m["values_dtype"] == "bfloat16" else m["values_dtype"]),
+                                   (B, T, K)), "ids": (np.dtype(m["ids_dtype"]), (B, T, K))}
+        for name, (dtype, shape) in expected.items():
             if arrays[name].shape != shape or arrays[name].dtype != dtype:
                 raise CacheError(f"teacher cache {str(self.path)!r}: {paths[name].name} has "
-                                 f"{arrays[name].dtype} {arrays[name].shape}, expected {np.dtype(dtype)} {shape}")
+                                 f"{arrays[name].dtype} {arrays[name].shape}, expected {dtype} {shape}")
+        if m["values_dtype"] == "compact":
+            try:
+                logits, ids, _ = cache_codec.decode(arrays["rows"].reshape(B * T, -1), vocab=m["vocab"], k=K,
+                                                    logit_bits=m["logit_bits"], keep=k)
+            except ValueError as e:
+                raise CacheError(f"teacher cache {str(self.path)!r}: {paths['rows'].name}: {e}") from None
+            return logits.reshape(B, T, k), ids.reshape(B, T, k)
         ids = arrays["ids"][..., :k].astype(np.int32)
         if ids.size and int(ids.max()) >= m["vocab"]:
             raise CacheError(f"teacher cache {str(self.path)!r}: {paths['ids'].name} holds an id >= V={m['vocab']}")

@@ -39,7 +39,7 @@ import numpy as np
 from salt.reference.config import VOCAB_FROM_DATA, ModelConfig, get_preset, param_count
 from salt.core import outputs
 from salt.runtime.model import checkpoint, transformer as model, sharding
-from salt.runtime.train import optim
+from salt.runtime.train import metrics_log, optim
 from salt.runtime.train.config import (NonFiniteLoss, TrainConfig, TrainError, resolve_kernels,  # noqa: F401
                                  runtime_devices)
 from salt.runtime.train.step import (abstract_of, compiled_step, hyperparameters, opt_state_abstract,
@@ -453,6 +453,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
     metrics_path = run_dir / "metrics.jsonl"
     if first_process:
         _truncate_metrics(metrics_path, start_step)
+    run_log = metrics_log.RunLog(run_dir, wandb_project=cfg.wandb, config=cfg.to_dict()) if first_process else None
     keep = set(int(s) for s in cfg.keep_checkpoints)
     if cfg.kd_steps > 0:
         keep.add(cfg.kd_steps)  # the "early" evaluation point n_kd
@@ -501,6 +502,7 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                 if first_process:
                     metrics_file.write(json.dumps(finite_or_none(record)) + "\n")
                     metrics_file.flush()
+                    run_log.write(record)
                 history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", phase=phase)
@@ -515,6 +517,8 @@ def _train_jax(cfg, config, store, mesh, subset_ids, exclude_ids, teacher, run_d
                     break
     finally:
         bar.close()
+        if run_log is not None:
+            run_log.close()
     interrupted = step < cfg.steps
     return {"run_dir": str(run_dir), "preset": cfg.preset, "model": config.to_dict(),
             "start_step": start_step, "last_step": step, "interrupted": interrupted,

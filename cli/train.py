@@ -54,7 +54,7 @@ def _keep(ctx, param, value):
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Global-norm gradient clipping (0: off).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True,
               help="Seed of the initial parameters and of the data order.")
 @click.option("--mesh", default="data=1,model=1", show_default=True,
               help="Device mesh 'data=D,model=M' (data=-1: all devices).")
@@ -97,10 +97,13 @@ def _keep(ctx, param, value):
                    "Default: $SALT_COMPILE_CACHE, else ~/.cache/salt/jax-compile.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Resume even if the configuration changed.")
+@click.option("--start-over", "start_over", is_flag=True,
+              help="With --resume: when no checkpoint of the run is intact, train it again from step 0 "
+                   "in place (the damaged steps are kept aside) instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--progress/--no-progress", default=True, hidden=True)  # older spelling of --quiet
-def train(as_json, quiet, progress, **options):
+def train(as_json, quiet, progress, start_over, **options):
     """Train a student (or a teacher: --kd-steps 0) and write checkpoints and metrics.jsonl."""
     from salt.runtime.train.config import COMPILE_CACHE_OFF, default_compile_cache
     from salt.runtime.train.trainer import TrainConfig, TrainError, train as run_train
@@ -112,7 +115,7 @@ def train(as_json, quiet, progress, **options):
         options["compile_cache"] = None
     cfg = TrainConfig(**options)
     try:
-        summary = run_train(cfg, progress=progress and not quiet)
+        summary = run_train(cfg, progress=progress and not quiet, start_over=start_over)
     except (TrainError, ValueError) as e:  # bad input: a message, no traceback
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -163,7 +163,7 @@ def newest_intact(run_dir, *, report: bool = True) -> int | None:
             return s
         except CorruptCheckpoint as e:
             if report:
-                _warn(f"{e}; using an older checkpoint")
+                _warn(f"{e}; skipped, trying the step before it")
     return None
 
 

@@ -38,6 +38,7 @@ import sys
 import numpy as np
 
 from salt.core import outputs
+from salt.core.inputs import file_problem
 from salt.data.ids import load_window_ids, numpy_file_kind
 from salt.reference.config import PAPER_K
 
@@ -188,8 +189,9 @@ save_npy_atomic = outputs.save_npy
 def load_scores(path) -> dict:
     """Read a scores ``.npz`` written by :func:`score` (no pickle) into a dict."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"scores file {str(path)!r} does not exist")
+    problem = file_problem(path)
+    if problem:
+        raise ValueError(f"scores file {str(path)!r} {problem}")
     try:
         if numpy_file_kind(path) != "npz":
             raise ValueError("not a .npz archive")

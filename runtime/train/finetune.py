@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salt.core import outputs
+from salt.core.inputs import file_problem
 from salt.core.lock import DirLock, LockError
 from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.runtime.model import checkpoint, losses, transformer as model
@@ -118,8 +119,9 @@ def read_examples(path) -> list[dict]:
     """The examples of a JSONL file: dicts with ``prompt``, ``completion`` and ``line``
     (1-based).  Raises TrainError naming the file and line of the first bad one."""
     p = pathlib.Path(path)
-    if not p.is_file():
-        raise TrainError(f"data file {str(path)!r} does not exist")
+    problem = file_problem(p)
+    if problem:
+        raise TrainError(f"data file {str(path)!r} {problem}")
     examples = []
     with open(p, "rb") as f:
         for n, raw in enumerate(f, start=1):

@@ -280,6 +280,10 @@ def _train_locked(cfg, store, config, run_dir, progress, start_over):
     sentinels = _ul2_sentinels(cfg, store) if cfg.objective == "ul2" else None
 
     mesh = sharding.make_mesh(cfg.mesh, devices=runtime_devices(cfg.runtime))
+    platform = mesh.devices.flat[0].platform
+    if resolve_kernels(cfg.kernels, platform) == "pallas" and platform != "tpu":
+        raise TrainError(f"--kernels pallas needs a TPU, but this run's devices are {platform}; use "
+                         "--kernels auto or xla")
     if cfg.batch % mesh.shape["data"]:
         raise TrainError(f"batch={cfg.batch} is not divisible by the data axis "
                          f"({mesh.shape['data']}) of mesh {cfg.mesh!r}")

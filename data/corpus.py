@@ -160,7 +160,8 @@ def resolve_sources(sources: Sequence[str | os.PathLike]) -> Corpus:
             for f in found:
                 add(f)
         else:
-            raise ValueError(f"source {text!r}: {file_problem(path) or 'no such file or directory'}")
+            why = file_problem(path) if os.path.lexists(path) else None
+            raise ValueError(f"source {text!r}: {why or 'no such file or directory'}")
     return Corpus(tuple(files), {
         "kind": "files",
         "sources": [os.fspath(s) for s in sources],

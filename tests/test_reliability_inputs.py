@@ -550,7 +550,7 @@ def _(d, w):
 @_case("finetune-data-is-a-directory")
 def _(d, w):
     (d / "ftdata").mkdir()
-    return ["finetune", "--run", w / "teacher", "--data", d / "ftdata", "--out", d / "ft", "--steps", 1, "--warmup", 0, "--warmup", 0,
+    return ["finetune", "--run", w / "teacher", "--data", d / "ftdata", "--out", d / "ft", "--steps", 1, "--warmup", 0,
             "--quiet"], "ftdata.*is a directory, expected a file", d / "ft"
 
 
@@ -568,7 +568,8 @@ def _(d, w):
 @_case("finetune-out-inside-its-run")
 def _(d, w):
     run = _copy(w / "teacher", d / "base")
-    return ["finetune", "--run", run, "--data", _ft_data(d), "--out", run / "ft", "--steps", 1, "--warmup", 0, "--quiet"], \
+    return ["finetune", "--run", run, "--data", _ft_data(d), "--out", run / "ft", "--steps", 1, "--warmup", 0,
+            "--quiet"], \
         "lies inside an input", run / "ft"
 
 

@@ -1,4 +1,4 @@
-"""Exclusive locks on SALT's output directories (docs/safety.md §2): one writer per directory.
+"""Exclusive locks on SALT's output directories (docs/safety.md §3): one writer per directory.
 
 A process that writes a run, reproduction, cache or store directory holds ``DIR/.salt.lock``
 with ``fcntl.flock(LOCK_EX | LOCK_NB)`` for as long as it writes, and records its pid, host,

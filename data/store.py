@@ -9,7 +9,7 @@ Layout of a store directory::
     val.tokens.bin, val.doc_offsets.bin
     token_check.json          cache of the checks below (size, mtime, ctime, inode, max id per split)
 
-Integrity (docs/safety.md §5).  ``metadata.json`` records the sha256 and size of every data file
+Integrity (docs/safety.md §7).  ``metadata.json`` records the sha256 and size of every data file
 (``files``).  Opening a store checks, cheaply: the tokenizer's sha256 and that its vocabulary is
 the metadata's ``vocab_size``; each file's size; on first use, and whenever a tokens or offsets
 file's size, mtime, ctime or inode changed, each file's sha256 against the metadata and every

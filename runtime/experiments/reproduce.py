@@ -242,7 +242,12 @@ def _side_by_side(jobs, state, prepare_job) -> None:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: the caller's handlers stay
+            pass
     try:
         _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job)
     finally:

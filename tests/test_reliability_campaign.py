@@ -45,17 +45,22 @@ def _train_args(world, out, *extra):
             "--batch", 4, "--seq-len", 8, "--optimizer", "adamw", "--no-progress", *extra]
 
 
-def _fake_reproduction(world, out: pathlib.Path) -> None:
-    """A finished-looking reproduction: state.json with every stage, runs/* copied from a real run."""
+def _fake_reproduction(world, out: pathlib.Path):
+    """A finished-looking reproduction of ``--tiny --data world/data``: its state.json (same
+    settings) with stages done, runs/* copied from a real run; returns its configuration."""
     import shutil
+    from salt.runtime.experiments import reproduce
+    cfg = reproduce.config_for("tiny", out=str(out), data=str(world / "data"))
     out.mkdir()
-    (out / "state.json").write_text(json.dumps({"settings": {}, "stages": {"data": {"seconds": 1.0},
-                                                                            "slm": {"seconds": 1.0}}}))
+    state = reproduce._State(out, cfg, force=True).data
+    state["stages"] = {"slm": {"seconds": 1.0}, "score": {"seconds": 1.0}}
+    (out / "state.json").write_text(json.dumps(state))
     for name in ("SLM", "BASELINE-seed0"):
         shutil.copytree(world / "teacher", out / "runs" / name)
     (out / "eval").mkdir()
     (out / "eval" / "SLM_8.npz").write_bytes(b"stats")
     (out / "report.md").write_text("# report\n")
+    return cfg
 
 
 # --------------------------------------------------------------------------- data loss
@@ -63,7 +68,7 @@ def _fake_reproduction(world, out: pathlib.Path) -> None:
 def test_overwrite_refuses_user_files_deep_inside_and_deletes_nothing(world, tmp_path):
     from salt.runtime.experiments import reproduce
     out = tmp_path / "R"
-    _fake_reproduction(world, out)
+    cfg = _fake_reproduction(world, out)
     assert outputs.foreign_files(out, "reproduction") == []
     (out / "eval" / "my.txt").write_text("mine")
     (out / "runs" / "SLM" / "notes.txt").write_text("mine")
@@ -72,8 +77,7 @@ def test_overwrite_refuses_user_files_deep_inside_and_deletes_nothing(world, tmp
     (step / "params" / "mine.bin").write_bytes(b"x")  # not in the step's manifest
     before = _snapshot(out)
     with pytest.raises(ValueError, match="did not write") as e:
-        reproduce.run(reproduce.config_for("tiny", out=str(out), data=str(world / "data")), force=True,
-                      progress=False)
+        reproduce.run(cfg, force=True, progress=False)
     for name in ("eval/my.txt", "runs/SLM/notes.txt", "runs/BASELINE-seed0/notes.txt"):
         assert name in str(e.value)
     assert _snapshot(out) == before
@@ -84,7 +88,7 @@ def test_overwrite_resets_the_state_with_the_files_it_removes(world, tmp_path, m
     every stage, so every later reproduce failed "checkpoint path R/runs/SLM does not exist"."""
     from salt.runtime.experiments import reproduce
     out = tmp_path / "R"
-    _fake_reproduction(world, out)
+    cfg = _fake_reproduction(world, out)
 
     class Stop(Exception):
         pass
@@ -92,7 +96,6 @@ def test_overwrite_resets_the_state_with_the_files_it_removes(world, tmp_path, m
     def stop(tc, progress=True):
         raise Stop(tc.out)
     monkeypatch.setattr(reproduce, "_train", stop)
-    cfg = reproduce.config_for("tiny", out=str(out), data=str(world / "data"))
     with pytest.raises(Stop, match="runs/SLM"):  # the SLM is trained again: its stage was reset
         reproduce.run(cfg, force=True, progress=False)
     state = json.loads((out / "state.json").read_text())

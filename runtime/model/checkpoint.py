@@ -240,10 +240,10 @@ def save(run_dir, step: int, params, opt_state, meta: dict, *, keep: set[int] | 
         raise CheckpointWriteError(f"cannot save checkpoint {step_dir(run_dir, step)}: {_os_reason(e)}; the "
                                    "step stays incomplete (skipped on resume); free space and resume "
                                    "with --resume") from None
-        if keep is not None:
-            for old in _step_dirs(run_dir):
-                if old != step and old not in keep:
-                    _delete_step(run_dir, old)
+    if jax.process_index() == 0 and keep is not None:
+        for old in _step_dirs(run_dir):
+            if old != step and old not in keep:
+                _delete_step(run_dir, old)
     return digest
 
 

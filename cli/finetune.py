@@ -32,7 +32,7 @@ from salt.runtime.train.optim import OPTIMIZERS
 @click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True, help="Linear warm-up steps.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Global-norm gradient clipping (0: off).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True,
               help="Seed of the example order and the held-out split.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--kernels", type=click.Choice(["auto", "xla", "naive"]), default="auto", show_default=True,

@@ -6,16 +6,33 @@ To add a command, add its ``"name": "module:attribute"`` to ``COMMANDS``.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import signal
 import sys
-import threading
 
-import click
 
-from salt.core.platform import default_jax_platforms
+def _quit_during_start_up(signum, frame):
+    """Ctrl-C / SIGTERM while the ``salt`` command is still importing (before :func:`main` has
+    its handlers): nothing has been written yet, so end at once with one line, no traceback."""
+    os.write(2, f"interrupted ({signal.Signals(signum).name}) during start-up; nothing was written\n".encode())
+    os._exit(128 + signum)
+
+
+if os.path.basename(sys.argv[0]) == "salt":  # the command itself, not an importer (tests)
+    try:
+        signal.signal(signal.SIGTERM, _quit_during_start_up)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _quit_during_start_up)
+    except ValueError:  # not the main thread
+        pass
+
+import importlib  # noqa: E402 - after the start-up handlers
+import importlib.util  # noqa: E402
+import threading  # noqa: E402
+
+import click  # noqa: E402
+
+from salt.core.platform import default_jax_platforms  # noqa: E402
 
 COMMANDS = {
     "data": ("salt.cli.data", "data", "Prepare the corpus, tokenizer and token store."),
@@ -127,14 +144,14 @@ def main(argv=None):
     non-zero exit code, never a traceback (docs/safety.md): ClickException -> its code (1, 2 for
     usage); Ctrl-C -> 130; SIGTERM outside the training loop -> 143; OSError -> 1."""
     global _ENTRY
-    default_jax_platforms()
     _ENTRY = sys._getframe()
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored (nohup, &)
-            signal.signal(signal.SIGINT, _raising(KeyboardInterrupt))
+        if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _quit_during_start_up):
+            signal.signal(signal.SIGINT, _raising(KeyboardInterrupt))  # not if ignored (nohup, &)
     except ValueError:  # not the main thread
         pass
+    default_jax_platforms()
     try:
         rv = cli.main(args=argv, prog_name="salt", standalone_mode=False)
     except click.ClickException as e:

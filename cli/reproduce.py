@@ -25,7 +25,7 @@ from salt.runtime.train.teacher_cache import DEFAULT_TOP_K as DEFAULT_CACHE_TOPK
 @click.option("--tiny", is_flag=True, help="Shorthand for --size tiny (for tests).")
 @click.option("--seeds", type=int, default=None,
               help="Independent student seeds (initialisation and data order): seed, seed+1, ...")
-@click.option("--seed", type=int, default=None, help="First seed (also the SLM's).")
+@click.option("--seed", type=click.IntRange(min=0, max=2**62), default=None, help="First seed (also the SLM's).")
 @click.option("--omega", type=float, default=None, help="Distillation weight ω (paper 0.667).")
 @click.option("--rho", type=float, default=None, help="Teacher temperature factor ρ (paper 0.25).")
 @click.option("--transition", type=click.Choice(TRANSITIONS), default=None,

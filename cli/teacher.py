@@ -24,7 +24,8 @@ def teacher():
               help="KD steps n_kd to cache (the first n_kd batches of the run).")
 @click.option("--batch", type=click.IntRange(min=1), required=True, help="Global batch of the run.")
 @click.option("--seq-len", type=click.IntRange(min=1), required=True, help="Tokens per window T of the run.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="The run's --seed.")
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True,
+              help="The run's --seed.")
 @click.option("--subset", type=click.Path(), default=None, help="The run's --subset (SALT_DS selection).")
 @click.option("--exclude", type=click.Path(), default=None, help="The run's --exclude.")
 @click.option("--values-dtype", type=click.Choice(VALUE_DTYPES), default=DEFAULT_VALUES, show_default=True,

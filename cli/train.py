@@ -31,7 +31,8 @@ REQUIRED = ("data", "out", "steps")  # as flags or in --config (and --preset or 
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML or JSON file of settings in groups (model, data, kd, optimizer, run; docs/workflow.md), "
                    "or a run's run_config.json (re-run it); flags given explicitly override it.")
-@click.option("--preset", default=None, help="Model preset of the student (see `salt presets`); required unless --init.")
+@click.option("--preset", default=None,
+              help="Model preset of the student (see `salt presets`); required unless --init.")
 @click.option("--init", type=click.Path(), default=None,
               help="Start from this run's newest checkpoint (its architecture and weights, e.g. from "
                    "`salt import hf`) instead of a preset: continued pre-training.")
@@ -63,7 +64,7 @@ REQUIRED = ("data", "out", "steps")  # as flags or in --config (and --preset or 
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True, help="Linear warm-up steps.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Global-norm gradient clipping (0: off).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True,
               help="Seed of the initial parameters and of the data order.")
 @click.option("--mesh", default="data=1,model=1", show_default=True,
               help="Device mesh 'data=D,model=M' (data=-1: all devices).")
@@ -109,10 +110,13 @@ REQUIRED = ("data", "out", "steps")  # as flags or in --config (and --preset or 
                    "WANDB_MODE=offline works without a network). TensorBoard files are always written.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Resume even if the configuration changed.")
+@click.option("--start-over", "start_over", is_flag=True,
+              help="With --resume: when no checkpoint of the run is intact, train it again from step 0 "
+                   "in place (the damaged steps are kept aside) instead of refusing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--progress/--no-progress", default=True, hidden=True)  # older spelling of --quiet
-def train(as_json, quiet, progress, config_file, **options):
+def train(as_json, quiet, progress, config_file, start_over, **options):
     """Train a student (or a teacher: --kd-steps 0) and write checkpoints and metrics.jsonl."""
     from salt.runtime.train.config import COMPILE_CACHE_OFF, default_compile_cache, load_config_file
     from salt.runtime.train.trainer import TrainConfig, TrainError, train as run_train
@@ -141,7 +145,7 @@ def train(as_json, quiet, progress, config_file, **options):
     options["preset"] = options["preset"] or ""
     cfg = TrainConfig(**options)
     try:
-        summary = run_train(cfg, progress=progress and not quiet)
+        summary = run_train(cfg, progress=progress and not quiet, start_over=start_over)
     except (TrainError, ValueError) as e:  # bad input: a message, no traceback
         raise click.ClickException(str(e)) from None
     if as_json:

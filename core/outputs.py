@@ -34,6 +34,8 @@ import tempfile
 
 import numpy as np
 
+from salt.core.lock import LOCK_NAME
+
 
 class OutputError(ValueError):
     """An output path the safety rule refuses (the message names the path)."""
@@ -183,14 +185,22 @@ def _is_hf_export(d: pathlib.Path) -> bool:
     return marker is not None and marker.get("format") == "salt-hf-export-v1"
 
 
-MARKERS = {"store": _is_store, "run": _is_run, "reproduction": _is_reproduction, "score": _is_score_job,
-           "teacher_cache": _is_teacher_cache, "hf_export": _is_hf_export}
-MARKER_FILES = {"store": "metadata.json", "run": "run_config.json", "reproduction": "state.json",
-                "score": "job.json", "teacher_cache": "cache.json", "hf_export": "salt_export.json"}
+def _is_finetune(d: pathlib.Path) -> bool:
+    cfg = _json_object(d / "run_config.json")
+    return cfg is not None and isinstance(cfg.get("finetune"), dict)
+
+
+MARKERS = {"store": _is_store, "run": _is_run, "finetune": _is_finetune, "reproduction": _is_reproduction,
+           "score": _is_score_job, "teacher_cache": _is_teacher_cache, "hf_export": _is_hf_export}
+MARKER_FILES = {"store": "metadata.json", "run": "run_config.json", "finetune": "run_config.json",
+                "reproduction": "state.json", "score": "job.json", "teacher_cache": "cache.json",
+                "hf_export": "salt_export.json"}
+_RUN_NAMES = r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints|tensorboard|wandb"
 # names each kind writes (regular expressions over the top-level entries)
 OWN_NAMES = {
     "store": r"metadata\.json|tokenizer\.(model|json)|token_check\.json|(train|val)\.(tokens|doc_offsets)\.bin",
-    "run": r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints|tensorboard|wandb",
+    "run": _RUN_NAMES,
+    "finetune": _RUN_NAMES + r"|eval\.json|predictions\.jsonl",
     "reproduction": r"state\.json|data|runs|eval|teacher_cache|scores\.npz|scores\.npz\.partial|selection\.npy"
                     r"|results\.json|report\.md|[\w.-]+\.png",
     "score": r"job\.json|chunk_\d+\.npz",
@@ -201,6 +211,18 @@ OWN_NAMES = {
 MODES = ("create", "resume", "replace")
 # sub-directories an own directory of a kind holds, and the kind each must be (or absent/empty)
 NESTED = {"reproduction": (("data", "store"), ("runs/*", "run"), ("teacher_cache/*", "teacher_cache"))}
+# what an own directory's sub-directories hold, below the top level (for the file-granular check
+# of ``replace``): a kind (checked in turn), or one of the layouts of ``_FOREIGN_IN``
+SUBDIRS = {
+    "run": {"checkpoints": "checkpoints", ".trash": "set-aside", "corrupt-checkpoints": "set-aside"},
+    "finetune": {"checkpoints": "checkpoints", ".trash": "set-aside", "corrupt-checkpoints": "set-aside"},
+    "reproduction": {"data": "store", "runs": "runs", "teacher_cache": "caches", "eval": "eval",
+                     "scores.npz.partial": "score"},
+}
+# names orbax writes in a checkpoint step (the items of runtime/model/checkpoint.py and its own files)
+_ORBAX_TOP = r"_CHECKPOINT_METADATA|commit_success\.txt|params|opt_state|meta"
+# hidden temporary names this module, the lock and the checkpoints create
+_HIDDEN_OWN = r"\..+\.(trash-|partial-)\w+|\..+\.tmp|\.salt\.lock|\.salt-probe-\w+"
 
 
 def kind_of(path) -> str | None:
@@ -215,11 +237,77 @@ def kind_of(path) -> str | None:
 
 
 def _foreign_entries(d: pathlib.Path, kind: str) -> list[str]:
+    """Top-level entries of ``d`` that are not names ``kind`` writes."""
     own = re.compile(OWN_NAMES[kind])
-    # hidden temporary names this module creates (".name.trash-*", ".name.tmp", ".x.partial-*")
-    return sorted(p.name for p in d.iterdir()
-                  if not own.fullmatch(p.name) and not re.fullmatch(r"\..+\.(trash-|partial-)\w+|\..+\.tmp",
-                                                                     p.name))
+    return sorted(p.name for p in d.iterdir() if not own.fullmatch(p.name) and not re.fullmatch(_HIDDEN_OWN, p.name))
+
+
+def _all_files(d: pathlib.Path) -> list[pathlib.Path]:
+    return [p for p in d.rglob("*") if not p.is_dir()]
+
+
+def _foreign_in_step(step: pathlib.Path) -> list[pathlib.Path]:
+    """Files of a checkpoint step its manifest does not list (no manifest: the save did not
+    finish; then only orbax's own names count)."""
+    manifest = _json_object(step / "salt_manifest.json")
+    if manifest is not None and isinstance(manifest.get("files"), dict):
+        listed = set(manifest["files"]) | {"salt_manifest.json"}
+        return [p for p in _all_files(step) if p.relative_to(step).as_posix() not in listed]
+    return [p for p in step.iterdir() if not re.fullmatch(_ORBAX_TOP, p.name)]
+
+
+def _foreign_in(d: pathlib.Path, layout: str) -> list[pathlib.Path]:
+    """Paths under directory ``d`` (of a kind, or one of the layouts below) that SALT did not write."""
+    if layout in MARKERS:
+        return foreign_files(d, layout)
+    found: list[pathlib.Path] = []
+    for p in sorted(d.iterdir()):
+        if re.fullmatch(_HIDDEN_OWN, p.name):
+            continue
+        if layout == "checkpoints":  # <step>/ (and orbax's temporary <step>.orbax-checkpoint-tmp-*)
+            ok = p.is_dir() and re.fullmatch(r"\d+(\.orbax-checkpoint-tmp-?\w*)?", p.name)
+            found += _foreign_in_step(p) if ok else [p]
+        elif layout == "set-aside":  # <step>-<random>/<step>/: steps moved aside by checkpoint.py
+            inner = [q for q in p.iterdir()] if p.is_dir() else []
+            if p.is_dir() and all(q.is_dir() and q.name.isdigit() for q in inner):
+                for q in inner:
+                    found += _foreign_in_step(q)
+            else:
+                found.append(p)
+        elif layout in ("runs", "caches"):  # one directory per run / cache (a fork's temporary too)
+            kind = "run" if layout == "runs" else "teacher_cache"
+            if p.is_dir() and (kind_of(p) == kind or not any(p.iterdir())):
+                found += foreign_files(p, kind) if any(p.iterdir()) else []
+            else:
+                found.append(p)
+        elif layout == "eval":  # per-checkpoint statistics and the cloze stage's scores
+            if p.is_dir() and p.name == "cloze":
+                found += [q for q in p.iterdir() if not (q.is_file() and q.suffix == ".npz")
+                          and not re.fullmatch(_HIDDEN_OWN, q.name)]
+            elif not (p.is_file() and p.suffix == ".npz"):
+                found.append(p)
+        else:
+            raise ValueError(f"unknown layout {layout!r}")
+    return found
+
+
+def foreign_files(path, kind: str) -> list[pathlib.Path]:
+    """Every path inside ``path`` (an own directory of ``kind``) that SALT did not write: not a
+    name that kind writes, a file in a checkpoint step its manifest does not list, a foreign
+    sub-directory where a nested SALT directory belongs, ...  (``replace`` removes nothing
+    unless this is empty; docs/safety.md §2)."""
+    d = pathlib.Path(path)
+    found = [d / name for name in _foreign_entries(d, kind)]
+    for name, layout in SUBDIRS.get(kind, {}).items():
+        sub = d / name
+        if sub.is_dir():
+            found += _foreign_in(sub, layout)
+        elif sub.exists():
+            found.append(sub)
+    subdirs = SUBDIRS.get(kind, {})
+    found += [p for p in d.iterdir() if p.is_dir() and p.name not in subdirs
+              and not re.fullmatch(_HIDDEN_OWN, p.name)]  # an own *file* name used by a folder
+    return sorted(set(found))
 
 
 def _within(child: pathlib.Path, parent: pathlib.Path) -> bool:
@@ -248,11 +336,14 @@ def check_output_dir(path, kind: str, *, mode: str, inputs=(), what: str = "--ou
         if inp is not None and d.exists() and _within(pathlib.Path(inp), d):
             raise OutputError(f"{shown} contains an input of this command ({str(inp)!r}); "
                               "choose another output directory")
+        if inp is not None and pathlib.Path(inp).is_dir() and _within(d, pathlib.Path(inp)):
+            raise OutputError(f"{shown} lies inside an input of this command ({str(inp)!r}); "
+                              "choose an output directory outside it")
     if not d.exists():
         check_writable_parent(d, what=what)
         return "absent"
-    try:
-        entries = list(d.iterdir())
+    try:  # a lock file alone (an earlier process that died before writing anything) is empty
+        entries = [p for p in d.iterdir() if p.name != LOCK_NAME]
     except OSError as e:
         raise OutputError(f"{shown}: cannot list it ({e.strerror or e})") from None
     if not entries:
@@ -280,10 +371,11 @@ def check_output_dir(path, kind: str, *, mode: str, inputs=(), what: str = "--ou
             if sub.exists() and not sub.is_dir():
                 raise OutputError(f"{str(sub)!r} (inside {shown}) is not a directory; move it away")
     if mode == "replace":
-        foreign = _foreign_entries(d, kind)
+        foreign = [p.relative_to(d).as_posix() for p in foreign_files(d, kind)]
         if foreign:
             raise OutputError(f"{shown} holds files that SALT did not write ({', '.join(foreign[:5])}"
-                              f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it")
+                              f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it (nothing "
+                              "was deleted); move them away or choose another " + what)
     check_writable_parent(d / "probe", what=what)
     return "own"
 

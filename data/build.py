@@ -21,6 +21,8 @@ store layout, the split hash and the atomic placement; they are one build.
 from __future__ import annotations
 
 import collections
+import contextlib
+import glob
 import hashlib
 import heapq
 import multiprocessing
@@ -36,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from salt.core import outputs
+from salt.core.lock import LOCK_NAME, DirLock, is_stale
 from salt.data import store as store_format
 from salt.data.corpus import Corpus, CorpusStats, embedded_corpus, iter_documents, resolve_sources
 from salt.data.tokenizer import (HF_TOKENIZER_FILE, SPECIAL_IDS, TRAINER_OPTIONS, VocabSizeError,
@@ -137,7 +140,10 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
         small = corpus.total_file_bytes < SMALL_CORPUS_BYTES
         workers = 1 if small else max(1, min(2, os.cpu_count() or 1))
 
+    _remove_stale_partials(out)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    build_lock = DirLock(tmp)  # marks it as a live build: see _remove_stale_partials
+    build_lock.__enter__()
     try:
         (tmp / tokenizer_file).write_bytes(model_bytes)
         stats = CorpusStats()
@@ -170,17 +176,36 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
             "input_files": stats.files,
             "skipped": stats.skipped_summary(),
             "roundtrip_failures": roundtrip_failures,
+            # content hashes of the data files, checked on first use (salt.data.store)
+            "files": {name: {"sha256": store_format.file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
+                      for split in store_format.SPLITS
+                      for name in (store_format.tokens_file(split), store_format.offsets_file(split))},
         }
         outputs.write_json(tmp / store_format.METADATA_FILE, metadata)
         outputs.fsync_dir(tmp)
-        _check_out_dir(out, overwrite, inputs)  # may have appeared while we worked
-        outputs.move_into_place(tmp, out)
+        with DirLock(out, what="--out") if out.exists() else contextlib.nullcontext():
+            _check_out_dir(out, overwrite, inputs)  # may have appeared while we worked
+            build_lock.release()
+            (tmp / LOCK_NAME).unlink(missing_ok=True)
+            outputs.move_into_place(tmp, out)
     except BaseException:
+        build_lock.release()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if progress:
         _report(metadata, time.perf_counter() - started)
     return metadata
+
+
+def _remove_stale_partials(out: pathlib.Path) -> None:
+    """Delete ``.OUT.partial-*`` build directories of earlier ``prepare`` runs that died (kill -9):
+    only those carrying our lock file (so we made them) that no live process holds."""
+    if not out.parent.is_dir():
+        return
+    for partial in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        if partial.is_dir() and is_stale(partial):
+            print(f"removing {partial} (left by an interrupted `salt data prepare`)", file=sys.stderr)
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _check_args(vocab_size, tokenizer, val_fraction, seed, workers, sample_bytes, text_field):

@@ -44,6 +44,7 @@ import sysconfig
 import zlib
 from collections.abc import Iterator, Sequence
 
+from salt.core.inputs import file_problem
 from salt.data import tabular
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -162,7 +163,8 @@ def resolve_sources(sources: Sequence[str | os.PathLike]) -> Corpus:
             for f in found:
                 add(f)
         else:
-            raise ValueError(f"source {text!r}: no such file or directory")
+            why = file_problem(path) if os.path.lexists(path) else None
+            raise ValueError(f"source {text!r}: {why or 'no such file or directory'}")
     return Corpus(tuple(files), {
         "kind": "files",
         "sources": [os.fspath(s) for s in sources],
@@ -291,12 +293,12 @@ def _iter_jsonl(path: pathlib.Path, stats: CorpusStats, text_field: str,
             if _json_too_deep(line_text):
                 raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", line_text, 0)
             record = json.loads(line_text)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: also an integer past Python's digit limit
             if skip_invalid:
                 stats.invalid_json_lines += 1
                 continue
             what = (f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError)
-                    else "nested too deeply")
+                    else "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0])
             raise ValueError(f"{path}:{lineno}: malformed JSON ({what}); "
                              "pass --skip-invalid to skip and count such lines") from None
         if not isinstance(record, dict):

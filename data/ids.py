@@ -6,6 +6,8 @@ import pathlib
 
 import numpy as np
 
+from salt.core.inputs import file_problem
+
 
 def numpy_file_kind(path: pathlib.Path) -> str:
     with open(path, "rb") as f:
@@ -21,8 +23,9 @@ def load_window_ids(path, what: str = "window-id") -> np.ndarray:
     """A 1-D int64 array of window ids from a ``.npy`` file (``salt select`` output); errors name
     the file (never suggest unpickling)."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} file {str(path)!r} does not exist")
+    problem = file_problem(path)
+    if problem:
+        raise ValueError(f"{what} file {str(path)!r} {problem}")
     try:
         kind = numpy_file_kind(path)
         if kind == "npz":

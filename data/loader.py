@@ -97,6 +97,10 @@ class Loader:
 
         self._view = _windows_view(self.store, split, self.seq_len)
         self.total_windows = self._view.shape[0]
+        if self.total_windows == 0:
+            raise ValueError(f"seq_len={self.seq_len}: split {split!r} of {self.store.path} has "
+                             f"{self.store.num_tokens(split)} tokens, fewer than one window of seq_len + 1 "
+                             f"= {self.seq_len + 1}; use a smaller --seq-len")
         if subset is None:
             pool = np.arange(self.total_windows, dtype=np.int64)
         else:
@@ -162,7 +166,10 @@ class Loader:
     def windows(self, ids) -> np.ndarray:
         """int32 [n, seq_len + 1]: the tokens of the given window ids."""
         ids = _check_ids("ids", ids, self.total_windows)
-        return self._view[ids].astype(np.int32)
+        windows = self._view[ids].astype(np.int32)
+        self.store.check_ids(windows, self.split, f"window {int(ids[np.argmax(windows.max(axis=1))])} of"
+                             if windows.size else "")
+        return windows
 
     def batch(self, step: int) -> np.ndarray:
         """int32 [local_batch, seq_len + 1]: this process's windows for ``step``."""

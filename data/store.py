@@ -7,11 +7,16 @@ Layout of a store directory::
     train.tokens.bin          flat token ids of the train split, native-endian uint16 or uint32
     train.doc_offsets.bin     int64 [documents + 1]: document d is tokens[off[d]:off[d+1]]
     val.tokens.bin, val.doc_offsets.bin
-    token_check.json          cache of the token-id check (size, mtime and max id of each split)
+    token_check.json          cache of the checks below (size, mtime, ctime, inode, max id per split)
 
-Opening a store checks that every token id is below ``vocab_size`` (a max over the memory map,
-cached in ``token_check.json`` and redone when a tokens file's size or mtime changes);
-:meth:`TokenStore.verify` (``salt data info --verify``) re-checks everything from scratch.
+Integrity (docs/safety.md §7).  ``metadata.json`` records the sha256 and size of every data file
+(``files``).  Opening a store checks, cheaply: the tokenizer's sha256 and that its vocabulary is
+the metadata's ``vocab_size``; each file's size; on first use, and whenever a tokens or offsets
+file's size, mtime, ctime or inode changed, each file's sha256 against the metadata and every
+token id below ``vocab_size`` (a max over the memory map; the result cached in
+``token_check.json``); otherwise a sample of ``SAMPLED_IDS`` token ids per split.  The loader
+checks the ids of every batch it serves.  :meth:`TokenStore.verify` (``salt data info
+--verify``) re-checks everything from scratch.
 
 Each document's tokens end with EOS (id 3), so the flat stream is
 ``doc0 EOS doc1 EOS ...``. The store is opened read-only with memory maps.
@@ -33,6 +38,7 @@ METADATA_FILE = "metadata.json"
 TOKENIZER_FILE = "tokenizer.model"
 TOKEN_CHECK_FILE = "token_check.json"
 _MAX_CHUNK = 1 << 24  # tokens per slice of the max scan
+SAMPLED_IDS = 4096  # token ids per split checked at each open when the files are unchanged
 SPLITS = ("train", "val")
 OFFSET_DTYPE = np.dtype("<i8")
 
@@ -105,6 +111,18 @@ class TokenStore:
         if digest != self.tokenizer_sha256:
             raise ValueError(f"token store {self.path}: {tok_file} sha256 {digest} does not match "
                              f"the metadata's {self.tokenizer_sha256}")
+        pieces = self.processor().vocab_size()
+        if pieces != self.vocab_size:
+            raise ValueError(f"token store {self.path}: {METADATA_FILE} says vocab_size={self.vocab_size}, "
+                             f"but its {TOKENIZER_FILE} has {pieces} pieces; the metadata is corrupt "
+                             "(re-run `salt data prepare`)")
+        if self.dtype != token_dtype(self.vocab_size):
+            raise ValueError(f"token store {self.path}: {METADATA_FILE} says token_dtype={self.dtype.str}, "
+                             f"but a vocabulary of {self.vocab_size} is stored as {token_dtype(self.vocab_size).str}")
+        self._hashes = self.metadata.get("files")
+        if self._hashes is not None and not (isinstance(self._hashes, dict) and all(
+                isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in self._hashes.values())):
+            raise ValueError(f"token store {self.path}: {METADATA_FILE} garbles its 'files' hashes")
         for split in SPLITS:
             self._check_size(tokens_file(split), self.num_tokens(split) * self.dtype.itemsize)
             self._check_size(offsets_file(split), (self.num_documents(split) + 1) * OFFSET_DTYPE.itemsize)
@@ -112,8 +130,36 @@ class TokenStore:
         self._offsets: dict[str, np.ndarray] = {}
         self._check_token_ids(use_cache=True)
 
+    def _check_hash(self, name: str) -> None:
+        want = (self._hashes or {}).get(name)
+        if want is None:
+            return  # a store prepared before content hashes: sizes and ids only
+        digest = file_sha256(self.path / name)
+        if digest != want["sha256"]:
+            raise ValueError(f"token store {self.path}: {self.path / name} does not match the sha256 "
+                             f"{METADATA_FILE} records for it (the file changed or rotted); the store is "
+                             "corrupt (re-run `salt data prepare`)")
+
+    def _check_sample(self, split: str) -> None:
+        tokens = self.tokens(split)
+        if len(tokens) == 0:
+            return
+        at = np.random.default_rng().integers(0, len(tokens), size=min(SAMPLED_IDS, len(tokens)))
+        self.check_ids(tokens[np.sort(at)], split, "a sample of")
+
+    def check_ids(self, ids: np.ndarray, split: str, what: str) -> None:
+        """ValueError naming the tokens file when some id of ``ids`` (``what`` of ``split``) is
+        not below ``vocab_size``."""
+        if ids.size and int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"token store {self.path}: {self.path / tokens_file(split)} holds token id "
+                             f"{int(ids.max())} >= vocab_size {self.vocab_size} ({what} its tokens); the "
+                             "store is corrupt (re-run `salt data prepare`; `salt data info --verify` "
+                             "checks it)")
+
     def _check_token_ids(self, *, use_cache: bool) -> dict:
-        """Every id < vocab_size in both splits (ValueError naming the file otherwise)."""
+        """Every id < vocab_size in both splits and every file its recorded sha256, redone when a
+        file's size, mtime, ctime or inode changed; else a sample of the ids (ValueError naming
+        the file otherwise)."""
         cache_path = self.path / TOKEN_CHECK_FILE
         cache = {}
         if use_cache and cache_path.is_file():
@@ -124,13 +170,18 @@ class TokenStore:
         fresh, changed = {}, False
         for split in SPLITS:
             path = self.path / tokens_file(split)
-            st = path.stat()
+            key = {}
+            for name, tag in ((tokens_file(split), ""), (offsets_file(split), "offsets_")):
+                st = (self.path / name).stat()
+                key.update({f"{tag}size": st.st_size, f"{tag}mtime_ns": st.st_mtime_ns,
+                            f"{tag}ctime_ns": st.st_ctime_ns, f"{tag}inode": st.st_ino})
             entry = cache.get(split) if isinstance(cache, dict) else None
-            key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
             if (isinstance(entry, dict) and {k: entry.get(k) for k in key} == key
                     and isinstance(entry.get("max_id"), int)):
-                max_id = entry["max_id"]
+                max_id, recheck = entry["max_id"], False
+                self._check_sample(split)
             else:
+                recheck = True
                 tokens = self.tokens(split)
                 max_id = -1
                 for start in range(0, len(tokens), _MAX_CHUNK):
@@ -139,6 +190,9 @@ class TokenStore:
             if max_id >= self.vocab_size:
                 raise ValueError(f"token store {self.path}: {path} holds token id {max_id} >= vocab_size "
                                  f"{self.vocab_size}; the store is corrupt (re-run `salt data prepare`)")
+            if recheck:
+                self._check_hash(tokens_file(split))
+                self._check_hash(offsets_file(split))
             fresh[split] = dict(key, max_id=max_id)
         if changed:
             try:  # a cache only: a read-only store is checked again next time

@@ -54,6 +54,8 @@ def _corrupt_store(d: pathlib.Path, world, how: str) -> pathlib.Path:
         data = bytearray((store / "train.tokens.bin").read_bytes())
         data[100:104] = b"\xff\xff\xff\xff"
         (store / "train.tokens.bin").write_bytes(bytes(data))
+    elif how == "none":
+        pass
     elif how == "offsets":
         from salt.data import TokenStore
         TokenStore(store)  # its token-check cache is written now (the token files stay valid)
@@ -464,6 +466,198 @@ def _(d, w):
 def _(d, w):
     return ["eval", "--run", _corrupt_teacher(d, w), "--data", w / "data", "--quiet"], \
         "badteacher.*no intact checkpoint", None
+
+
+# ---- issue 25: the second campaign's cases ---------------------------------------------
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _reproduce(w, out, *extra):
+    return ["reproduce", "--tiny", "--data", w / "data", "--out", out, "--quiet", *extra]
+
+
+@_case("train-seed-beyond-64-bits")
+def _(d, w):
+    return _train(w, d / "run", "--seed", 2**64), "--seed", d / "run"
+
+
+@_case("reproduce-bogus-teacher-preset")
+def _(d, w):
+    return _reproduce(w, d / "R", "--teacher-preset", "bogus"), "--teacher-preset.*bogus", d / "R"
+
+
+@_case("reproduce-bogus-student-preset")
+def _(d, w):
+    return _reproduce(w, d / "R", "--student-preset", "bogus"), "--student-preset.*bogus", d / "R"
+
+
+@_case("reproduce-negative-lr")
+def _(d, w):
+    return _reproduce(w, d / "R", "--lr", -1), "lr=-1", d / "R"
+
+
+@_case("reproduce-data-missing")
+def _(d, w):
+    a = _reproduce(w, d / "R")
+    a[a.index(w / "data")] = d / "nodata"
+    return a, "nodata.*does not exist", d / "R"
+
+
+@_case("reproduce-data-is-a-user-directory")
+def _(d, w):
+    a = _reproduce(w, d / "R")
+    a[a.index(w / "data")] = _w(d, "mine/notes.txt", "mine").parent
+    return a, "mine.*not a usable token store", d / "R"
+
+
+@_case("prepare-dev-null-source")
+def _(d, w):
+    a, o = _prep(d, "/dev/null")
+    return a, "/dev/null.*character device, not a regular file", o
+
+
+@_case("prepare-fifo-source")
+def _(d, w):
+    import os
+    os.mkfifo(d / "fifo")
+    a, o = _prep(d, d / "fifo")
+    return a, "fifo.*a FIFO, not a regular file", o
+
+
+@_case("prepare-jsonl-integer-beyond-the-digit-limit")
+def _(d, w):
+    a, o = _prep(d, _w(d, "big.jsonl", '{"text": "ka lo", "n": ' + "9" * 5000 + "}\n"))
+    return a, r"big.jsonl:1: malformed JSON.*digits.*--skip-invalid", o
+
+
+@_case("train-subset-is-a-directory")
+def _(d, w):
+    (d / "sub").mkdir()
+    return _train(w, d / "run", "--teacher", w / "teacher", "--kd-steps", 1, "--subset", d / "sub"), \
+        "sub.*is a directory, expected a file", d / "run"
+
+
+@_case("select-scores-is-a-directory")
+def _(d, w):
+    (d / "scores").mkdir()
+    return ["select", "--scores", d / "scores", "--top-m", 2, "--out", d / "sel.npy"], \
+        "scores.*is a directory, expected a file", d / "sel.npy"
+
+
+@_case("finetune-data-is-a-directory")
+def _(d, w):
+    (d / "ftdata").mkdir()
+    return ["finetune", "--run", w / "teacher", "--data", d / "ftdata", "--out", d / "ft", "--steps", 1, "--warmup", 0,
+            "--quiet"], "ftdata.*is a directory, expected a file", d / "ft"
+
+
+def _ft_data(d):
+    return _w(d, "ft.jsonl", '{"prompt": "ka lo", "completion": " mi"}\n' * 6)
+
+
+@_case("finetune-out-is-its-own-run")
+def _(d, w):
+    run = _copy(w / "teacher", d / "base")
+    return ["finetune", "--run", run, "--data", _ft_data(d), "--out", run, "--steps", 1, "--warmup", 0, "--quiet"], \
+        "contains an input", None
+
+
+@_case("finetune-out-inside-its-run")
+def _(d, w):
+    run = _copy(w / "teacher", d / "base")
+    return ["finetune", "--run", run, "--data", _ft_data(d), "--out", run / "ft", "--steps", 1, "--warmup", 0,
+            "--quiet"], \
+        "lies inside an input", run / "ft"
+
+
+@_case("finetune-resume-force-into-a-user-directory")
+def _(d, w):
+    _w(d, "U/metrics.jsonl", "my notes\n")
+    return ["finetune", "--run", w / "teacher", "--data", _ft_data(d), "--out", d / "U", "--steps", 1, "--warmup", 0,
+            "--resume", "--force", "--quiet"], "U.*not a SALT output directory", None
+
+
+@_case("train-kernels-pallas-on-cpu")
+def _(d, w):
+    return _train(w, d / "run", "--kernels", "pallas"), "--kernels pallas needs a TPU", d / "run"
+
+
+@_case("score-seq-len-longer-than-the-split")
+def _(d, w):
+    a = _score(w, d / "s.npz")
+    a[a.index("--seq-len") + 1] = 100000
+    return a, "seq_len=100000.*fewer than one window", d / "s.npz"
+
+
+@_case("train-resume-with-another-preset")
+def _(d, w):
+    run = _copy(w / "teacher", d / "run")
+    a = _train(w, run, "--resume", "--force", "--steps", 3)
+    a[a.index("tiny-teacher")] = "tiny-student"
+    return a, "another model.*tiny-teacher.*tiny-student", None
+
+
+@_case("train-resume-edited-run-config")
+def _(d, w):
+    import json
+    run = _copy(w / "teacher", d / "run")
+    record = json.loads((run / "run_config.json").read_text())
+    del record["train"]["data"]
+    (run / "run_config.json").write_text(json.dumps(record))
+    return _train(w, run, "--resume"), r"different configuration.*data: saved '\(not recorded\)'", None
+
+
+@_case("train-resume-no-intact-checkpoint")
+def _(d, w):
+    return _train(w, _corrupt_teacher(d, w), "--resume"), \
+        "none of its checkpoints.*intact.*--start-over", None
+
+
+@_case("info-metadata-vocab-size-edited")
+def _(d, w):
+    import json
+    store = _corrupt_store(d, w, "none")
+    meta = json.loads((store / "metadata.json").read_text())
+    meta["vocab_size"] = 100000
+    (store / "metadata.json").write_text(json.dumps(meta))
+    return ["data", "info", store, "--verify"], "vocab_size=100000.*300 pieces", None
+
+
+@_case("info-bit-rot-with-size-and-mtime-kept")
+def _(d, w):
+    import os
+    from salt.data import TokenStore
+    store = _corrupt_store(d, w, "none")
+    TokenStore(store)  # the check is cached for these sizes and mtimes
+    path = store / "train.tokens.bin"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[200:202] = np.uint16(5).tobytes() if data[200:202] != np.uint16(5).tobytes() else np.uint16(6).tobytes()
+    path.write_bytes(bytes(data))  # a valid id, same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return ["data", "info", store], "train.tokens.bin does not match the sha256", None
+
+
+@_case("train-bad-ids-behind-a-trusted-check-cache")
+def _(d, w):
+    import json
+    from salt.data import TokenStore
+    store = _corrupt_store(d, w, "none")
+    TokenStore(store)
+    path = store / "train.tokens.bin"
+    tokens = np.fromfile(path, np.uint16)
+    tokens[np.random.default_rng(0).random(tokens.size) < 0.05] = 65535
+    tokens.tofile(path)
+    cache = json.loads((store / "token_check.json").read_text())  # as if the rot changed no stat
+    st = path.stat()
+    cache["train"].update(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+    (store / "token_check.json").write_text(json.dumps(cache))
+    a = _train(w, d / "run")
+    a[a.index(w / "data")] = store
+    return a, "train.tokens.bin holds token id 65535 >= vocab_size 300", d / "run"
 
 
 def test_there_are_at_least_40_cases():

@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 
+from salt.core.lock import LOCK_NAME
 from salt.runtime.experiments.presets import SIZES, ReproduceConfig, config_for  # noqa: F401 (re-exported)
 from salt.runtime.train import metrics_log
 
@@ -63,18 +64,21 @@ class _State:
         for name, default in (("kd_topk", None), ("teacher_cache", False)):  # newer settings: a
             if settings.get(name) == default:  # reproduction from before they existed still matches
                 settings.pop(name)
-        if self.path.is_file():
-            old = json.loads(self.path.read_text())
+        if self.path.is_file() and not force:
+            try:
+                old = json.loads(self.path.read_text(encoding="utf-8"))
+                old["settings"], old["stages"]
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, RecursionError) as e:
+                raise ValueError(f"{str(self.path)!r} is unreadable ({e}); restore it, or pass --overwrite "
+                                 "to start the reproduction over") from None
             old.get("settings", {}).pop("seeds", None)
             if old.get("settings") != settings:
-                if not force:
-                    changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
-                                     if settings.get(k) != old.get("settings", {}).get(k))
-                    raise ValueError(f"{str(out)!r} holds a reproduction with different settings "
-                                     f"({', '.join(changed)}); use another --out or --overwrite")
-                old = None
-            self.data = old or {"settings": settings, "stages": {}}
-        else:
+                changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
+                                 if settings.get(k) != old.get("settings", {}).get(k))
+                raise ValueError(f"{str(out)!r} holds a reproduction with different settings "
+                                 f"({', '.join(changed)}); use another --out or --overwrite")
+            self.data = old
+        else:  # new, or --overwrite: starts over (the files of the old stages are removed with it)
             self.data = {"settings": settings, "stages": {}}
         out.mkdir(parents=True, exist_ok=True)
         self.save()
@@ -127,16 +131,15 @@ def train_config(cfg: ReproduceConfig, run_dir, data_dir, *, preset: str, steps:
 
 
 def _train(tc, progress=True) -> dict:
-    from salt.runtime.model.checkpoint import latest_step
     from salt.runtime.train.trainer import train
 
     run_dir = pathlib.Path(tc.out)
-    resume = latest_step(run_dir) is not None
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # a run this command started that died before its first checkpoint
-    summary = train(dataclasses.replace(tc, resume=resume), progress=progress)
+    # a run this command started is continued from its newest intact checkpoint, or started over
+    # in place when it died before its first one (its files are kept: docs/safety.md)
+    resume = run_dir.is_dir() and any(run_dir.iterdir())
+    summary = train(dataclasses.replace(tc, resume=resume), progress=progress, start_over=resume)
     if summary["interrupted"]:  # SIGTERM: checkpoint saved; the stage is not finished
-        raise ValueError(f"training of {str(run_dir)!r} was stopped at step {summary['last_step']} "
+        raise _Interrupted(f"training of {str(run_dir)!r} was stopped at step {summary['last_step']} "
                          "(checkpoint saved); re-run the same command to resume")
     return summary
 
@@ -158,8 +161,7 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
     if dst_run.exists():
         raise ValueError(f"cannot fork into {str(dst_run)!r}: it exists")
     tmp = dst_run.with_name(dst_run.name + ".fork-tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted fork of this function
+    _remove_own(tmp, "run")  # left by an interrupted fork of this function
     record = json.loads((src_run / "run_config.json").read_text())
     record["train"] = tc.to_dict()
     record["forked_from"] = {"run": str(src_run.absolute()), "step": int(step)}
@@ -178,31 +180,96 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
 ONE_CORE_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
+def _remove_own(path: pathlib.Path, kind: str) -> None:
+    """Delete a directory this command wrote, after proving it holds nothing else (the output
+    rule, file by file: salt.core.outputs.foreign_files); refused otherwise."""
+    from salt.core import outputs
+
+    if path.exists():
+        outputs.check_output_dir(path, kind, mode="replace", what="directory")
+        outputs.remove_tree(path)
+
+
 def _worker() -> None:
-    """Child process of :func:`_side_by_side`: train the TrainConfig given as JSON on stdin."""
+    """Child process of :func:`_side_by_side`: train the TrainConfig given as JSON on stdin.
+    It dies with its parent (SIGTERM, so it saves a checkpoint first) and reports a user error
+    as one line (exit 1); stopped by a signal it exits 143."""
+    import signal
+
+    try:  # Linux: SIGTERM when the parent dies, even by kill -9
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
     d = json.loads(sys.stdin.read())
     os.sched_setaffinity(0, {d.pop("core")})  # before XLA starts its threads
     d["keep_checkpoints"] = tuple(d["keep_checkpoints"])
     from salt.runtime.train.trainer import TrainConfig
 
-    _train(TrainConfig(**d), progress=False)
+    try:
+        _train(TrainConfig(**d), progress=False)
+    except _Interrupted as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(143)
+    except (ValueError, OSError) as e:
+        print(f"Error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+class _Interrupted(ValueError):
+    """A training stage stopped by SIGTERM / SIGINT after saving its checkpoint."""
 
 
 def _side_by_side(jobs, state, prepare_job) -> None:
     """Train ``jobs`` two at a time, each process pinned to one core with single-threaded XLA
     (measured ~1.4x the throughput of one 2-thread run on 2 cores, docs/reproduction.md).
-    A job whose prerequisite stage is not done waits; a failed job raises after the others end."""
-    import subprocess
-    import tempfile
+    A job whose prerequisite stage is not done waits; a failed job raises after the others end.
+    SIGTERM / SIGINT are forwarded to the workers, which save a checkpoint and exit; then this
+    raises (re-run to resume)."""
+    import signal
 
     cores = sorted(os.sched_getaffinity(0))[:2]
     if len(cores) < 2:
         return  # one core: the sequential loop trains everything
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + ONE_CORE_XLA_FLAGS).strip())
     pending, running, failed = list(jobs), {}, []
+    stopped = []  # the signals received: forwarded to the workers, which save and exit
+
+    def forward(signum, frame):
+        if not stopped:
+            _say(f"{signal.Signals(signum).name}: asking the students to save a checkpoint and stop")
+        stopped.append(signum)
+        for _, proc, _, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: the caller's handlers stay
+            pass
+    try:
+        _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if stopped:
+        raise _Interrupted(f"stopped by {signal.Signals(stopped[0]).name}: the students saved their "
+                           "checkpoints; re-run the same command to resume")
+    if failed:
+        raise ValueError("; ".join(failed))
+
+
+def _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job) -> None:
+    """:func:`_side_by_side`'s loop: start jobs on free cores, collect the finished ones; no new
+    job once a signal came (``stopped``); returns when every worker has exited."""
+    import subprocess
+    import tempfile
+
     while pending or running:
         for core in cores:
-            if core in running or failed:
+            if core in running or failed or stopped:
                 continue
             ready = [j for j in pending if j[3] is None or state.done(j[3])]
             if not ready:
@@ -211,12 +278,14 @@ def _side_by_side(jobs, state, prepare_job) -> None:
             pending.remove(job)
             prepare_job(job[0], job[1], job[2])
             log = tempfile.TemporaryFile()  # the child's output (a file: no pipe to fill)
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # its own session: a terminal's Ctrl-C reaches it through us only
                 [sys.executable, "-c", "from salt.runtime.experiments.reproduce import _worker; _worker()"],
-                stdin=subprocess.PIPE, stdout=log, stderr=log, env=env)
+                stdin=subprocess.PIPE, stdout=log, stderr=log, env=env, start_new_session=True)
             proc.stdin.write(json.dumps(dict(job[1].to_dict(), core=core)).encode())
             proc.stdin.close()
             running[core] = (job, proc, time.time(), log)
+            if stopped:  # the signal came while it started
+                proc.send_signal(stopped[0])
         if not running:
             break
         time.sleep(0.5)
@@ -229,10 +298,8 @@ def _side_by_side(jobs, state, prepare_job) -> None:
             del running[core]
             if proc.returncode == 0:
                 state.finish(job[0], time.time() - t0, forked=job[2], side_by_side=True, core=core)
-            else:
+            elif not stopped:
                 failed.append(f"{job[0]} failed (exit {proc.returncode}): {err.strip()[-2000:]}")
-    if failed:
-        raise ValueError("; ".join(failed))
 
 
 def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):
@@ -328,28 +395,99 @@ def kd_summary(cfg: ReproduceConfig, state, overhead: dict, forked: bool) -> dic
 
 # --------------------------------------------------------------------------- the job
 
+def _same_corpus(out: pathlib.Path, cfg: ReproduceConfig) -> dict | None:
+    """The finished ``data`` stage of the reproduction in ``out`` when ``cfg`` would prepare the
+    same corpus (the embedded one, same vocabulary) and ``out/data`` is a store; else None."""
+    from salt.core import outputs
+
+    try:
+        old = json.loads((out / "state.json").read_text(encoding="utf-8"))
+        same = old["settings"].get("vocab_size") == cfg.vocab_size and not old["settings"].get("data")
+        stage = old["stages"].get("data") if same else None
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+    if cfg.data or not isinstance(stage, dict) or outputs.kind_of(out / "data") != "store":
+        return None
+    return {"seconds": float(stage.get("seconds", 0.0))}
+
+
+def check_settings(cfg: ReproduceConfig) -> None:
+    """Everything about ``cfg`` that can be checked before a file is written: the fields, the
+    presets, each run's training configuration and ``--data`` (a token store).  ValueError
+    naming the setting otherwise."""
+    from salt.reference.config import get_preset
+    from salt.runtime.train.config import TrainError
+
+    cfg.validate()
+    for flag, name in (("--teacher-preset", cfg.teacher_preset), ("--student-preset", cfg.student_preset)):
+        try:
+            get_preset(name)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+    out, data = pathlib.Path(cfg.out), pathlib.Path(cfg.data) if cfg.data else None
+    runs = [train_config(cfg, out, data or out, preset=cfg.teacher_preset, steps=cfg.teacher_steps,
+                         kd_steps=0, seed=cfg.seed, batch=cfg.teacher_batch, checkpoint_every=cfg.early_step)]
+    for seed in cfg.student_seeds():
+        runs.append(train_config(cfg, out, data or out, preset=cfg.student_preset, steps=cfg.steps,
+                                 kd_steps=cfg.kd_steps, seed=seed, checkpoint_every=cfg.eval_every,
+                                 teacher=out, transition="step"))
+    for tc in runs:
+        try:
+            tc.validate()
+        except TrainError as e:
+            raise ValueError(f"settings: {e}") from None
+    if data is not None:
+        from salt.data import TokenStore
+
+        if not data.is_dir():
+            raise ValueError(f"--data {str(data)!r} does not exist or is not a directory")
+        try:
+            TokenStore(data)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--data {str(data)!r} is not a usable token store: {e}") from None
+
+
 def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) the whole reproduction; returns the results dict (also in results.json)."""
+    """Run (or resume) the whole reproduction; returns the results dict (also in results.json).
+    The settings are checked before anything is written; ``OUT`` is locked while it runs."""
+    from salt.core import outputs
+    from salt.core.lock import DirLock
+
+    check_settings(cfg)
+    out = pathlib.Path(cfg.out)
+    outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
+                             inputs=[cfg.data] if force and cfg.data else ())
+    with DirLock(out):
+        return _run(cfg, force=force, progress=progress)
+
+
+def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
     from salt.runtime.eval import evaluate
     from salt.runtime.experiments import cloze_stage
     from salt.runtime.experiments import report, report_render
     from salt.runtime.select import score as score_mod
     from salt.runtime.model.checkpoint import all_steps, write_json_atomic
 
-    cfg.validate()
     out = pathlib.Path(cfg.out)
     from salt.core import outputs  # the output rule of docs/safety.md (OUT, OUT/data, OUT/runs/*)
     outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
                              inputs=[cfg.data] if force and cfg.data else ())
+    state = None
     if force and (out / "state.json").is_file():
-        for child in ("runs", "eval", "teacher_cache", "scores.npz", "selection.npy", "results.json",
-                      "report.md"):
-            p = out / child
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    state = _State(out, cfg, force)
+        # checked above, file by file: everything in OUT is this command's own.  The fresh state
+        # is written first, so a crash part-way leaves a state that redoes whatever is gone
+        kept_data = _same_corpus(out, cfg)
+        state = _State(out, cfg, force=True)
+        if kept_data is not None:  # the same prepared corpus: kept, with its stage
+            state.finish("data", kept_data["seconds"])
+        for child in sorted(out.iterdir()):
+            if child.name in ("state.json", LOCK_NAME) or (child.name == "data" and kept_data is not None):
+                continue
+            if child.is_dir():
+                outputs.remove_tree(child)
+            else:
+                child.unlink()
+    state = state or _State(out, cfg, force)
     runs = out / "runs"
 
     # 1. data ------------------------------------------------------------------------------
@@ -362,10 +500,9 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
 
         t0 = time.time()
         _say(f"preparing the embedded corpus in {data_dir}")
-        if data_dir.exists():
-            shutil.rmtree(data_dir)
         kwargs = {} if cfg.vocab_size is None else {"vocab_size": cfg.vocab_size}
-        prepare(str(data_dir), progress=progress, **kwargs)
+        # an own (or empty) store only: prepare's output rule, file by file
+        prepare(str(data_dir), progress=progress, overwrite=True, **kwargs)
         state.finish("data", time.time() - t0)
     from salt.data import TokenStore
 
@@ -433,8 +570,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     def prepare_job(stage, tc, forked):
         run_dir = pathlib.Path(tc.out)
         if forked and all_steps(run_dir) == []:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # an earlier fork of ours that never got to train
+            _remove_own(run_dir, "run")  # an earlier fork of ours that never got to train
             fork_run(run_dir.with_name(run_dir.name.replace("SALT-", "RKD-", 1)), cfg.kd_steps,
                      run_dir, tc)
         _say(f"training {stage} ({cfg.student_preset}, {cfg.steps} steps, n_kd = {tc.kd_steps}"

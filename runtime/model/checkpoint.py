@@ -46,6 +46,21 @@ class CorruptCheckpoint(ValueError):
     """A checkpoint step that is incomplete or does not match its manifest (names the path)."""
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (a full disk, ...); names the step directory."""
+
+
+def _os_reason(e: BaseException) -> str:
+    """The OS error at the root of ``e``'s chain (orbax wraps them), else ``e``'s first line."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(e).strip().splitlines()
+    return "No space left on device" if "No space left" in str(e) else (text[0][:200] if text else type(e).__name__)
+
+
 def _manager(ckpt_root: pathlib.Path, *, create: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
                                            enable_async_checkpointing=False)
@@ -163,7 +178,7 @@ def newest_intact(run_dir, *, report: bool = True) -> int | None:
             return s
         except CorruptCheckpoint as e:
             if report:
-                _warn(f"{e}; using an older checkpoint")
+                _warn(f"{e}; skipped, trying the step before it")
     return None
 
 
@@ -209,21 +224,26 @@ def empty_trash(run_dir) -> None:
 def save(run_dir, step: int, params, opt_state, meta: dict, *, keep: set[int] | None = None) -> str:
     """Save step ``step`` and its manifest; then delete older steps except those in ``keep``
     (the newest checkpoint is always kept). Returns the manifest sha256."""
-    mngr = _manager(checkpoint_root(run_dir), create=True)
     meta = dict(meta, step=int(step))
-    mngr.save(int(step), args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    digest = None
-    if jax.process_index() == 0:
-        digest = write_manifest(step_dir(run_dir, step))
-        if keep is not None:
-            for old in _step_dirs(run_dir):
-                if old != step and old not in keep:
-                    _delete_step(run_dir, old)
+    try:
+        mngr = _manager(checkpoint_root(run_dir), create=True)
+        mngr.save(int(step), args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        mngr.wait_until_finished()
+        mngr.close()
+        digest = None
+        if jax.process_index() == 0:
+            digest = write_manifest(step_dir(run_dir, step))
+    except Exception as e:  # noqa: BLE001 - orbax wraps the OS error (a full disk) in its own
+        raise CheckpointWriteError(f"cannot save checkpoint {step_dir(run_dir, step)}: {_os_reason(e)}; the "
+                                   "step stays incomplete (skipped on resume); free space and resume "
+                                   "with --resume") from None
+    if jax.process_index() == 0 and keep is not None:
+        for old in _step_dirs(run_dir):
+            if old != step and old not in keep:
+                _delete_step(run_dir, old)
     return digest
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from salt.core import outputs
+from salt.core.inputs import file_problem
 from salt.data import Loader, TokenStore
 from salt.data.ids import load_window_ids, numpy_file_kind
 from salt.kernels.logits_kd import loss_naive
@@ -158,8 +159,9 @@ class ScoreJob:
 def load_scores(path) -> dict:
     """Read a scores ``.npz`` written by :func:`score` (no pickle) into a dict."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"scores file {str(path)!r} does not exist")
+    problem = file_problem(path)
+    if problem:
+        raise ValueError(f"scores file {str(path)!r} {problem}")
     try:
         if numpy_file_kind(path) != "npz":
             raise ValueError("not a .npz archive")

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -36,6 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from salt.core import outputs
+from salt.core.inputs import file_problem
+from salt.core.lock import DirLock, LockError
 from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.runtime.model import checkpoint, losses, transformer as model
 from salt.runtime.train import metrics_log, optim
@@ -117,8 +119,9 @@ def read_examples(path) -> list[dict]:
     """The examples of a JSONL file: dicts with ``prompt``, ``completion`` and ``line``
     (1-based).  Raises TrainError naming the file and line of the first bad one."""
     p = pathlib.Path(path)
-    if not p.is_file():
-        raise TrainError(f"data file {str(path)!r} does not exist")
+    problem = file_problem(p)
+    if problem:
+        raise TrainError(f"data file {str(path)!r} {problem}")
     examples = []
     with open(p, "rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -241,13 +244,26 @@ def _step(config, optimizer: str, dtype: str, impl: str):
 # ----------------------------------------------------------------------------- the run
 def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     """Fine-tune per ``cfg``, then evaluate the held-out split; returns a summary dict.
-    Bad input raises TrainError before anything is written."""
+    Bad input raises TrainError before anything is written.  ``--out`` follows the output rule
+    (docs/safety.md: absent, empty, or a fine-tuning run with --resume; never inside or holding
+    an input) and is locked while this runs."""
     cfg.validate()
     out = pathlib.Path(cfg.out)
+    try:
+        outputs.check_output_dir(out, "finetune", mode="resume" if cfg.resume else "create",
+                                 inputs=[cfg.run, cfg.data, cfg.eval_data, cfg.store])
+        with DirLock(out):
+            return _finetune_locked(cfg, out, progress)
+    except (outputs.OutputError, LockError) as e:
+        raise TrainError(str(e)) from None
+
+
+def _finetune_locked(cfg: FinetuneConfig, out: pathlib.Path, progress: bool) -> dict:
     saved_steps = checkpoint.all_steps(out)
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise TrainError(f"output directory {cfg.out!r} already exists and is not empty; pass "
-                         "--resume to continue it or choose another --out")
+    intact = checkpoint.newest_intact(out) if saved_steps else None
+    if saved_steps and intact is None:
+        raise TrainError(f"cannot resume {cfg.out!r}: none of its checkpoints {saved_steps} is intact "
+                         "(see above); nothing was changed; restore a checkpoint or choose another --out")
     if cfg.resume and saved_steps:
         saved = _read_json(out / "run_config.json").get("finetune", {})
         now = cfg.to_dict()
@@ -274,7 +290,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
 
     config = base.config
     init = optim.make_direction(cfg.optimizer).init
-    start_step = saved_steps[-1] if cfg.resume and saved_steps else 0
+    start_step = intact if cfg.resume and saved_steps else 0
     if start_step:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         params_abs, opt_abs = (jax.tree.map(
@@ -372,15 +388,9 @@ def evaluate_examples(params, config, base: LoadedModel, examples, cfg: Finetune
     result.update(n=len(rows), max_new_tokens=budget, source=cfg.eval_data or
                   f"{cfg.data} (held-out eval_fraction={cfg.eval_fraction}, seed={cfg.seed})")
     out = pathlib.Path(out)
-    _write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    outputs.write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     checkpoint.write_json_atomic(out / "eval.json", result)
     return result
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _read_json(path: pathlib.Path) -> dict:

@@ -22,6 +22,7 @@ runtime/train/config.py (what a run is) and runtime/train/step.py (the compiled 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -38,6 +39,7 @@ import numpy as np
 
 from salt.reference.config import VOCAB_FROM_DATA, ModelConfig, get_preset, param_count
 from salt.core import outputs
+from salt.core.lock import DirLock, LockError
 from salt.runtime.model import checkpoint, transformer as model, sharding
 from salt.runtime.train import metrics_log, optim
 from salt.runtime.train.config import (NonFiniteLoss, TrainConfig, TrainError, resolve_kernels,  # noqa: F401
@@ -147,9 +149,17 @@ def padded_vocab(tokenizer_vocab: int, *configs) -> int | None:
     return None if sizes == {tokenizer_vocab} else int(tokenizer_vocab)
 
 
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(not recorded)"
+
+
 def _check_resume_config(saved: dict, cfg: TrainConfig) -> list[str]:
     now = cfg.to_dict()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields newer than the run
+    defaults = {f.name: _field_default(f) for f in dataclasses.fields(TrainConfig)}  # fields newer than the run
     return [f"{k}: saved {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
             if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]]
 
@@ -212,19 +222,33 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, *, progress: bool = True, start_over: bool = False) -> dict:
     """Train per ``cfg``; returns a summary dict. Raises TrainError on bad input (before any
-    output is written) and NonFiniteLoss when the loss stops being finite."""
+    output is written) and NonFiniteLoss when the loss stops being finite.
+
+    ``--out`` is locked (salt.core.lock) while this runs.  A resume continues from the newest
+    intact checkpoint; when the run saved checkpoints but none is intact it refuses unless
+    ``start_over`` (then it trains again from step 0 in place, the damaged steps kept aside).
+    A KD run keeps the teacher its ``run_config.json`` records, also when started over."""
     cfg.validate()
     sharding.maybe_initialize_distributed()
     store = _open_store(cfg.data)
-    tokenizer_sha = store.tokenizer_sha256
     config = student_config(cfg, store.vocab_size)
     if cfg.kd_topk is not None and cfg.kd_topk > store.vocab_size:
         raise TrainError(f"kd_topk={cfg.kd_topk} is larger than the vocabulary V={store.vocab_size} of "
                          f"{cfg.data!r}")
     run_dir = pathlib.Path(cfg.out)
     _check_out(cfg, run_dir)
+    try:  # one writer per run directory (the first process of a multi-host run holds it)
+        with DirLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+            return _train_locked(cfg, store, config, run_dir, progress, start_over)
+    except LockError as e:
+        raise TrainError(str(e)) from None
+
+
+def _train_locked(cfg, store, config, run_dir, progress, start_over):
+    tokenizer_sha = store.tokenizer_sha256
+    _check_out(cfg, run_dir)  # again, holding the lock
     if cfg.init is not None:
         init_sha = checkpoint.read_meta(cfg.init).get("tokenizer_sha256")
         if init_sha != tokenizer_sha:
@@ -233,14 +257,29 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     start_step = 0
     pinned_teacher = None
     saved: dict = {}
-    if cfg.resume and run_dir.is_dir():
-        saved_path = run_dir / "run_config.json"
-        saved = _read_json(saved_path, "run config") if saved_path.exists() else {}
-        diffs = _check_resume_config(saved.get("train", {}), cfg)
+    if cfg.resume and (run_dir / "run_config.json").exists():
+        saved = _read_json(run_dir / "run_config.json", "run config")
+        if not isinstance(saved.get("train"), dict):
+            raise TrainError(f"run config {str(run_dir / 'run_config.json')!r} has no 'train' object; "
+                             "restore it or choose another --out")
+        diffs = _check_resume_config(saved["train"], cfg)
         if diffs and not cfg.force:
             raise TrainError(f"cannot resume {cfg.out!r} with a different configuration (pass "
                              f"--force to override): " + "; ".join(diffs))
+        if isinstance(saved.get("model"), dict) and saved["model"] != config.to_dict():
+            changed = sorted(k for k in set(saved["model"]) | set(config.to_dict())
+                             if saved["model"].get(k) != config.to_dict().get(k))
+            raise TrainError(f"cannot resume {cfg.out!r}: its checkpoints hold another model ({', '.join(changed)} "
+                             f"differ; preset {saved['train'].get('preset')!r} -> {cfg.preset!r}); even "
+                             "--force cannot change the model of a run; choose another --out")
+        pinned_teacher = saved.get("teacher")  # the teacher the run started with: kept
+        saved_steps = checkpoint.all_steps(run_dir)
         start_step = checkpoint.newest_intact(run_dir) or 0
+        if saved_steps and start_step == 0 and not start_over:
+            raise TrainError(f"cannot resume {cfg.out!r}: none of its checkpoints {saved_steps} is intact "
+                             "(see above); nothing was changed.  Pass --start-over to train it again from "
+                             "step 0 in this directory (the damaged steps are kept in "
+                             f"{checkpoint.CORRUPT}/), or restore a checkpoint")
     if start_step > 0:
         try:
             meta = checkpoint.meta_of(run_dir, start_step)
@@ -255,6 +294,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     sentinels = _ul2_sentinels(cfg, store) if cfg.objective == "ul2" else None
 
     mesh = sharding.make_mesh(cfg.mesh, devices=runtime_devices(cfg.runtime))
+    platform = mesh.devices.flat[0].platform
+    if resolve_kernels(cfg.kernels, platform) == "pallas" and platform != "tpu":
+        raise TrainError(f"--kernels pallas needs a TPU, but this run's devices are {platform}; use "
+                         "--kernels auto or xla")
     if cfg.batch % mesh.shape["data"]:
         raise TrainError(f"batch={cfg.batch} is not divisible by the data axis "
                          f"({mesh.shape['data']}) of mesh {cfg.mesh!r}")
@@ -277,7 +320,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     elif cfg.kd_steps > 0:
         if need_teacher:
             teacher["config"], teacher["params"], teacher["identity"] = load_teacher(
-                cfg, config, tokenizer_sha, mesh, pinned=pinned_teacher if start_step > 0 else None,
+                cfg, config, tokenizer_sha, mesh, pinned=pinned_teacher,
                 tokenizer_vocab=store.vocab_size)
         else:  # resuming past the KD phase: record the identity, load nothing
             teacher["identity"] = pinned_teacher

@@ -1,0 +1,307 @@
+"""The second reliability campaign (issue 25): data loss under --overwrite, the directory lock,
+resume without an intact checkpoint, signals to `salt reproduce`'s workers, store integrity.
+(The one-line bad-input cases are in tests/test_reliability_inputs.py.)"""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from salt.cli.main import cli
+from salt.core import lock, outputs
+from tiny_corpus import make_tiny_corpus
+
+
+def _snapshot(root: pathlib.Path) -> dict:
+    """Every file and its bytes (a lock file aside: a writer leaves it, empty, by design)."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*")) if p.name != lock.LOCK_NAME}
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from salt.data import prepare
+    root = tmp_path_factory.mktemp("campaign")
+    src = make_tiny_corpus(root / "src", n_docs=20, words=200, seed=5)
+    prepare(root / "data", [src], vocab_size=300, val_fraction=0.2, progress=False)
+    r = _invoke(*_train_args(root, root / "teacher", "--checkpoint-every", 2))
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def _train_args(world, out, *extra):
+    return ["train", "--preset", "tiny-teacher", "--data", world / "data", "--out", out, "--steps", 2,
+            "--batch", 4, "--seq-len", 8, "--optimizer", "adamw", "--no-progress", *extra]
+
+
+def _fake_reproduction(world, out: pathlib.Path):
+    """A finished-looking reproduction of ``--tiny --data world/data``: its state.json (same
+    settings) with stages done, runs/* copied from a real run; returns its configuration."""
+    import shutil
+    from salt.runtime.experiments import reproduce
+    cfg = reproduce.config_for("tiny", out=str(out), data=str(world / "data"))
+    out.mkdir()
+    state = reproduce._State(out, cfg, force=True).data
+    state["stages"] = {"slm": {"seconds": 1.0}, "score": {"seconds": 1.0}}
+    (out / "state.json").write_text(json.dumps(state))
+    for name in ("SLM", "BASELINE-seed0"):
+        shutil.copytree(world / "teacher", out / "runs" / name)
+    (out / "eval").mkdir()
+    (out / "eval" / "SLM_8.npz").write_bytes(b"stats")
+    (out / "report.md").write_text("# report\n")
+    return cfg
+
+
+# --------------------------------------------------------------------------- data loss
+
+def test_overwrite_refuses_user_files_deep_inside_and_deletes_nothing(world, tmp_path):
+    from salt.runtime.experiments import reproduce
+    out = tmp_path / "R"
+    cfg = _fake_reproduction(world, out)
+    assert outputs.foreign_files(out, "reproduction") == []
+    (out / "eval" / "my.txt").write_text("mine")
+    (out / "runs" / "SLM" / "notes.txt").write_text("mine")
+    (out / "runs" / "BASELINE-seed0" / "notes.txt").write_text("mine")
+    step = sorted((out / "runs" / "SLM" / "checkpoints").iterdir())[0]
+    (step / "params" / "mine.bin").write_bytes(b"x")  # not in the step's manifest
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match="did not write") as e:
+        reproduce.run(cfg, force=True, progress=False)
+    for name in ("eval/my.txt", "runs/SLM/notes.txt", "runs/BASELINE-seed0/notes.txt"):
+        assert name in str(e.value)
+    assert _snapshot(out) == before
+
+
+def test_overwrite_resets_the_state_with_the_files_it_removes(world, tmp_path, monkeypatch):
+    """The campaign's second symptom: after --overwrite removed runs/, state.json still listed
+    every stage, so every later reproduce failed "checkpoint path R/runs/SLM does not exist"."""
+    from salt.runtime.experiments import reproduce
+    out = tmp_path / "R"
+    cfg = _fake_reproduction(world, out)
+
+    class Stop(Exception):
+        pass
+
+    def stop(tc, progress=True):
+        raise Stop(tc.out)
+    monkeypatch.setattr(reproduce, "_train", stop)
+    with pytest.raises(Stop, match="runs/SLM"):  # the SLM is trained again: its stage was reset
+        reproduce.run(cfg, force=True, progress=False)
+    state = json.loads((out / "state.json").read_text())
+    assert state["stages"] == {} and sorted(p.name for p in out.iterdir()) == [".salt.lock", "state.json"]
+
+
+def test_data_stage_never_deletes_a_user_file_in_out_data(world, tmp_path):
+    """A reproduction interrupted around data preparation, then a user file in OUT/data/."""
+    import shutil
+    from salt.runtime.experiments import reproduce
+    out = tmp_path / "R"
+    cfg = reproduce.config_for("tiny", out=str(out))
+    out.mkdir()
+    shutil.copytree(world / "data", out / "data")
+    (out / "data" / "my.txt").write_text("mine")
+    (out / "state.json").write_text(json.dumps({"settings": {}, "stages": {}}))
+    reproduce._State(out, cfg, force=True)  # this configuration's state, no stage done
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match="my.txt"):
+        reproduce.run(cfg, progress=False)
+    assert _snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- the lock
+
+_HOLD = ("import sys, time; from salt.core.lock import DirLock\n"
+         "with DirLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n")
+
+
+def test_lock_refuses_a_second_writer_with_the_holders_pid_and_frees_on_death(tmp_path):
+    d = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(d)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(lock.LockError, match=f"pid {holder.pid}"):
+            with lock.DirLock(d):
+                pass
+        assert not lock.is_stale(d)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.is_stale(d)  # the kernel dropped the dead holder's lock: the file is a leftover
+    with lock.DirLock(d):
+        assert json.loads((d / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert (d / lock.LOCK_NAME).read_text() == ""
+
+
+def test_a_failed_command_leaves_no_directory_behind(tmp_path):
+    d = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with lock.DirLock(d):
+            raise RuntimeError("checks failed")
+    assert not d.exists()
+
+
+@pytest.mark.slow
+def test_two_concurrent_resumes_second_refuses_and_no_metrics_row_is_lost(world, tmp_path):
+    run = tmp_path / "run"
+    assert _invoke(*_train_args(world, run, "--steps", 40, "--checkpoint-every", 20)).exit_code == 0
+    argv = [sys.executable, "-m", "salt.cli.main"] + [str(a) for a in _train_args(
+        world, run, "--steps", 400, "--checkpoint-every", 100, "--resume", "--force")]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while first.poll() is None and not (run / lock.LOCK_NAME).read_text():
+        time.sleep(0.05)  # the first holds the lock (its record is written)
+    second = subprocess.run(argv, capture_output=True, text=True)
+    out1 = first.communicate()[0]
+    assert first.returncode == 0, out1
+    assert second.returncode != 0 and "being written by another SALT process" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 401))
+
+
+# --------------------------------------------------------------------------- resume
+
+def _corrupt_all_steps(run: pathlib.Path) -> None:
+    for f in sorted((run / "checkpoints").rglob("*")):
+        if f.is_file() and f.parent.name == "d":
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 1
+            f.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_resume_without_an_intact_checkpoint_refuses_and_start_over_keeps_the_teacher(world, tmp_path):
+    import shutil
+    teacher = tmp_path / "teacher"
+    shutil.copytree(world / "teacher", teacher)
+    student = tmp_path / "student"
+    kd = ("--teacher", teacher, "--kd-steps", 2, "--steps", 3, "--checkpoint-every", 1)
+    assert _invoke(*_train_args(world, student, *kd)).exit_code == 0
+    pinned = json.loads((student / "run_config.json").read_text())["teacher"]
+    assert pinned["step"] == 2
+    r = _invoke(*_train_args(world, teacher, "--steps", 4, "--keep", "2", "--resume", "--force"))  # a newer step
+    assert r.exit_code == 0, r.output
+    _corrupt_all_steps(student)
+    before = _snapshot(student)
+    r = _invoke(*_train_args(world, student, *kd, "--resume"))
+    assert r.exit_code != 0 and "none of its checkpoints" in r.output and "Traceback" not in r.output
+    assert _snapshot(student) == before
+    r = _invoke(*_train_args(world, student, *kd, "--resume", "--start-over"))
+    assert r.exit_code == 0, r.output
+    assert json.loads((student / "run_config.json").read_text())["teacher"] == pinned
+    assert any((student / "corrupt-checkpoints").iterdir())  # the damaged steps, kept aside
+    from salt.runtime.model import checkpoint
+    assert checkpoint.meta_of(student, 3)["teacher"]["step"] == 2
+
+
+# --------------------------------------------------------------------------- signals
+
+def _marked(marker: str) -> list[int]:
+    """Live processes whose environment carries ``marker``."""
+    found = []
+    for p in pathlib.Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker.encode() in (p / "environ").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_reproduce_stops_its_workers_after_they_save(world, tmp_path):
+    from salt.runtime.model import checkpoint
+    out, marker = tmp_path / "R", f"SALT_TEST_MARK={uuid.uuid4().hex}"
+    env = dict(os.environ, SALT_TEST_MARK=marker.split("=")[1])
+    argv = [sys.executable, "-m", "salt.cli.main", "reproduce", "--tiny", "--data", str(world / "data"),
+            "--out", str(out), "--steps", "20000", "--kd-steps", "200", "--eval-every", "200", "--quiet",
+            "--side-by-side"]
+    parent = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = [out / "runs" / n / "metrics.jsonl" for n in ("BASELINE-seed0", "RKD-seed0")]
+    while parent.poll() is None and not all(m.is_file() and m.stat().st_size for m in metrics):
+        time.sleep(0.2)  # both workers are training
+    assert parent.poll() is None, parent.communicate()[0]
+    parent.send_signal(signal.SIGTERM)
+    output = parent.communicate(timeout=300)[0]
+    assert parent.returncode != 0 and "stopped by SIGTERM" in output and "Traceback" not in output
+    assert _marked(marker) == []  # no worker outlives the command
+    for m in metrics:  # each saved a checkpoint when asked, and its metrics end there
+        run = m.parent
+        last = checkpoint.newest_intact(run)
+        assert last is not None and 0 < last < 20000
+        steps = [json.loads(line)["step"] for line in m.read_text().splitlines()]
+        assert steps[: last] == list(range(1, last + 1))
+
+
+# --------------------------------------------------------------------------- integrity and inputs
+
+def test_store_records_content_hashes_and_verify_checks_them(world, tmp_path):
+    import shutil
+    from salt.data import TokenStore
+    store = tmp_path / "store"
+    shutil.copytree(world / "data", store)
+    meta = json.loads((store / "metadata.json").read_text())
+    assert set(meta["files"]) == {"train.tokens.bin", "train.doc_offsets.bin", "val.tokens.bin",
+                                  "val.doc_offsets.bin"}
+    TokenStore(store).verify()
+    data = bytearray((store / "val.doc_offsets.bin").read_bytes())
+    data[-1] ^= 0  # unchanged bytes, new inode: re-hashed, still fine
+    (store / "val.doc_offsets.bin").unlink()
+    (store / "val.doc_offsets.bin").write_bytes(bytes(data))
+    TokenStore(store)
+    tokens = np.fromfile(store / "val.tokens.bin", np.uint16)
+    tokens[0] = 7 if tokens[0] != 7 else 8
+    tokens.tofile(store / "val.tokens.bin")
+    with pytest.raises(ValueError, match="val.tokens.bin does not match the sha256"):
+        TokenStore(store).verify()
+
+
+def test_jsonl_integer_beyond_the_digit_limit_is_skipped_with_skip_invalid(tmp_path):
+    from salt.data.corpus import CorpusStats, iter_documents, resolve_sources
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "ka"}\n{"text": "lo", "n": ' + "9" * 5000 + '}\n{"text": "mi"}\n')
+    stats = CorpusStats()
+    docs = list(iter_documents(resolve_sources([src]), stats, text_field="text", skip_invalid=True))
+    assert docs == ["ka", "mi"] and stats.invalid_json_lines == 1
+
+
+def test_a_killed_prepares_partial_directory_is_removed_by_the_next(tmp_path):
+    from salt.data import prepare
+    src = make_tiny_corpus(tmp_path / "src", n_docs=20, words=200, seed=1)
+    stale = tmp_path / ".out.partial-killed"
+    stale.mkdir()
+    (stale / "train.tokens.bin").write_bytes(b"\0" * 64)
+    (stale / lock.LOCK_NAME).write_text('{"pid": 999999}')  # its holder is gone
+    live = tmp_path / ".out.partial-live"  # another prepare still building: kept
+    held = lock.DirLock(live)
+    held.__enter__()
+    try:
+        mine = tmp_path / ".out.partial-mine"  # no lock file: not provably ours, kept
+        mine.mkdir()
+        prepare(tmp_path / "out", [src], vocab_size=300, val_fraction=0.2, progress=False)
+        assert not stale.exists() and live.exists() and mine.exists()
+        assert outputs.kind_of(tmp_path / "out") == "store"
+    finally:
+        held.release()
+
+
+def test_disk_full_during_a_checkpoint_is_one_error_naming_the_step(world, tmp_path, monkeypatch):
+    from salt.runtime.model import checkpoint
+
+    class Full:
+        def save(self, *a, **k):
+            raise RuntimeError("write failed") from OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "_manager", lambda *a, **k: Full())
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"run/checkpoints/5: No space left on device"):
+        checkpoint.save(tmp_path / "run", 5, {}, {}, {})

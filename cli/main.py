@@ -30,6 +30,7 @@ COMMANDS = {
     "teacher": ("salt.cli.teacher", "teacher", "Cache the teacher's top-k over a run's KD phase."),
     "presets": ("salt.cli.presets", "presets", "List model presets with exact parameter counts."),
     "plan": ("salt.cli.plan", "plan", "Compile the steps for a TPU topology: memory, fit, roofline."),
+    "xi": ("salt.cli.xi", "xi", "Martingale differences of a run's loss (appendix L)."),
 }
 
 

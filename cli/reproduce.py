@@ -27,9 +27,9 @@ def _rho_list(value):
               help="Use this prepared token store instead of preparing the embedded corpus.")
 @click.option("--size", "size", type=click.Choice(sorted(SIZES)), default="small",
               show_default=True,
-              help="Named experiment (salt.runtime.experiments.presets): small (the default, ~16 min on 2 "
-                   "cores; the paper's ω, ρ), small-rho1 (~13 min; ρ = 1, a weaker SLM: the "
-                   "ablation that shows claims a, b at CPU scale), medium (~1 h 45 min), quick "
+              help="Named experiment (salt.runtime.experiments.presets): small (the default: ρ = 1, "
+                   "searched at this scale, with the paper's ρ = 0.25 arm beside it), small-rho1 "
+                   "(~13 min; ρ = 1 alone, a weaker SLM), medium (~1 h 45 min), quick "
                    "(smoke run, too small "
                    "to test the claims), tiny (tests), paper-2.8b / paper-8.6b (the paper's runs); "
                    "measured outcomes in docs/reproduction.md.")

@@ -12,7 +12,9 @@ training stage resumes from its last checkpoint):
    With the step transition SALT is RKD for its first n_kd steps (docs/design.md §1), so SALT
    is *forked*: RKD's checkpoint at n_kd and its metrics up to n_kd are copied into SALT's run
    directory under SALT's own ``run_config.json`` and the trainer resumes from there
-   (bit-identical to SALT trained from scratch; tested);
+   (bit-identical to SALT trained from scratch; tested).  Every further ρ arm (``extra_rhos``,
+   ``--rho 1,0.25``) adds its own ``RKD-rho<ρ>``, ``SALT-rho<ρ>`` and ``SALT_DS-rho<ρ>`` runs
+   against the same BASELINE;
 5. ``overhead``  KD-step vs standard-step time, interleaved in one process (``salt bench step``);
 6. ``eval``      per-window held-out statistics of every kept checkpoint; cached in ``OUT/eval/``;
    ``cloze``     the LAMBADA-style last-word task on held-out passages: the final SLM and every

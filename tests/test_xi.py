@@ -2,6 +2,7 @@
 students (L_t by dynamic programming over the vocabulary), through the estimator core and
 through the real KV-cache sampler and student loss; the CLI end to end."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +151,10 @@ def test_cli_xi_writes_table_and_plots(runs):
             str(runs / "data"), "--lengths", "4,8", "--windows", "3", "--n-com", "3", "--out", str(out)]
     r = CliRunner().invoke(cli, argv)
     assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in runs.iterdir() if p.name.startswith(".")) == []  # no build leftovers
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # an ordinary directory, not mkdtemp's 0700
     res = json.loads((out / "xi.json").read_text())
     assert [s["T"] for s in res["by_T"]] == [4, 8]
     assert (out / "xi_hist_T4.png").stat().st_size > 0 and (out / "xi_hist_T8.png").exists()

@@ -270,8 +270,10 @@ def run_xi(student, oracle, data_dir, out, *, student_step=None, oracle_step=Non
         results["by_T"].append(summary(est))
         results["per_window"][str(T)] = {"L_hat": est.L_hat, "xi": est.xi, "se": est.se}
     out.parent.mkdir(parents=True, exist_ok=True)
-    built = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    built = tmp / out.name  # made by mkdir: the usual directory mode (mkdtemp's is 0700)
     try:
+        built.mkdir()
         outputs.write_json(built / "xi.json", results)
         outputs.write_text(built / "xi.md", render_markdown(results))
         for T, est in estimates.items():
@@ -279,7 +281,6 @@ def run_xi(student, oracle, data_dir, out, *, student_step=None, oracle_step=Non
         if out.exists():
             out.rmdir()  # checked empty above
         outputs.move_into_place(built, out)
-    except BaseException:
-        outputs.remove_tree(built)
-        raise
+    finally:
+        outputs.remove_tree(tmp)
     return results

@@ -49,6 +49,7 @@ COMMANDS = {
     "plan": ("salt.cli.plan", "plan", "Compile the steps for a TPU topology: memory, fit, roofline."),
     "import": ("salt.cli.interop", "import_", "Import a Hugging Face checkpoint as a SALT run."),
     "export": ("salt.cli.interop", "export", "Export a SALT run as a Hugging Face checkpoint."),
+    "xi": ("salt.cli.xi", "xi", "Martingale differences of a run's loss (appendix L)."),
 }
 
 

@@ -7,6 +7,19 @@ from salt.runtime.experiments.presets import SIZES, TRANSITIONS
 from salt.runtime.train.teacher_cache import DEFAULT_TOP_K as DEFAULT_CACHE_TOPK
 
 
+def _rho_list(value):
+    if value is None:
+        return None
+    try:
+        rhos = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected a number or comma-separated numbers, got {value!r}",
+                                 param_hint="--rho") from None
+    if not rhos:
+        raise click.BadParameter("expected at least one value", param_hint="--rho")
+    return rhos
+
+
 @click.command("reproduce")
 @click.option("--out", default="salt-reproduce", show_default=True, type=click.Path(),
               help="Output directory (data, runs, scores, report.md, plots).")
@@ -14,9 +27,9 @@ from salt.runtime.train.teacher_cache import DEFAULT_TOP_K as DEFAULT_CACHE_TOPK
               help="Use this prepared token store instead of preparing the embedded corpus.")
 @click.option("--size", "size", type=click.Choice(sorted(SIZES)), default="small",
               show_default=True,
-              help="Named experiment (salt.runtime.experiments.presets): small (the default, ~16 min on 2 "
-                   "cores; the paper's ω, ρ), small-rho1 (~13 min; ρ = 1, a weaker SLM: the "
-                   "ablation that shows claims a, b at CPU scale), medium (~1 h 45 min), quick "
+              help="Named experiment (salt.runtime.experiments.presets): small (the default: ρ = 1, "
+                   "searched at this scale, with the paper's ρ = 0.25 arm beside it), small-rho1 "
+                   "(~13 min; ρ = 1 alone, a weaker SLM), medium (~1 h 45 min), quick "
                    "(smoke run, too small "
                    "to test the claims), tiny (tests), paper-2.8b / paper-8.6b (the paper's runs); "
                    "measured outcomes in docs/reproduction.md.")
@@ -27,7 +40,10 @@ from salt.runtime.train.teacher_cache import DEFAULT_TOP_K as DEFAULT_CACHE_TOPK
               help="Independent student seeds (initialisation and data order): seed, seed+1, ...")
 @click.option("--seed", type=click.IntRange(min=0, max=2**62), default=None, help="First seed (also the SLM's).")
 @click.option("--omega", type=float, default=None, help="Distillation weight ω (paper 0.667).")
-@click.option("--rho", type=float, default=None, help="Teacher temperature factor ρ (paper 0.25).")
+@click.option("--rho", default=None, callback=lambda ctx, param, value: _rho_list(value),
+              help="Teacher temperature factor ρ (paper 0.25), or a comma-separated list: one arm "
+                   "(RKD, SALT, SALT_DS) per ρ, sharing the SLM, the selection and BASELINE; the "
+                   "first leads the report (size small: 1,0.25).")
 @click.option("--transition", type=click.Choice(TRANSITIONS), default=None,
               help="ω schedule at the end of the KD phase (paper: step).")
 @click.option("--kd-steps1", type=int, default=None,

@@ -12,7 +12,9 @@ training stage resumes from its last checkpoint):
    With the step transition SALT is RKD for its first n_kd steps (docs/design.md §1), so SALT
    is *forked*: RKD's checkpoint at n_kd and its metrics up to n_kd are copied into SALT's run
    directory under SALT's own ``run_config.json`` and the trainer resumes from there
-   (bit-identical to SALT trained from scratch; tested);
+   (bit-identical to SALT trained from scratch; tested).  Every further ρ arm (``extra_rhos``,
+   ``--rho 1,0.25``) adds its own ``RKD-rho<ρ>``, ``SALT-rho<ρ>`` and ``SALT_DS-rho<ρ>`` runs
+   against the same BASELINE;
 5. ``overhead``  KD-step vs standard-step time, interleaved in one process (``salt bench step``);
 6. ``eval``      per-window held-out statistics of every kept checkpoint; cached in ``OUT/eval/``;
    ``cloze``     the LAMBADA-style last-word task on held-out passages: the final SLM and every
@@ -61,7 +63,9 @@ class _State:
         settings = dataclasses.asdict(cfg)
         settings.pop("out")
         settings.pop("seeds")  # more --seeds extend a reproduction (stages are per seed)
-        for name, default in (("kd_topk", None), ("teacher_cache", False)):  # newer settings: a
+        settings.pop("extra_rhos")  # so do more ρ arms (stages are per arm; the lead ρ must match)
+        for name, default in (("kd_topk", None), ("teacher_cache", False),
+                              ("rho_searched", False)):  # newer settings: a
             if settings.get(name) == default:  # reproduction from before they existed still matches
                 settings.pop(name)
         if self.path.is_file() and not force:
@@ -72,6 +76,7 @@ class _State:
                 raise ValueError(f"{str(self.path)!r} is unreadable ({e}); restore it, or pass --overwrite "
                                  "to start the reproduction over") from None
             old.get("settings", {}).pop("seeds", None)
+            old.get("settings", {}).pop("extra_rhos", None)
             if old.get("settings") != settings:
                 changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
                                  if settings.get(k) != old.get("settings", {}).get(k))
@@ -312,6 +317,11 @@ def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):
                                            progress=False)
     evaluate.save_stats(cache, stats)
     return stats
+
+
+def arm_suffix(cfg: ReproduceConfig, rho: float) -> str:
+    """Run-name suffix of a ρ arm: none for the lead ρ, ``-rho<ρ>`` for the others."""
+    return "" if rho == cfg.rho else f"-rho{rho:g}"
 
 
 def teacher_sharpness(run_dir, step, data_dir, cfg) -> dict:
@@ -556,15 +566,19 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     fork = cfg.transition == "step"
     jobs = []  # (stage, TrainConfig, forked, stage it waits for)
     for seed in cfg.student_seeds():
-        for name in ("BASELINE", "RKD", "SALT_DS", "SALT"):  # SALT last: it waits for RKD
-            run_dir = runs / f"{name}-seed{seed}"
-            order = "selected" if name == "SALT_DS" else "all"
-            tc = train_config(cfg, run_dir, data_dir, preset=cfg.student_preset, steps=cfg.steps,
-                              checkpoint_every=cfg.eval_every, seed=seed,
-                              teacher_cache=caches.get((seed, order)) if name != "BASELINE" else None,
-                              **plan[name])
-            forked = name == "SALT" and fork
-            jobs.append((f"{name}/seed{seed}", tc, forked, f"RKD/seed{seed}" if forked else None))
+        for rho in cfg.rhos():  # the extra ρ arms share BASELINE: it is trained once, in the lead arm
+            arm_cfg, arm = dataclasses.replace(cfg, rho=rho), arm_suffix(cfg, rho)
+            for name in ("BASELINE", "RKD", "SALT_DS", "SALT"):  # SALT last: it waits for RKD
+                if name == "BASELINE" and arm:
+                    continue
+                run_dir = runs / f"{name}{arm}-seed{seed}"
+                order = "selected" if name == "SALT_DS" else "all"
+                tc = train_config(arm_cfg, run_dir, data_dir, preset=cfg.student_preset, steps=cfg.steps,
+                                  checkpoint_every=cfg.eval_every, seed=seed,
+                                  teacher_cache=caches.get((seed, order)) if name != "BASELINE" else None,
+                                  **plan[name])
+                forked = name == "SALT" and fork
+                jobs.append((f"{name}{arm}/seed{seed}", tc, forked, f"RKD{arm}/seed{seed}" if forked else None))
     jobs = [j for j in jobs if not state.done(j[0])]
 
     def prepare_job(stage, tc, forked):
@@ -601,7 +615,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
                           kd_topk=cfg.kd_topk, progress=False)
         keys = ("standard_step_s", "kd_step_s", "measured_ratio", "predicted_ratio",
                 "matmul_flops_per_s", "standard_fraction_of_matmul", "kd_fraction_of_matmul",
-                "standard_tokens_per_s", "iters")
+                "standard_tokens_per_s", "iters", "standard_step_cpu_s", "kd_step_cpu_s", "cpu_ratio")
         if cfg.kd_topk is not None:
             keys += ("cached_step_s", "cached_ratio", "cached_vs_online", "cache_bytes_per_token")
         state.finish("overhead", time.time() - t0, **{k: b[k] for k in keys})
@@ -621,21 +635,29 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
         summary["step"] = s
         slm["final" if s == cfg.teacher_steps else "at_kd"] = summary
     metrics_log.write_eval(slm_dir, {v["step"]: {k: x for k, x in v.items() if k != "step"} for v in slm.values()})
-    per_seed = {}
-    for seed in cfg.student_seeds():
-        stats = {}
-        for name in VARIANTS:
-            run_dir = runs / f"{name}-seed{seed}"
-            for s in all_steps(run_dir):
-                if s <= cfg.steps:
-                    stats[(name, s)] = _eval_stats(eval_dir / f"seed{seed}_{name}_{s}.npz", run_dir,
-                                                   s, data_dir, cfg)
-            metrics_log.write_eval(run_dir, {s: evaluate.summarize(stats[(name, s)], teacher_stats)
-                                             for (n, s) in stats if n == name})
-        per_seed[str(seed)] = report.seed_results(stats, teacher_stats, n_kd=cfg.kd_steps,
-                                                  n_steps=cfg.steps)
-    if not state.done("sharpness"):
-        state.finish("sharpness", 0.0, **teacher_sharpness(slm_dir, cfg.teacher_steps, data_dir, cfg))
+    arms = {}  # per ρ: per-seed results of its RKD, SALT, SALT_DS against the shared BASELINE
+    for rho in cfg.rhos():
+        arm = arm_suffix(cfg, rho)
+        per_seed = {}
+        for seed in cfg.student_seeds():
+            stats = {}
+            for name in VARIANTS:
+                run_name = f"{name}{'' if name == 'BASELINE' else arm}"
+                run_dir = runs / f"{run_name}-seed{seed}"
+                for s in all_steps(run_dir):
+                    if s <= cfg.steps:
+                        stats[(name, s)] = _eval_stats(eval_dir / f"seed{seed}_{run_name}_{s}.npz",
+                                                       run_dir, s, data_dir, cfg)
+                metrics_log.write_eval(run_dir, {s: evaluate.summarize(stats[(name, s)], teacher_stats)
+                                                 for (n, s) in stats if n == name})
+            per_seed[str(seed)] = report.seed_results(stats, teacher_stats, n_kd=cfg.kd_steps,
+                                                      n_steps=cfg.steps)
+        if not state.done(f"sharpness{arm}"):
+            state.finish(f"sharpness{arm}", 0.0, **teacher_sharpness(
+                slm_dir, cfg.teacher_steps, data_dir, dataclasses.replace(cfg, rho=rho)))
+        arms[rho] = {"per_seed": per_seed, "sharpness": {k: v for k, v in state.info(f"sharpness{arm}").items()
+                                                         if k != "seconds"}}
+    per_seed = arms[cfg.rho]["per_seed"]
     if not state.done("eval"):
         state.finish("eval", time.time() - t0)
     t0 = time.time()
@@ -652,18 +674,19 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     s_cfg = get_preset(cfg.student_preset).replace(vocab_size=store.vocab_size)
     ov = state.info("overhead")
     overhead = {"kd_step_s": ov["kd_step_s"], "std_step_s": ov["standard_step_s"],
-                "overhead": ov["measured_ratio"] - 1.0, "predicted": ov["predicted_ratio"] - 1.0,
+                **report.overhead_estimate(ov), "predicted": ov["predicted_ratio"] - 1.0,
                 "matmul_flops_per_s": ov["matmul_flops_per_s"],
                 "standard_fraction_of_matmul": ov["standard_fraction_of_matmul"],
                 "kd_fraction_of_matmul": ov["kd_fraction_of_matmul"], "iters": ov["iters"],
                 **{k: ov[k] for k in ("cached_step_s", "cached_ratio", "cached_vs_online",
                                       "cache_bytes_per_token") if k in ov}}
-    for seed_result in per_seed.values():
-        report.add_efficiency(seed_result, cfg.kd_steps, cfg.steps, overhead["overhead"])
+    for arm in arms.values():
+        for seed_result in arm["per_seed"].values():
+            report.add_efficiency(seed_result, cfg.kd_steps, cfg.steps, overhead["overhead"])
     results = {"config": dataclasses.asdict(cfg), "seeds": cfg.student_seeds(), "slm": slm,
                "per_seed": per_seed, "pooled": report.pool_seeds(per_seed),
                "overhead": overhead, "eval_windows": int(teacher_stats["window_ids"].size),
-               "sharpness": {k: v for k, v in state.info("sharpness").items() if k != "seconds"},
+               "sharpness": arms[cfg.rho]["sharpness"],
                "params": {"teacher_non_embedding": param_count(t_cfg, embedding=False),
                           "student_non_embedding": param_count(s_cfg, embedding=False),
                           "vocab_size": store.vocab_size},
@@ -676,6 +699,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     results["cloze"] = cloze_result
     results["kd"] = kd_summary(cfg, state, ov, fork)
     results["claims"] = report.claims(results)
+    results["rho_arms"] = report.rho_arms(results, {rho: arm for rho, arm in arms.items()})
     metrics = {}
     for seed in cfg.student_seeds():
         for name in VARIANTS:
@@ -685,7 +709,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     results["plots"] = report_render.plot_all(results, metrics, out)
     stages = state.data["stages"]
     results["timings"] = {stage: info["seconds"] for stage, info in stages.items()
-                          if stage != "sharpness" and not info.get("side_by_side")}
+                          if not stage.startswith("sharpness") and not info.get("side_by_side")}
     results["side_by_side_runs"] = {stage: info["seconds"] for stage, info in stages.items()
                                     if info.get("side_by_side")}
     results["machine"] = {"cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg())}

@@ -9,7 +9,8 @@ the padding after that position cannot change it.  ``CHUNK`` steps run inside on
 caller's ``stop`` test, e.g. lm-eval's ``until`` strings) and stops when every row is done.
 So a run compiles once per (batch, bucket) shape, and a step costs a full forward of ``T``
 positions (``O(T²)`` attention per step): fine for the CPU and small models this project
-trains, the first thing to replace with a KV cache for long generations on paper-size models.
+trains. Sampling long continuations (``salt xi``) uses the KV-cache decoder of
+:mod:`salt.runtime.model.decode` instead: one token's work per step.
 """
 from __future__ import annotations
 

@@ -130,8 +130,9 @@ def silu(x):
 ACTIVATIONS = {"gelu_tanh": gelu_tanh, "silu": silu}
 
 
-def rope(x_BxTxNxK, base: float, inv_freq=None):
-    """Rotary embedding, half-split convention, positions 0..T-1 (computed in float32).
+def rope(x_BxTxNxK, base: float, inv_freq=None, positions_T=None):
+    """Rotary embedding, half-split convention, positions 0..T-1 (computed in float32), or the
+    integer positions ``positions_T`` (a KV-cache decoder's tokens after the cached ones).
     ``inv_freq``: the frequencies (NumPy, ``salt.reference.config.rope_inv_freq``) when they are
     not ``base ** (-2 i / K)``."""
     T, K = x_BxTxNxK.shape[1], x_BxTxNxK.shape[3]
@@ -140,7 +141,8 @@ def rope(x_BxTxNxK, base: float, inv_freq=None):
         inv_freq_H = base ** (-2.0 * jnp.arange(half, dtype=jnp.float32) / K)
     else:
         inv_freq_H = jnp.asarray(np.asarray(inv_freq, np.float32))
-    angle_TxH = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_H[None, :]
+    pos_T = jnp.arange(T, dtype=jnp.float32) if positions_T is None else positions_T.astype(jnp.float32)
+    angle_TxH = pos_T[:, None] * inv_freq_H[None, :]
     cos = jnp.cos(angle_TxH)[None, :, None, :]
     sin = jnp.sin(angle_TxH)[None, :, None, :]
     x = x_BxTxNxK.astype(jnp.float32)
@@ -207,6 +209,14 @@ def _matmul(x_BxTxD, w_DxF, dtype):
 
 def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, attention_impl,
            mesh=None):
+    q, k, v = layer_qkv(h_BxTxD, layer, config, dtype)
+    attn = _attention(q, k, v, prefix_len_B, attention_impl, mesh)
+    return layer_output(h_BxTxD, attn, layer, config, dtype)
+
+
+def layer_qkv(h_BxTxD, layer: dict, config: ModelConfig, dtype, positions_T=None):
+    """One layer's attention inputs ``q [B, T, H, K]``, ``k, v [B, T, G, K]`` in ``dtype``
+    (rotary at positions 0..T-1, or ``positions_T``)."""
     B, T, _ = h_BxTxD.shape
     H, G, K = config.n_heads, config.n_kv_heads, config.head_dim
     c = config
@@ -219,10 +229,17 @@ def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, atten
         q = rmsnorm(q, norm_scale(layer["q_norm"], c), c.norm_eps)
         k = rmsnorm(k, norm_scale(layer["k_norm"], c), c.norm_eps)
     inv_freq = None if c.rope_scaling == "none" else rope_inv_freq(c)
-    q = rope(q, c.rope_base, inv_freq).astype(dtype)
-    k = rope(k, c.rope_base, inv_freq).astype(dtype)
-    attn = _attention(q, k, v.astype(dtype), prefix_len_B, attention_impl, mesh)
-    h_BxTxD = h_BxTxD + _matmul(attn.reshape(B, T, H * K), layer["wo"], dtype)
+    q = rope(q, c.rope_base, inv_freq, positions_T).astype(dtype)
+    k = rope(k, c.rope_base, inv_freq, positions_T).astype(dtype)
+    return q, k, v.astype(dtype)
+
+
+def layer_output(h_BxTxD, attn_BxTxHxK, layer: dict, config: ModelConfig, dtype):
+    """The rest of a layer after attention: output projection, residual, gated MLP."""
+    B, T, _ = h_BxTxD.shape
+    H, K = config.n_heads, config.head_dim
+    c = config
+    h_BxTxD = h_BxTxD + _matmul(attn_BxTxHxK.reshape(B, T, H * K), layer["wo"], dtype)
     m = rmsnorm(h_BxTxD, norm_scale(layer["mlp_norm"], c), c.norm_eps)
     gate = ACTIVATIONS[c.activation](_matmul(m, layer["w_gate"], dtype))
     up = _matmul(m, layer["w_up"], dtype)
@@ -230,6 +247,18 @@ def _layer(h_BxTxD, layer: dict, config: ModelConfig, prefix_len_B, dtype, atten
 
 
 # ----------------------------------------------------------------------------- model
+def embed_tokens(params: dict, tokens_BxT, config: ModelConfig):
+    """The residual stream's input ``embed[x] * embed_multiplier`` (float32; √d_model unless the
+    architecture says otherwise)."""
+    h = jnp.take(params["embed"], tokens_BxT, axis=0).astype(jnp.float32)
+    return h * embed_multiplier(config)
+
+
+def final_norm(params: dict, h_BxTxD, config: ModelConfig, dtype=jnp.float32):
+    """The final RMS norm of the residual stream, in ``dtype`` (the LM head's input)."""
+    return rmsnorm(h_BxTxD, norm_scale(params["final_norm"], config), config.norm_eps).astype(dtype)
+
+
 def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
            dtype=jnp.float32, attention_impl: str = "naive", remat: bool = False, mesh=None):
     """Final normed hidden states ``[B, T, D]`` (before the LM head), in ``dtype``.
@@ -241,8 +270,7 @@ def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
     if tokens_BxT.ndim != 2:
         raise ValueError(f"tokens must be [batch, time], got shape {tokens_BxT.shape}")
     dtype = jnp.dtype(dtype)
-    h = jnp.take(params["embed"], tokens_BxT, axis=0).astype(jnp.float32)
-    h = h * embed_multiplier(config)
+    h = embed_tokens(params, tokens_BxT, config)
 
     def body(h_BxTxD, layer):
         return _layer(h_BxTxD, layer, config, prefix_len_B, dtype, attention_impl, mesh), None
@@ -250,7 +278,7 @@ def hidden(params: dict, tokens_BxT, config: ModelConfig, prefix_len_B=None, *,
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
     h, _ = jax.lax.scan(body, h, params["layers"])
-    return rmsnorm(h, norm_scale(params["final_norm"], config), config.norm_eps).astype(dtype)
+    return final_norm(params, h, config, dtype)
 
 
 def head_matrix(params: dict):

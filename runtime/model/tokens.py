@@ -24,15 +24,17 @@ from salt.runtime.model import losses, transformer
 
 def per_token(params: dict, inputs_BxT, targets_BxT, config: ModelConfig, *, impl: str, mesh=None,
               vocab: int | None = None, dtype=jnp.float32) -> dict:
-    """``{"ce", "correct", "n_greater"}``, each ``[B, T]``: the target's cross-entropy, whether it
-    is the (first) argmax, and how many vocabulary entries have a strictly larger logit.
+    """``{"loss", "ce", "correct", "n_greater"}``, each ``[B, T]``: the target's cross-entropy
+    (``loss`` carries its gradient; ``ce`` is the same value, monitored), whether it is the (first)
+    argmax, and how many vocabulary entries have a strictly larger logit.
     ``impl``: a resolved kernel choice ("pallas", "xla" or "naive"); ``mesh``: the mesh (axis
     ``data``) the batch is sharded on; ``vocab``: the tokenizer's vocabulary when the LM head is
     padded beyond it (padded columns take no probability and are not counted)."""
     hidden_BxTxD = transformer.hidden(params, inputs_BxT, config, dtype=dtype, attention_impl=impl, mesh=mesh)
     parts = losses.token_parts(hidden_BxTxD, transformer.head_matrix(params), targets_BxT, impl=impl, mesh=mesh,
                                vocab=vocab)
-    return {"ce": parts["ce"], "correct": parts["correct"] > 0.5, "n_greater": parts["n_greater"]}
+    return {"loss": parts["loss"], "ce": parts["ce"], "correct": parts["correct"] > 0.5,
+            "n_greater": parts["n_greater"]}
 
 
 @functools.lru_cache(maxsize=32)

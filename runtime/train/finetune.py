@@ -39,7 +39,7 @@ from salt.core import outputs
 from salt.core.inputs import file_problem
 from salt.core.lock import DirLock, LockError
 from salt.data.tokenizer import EOS_ID, PAD_ID
-from salt.runtime.model import checkpoint, losses, transformer as model
+from salt.runtime.model import checkpoint, losses, tokens
 from salt.runtime.train import metrics_log, optim
 from salt.runtime.train.config import NonFiniteLoss, TrainError, resolve_kernels
 from salt.runtime.model.generate import LoadedModel, greedy_generate
@@ -198,11 +198,10 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the step
 def masked_ce(params, inputs_BxT, targets_BxT, mask_BxT, config, *, dtype, attention_impl):
     """Mean cross-entropy and accuracy over the positions with ``mask`` 1 (docs/design.md §2
-    with a 0/1 weight per position): the model's final hidden states and the trainer's loss
-    entry point (:func:`salt.runtime.model.losses.token_parts`, fused with the tied LM head unless
-    ``attention_impl`` is "naive")."""
-    h_BxTxD = model.hidden(params, inputs_BxT, config, dtype=dtype, attention_impl=attention_impl)
-    parts = losses.token_parts(h_BxTxD, model.head_matrix(params), targets_BxT, impl=attention_impl)
+    with a 0/1 weight per position), from the per-token entry
+    (:func:`salt.runtime.model.tokens.per_token`: fused with the LM head unless ``attention_impl``
+    is "naive")."""
+    parts = tokens.per_token(params, inputs_BxT, targets_BxT, config, impl=attention_impl, dtype=dtype)
     # "loss" (= ce without a teacher) carries the gradient; the monitored parts do not
     return (losses.batch_mean(parts["loss"], mask_BxT),
             losses.batch_mean(parts["correct"], mask_BxT))

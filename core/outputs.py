@@ -214,8 +214,10 @@ NESTED = {"reproduction": (("data", "store"), ("runs/*", "run"), ("teacher_cache
 # what an own directory's sub-directories hold, below the top level (for the file-granular check
 # of ``replace``): a kind (checked in turn), or one of the layouts of ``_FOREIGN_IN``
 SUBDIRS = {
-    "run": {"checkpoints": "checkpoints", ".trash": "set-aside", "corrupt-checkpoints": "set-aside"},
-    "finetune": {"checkpoints": "checkpoints", ".trash": "set-aside", "corrupt-checkpoints": "set-aside"},
+    "run": {"checkpoints": "checkpoints", ".trash": "set-aside", "corrupt-checkpoints": "set-aside",
+            "tensorboard": "tensorboard", "wandb": "wandb"},
+    "finetune": {"checkpoints": "checkpoints", ".trash": "set-aside", "corrupt-checkpoints": "set-aside",
+                 "tensorboard": "tensorboard", "wandb": "wandb"},
     "reproduction": {"data": "store", "runs": "runs", "teacher_cache": "caches", "eval": "eval",
                      "scores.npz.partial": "score"},
 }
@@ -280,6 +282,11 @@ def _foreign_in(d: pathlib.Path, layout: str) -> list[pathlib.Path]:
                 found += foreign_files(p, kind) if any(p.iterdir()) else []
             else:
                 found.append(p)
+        elif layout == "tensorboard":  # the event files of runtime/train/metrics_log.py
+            if not (p.is_file() and re.fullmatch(r"events\.out\.tfevents\.salt-(train|eval)", p.name)):
+                found.append(p)
+        elif layout == "wandb":  # the W&B library's own files for the run (salt train --wandb)
+            continue
         elif layout == "eval":  # per-checkpoint statistics and the cloze stage's scores
             if p.is_dir() and p.name == "cloze":
                 found += [q for q in p.iterdir() if not (q.is_file() and q.suffix == ".npz")

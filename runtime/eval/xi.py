@@ -34,8 +34,9 @@ import numpy as np
 
 from salt.core import outputs
 from salt.data import TokenStore, validation_batches
-from salt.runtime.eval import evaluate
 from salt.runtime.model import checkpoint, decode
+from salt.runtime.model.tokens import window_stats_fn
+from salt.runtime.train.config import resolve_kernels
 
 SampleFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 LossFn = Callable[[np.ndarray], np.ndarray]
@@ -107,14 +108,15 @@ def model_functions(student_params, student_config, oracle_params, oracle_config
                     temperature: float = 1.0) -> tuple[SampleFn, LossFn]:
     """The oracle's KV-cache sampler and the student's mean log-loss ``ℓ`` (full-vocabulary
     cross-entropy over the tokenizer's ``vocab`` ids, as ``salt eval`` computes it)."""
-    stats = evaluate._stats_fn(student_config, vocab=vocab if student_config.vocab_size > vocab else None)
+    stats = window_stats_fn(student_config, resolve_kernels("auto"),
+                            vocab=vocab if student_config.vocab_size > vocab else None)
 
     def sample_fn(tokens, prefix_len, keys):
         return decode.sample_fill(oracle_params, oracle_config, tokens, prefix_len, keys,
                                   temperature=temperature, vocab=vocab)
 
-    def loss_fn(tokens):
-        ce_BxT, _ = stats(student_params, tokens)
+    def loss_fn(windows_BxT1):
+        ce_BxT = stats(student_params, windows_BxT1)["ce"]
         return np.asarray(ce_BxT, np.float64).mean(axis=1)
 
     return sample_fn, loss_fn

@@ -57,6 +57,7 @@ def _run(*args):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_finetune_learns_the_task_and_reports_exact_match(setup):
     result = _run(*_args(setup, "ft", "--json"))
     assert result.exit_code == 0, result.output
@@ -136,6 +137,7 @@ def test_the_loss_mask_covers_the_completion_and_final_eos():
         F.encode_examples(ex, encode, 5, "f.jsonl")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["naive", "xla"])
 def test_masked_ce_is_the_mean_over_masked_positions(impl):
     import jax.numpy as jnp

@@ -17,6 +17,7 @@ GQA = ModelConfig("dec-gqa", 40, 3, 24, 48, 6, 2)
 SMALL_V = ModelConfig("dec-v8", 8, 2, 16, 32, 2, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [MQA, GQA], ids=lambda c: c.name)
 def test_cached_logits_equal_full_forward(config):
     params = model.init_params(config, 3)
@@ -69,6 +70,7 @@ def _chi2_critical(df: int, z: float) -> float:
     return df * (1.0 - a + z * math.sqrt(a)) ** 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_sampler_matches_model_distribution_two_steps(temperature):
     """Joint frequencies of the two sampled tokens (x3, x4) after a fixed prefix of 3 against

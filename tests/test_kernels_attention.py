@@ -101,6 +101,7 @@ PREFIXES = [0, 5, 16, 19]
 # ---------------------------------------------------------------------------------------------
 
 # bfloat16 for the shared-kv layouts (GQA, MQA); MHA only needs float32 on top of them.
+@pytest.mark.slow
 @pytest.mark.parametrize("H,KV,dtype", [(H, KV, jnp.float32) for H, KV in HEADS]
                          + [(H, KV, jnp.bfloat16) for H, KV in HEADS if KV < H])
 def test_xla_matches_reference_prefix_lm(H, KV, dtype):
@@ -185,12 +186,14 @@ def test_xla_does_not_materialise_scores():
 # pallas (TPU kernels in the TPU interpreter)
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pallas_gqa_prefix_lm_f32():
     # GQA, both heads of a group in one block (block_h=2); per-example prefix lengths.
     check_against_reference("pallas", 4, 2, jnp.float32, PREFIXES, blocks=SMALL_BLOCKS,
                             interpret=True)
 
 
+@pytest.mark.slow
 def test_pallas_mqa_prefix_lm_bf16():
     check_against_reference("pallas", 4, 1, jnp.bfloat16, [0, 7, 19], blocks=SMALL_BLOCKS,
                             interpret=True)

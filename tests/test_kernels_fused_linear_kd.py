@@ -152,6 +152,7 @@ def test_logits_of_magnitude_1e4(impl):
 ROW_BLOCKS = [FusedKDBlockSizes(chunk_vocab=128, xla_block_tokens=b) for b in (16, 13, None)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_sizes", ROW_BLOCKS, ids=["rows16", "rows13", "rows-all"])
 def test_xla_row_blocks(block_sizes):
     """The xla path's row blocks (``xla_block_tokens``), ragged and padded: KD and CE loss, parts and

@@ -78,6 +78,7 @@ def golden(golden_dir):
         return dict(data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "naive"])
 @pytest.mark.parametrize("case", ["v37", "v1000"])
 def test_golden_grid(golden, case, impl):

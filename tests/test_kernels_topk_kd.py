@@ -107,6 +107,7 @@ def check(impl, case, k, tol, omegas=(0.0, 0.667, 1.0), rows=5):
                      f"d omega ({what})")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "naive"])
 @pytest.mark.parametrize("k", [1, 7, V])
 def test_float32_matches_reference(impl, k):
@@ -125,6 +126,7 @@ def test_bfloat16_matches_reference(impl):
     check(impl, make_case(2, dtype=ml_dtypes.bfloat16), 7, BF16_TOL, omegas=(0.667,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2, 4, 6, 9])
 def test_ties_go_to_the_lower_id(k):
     """Exactly tied teacher logits inside a chunk and across chunk boundaries: the chunked top-k set
@@ -208,6 +210,7 @@ def _lse64(t64):
     return np.log(np.exp(t64 - m[:, None]).sum(axis=1)) + m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, block_sizes", [(1, KERNEL_BLOCKS), (7, KERNEL_BLOCKS), (V, KERNEL_BLOCKS),
                                             (7, TopKKernelBlockSizes(32, 256)), (130, TopKKernelBlockSizes())])
 def test_topk_kernel_float32(k, block_sizes):

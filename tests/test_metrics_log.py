@@ -81,6 +81,7 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_train_and_resume_continue_the_same_curves(data, tmp_path):
     args = ["train", "--preset", "tiny-student", "--data", data / "data", "--out", tmp_path / "run", "--steps", 6,
             "--kd-steps", 3, "--teacher", data / "teacher", "--batch", 4, "--seq-len", 8, "--optimizer", "adamw",
@@ -101,6 +102,7 @@ def test_train_and_resume_continue_the_same_curves(data, tmp_path):
             np.testing.assert_allclose([v for _, v in again[tag]], [v for _, v in first[tag]], err_msg=tag)
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_a_run(data, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

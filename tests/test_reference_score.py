@@ -55,6 +55,7 @@ def _random(seed, batch=4, length=7, vocab=300, scale=3.0, dtype=np.float32):
 
 # ----------------------------------------------------------------------------- agreement
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("k", (1, 2, 10, 300))
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))

@@ -134,6 +134,7 @@ def straight(store, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_resume_after_a_damaged_checkpoint_is_bit_identical_and_not_stuck(store, straight, tmp_path, capsys):
     run = tmp_path / "run"
     train(_cfg(store, run), progress=False)
@@ -162,6 +163,7 @@ def test_time_based_checkpoints_and_garbage_metrics_line(store, tmp_path, capsys
     assert f"{run / 'metrics.jsonl'}:5: not a metrics record" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kd_resume_uses_the_pinned_teacher_or_refuses(store, straight, tmp_path):
     import shutil
     teacher = tmp_path / "teacher"

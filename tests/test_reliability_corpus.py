@@ -51,6 +51,7 @@ def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=JSONL_EXAMPLES)
 @given(body=st.lists(raw_lines, max_size=8), skip=st.booleans(), suffix=st.sampled_from([".jsonl", ".jsonl.gz"]),
        trailing_newline=st.booleans())

@@ -195,6 +195,7 @@ def tiny_data(tmp_path_factory):
     return root / "data"
 
 
+@pytest.mark.slow
 def test_salt_forked_from_rkd_is_bit_identical_to_salt_from_scratch(tmp_path, tiny_data):
     from salt.runtime.model import checkpoint
     from salt.runtime.experiments.presets import config_for

@@ -80,6 +80,7 @@ def _golden_outputs(config, params32, files):
                jnp.asarray(files["mask"]), jnp.asarray(files["kd/teacher_logits"], jnp.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GOLDEN_MODELS)
 def test_matches_golden_reference(golden_dir, name):
     """float32 logits/hidden within 1e-5 and gradients within 1e-4 (relative to the largest
@@ -282,6 +283,7 @@ def test_kernel_paths_match_the_plain_xla_path():
         assert _rel(g1[key], g0[key]) < GRAD_REL_TOL, key
 
 
+@pytest.mark.slow
 def test_init_params_jax_layout_and_scale():
     config = get_preset("tiny-student").replace(vocab_size=512, d_model=32, d_ff=64)
     params = model.init_params_jax(config, 7)
@@ -295,6 +297,7 @@ def test_init_params_jax_layout_and_scale():
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama-qwen2", "gemma", "qwen3"])
 def test_architecture_options_match_reference(kind):
     """Every architecture option of reference/config.py in the JAX model: logits (1e-5) and the
@@ -325,6 +328,7 @@ def test_architecture_options_match_reference(kind):
         assert _rel(ours[key], ref[key]) < GRAD_REL_TOL, key
 
 
+@pytest.mark.slow
 def test_init_params_jax_has_the_options_layout():
     from arch_options import OPTION_CONFIGS
     from salt.reference.config import param_shapes

@@ -289,6 +289,7 @@ def test_score_refuses_tokenizer_mismatch(tiny_setup, tmp_path):
     assert not (tmp_path / "s.npz").exists()
 
 
+@pytest.mark.slow
 def test_exclude_file_and_exclude_run(tiny_setup, tmp_path):
     t = tiny_setup
     base = dict(teacher=str(t["teacher"]), data=str(t["data"]), k=5, seq_len=12, batch=8)

@@ -67,6 +67,7 @@ def test_params_are_placed_per_rules():
         sharding.global_batch_array(np.zeros((6, 5), np.int32), mesh, 8)
 
 
+@pytest.mark.slow
 def test_init_on_devices_is_sharded_and_independent_of_the_mesh():
     """The trainer's initialisation: one jitted program whose outputs land sharded (no host
     copy of the model), with the same values on any mesh."""
@@ -81,6 +82,7 @@ def test_init_on_devices_is_sharded_and_independent_of_the_mesh():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_trainer_initialises_on_the_devices(tiny, monkeypatch):
     """The trainer never builds the parameters on the host (the NumPy init is not called)."""
     def host_init(*args, **kwargs):

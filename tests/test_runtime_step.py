@@ -75,6 +75,7 @@ def _compare(got, want, tol, what):
         assert _rel(g_got[key], g_want[key]) < max(tol, GRAD_REL_TOL), f"{what}: grad {key}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kd", "standard"])
 def test_fused_step_matches_full_logits_on_one_device_and_on_a_mesh(inputs, kind):
     """xla (fused-linear, no logits) on 1 device and on 8 devices (data=4 x model=2: the kernels
@@ -88,6 +89,7 @@ def test_fused_step_matches_full_logits_on_one_device_and_on_a_mesh(inputs, kind
              "xla, data=4,model=2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kd", "standard"])
 def test_vocab_chunks_select_the_vocabulary_parallel_loss_in_the_step(inputs, kind):
     """``vocab_chunks`` (``salt train --vocab-chunks``) on a data=8 mesh: the step's loss takes the
@@ -114,6 +116,7 @@ def test_vocab_chunks_validation():
     assert "vocab_chunks" in TrainConfig.RESUMABLE_CHANGES  # a chunk count changes float rounding only
 
 
+@pytest.mark.slow
 def test_fused_step_bfloat16(inputs):
     """bf16 compute: the fused path against the naive path in bf16 (same bf16 hidden states and
     embeddings), within the bf16 kernel tolerance."""
@@ -121,6 +124,7 @@ def test_fused_step_bfloat16(inputs):
     _compare(_grads(inputs, TEACHER, kernels="xla", dtype="bfloat16"), want, BF16_TOL, "xla bf16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kd", "standard"])
 def test_grad_accumulation_equals_the_whole_batch(inputs, kind):
     """K = 4 microbatches (and, for KD, K = 2 on data=4): the same metrics, gradients and, after
@@ -178,6 +182,7 @@ def _tokens_by_vocab_shapes(compiled, tokens, vocab):
                   if vocab in map(int, s.split(",")) and np.prod(list(map(int, s.split(",")))) >= tokens * vocab)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kd", "standard"])
 def test_cpu_steps_hold_no_tokens_by_vocab_buffer(kind):
     """Compiled on the CPU at V = 16384 (a [tokens, vocab] f32 buffer = 32 MiB would dominate):
@@ -246,6 +251,7 @@ def _run_cache_script(cache_dir):
     return int(re.search(r"HITS (\d+)", out.stdout).group(1))
 
 
+@pytest.mark.slow
 def test_persistent_compile_cache_is_hit_by_a_second_process(tmp_path):
     cache = tmp_path / "jax-cache"
     assert _run_cache_script(cache) == 0

@@ -56,6 +56,7 @@ def _grads(params, t_params, windows, student=STUDENT, teacher=TEACHER, *, kerne
     return jax.jit(fn)(params, t_params, w, jnp.int32(1), HYPER)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, K])
 def test_step_matches_float64_reference(inputs, k):
     """One KD step's metrics and gradients with kd_topk=k (xla) against the reference model's
@@ -202,6 +203,7 @@ def _abstract_kd_step(kernels, mesh, vocab=BIG_VOCAB, seq_len=BIG_T, batch=B, dt
     return step_mod.compile_step(fn, params_abs, opt_abs, t_abs, windows_abs, mesh=mesh)
 
 
+@pytest.mark.slow
 def test_cpu_topk_step_holds_no_tokens_by_vocab_buffer():
     """V = 16384 (a [tokens, vocab] f32 buffer = 32 MiB would dominate): the naive top-k KD step
     holds such buffers, the xla one neither in its HLO nor in its temporaries."""
@@ -262,6 +264,7 @@ def _base(data, preset, out, steps, *extra):
             "--seq-len", 8, "--optimizer", "adamw", "--quiet", "--json", *extra]
 
 
+@pytest.mark.slow
 def test_salt_train_kd_topk(data):
     result = _train(*_base(data, "tiny-teacher", "teacher", 2))
     assert result.exit_code == 0, result.output

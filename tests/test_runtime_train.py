@@ -61,6 +61,7 @@ def test_teacher_baseline_run(tiny):
     assert meta["loader_state"]["step"] == 2
 
 
+@pytest.mark.slow
 def test_salt_run_phases_teacher_identity_and_checkpoints(tiny):
     out = tiny["root"] / "salt"
     summary = train(_cfg(tiny, "salt", teacher=tiny["teacher"], kd_steps=2, steps=4, **LINEAR),
@@ -83,6 +84,7 @@ def test_salt_run_phases_teacher_identity_and_checkpoints(tiny):
     assert summary["kd_step_s"] > 0 and summary["standard_step_s"] > 0
 
 
+@pytest.mark.slow
 def test_salt_ds_draws_kd_batches_from_the_subset(tiny, monkeypatch):
     from salt.data import Loader
     seen = []
@@ -106,6 +108,7 @@ def test_salt_ds_draws_kd_batches_from_the_subset(tiny, monkeypatch):
     assert seen == [(0, len(subset), True), (1, len(subset), True), (2, full, False)]
 
 
+@pytest.mark.slow
 def test_rkd_runs_only_kd_steps(tiny):
     train(_cfg(tiny, "rkd", teacher=tiny["teacher"], kd_steps=3, steps=3, transition="linear",
                kd_steps1=3), progress=False)
@@ -114,6 +117,7 @@ def test_rkd_runs_only_kd_steps(tiny):
     assert all(r["omega"] == pytest.approx(0.667) for r in rows)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny):
     out = tiny["root"] / "nan"
     with pytest.raises(NonFiniteLoss, match=r"step [0-9]+") as info:
@@ -190,6 +194,7 @@ def test_existing_run_needs_resume_and_same_config(tiny):
     assert len(_metrics(run)) == 2
 
 
+@pytest.mark.slow
 def test_reference_runtime_matches_jax_with_adamw(tiny):
     """N steps of the NumPy reference trainer and of the JAX trainer (SALT, AdamW, clipping,
     warm-up + cosine) give the same losses within 1e-4."""
@@ -210,6 +215,7 @@ def test_reference_runtime_matches_jax_with_adamw(tiny):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bench_step_reports_both_steps(tiny):
     """`salt bench step` machinery at tiny sizes (the figures themselves come from the CLI)."""
     from salt.bench.step import format_report, run_benchmark
@@ -242,6 +248,7 @@ def test_bench_step_paired_ratio_and_cores_errors():
         restrict_cores(1)
 
 
+@pytest.mark.slow
 def test_bench_step_cores_pins_the_cli_process():
     """`salt bench step --cores 1` pins the process before JAX starts (XLA then sees one core)."""
     import subprocess

@@ -90,6 +90,7 @@ def test_unscored_positions_do_not_reach_the_loss(models):
     assert abs(float(m_all["loss"]) - float(m_a["loss"])) > 1e-3
 
 
+@pytest.mark.slow
 def test_grad_accumulation_with_uneven_target_counts_is_exact(models):
     (student, s_params), (teacher, t_params) = models
     tokens, prefix_B, mask_BxT = _ul2_batch(student.vocab_size, seed=2)

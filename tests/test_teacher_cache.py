@@ -52,6 +52,7 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_cached_kd_equals_online_topk_kd(setup):
     root = setup
     result = _cli(*_cache_args(root, root / "cache32", STEPS, "--values-dtype", "float32"))
@@ -110,6 +111,7 @@ def test_cache_of_another_data_order_or_tokenizer_is_refused(setup, tmp_path):
         assert "Traceback" not in result.output and not (tmp_path / "refused").exists()
 
 
+@pytest.mark.slow
 def test_kill_during_build_then_resume_is_byte_identical(setup, tmp_path):
     root = setup
     steps = 400
@@ -174,6 +176,7 @@ def test_cache_refuses_foreign_out_and_bad_k(setup, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_bench_step_times_the_cached_step(setup):
     """`salt bench step --kd-topk` at tiny sizes: three steps interleaved, the cache's size."""
     from salt.bench.step import format_report, run_benchmark
@@ -235,6 +238,7 @@ def test_reproduce_with_teacher_cache(tmp_path):
     assert sel != full
 
 
+@pytest.mark.slow
 def test_resume_past_the_kd_phase_needs_no_cache(setup, tmp_path):
     """A cached run resumed after its KD phase reads nothing from the cache (it may be deleted);
     inside the KD phase the missing cache is refused."""

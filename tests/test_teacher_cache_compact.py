@@ -88,6 +88,7 @@ def test_bytes_per_token_table():
     assert teacher_cache.bytes_per_token(128, 256_000, values_dtype="bfloat16") == 128 * 6 + 4 + 3 * 128 / 1024
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab", [4096, 256_000])
 def test_kd_loss_from_compact_rows_matches_exact_logits(vocab):
     """The reference top-k KD loss (float64, rho = 0.25 as in the paper) with the teacher's
@@ -145,6 +146,7 @@ def test_manifest_lists_every_shard_hash(built):
         assert result.exit_code == 0 and json.loads(result.output)["shards_verified"] == len(manifest["shards"])
 
 
+@pytest.mark.slow
 def test_flipped_bit_is_a_one_line_error_naming_the_shard(built, tmp_path):
     import shutil
     for name, shard in (("compact", "step_000002.rows.npy"), ("bf16", "step_000002.logits.npy")):
@@ -167,6 +169,7 @@ def test_flipped_bit_is_a_one_line_error_naming_the_shard(built, tmp_path):
         assert not (tmp_path / f"run2-{name}").exists()
 
 
+@pytest.mark.slow
 def test_compact_cache_trains_like_the_uncompressed_one_and_old_format_is_read(built, tmp_path):
     import shutil
     assert _train(built, built / "compact", tmp_path / "compact").exit_code == 0

@@ -41,6 +41,7 @@ def _params(run, step):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(load_params(run, step)[1])]
 
 
+@pytest.mark.slow
 def test_yaml_groups_flags_override_and_rerun_from_run_config_is_bit_identical(root, tmp_path):
     import numpy as np
     cfg = {"model": {"preset": "tiny-student"},

@@ -51,6 +51,7 @@ def _run(kd, case, mesh, vocab_chunks=None):
     return {k: np.asarray(v, np.float64) for k, v in parts.items()}, [np.asarray(g, np.float64) for g in grads]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kd", [True, False], ids=["kd", "ce"])
 @pytest.mark.parametrize("vocab,vocab_chunks", [(301, 1), (301, 3), (301, 40), (64, 2)])

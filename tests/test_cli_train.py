@@ -27,6 +27,7 @@ def _base(data, out, *extra):
             "--batch", 4, "--seq-len", 8, "--optimizer", "adamw", "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_train_then_resume_refusals(data):
     result = _run(*_base(data, "run", "--json"))
     assert result.exit_code == 0, result.output

@@ -92,6 +92,7 @@ def test_finetune_learns_the_task_and_reports_exact_match(setup):
     assert sorted(p.name for p in (setup / "ft").rglob("*")) == before
 
 
+@pytest.mark.slow  # continues the run of the test above (slow tier too)
 def test_sigterm_then_resume_is_bit_identical(setup, monkeypatch):
     if not (setup / "ft" / "metrics.jsonl").exists():
         pytest.fail("needs test_finetune_learns_the_task_and_reports_exact_match first")

@@ -87,6 +87,7 @@ def test_loglikelihood_matches_float64_reference(run, lm):
     assert len(lm.tok_encode(PAIRS[-1][0])) > SEQ_LEN  # the truncation case is exercised
 
 
+@pytest.mark.slow
 def test_scores_do_not_depend_on_batching_or_padding(run, lm):
     reqs = [_req("loglikelihood", c, x) for c, x in PAIRS]
     one = harness.SaltLM(run=str(run["run"]), batch_size=1).loglikelihood(reqs, disable_tqdm=True)

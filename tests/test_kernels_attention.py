@@ -205,6 +205,7 @@ def test_pallas_mha_causal_forward():
                             interpret=True)
 
 
+@pytest.mark.slow
 def test_pallas_tpu_config_with_padded_head_dim():
     """The exact TPU configuration (128-row blocks, hd 64 zero-padded to a 128-lane slice), run in
     the TPU interpreter: forward and gradients against the float64 reference."""
@@ -232,6 +233,7 @@ def test_pallas_tpu_config_with_padded_head_dim():
         assert rel_err(g, g_ref) <= 1e-5
 
 
+@pytest.mark.slow
 def test_pallas_race_detection():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
     from jax.experimental.pallas import tpu as pltpu
@@ -267,6 +269,7 @@ def brute_force_block_visibility(T, t_pad, bq, bk, prefix):
     return padded.reshape(t_pad // bq, bq, t_pad // bk, bk).any(axis=(1, 3))
 
 
+@pytest.mark.slow
 def test_pallas_skips_fully_masked_blocks():
     # MQA with two head blocks (block_h=1): dk/dv reduce over head blocks and query blocks.
     B, T, H, KV, d = 3, 21, 2, 1, 8

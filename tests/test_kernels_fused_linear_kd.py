@@ -117,6 +117,7 @@ def check_ce(impl, case, tol, block_sizes=SMALL_BLOCKS):
 RAGGED = (37, 300, 24, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "naive", "pallas"])
 def test_ragged_float32(impl):
     """Ragged in tokens and vocab, masked, omega in {0, 0.667, 1}."""
@@ -124,6 +125,7 @@ def test_ragged_float32(impl):
     check(impl, case, (0.0, 0.667, 1.0), 0.25, F32_TOL)  # omega is traced: one compile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl, rho", [("xla", 1.0), ("xla", 4.0), ("pallas", 4.0)])
 def test_rho_values(impl, rho):
     check(impl, make_case(21, 200, 16, 8, seed=2), (0.667, 1.0), rho, F32_TOL)
@@ -186,6 +188,7 @@ def test_masked_rows_may_hold_garbage(impl):
         assert_close(d_es, g.T @ hs[keep].astype(np.float64), F32_TOL, "d_es")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "naive", "pallas"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cross_entropy_ragged(impl, dtype):

@@ -26,6 +26,7 @@ GPU = "pallas_gpu"
 CHUNKED = FusedKDBlockSizes(block_tokens=16, block_vocab=128, chunk_vocab=128, gpu_chunk_tokens=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_sizes", [SMALL_BLOCKS, CHUNKED], ids=["one-chunk", "chunks16"])
 def test_ragged_float32(block_sizes):
     """Ragged tokens, vocab and hidden sizes (24 and 16 padded to the 16-wide ``tl.dot`` steps),
@@ -41,6 +42,7 @@ def test_uneven_vocabulary_splits(monkeypatch):
     check(GPU, make_case(16, 600, 24, 16, seed=10), (0.667,), 0.25, F32_TOL, interpret=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rho", [1.0, 4.0])
 def test_rho_values(rho):
     check(GPU, make_case(21, 200, 16, 8, seed=2), (0.667, 1.0), rho, F32_TOL, interpret=True)
@@ -67,6 +69,7 @@ def ce_interpreted(monkeypatch):
     monkeypatch.setattr(base, "_ce_and_grads", lambda impl, bs, interpret: real(impl, bs, interpret or impl == GPU))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cross_entropy_ragged(dtype, ce_interpreted):
     if dtype == "float32":

@@ -114,6 +114,7 @@ def test_float32_matches_reference(impl, k):
     check(impl, make_case(0), k, F32_TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 7])
 def test_pallas_kernels_interpret(k):
     """impl="pallas" (interpret mode): the teacher's top-k kernel and the CE kernels, loss, parts and

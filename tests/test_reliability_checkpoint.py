@@ -152,6 +152,7 @@ def test_resume_after_a_damaged_checkpoint_is_bit_identical_and_not_stuck(store,
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_time_based_checkpoints_and_garbage_metrics_line(store, tmp_path, capsys):
     run = tmp_path / "run"
     train(_cfg(store, run, checkpoint_every=0, checkpoint_minutes=1e-9), progress=False)

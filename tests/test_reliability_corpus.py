@@ -64,6 +64,7 @@ def test_jsonl_reader(scratch, body, skip, suffix, trailing_newline):
         assert docs is not None
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=FILE_EXAMPLES)
 @given(data=st.binary(max_size=400), kind=st.sampled_from(["txt", "gz", "zst", "gz-cut", "zst-cut", "jsonl.zst"]),
        cut=st.integers(0, 400))

@@ -664,6 +664,7 @@ def test_there_are_at_least_40_cases():
     assert len(CASES) >= 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name, world, tmp_path):
     argv, message, out = CASES[name](tmp_path, world)

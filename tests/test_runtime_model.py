@@ -128,6 +128,7 @@ def test_bfloat16_compute_stays_close_and_float32_out():
     assert 0 < _rel(bf16, f32) < 0.05
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
     config = CONFIGS["mqa"]
     params = model.init_params(config, 0)
@@ -253,6 +254,7 @@ def test_paper_2_8b_train_step_lowers_as_a_loop():
     assert "while" in text  # the layer loop stays a loop, not 92 unrolled copies
 
 
+@pytest.mark.slow
 def test_kernel_paths_match_the_plain_xla_path():
     """``kernels="xla"`` routes attention and the losses through salt.kernels' pure-JAX
     implementations (no [tokens, vocab] logits); the per-position parts (KD and CE) and the KD

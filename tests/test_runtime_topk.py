@@ -143,6 +143,7 @@ def test_padded_embedding_scores_like_the_unpadded_one(inputs):
         losses.token_parts(hidden, params["embed"], jnp.asarray(windows[:, 1:]), vocab=VOCAB + 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["standard", "full", "topk"])
 def test_padded_kernels_match_the_reference_with_vocab(inputs, kind):
     """The fused ``xla`` losses on differently padded embeddings (student +20 rows, teacher +44,

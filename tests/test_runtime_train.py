@@ -46,6 +46,7 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_teacher_baseline_run(tiny):
     summary = tiny["teacher_summary"]
     assert summary["last_step"] == 2 and not summary["interrupted"]
@@ -160,6 +161,7 @@ def test_bad_paths_are_rejected(tiny, tmp_path):
         train(_cfg(tiny, "x4", batch=6, mesh="data=4"), progress=False)
 
 
+@pytest.mark.slow
 def test_teacher_with_another_tokenizer_is_refused(tiny, tmp_path):
     config, params, meta = checkpoint.load_params(tiny["teacher"])
     meta = dict(meta, tokenizer_sha256="0" * 64)

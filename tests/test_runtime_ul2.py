@@ -49,6 +49,7 @@ def _hyper(omega=0.667):
     return jax.tree.map(jnp.asarray, step_mod.hyperparameters(cfg))
 
 
+@pytest.mark.slow
 def test_kd_step_on_ul2_examples_equals_the_reference(models):
     (student, s_params), (teacher, t_params) = models
     tokens, prefix_B, mask_BxT = _ul2_batch(student.vocab_size)
@@ -69,6 +70,7 @@ def test_kd_step_on_ul2_examples_equals_the_reference(models):
         assert _rel(ours[key], ref[key]) < GRAD_REL_TOL, key
 
 
+@pytest.mark.slow
 def test_unscored_positions_do_not_reach_the_loss(models):
     """Positions outside the target mask contribute nothing: a window whose mask is all False
     can hold any tokens without changing the loss, the metrics or the gradients."""

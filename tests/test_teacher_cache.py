@@ -74,6 +74,7 @@ def test_cached_kd_equals_online_topk_kd(setup):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-2, err_msg=f"step {a['step']}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--batch", 2], "batch"), (["--seed", 1], "seed"), (["--kd-topk", K + 1], "--kd-topk"),
     (["--seq-len", 4], "seq_len"), (["--steps", STEPS + 1, "--kd-steps", STEPS + 1], "KD steps")])

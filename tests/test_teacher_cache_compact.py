@@ -132,6 +132,7 @@ def _train(root, cache, out):
                 "--quiet", "--teacher-cache", cache)
 
 
+@pytest.mark.slow
 def test_manifest_lists_every_shard_hash(built):
     import hashlib
     for name, files in (("compact", ("rows",)), ("bf16", ("logits", "ids", "lse"))):

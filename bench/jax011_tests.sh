@@ -5,7 +5,8 @@
 # the libtpu it asks for, so the TPU ahead-of-time tests run too. CI tests the newest JAX; this is
 # the second job.
 #
-#   bash bench/jax011_tests.sh [SCRATCH_DIR]      # default /tmp/salt-jax011; extra pytest args via PYTEST_ARGS
+#   bash bench/jax011_tests.sh [SCRATCH_DIR]      # default /tmp/salt-jax011
+#   PYTEST_MARKERS='not slow' bash bench/jax011_tests.sh   # only the tests with those markers
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SCRATCH="${1:-/tmp/salt-jax011}"
@@ -22,6 +23,7 @@ if [ ! -x "$SCRATCH/venv/bin/python" ]; then
 fi
 "$SCRATCH/venv/bin/python" -c "import jax; print('jax', jax.__version__)"
 cd "$REPO"
-# shellcheck disable=SC2086
-PYTHONSAFEPATH=1 "$SCRATCH/venv/bin/python" -m pytest -q -n 2 -p no:cacheprovider ${PYTEST_ARGS:-} \
+markers=()
+[ -n "${PYTEST_MARKERS:-}" ] && markers=(-m "$PYTEST_MARKERS")
+PYTHONSAFEPATH=1 "$SCRATCH/venv/bin/python" -m pytest -q -n 2 -p no:cacheprovider "${markers[@]}" \
   tests/test_kernels_*.py tests/test_vocab_parallel.py

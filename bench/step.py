@@ -116,7 +116,7 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     if kd_topk is not None:
         import types
 
-        from salt.runtime.train.trainer import cached_batch_abstract, cached_step_batch
+        from salt.runtime.train.batches import cached_batch_abstract, cached_step_batch
         one_process = types.SimpleNamespace(process_index=0, local_batch=batch)  # the loader's sharding fields
         kinds.append(("cached", None, None, cached_batch_abstract(cfg, mesh)))
         tmp = tempfile.TemporaryDirectory(prefix="salt-bench-cache-")

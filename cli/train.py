@@ -85,6 +85,9 @@ REQUIRED = ("data", "out", "steps")  # as flags or in --config (and --preset or 
               help="Recompute layer activations in the backward.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Save every N steps (always at the end, at n_kd and on SIGTERM).")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Fetch the metrics from the device every N steps (and at checkpoints and the phase "
+                   "switch): metrics.jsonl still has one row per step; the host does not wait each step.")
 @click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Also save when this many minutes passed since the last save (0: off), so an "
                    "interrupted run loses at most that much.")

@@ -47,7 +47,7 @@ from salt.reference.score import top_m_indices
 from salt.runtime.model import checkpoint
 from salt.runtime.model.tokens import WindowStats
 from salt.runtime.train.config import TrainConfig, resolve_kernels
-from salt.runtime.train.trainer import make_loaders
+from salt.runtime.train.setup import make_loaders
 
 TOPK_MODES = ("zero", "exclude")
 SCORES_FORMAT = "salt-scores-v1"
@@ -100,7 +100,7 @@ def seen_windows(run_config: dict, data_dir, steps: int) -> tuple[int, np.ndarra
     """Window ids (at the run's own seq_len) that a run's loaders served in its first ``steps`` steps.
 
     ``run_config`` is the TrainConfig dict a checkpoint records (``meta["run_config"]``); the
-    loaders are the trainer's own (:func:`salt.runtime.train.trainer.make_loaders`) for that config, the KD
+    loaders are the trainer's own (:func:`salt.runtime.train.setup.make_loaders`) for that config, the KD
     loader serving steps ``step0 < kd_steps``.  Returns ``(seq_len, ids)``.
     """
     try:

@@ -123,6 +123,7 @@ class TrainConfig:
     dtype: str = "float32"
     kernels: str = "auto"
     checkpoint_every: int = 0
+    log_every: int = 10  # metrics fetched from the device every this many steps (and at checkpoints)
     checkpoint_minutes: float = 10.0   # also save when this much wall time passed (0: off)
     keep_checkpoints: tuple = ()
     runtime: str = "jax"
@@ -139,7 +140,7 @@ class TrainConfig:
     wandb: str | None = None  # W&B project the metrics are also logged to (optional dependency wandb)
 
     # fields that may differ between a run and its resumption
-    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes",
+    RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes", "log_every",
                          "keep_checkpoints", "out", "compile_cache", "vocab_chunks", "wandb")
 
     def to_dict(self) -> dict:
@@ -180,7 +181,7 @@ class TrainConfig:
                 get_preset(self.preset)
             except ValueError as e:
                 raise TrainError(str(e)) from None
-        for field in ("steps", "batch", "seq_len", "grad_accum"):
+        for field in ("steps", "batch", "seq_len", "grad_accum", "log_every"):
             v = getattr(self, field)
             if not isinstance(v, int) or v < 1:
                 bad(field, "must be an integer >= 1")
@@ -282,7 +283,7 @@ GROUPS = {
     "kd": ("teacher", "teacher_step", "kd_steps", "omega", "rho", "kd_topk", "teacher_cache", "transition",
            "kd_steps1"),
     "optimizer": ("optimizer", "steps", "lr", "final_lr", "warmup", "clip", "weight_decay", "grad_accum"),
-    "run": ("out", "runtime", "mesh", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "resume",
+    "run": ("out", "runtime", "mesh", "checkpoint_every", "log_every", "checkpoint_minutes", "keep_checkpoints", "resume",
             "force", "compile_cache", "wandb"),
 }
 assert sorted(n for names in GROUPS.values() for n in names) == sorted(f.name for f in dataclasses.fields(TrainConfig))

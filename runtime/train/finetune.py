@@ -43,7 +43,8 @@ from salt.runtime.model import checkpoint, losses, tokens
 from salt.runtime.train import metrics_log, optim
 from salt.runtime.train.config import NonFiniteLoss, TrainError, resolve_kernels
 from salt.runtime.model.generate import LoadedModel, greedy_generate
-from salt.runtime.train.trainer import _Stop, _truncate_metrics, finite_or_none
+from salt.runtime.train.metrics_log import MetricsSink
+from salt.runtime.train.stop import StopFlag
 
 HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -313,15 +314,11 @@ def _finetune_locked(cfg: FinetuneConfig, out: pathlib.Path, progress: bool) -> 
             "vocab_size": int(base.store.vocab_size), "teacher": None,
             "preset": base.meta.get("preset"), "base": identity,
             "run_config": {"data": store_path, "seq_len": seq_len, "finetune": cfg.to_dict()}}
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
-    run_log = metrics_log.RunLog(out)
-
     history, last_saved, step = [], (start_step or None), start_step
     bar = _progress(cfg.steps, start_step, progress)
     t0 = time.perf_counter()
     try:
-        with _Stop() as stop, open(metrics_path, "a") as metrics_file:
+        with StopFlag() as stop, MetricsSink(out, start_step) as sink:
             for step in range(start_step + 1, cfg.steps + 1):
                 idx = batch_indices(step, cfg.batch, len(train_ex), cfg.seed)
                 inputs, targets, mask = (a[idx] for a in train_arrays)
@@ -332,9 +329,7 @@ def _finetune_locked(cfg: FinetuneConfig, out: pathlib.Path, progress: bool) -> 
                           "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens": int(m["tokens"])}
                 if not math.isfinite(m["loss"]):
                     raise NonFiniteLoss(step, m["loss"], last_saved)
-                metrics_file.write(json.dumps(finite_or_none(record)) + "\n")
-                metrics_file.flush()
-                run_log.write(record)
+                sink.write([record])
                 history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
@@ -346,7 +341,6 @@ def _finetune_locked(cfg: FinetuneConfig, out: pathlib.Path, progress: bool) -> 
                     break
     finally:
         bar.close()
-        run_log.close()
     train_s = time.perf_counter() - t0
     interrupted = step < cfg.steps
     summary = {"out": str(out), "base": identity, "start_step": start_step, "last_step": step,

@@ -11,6 +11,9 @@ whole by :func:`write_eval`.  The files are TFRecord-framed ``Event`` protocol b
 (no TensorFlow, no tensorboard package needed to write them); ``tensorboard --logdir RUN`` reads
 them.
 
+:class:`MetricsSink` is what a training loop writes through: ``metrics.jsonl`` (cut back to the
+step a run resumes from) and the TensorBoard / W&B view of it.
+
 W&B (optional dependency ``wandb``): :class:`RunLog` with ``wandb_project`` logs the same rows
 (``WANDB_MODE=offline`` works without a network) into ``RUN/wandb``, one W&B run per SALT run (its
 id derived from the run directory, ``resume="allow"``).  W&B keeps the first value logged at a
@@ -24,6 +27,7 @@ import json
 import math
 import pathlib
 import struct
+import sys
 import time
 
 from salt.core import outputs
@@ -192,3 +196,64 @@ def write_eval(run_dir, results: dict) -> None:
     path = pathlib.Path(run_dir) / TB_DIR / EVAL_EVENTS
     outputs.write_bytes(path, _header() + b"".join(
         _record(event(int(step), scalars_of(results[step], "eval"))) for step in sorted(results, key=int)))
+
+
+def finite_or_none(record: dict) -> dict:
+    """``record`` with non-finite floats as None (JSON has no NaN)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()}
+
+
+def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+    """Drop metric lines past ``last_step`` (written after the checkpoint a run resumes from).
+    A line that is not a step record (e.g. cut short by a kill) is reported and dropped."""
+    if not path.exists():
+        return
+    keep = []
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            step = json.loads(line)["step"]
+            if not isinstance(step, int):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            print(f"warning: {path}:{lineno}: not a metrics record, dropped: {line[:80]!r}",
+                  file=sys.stderr, flush=True)
+            continue
+        if step <= last_step:
+            keep.append(line)
+    outputs.write_text(path, "".join(l + "\n" for l in keep))
+
+
+class MetricsSink:
+    """A run's metrics: ``RUN/metrics.jsonl`` (one JSON row per step; rows past ``start_step``,
+    written before the checkpoint the run resumes from, are dropped first) and its TensorBoard
+    (and W&B) view.  ``enabled`` False (processes other than the first): writes nothing."""
+
+    def __init__(self, run_dir, start_step: int, *, enabled: bool = True, wandb_project: str | None = None,
+                 config: dict | None = None):
+        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self._file = self._log = None
+        if enabled:
+            truncate_metrics(self.path, start_step)
+            self._file = open(self.path, "a")
+            self._log = RunLog(run_dir, wandb_project=wandb_project, config=config)
+
+    def write(self, rows: list[dict]) -> None:
+        if self._file is None:
+            return
+        self._file.write("".join(json.dumps(finite_or_none(r)) + "\n" for r in rows))
+        self._file.flush()
+        for r in rows:
+            self._log.write(r)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._log.close()
+            self._file = self._log = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -6,28 +6,27 @@ tiny models (debugging and cross-checking), kept out of the production loop.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 
 import jax
 import numpy as np
 
-from salt.reference.config import param_count
+from salt.core import outputs
+from salt.reference import trainer as ref_trainer
+from salt.reference.optim import AdamW
+from salt.reference.schedule import lr_at as ref_lr_at
 from salt.runtime.model import checkpoint, transformer as model
 from salt.runtime.train import optim
 from salt.runtime.train.config import NonFiniteLoss, TrainError
-from salt.runtime.train.trainer import finite_or_none, jsonable, make_loaders
+from salt.runtime.train.metrics_log import MetricsSink
+from salt.runtime.train.run_dir import RUN_CONFIG, jsonable, run_record
 
 
-def train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_dir, progress):
+def train_reference(cfg, config, store, loaders, teacher, run_dir, progress):
     """The NumPy reference trainer (salt.reference.trainer) on the same batches, the same
     initial parameters, AdamW, clipping and schedule; metrics and a final checkpoint in the
     runtime's format.  Meant for tiny models (debugging and cross-checking)."""
-    from salt.reference import trainer as ref_trainer
-    from salt.reference.optim import AdamW
-    from salt.reference.schedule import lr_at as ref_lr_at
-
     if cfg.optimizer != "adamw":
         raise TrainError(f"--runtime reference supports --optimizer adamw only, got {cfg.optimizer!r}")
     if cfg.dtype != "float32":
@@ -35,9 +34,8 @@ def train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_di
                          f"{cfg.dtype})")
     if checkpoint.all_steps(run_dir):
         raise TrainError(f"--runtime reference cannot resume; {str(run_dir)!r} already has checkpoints")
-    full_loader, kd_loader = make_loaders(cfg, store, subset_ids, exclude_ids)
-    teacher_config, teacher_identity = teacher["config"], teacher["identity"]
-    teacher_params = teacher.pop("params")
+    full_loader, kd_loader = loaders
+    teacher_config, teacher_identity, teacher_params = teacher.config, teacher.identity, teacher.params
 
     def batch_fn(step0):
         return (kd_loader if step0 < cfg.kd_steps else full_loader).batch(step0)
@@ -47,10 +45,7 @@ def train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_di
         ref_teacher = (teacher_config,
                        jax.tree.map(lambda x: np.asarray(x, np.float32), teacher_params))
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json_atomic(run_dir / "run_config.json", {
-        "train": cfg.to_dict(), "model": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
-        "vocab_size": int(store.vocab_size), "teacher": teacher_identity,
-        "param_count": param_count(config)})
+    outputs.write_json(run_dir / RUN_CONFIG, run_record(cfg, config, store, teacher_identity))
     start = time.perf_counter()
     result = ref_trainer.train(
         config, batch_fn, cfg.steps, optimizer=AdamW(b1=optim.ADAMW_B1, b2=optim.ADAMW_B2,
@@ -63,12 +58,11 @@ def train_reference(cfg, config, store, subset_ids, exclude_ids, teacher, run_di
         params=jax.tree.map(np.asarray, model.init_params_jax(config, cfg.seed)))  # the JAX runtime's
     elapsed = time.perf_counter() - start
     tokens_per_s = cfg.steps * cfg.batch * cfg.seq_len / max(elapsed, 1e-9)
-    with open(run_dir / "metrics.jsonl", "w") as f:
-        for record in result.history:
-            record = dict(record, tokens_per_s=tokens_per_s)
-            if not math.isfinite(record["loss"]):
-                raise NonFiniteLoss(record["step"], record["loss"], None)
-            f.write(json.dumps(finite_or_none(record)) + "\n")
+    bad = next((r for r in result.history if not math.isfinite(r["loss"])), None)
+    if bad is not None:
+        raise NonFiniteLoss(bad["step"], bad["loss"], None)
+    with MetricsSink(run_dir, 0, wandb_project=cfg.wandb, config=cfg.to_dict()) as sink:
+        sink.write([dict(record, tokens_per_s=tokens_per_s) for record in result.history])
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), result.params)
     meta = {"config": config.to_dict(), "tokenizer_sha256": store.tokenizer_sha256,
             "vocab_size": int(store.vocab_size), "teacher": teacher_identity,

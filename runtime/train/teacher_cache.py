@@ -37,7 +37,9 @@ import pathlib
 import numpy as np
 
 from salt.core import outputs
-from salt.runtime.train import cache_codec
+from salt.runtime.train import cache_codec, setup
+from salt.runtime.train.config import TrainError
+from salt.runtime.train.run_dir import jsonable
 
 CACHE_FORMAT = "salt-teacher-cache-v2"
 OLD_FORMATS = ("salt-teacher-cache-v1",)  # read (no shard hashes), never written
@@ -182,8 +184,6 @@ def build(cfg, *, top_k: int, out, values_dtype: str = DEFAULT_VALUES, logit_bit
     import jax
     import jax.numpy as jnp
 
-    from salt.runtime.train import trainer as train_mod
-    from salt.runtime.train.config import TrainError
 
     if values_dtype not in VALUE_DTYPES:
         raise CacheError(f"--values-dtype must be one of {VALUE_DTYPES}, got {values_dtype!r}")
@@ -195,21 +195,18 @@ def build(cfg, *, top_k: int, out, values_dtype: str = DEFAULT_VALUES, logit_bit
         raise CacheError(f"--steps must be >= 1, got {cfg.kd_steps!r}")
     out = pathlib.Path(out)
     try:
-        store = train_mod._open_store(cfg.data)
+        store = setup.open_store(cfg.data)
         if not 1 <= top_k <= store.vocab_size:
             raise CacheError(f"--top-k must be in [1, V={store.vocab_size}], got {top_k}")
-        subset = train_mod._load_ids(cfg.subset, "subset") if cfg.subset else None
-        exclude = train_mod._load_ids(cfg.exclude, "exclude") if cfg.exclude else None
-        # (load_teacher compares vocabularies with a student's: one holding exactly the tokenizer's ids)
-        student = train_mod.get_preset("tiny-student").replace(vocab_size=store.vocab_size)
-        t_config, t_params, identity = train_mod.load_teacher(cfg, student, store.tokenizer_sha256,
-                                                              tokenizer_vocab=store.vocab_size)
-        _, kd_loader = train_mod.make_loaders(cfg, store, subset, exclude)
+        subset = setup.load_ids(cfg.subset, "subset") if cfg.subset else None
+        exclude = setup.load_ids(cfg.exclude, "exclude") if cfg.exclude else None
+        t_config, t_params, identity = setup.load_teacher(cfg, store.tokenizer_sha256, store.vocab_size)
+        _, kd_loader = setup.make_loaders(cfg, store, subset, exclude)
     except TrainError as e:
         raise CacheError(str(e)) from None
     key = {"format": CACHE_FORMAT, "tokenizer_sha256": store.tokenizer_sha256, "vocab": int(store.vocab_size),
            "teacher": {k: identity[k] for k in ("path", "step", "manifest_sha256")},
-           "loader_state": train_mod.jsonable(kd_loader.state(0)), "top_k": int(top_k),
+           "loader_state": jsonable(kd_loader.state(0)), "top_k": int(top_k),
            "steps": int(cfg.kd_steps), "batch": int(cfg.batch), "seq_len": int(cfg.seq_len),
            "seed": int(cfg.seed), "values_dtype": values_dtype,
            "ids_dtype": ids_dtype(store.vocab_size).name}

@@ -359,7 +359,7 @@ def test_continued_pretraining_from_an_imported_model(work, hf_tokenizer, corpus
     first = json.loads((student / "metrics.jsonl").read_text().splitlines()[0])
     from salt.data.store import TokenStore
     from salt.runtime.train.config import TrainConfig
-    from salt.runtime.train.trainer import make_loaders
+    from salt.runtime.train.setup import make_loaders
     loader = make_loaders(TrainConfig(preset="tiny-student", data=str(store), out=str(student), steps=2, batch=2,
                                       seq_len=16), TokenStore(store), None, None)[0]
     windows = np.asarray(loader.batch(0))

@@ -103,10 +103,10 @@ def test_deletion_is_atomic(saved, monkeypatch):
 
 
 def test_last_good_checkpoint_means_verified(saved):
-    from salt.runtime.train.run_dir import verified_or_none as _verified_or_none
+    from salt.runtime.train.run_dir import verified_or_none
     run, _ = saved
     _damage(run, 6, "bitflip")
-    assert _verified_or_none(run, 6) is None and _verified_or_none(run, 4) == 4
+    assert verified_or_none(run, 6) is None and verified_or_none(run, 4) == 4
 
 
 # ----------------------------------------------------------------------------- training runs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -93,51 +94,93 @@ class NonFiniteLoss(TrainError):
         super().__init__(f"non-finite loss {loss} at step {step}; training stopped; {kept}")
 
 
-@dataclasses.dataclass(frozen=True)
+def _opt(default, group: str, help: str, *, choices=None, min=None, max=None, path: bool = False,
+         flag: str | None = None, metavar: str | None = None):
+    """A :class:`TrainConfig` field with what the command line and ``--config`` files are built
+    from: its group (model / data / kd / optimizer / run), help text, allowed values (``choices``,
+    lower bound ``min``), whether it names a file (``path``), and a flag other than ``--field-name``."""
+    return dataclasses.field(default=default, metadata={
+        "group": group, "help": help, "choices": choices, "min": min, "max": max, "path": path, "flag": flag,
+        "metavar": metavar})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    preset: str
-    data: str
-    out: str
-    teacher: str | None = None
-    teacher_step: int | None = None
-    kd_steps: int = 0
-    omega: float = PAPER_OMEGA
-    rho: float = PAPER_RHO
-    kd_topk: int | None = None  # top-k KD (paper eq. 13-14) over the teacher's top-k; None: full vocab
-    teacher_cache: str | None = None  # `salt teacher cache` output: the KD phase without a teacher forward
-    transition: str = "step"
-    kd_steps1: int | None = None
-    steps: int = 100
-    batch: int = 8
-    seq_len: int = 64
-    optimizer: str = "adafactor"
-    lr: float = 1e-3
-    final_lr: float = 1e-4
-    warmup: int = 0
-    clip: float = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    mesh: str = "data=1,model=1"
-    subset: str | None = None
-    exclude: str | None = None
-    dtype: str = "float32"
-    kernels: str = "auto"
-    checkpoint_every: int = 0
-    log_every: int = 10  # metrics fetched from the device every this many steps (and at checkpoints)
-    checkpoint_minutes: float = 10.0   # also save when this much wall time passed (0: off)
-    keep_checkpoints: tuple = ()
-    runtime: str = "jax"
-    resume: bool = False
-    force: bool = False
-    remat: bool = False
-    objective: str = "causal"
-    grad_accum: int = 1
-    vocab_chunks: int | None = None  # vocabulary-parallel loss chunks (None: automatic, losses.token_parts)
-    compile_cache: str | None = None  # JAX persistent compilation cache directory (None: off)
-    # start from this run's newest checkpoint (its architecture and weights; e.g. `salt import hf`)
-    # instead of a preset's random initialisation: continued pre-training. preset is then ""
-    init: str | None = None
-    wandb: str | None = None  # W&B project the metrics are also logged to (optional dependency wandb)
+    """One training run.  Each field's metadata (:func:`_opt`) says its group, its help and its
+    allowed values; ``salt train``'s options and the ``--config`` groups are generated from them."""
+
+    # --- model
+    preset: str = _opt(dataclasses.MISSING, "model",
+                       "Model preset of the student (see `salt presets`); required unless --init.")
+    init: str | None = _opt(None, "model", "Start from this run's newest checkpoint (its architecture and weights, "
+                            "e.g. from `salt import hf`) instead of a preset: continued pre-training.", path=True)
+    dtype: str = _opt("float32", "model", "Compute dtype (parameters and loss stay float32).", choices=DTYPES)
+    kernels: str = _opt("auto", "model", "Attention / KD-loss implementation: pallas (TPU), xla (chunked pure "
+                        "JAX), naive (full-size maths); auto = pallas on TPU, xla elsewhere.", choices=KERNELS)
+    remat: bool = _opt(False, "model", "Recompute layer activations in the backward.", flag="--remat/--no-remat")
+    vocab_chunks: int | None = _opt(None, "model", "Vocabulary-parallel loss on a data-only mesh: the vocabulary in "
+                                    "this many chunks, each gathered whole on every device in turn (fewer: faster, "
+                                    "more memory). Default: on for embeddings of 64 MiB or more, about 8192 rows per "
+                                    "chunk. Not with --kd-topk.", min=1)
+    # --- data
+    data: str = _opt(dataclasses.MISSING, "data", "Token store (from `salt data prepare`). Required.", path=True)
+    seq_len: int = _opt(64, "data", "Tokens per window T.", min=1)
+    batch: int = _opt(8, "data", "Global batch (windows).", min=1)
+    subset: str | None = _opt(None, "data", "SALT_DS: selection file (.npy window ids) the KD phase draws from.",
+                              path=True)
+    exclude: str | None = _opt(None, "data", ".npy window ids never trained on.", path=True)
+    objective: str = _opt("causal", "data", "causal: next-token LM; ul2: the paper's UL2 mixture (causal, prefix "
+                          "LM, span corruption 15%/3 and 50%/32 at 6:2:1:1; loss and KD on targets only; needs a "
+                          "store prepared with --sentinels).", choices=OBJECTIVES)
+    seed: int = _opt(0, "data", "Seed of the initial parameters and of the data order.", min=0, max=2**63 - 1)
+    # --- kd
+    teacher: str | None = _opt(None, "kd", "Teacher run directory or checkpoint (needed when --kd-steps > 0).",
+                               path=True)
+    teacher_step: int | None = _opt(None, "kd", "Teacher checkpoint step (default: latest).")
+    kd_steps: int = _opt(0, "kd", "n_kd: steps of the KD phase (0 = BASELINE, = --steps for RKD).", min=0)
+    omega: float = _opt(PAPER_OMEGA, "kd", "Distillation weight ω in [0, 1].")
+    rho: float = _opt(PAPER_RHO, "kd", "Teacher temperature ρ > 0.")
+    kd_topk: int | None = _opt(None, "kd", "Top-k KD (paper eq. 13-14): P and Q restricted to the teacher's top-K "
+                               "tokens and renormalised over them (default: full-vocabulary KD).", min=1)
+    teacher_cache: str | None = _opt(None, "kd", "A `salt teacher cache` directory: the KD phase reads the "
+                                     "teacher's top-k from it (no teacher forward; needs --kd-topk K <= the "
+                                     "cache's k; instead of --teacher).", path=True)
+    transition: str = _opt("step", "kd", "How ω goes to 0 at the end of the KD phase.", choices=losses.TRANSITIONS)
+    kd_steps1: int | None = _opt(None, "kd", "n_kd1: where the linear transitions start.", min=0)
+    # --- optimizer
+    optimizer: str = _opt("adafactor", "optimizer", "The optimizer.", choices=optim.OPTIMIZERS)
+    steps: int = _opt(100, "optimizer", "Total training steps n. Required.", min=1)
+    lr: float = _opt(1e-3, "optimizer", "Peak learning rate.", min=0)
+    final_lr: float = _opt(1e-4, "optimizer", "Learning rate at the last step.", min=0)
+    warmup: int = _opt(0, "optimizer", "Linear warm-up steps.", min=0)
+    clip: float = _opt(1.0, "optimizer", "Global-norm gradient clipping (0: off).", min=0)
+    weight_decay: float = _opt(0.0, "optimizer", "Decoupled weight decay.", min=0)
+    grad_accum: int = _opt(1, "optimizer", "Microbatches per step (gradients accumulated inside the compiled "
+                           "step, one update): the same step as the whole batch, on less memory. Must divide "
+                           "--batch.", min=1)
+    # --- run
+    out: str = _opt(dataclasses.MISSING, "run", "Run directory (checkpoints, metrics). Required.", path=True)
+    runtime: str = _opt("jax", "run", "tpu / gpu / cpu: the JAX runtime on that platform's devices (an error if "
+                        "there are none); jax: JAX's default platform; reference: the NumPy reference trainer on "
+                        "the same batches (tiny models).", choices=RUNTIMES)
+    mesh: str = _opt("data=1,model=1", "run", "Device mesh 'data=D,model=M' (data=-1: all devices).")
+    checkpoint_every: int = _opt(0, "run", "Save every N steps (always at the end, at n_kd and on SIGTERM).",
+                                 min=0)
+    log_every: int = _opt(10, "run", "Fetch the metrics from the device every N steps (and at checkpoints and the "
+                          "phase switch): metrics.jsonl still has one row per step; the host does not wait for "
+                          "the device each step.", min=1)
+    checkpoint_minutes: float = _opt(10.0, "run", "Also save when this many minutes passed since the last save "
+                                     "(0: off), so an interrupted run loses at most that much.", min=0)
+    keep_checkpoints: tuple = _opt((), "run", "Comma-separated steps whose checkpoints are kept (besides the "
+                                   "latest and n_kd).", flag="--keep")
+    resume: bool = _opt(False, "run", "Continue the run in --out from its latest checkpoint.")
+    force: bool = _opt(False, "run", "Resume even if the configuration changed.")
+    compile_cache: str | None = _opt(None, "run", "JAX persistent compilation cache (reused across runs); 'off' "
+                                     "disables it. Default: $SALT_COMPILE_CACHE, else ~/.cache/salt/jax-compile.",
+                                     metavar="DIR")
+    wandb: str | None = _opt(None, "run", "Also log the metrics to this Weights & Biases project (optional "
+                             "dependency wandb; WANDB_MODE=offline works without a network). TensorBoard files "
+                             "are always written.", metavar="PROJECT")
 
     # fields that may differ between a run and its resumption
     RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "checkpoint_minutes", "log_every",
@@ -168,125 +211,113 @@ class TrainConfig:
         return cls(**kwargs)
 
     def validate(self) -> None:
-        """Raise TrainError naming the first bad field."""
-        def bad(field, why):
-            raise TrainError(f"{field}={getattr(self, field)!r}: {why}")
+        """Raise TrainError naming the first bad field: each field against its metadata (type,
+        allowed values, lower bound), then the rules that tie fields together."""
+        self._check_fields()
+        self._check_model()
+        self._check_kd()
+        self._check_optimizer()
+        self._check_run()
+
+    def _bad(self, field: str, why: str):
+        raise TrainError(f"{field}={getattr(self, field)!r}: {why}")
+
+    def _check_fields(self) -> None:
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if not _type_ok(value, hints[f.name]):
+                self._bad(f.name, f"must be {_type_name(hints[f.name])}")
+            if value is None or isinstance(value, (bool, str, tuple)):
+                if meta["choices"] is not None and value not in meta["choices"]:
+                    self._bad(f.name, f"must be one of {meta['choices']}")
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                self._bad(f.name, "must be a finite number")
+            if meta["min"] is not None and value < meta["min"]:
+                self._bad(f.name, f"must be {'an integer' if isinstance(value, int) else 'a number'} >= {meta['min']}")
+            if meta.get("max") is not None and value > meta["max"]:
+                self._bad(f.name, f"must be <= {meta['max']}")
+
+    def _check_model(self) -> None:
         if self.init is not None:
             if self.preset:
-                bad("preset", "--init takes the architecture of the run it starts from; drop --preset")
+                self._bad("preset", "--init takes the architecture of the run it starts from; drop --preset")
             if self.runtime == "reference":
-                bad("init", "the reference runtime starts from a preset's initialisation only")
+                self._bad("init", "the reference runtime starts from a preset's initialisation only")
         else:
             try:
                 get_preset(self.preset)
             except ValueError as e:
                 raise TrainError(str(e)) from None
-        for field in ("steps", "batch", "seq_len", "grad_accum", "log_every"):
-            v = getattr(self, field)
-            if not isinstance(v, int) or v < 1:
-                bad(field, "must be an integer >= 1")
-        if not isinstance(self.kd_steps, int) or self.kd_steps < 0:
-            bad("kd_steps", "must be an integer >= 0")
+        if self.vocab_chunks is not None:
+            if self.kd_topk is not None:
+                self._bad("vocab_chunks", "the vocabulary-parallel loss has no top-k KD (kd_topk is set)")
+            if self.runtime == "reference":
+                self._bad("vocab_chunks", "the reference runtime has no vocabulary-parallel loss")
+            try:
+                model_axis = sharding.parse_mesh(self.mesh)["model"]
+            except ValueError:  # reported by _check_run, as the mesh's error
+                model_axis = 1
+            if model_axis != 1:
+                self._bad("vocab_chunks", f"the vocabulary-parallel loss runs on a data-only mesh, not {self.mesh!r}")
+
+    def _check_kd(self) -> None:
         if self.kd_steps > self.steps:
             raise TrainError(f"kd_steps={self.kd_steps} is larger than steps={self.steps}")
-        if not (0.0 <= self.omega <= 1.0) or not math.isfinite(self.omega):
-            bad("omega", "must lie in [0, 1]")
-        if not (self.rho > 0) or not math.isfinite(self.rho):
-            bad("rho", "must be a finite number > 0")
-        if self.transition not in losses.TRANSITIONS:
-            bad("transition", f"must be one of {losses.TRANSITIONS}")
-        if self.kd_steps1 is not None and not (0 <= self.kd_steps1 <= self.kd_steps):
-            bad("kd_steps1", f"must lie in [0, kd_steps={self.kd_steps}]")
+        if not 0.0 <= self.omega <= 1.0:
+            self._bad("omega", "must lie in [0, 1]")
+        if not self.rho > 0:
+            self._bad("rho", "must be a finite number > 0")
+        if self.kd_steps1 is not None and not self.kd_steps1 <= self.kd_steps:
+            self._bad("kd_steps1", f"must lie in [0, kd_steps={self.kd_steps}]")
         if self.transition != "step" and self.kd_steps1 is None and self.kd_steps > 0:
-            bad("kd_steps1", f"is needed by transition={self.transition!r}")
+            self._bad("kd_steps1", f"is needed by transition={self.transition!r}")
         if self.teacher_cache is not None:
             if self.kd_topk is None:
-                bad("teacher_cache", "holds the teacher's top-k: it needs --kd-topk K")
+                self._bad("teacher_cache", "holds the teacher's top-k: it needs --kd-topk K")
             if self.objective != "causal":
-                bad("teacher_cache", "holds the teacher on plain windows: objective must be 'causal'")
+                self._bad("teacher_cache", "holds the teacher on plain windows: objective must be 'causal'")
             if self.teacher:
-                bad("teacher_cache", "replaces the teacher: give --teacher or --teacher-cache, not both")
+                self._bad("teacher_cache", "replaces the teacher: give --teacher or --teacher-cache, not both")
         if self.kd_steps > 0 and not (self.teacher or self.teacher_cache):
             raise TrainError(f"kd_steps={self.kd_steps} needs a teacher (--teacher RUN_OR_CHECKPOINT)")
         if self.kd_topk is not None:
-            if isinstance(self.kd_topk, bool) or not isinstance(self.kd_topk, int) or self.kd_topk < 1:
-                bad("kd_topk", "must be an integer >= 1 (the teacher's top-k set), or None for full-vocabulary KD")
             if self.kd_steps == 0:
                 raise TrainError(f"kd_topk={self.kd_topk} only applies to the KD phase, but kd_steps=0")
             if self.runtime == "reference":
-                bad("kd_topk", "the reference runtime trains full-vocabulary KD only")
-        if self.vocab_chunks is not None:
-            if isinstance(self.vocab_chunks, bool) or not isinstance(self.vocab_chunks, int) or self.vocab_chunks < 1:
-                bad("vocab_chunks", "must be an integer >= 1, or None (automatic)")
-            if self.kd_topk is not None:
-                bad("vocab_chunks", "the vocabulary-parallel loss has no top-k KD (kd_topk is set)")
-            if self.runtime == "reference":
-                bad("vocab_chunks", "the reference runtime has no vocabulary-parallel loss")
-            try:
-                model_axis = sharding.parse_mesh(self.mesh)["model"]
-            except ValueError:  # reported below, as the mesh's error
-                model_axis = 1
-            if model_axis != 1:
-                bad("vocab_chunks", f"the vocabulary-parallel loss runs on a data-only mesh, not {self.mesh!r}")
+                self._bad("kd_topk", "the reference runtime trains full-vocabulary KD only")
         if self.subset and self.kd_steps == 0:
             raise TrainError("subset (SALT_DS selection) only applies to the KD phase, but kd_steps=0")
-        if self.optimizer not in optim.OPTIMIZERS:
-            bad("optimizer", f"must be one of {optim.OPTIMIZERS}")
-        for field in ("lr", "final_lr", "clip", "weight_decay"):
-            v = getattr(self, field)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                bad(field, "must be a finite number >= 0")
+
+    def _check_optimizer(self) -> None:
         if not self.lr > 0:
-            bad("lr", "must be > 0")
+            self._bad("lr", "must be > 0")
         if self.final_lr > self.lr:
-            bad("final_lr", f"must be <= lr={self.lr}")
-        if not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
-            bad("warmup", f"must be an integer in [0, steps={self.steps}]")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"must be one of {DTYPES}")
-        if self.kernels not in KERNELS:
-            bad("kernels", f"must be one of {KERNELS}")
-        if self.objective not in OBJECTIVES:
-            bad("objective", f"must be one of {OBJECTIVES}")
-        if self.objective != "causal" and self.runtime == "reference":
-            bad("objective", "the reference runtime trains the causal objective only")
-        if self.runtime not in RUNTIMES:
-            bad("runtime", f"must be one of {RUNTIMES}")
+            self._bad("final_lr", f"must be <= lr={self.lr}")
+        if self.warmup > self.steps:
+            self._bad("warmup", f"must be an integer in [0, steps={self.steps}]")
         if self.batch % self.grad_accum:
-            bad("grad_accum", f"must divide batch={self.batch} (microbatches of equal size)")
-        if self.compile_cache is not None and not isinstance(self.compile_cache, str):
-            bad("compile_cache", "must be a directory path or None")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            bad("checkpoint_every", "must be an integer >= 0 (0: only at the end)")
-        if (not isinstance(self.checkpoint_minutes, (int, float)) or not math.isfinite(self.checkpoint_minutes)
-                or self.checkpoint_minutes < 0):
-            bad("checkpoint_minutes", "must be a finite number >= 0 (0: off)")
+            self._bad("grad_accum", f"must divide batch={self.batch} (microbatches of equal size)")
+
+    def _check_run(self) -> None:
+        if self.objective != "causal" and self.runtime == "reference":
+            self._bad("objective", "the reference runtime trains the causal objective only")
         try:
             sharding.parse_mesh(self.mesh)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        if not isinstance(self.seed, int) or self.seed < 0:
-            bad("seed", "must be an integer >= 0")
         if self.wandb is not None:
-            import importlib.util
-            if not isinstance(self.wandb, str) or not self.wandb:
-                bad("wandb", "must be a W&B project name")
+            if not self.wandb:
+                self._bad("wandb", "must be a W&B project name")
             if importlib.util.find_spec("wandb") is None:
-                bad("wandb", "needs the optional dependency wandb (pip install 'salt[wandb]')")
+                self._bad("wandb", "needs the optional dependency wandb (pip install 'salt[wandb]')")
 
 
 # ----------------------------------------------------------------------------- config files
-# The groups of a `salt train --config FILE` (YAML or JSON); every TrainConfig field is in exactly one.
-GROUPS = {
-    "model": ("preset", "init", "dtype", "kernels", "remat", "vocab_chunks"),
-    "data": ("data", "seq_len", "batch", "subset", "exclude", "objective", "seed"),
-    "kd": ("teacher", "teacher_step", "kd_steps", "omega", "rho", "kd_topk", "teacher_cache", "transition",
-           "kd_steps1"),
-    "optimizer": ("optimizer", "steps", "lr", "final_lr", "warmup", "clip", "weight_decay", "grad_accum"),
-    "run": ("out", "runtime", "mesh", "checkpoint_every", "log_every", "checkpoint_minutes", "keep_checkpoints", "resume",
-            "force", "compile_cache", "wandb"),
-}
-assert sorted(n for names in GROUPS.values() for n in names) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+# The groups of a `salt train --config FILE` (YAML or JSON), from the fields' metadata.
+GROUPS = {group: tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == group)
+          for group in ("model", "data", "kd", "optimizer", "run")}
 
 
 def _field_types() -> dict:
@@ -311,6 +342,15 @@ def _type_ok(value, hint) -> bool:
         return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
                                                          for v in value)
     return False
+
+
+def _type_name(hint) -> str:
+    if hint is tuple:
+        return "a list of step numbers"
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return {type(None): "None", bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _unknown(key: str, known, where: str) -> TrainError:

@@ -30,6 +30,7 @@ import pathlib
 
 import numpy as np
 
+from salt.core import outputs
 from salt.data.tokenizer import HF_TOKENIZER_FILE, SPECIAL_IDS, load_tokenizer
 
 FORMAT_NAME = "salt-token-store"
@@ -196,7 +197,6 @@ class TokenStore:
             fresh[split] = dict(key, max_id=max_id)
         if changed:
             try:  # a cache only: a read-only store is checked again next time
-                from salt.core import outputs
                 outputs.write_json(cache_path, fresh)
             except OSError:
                 pass

@@ -18,7 +18,8 @@ import pathlib
 
 import numpy as np
 
-from salt.reference.config import PAPER_RHO
+from salt.reference.config import PAPER_OMEGA, PAPER_RHO
+from salt.runtime.eval import evaluate
 
 VARIANTS = ("BASELINE", "RKD", "SALT", "SALT_DS")
 BUCKETS = ("easy", "medium", "hard")
@@ -104,8 +105,6 @@ def pooled(values, window_se=None) -> dict:
 def seed_results(stats: dict, teacher_stats: dict, *, n_kd: int, n_steps: int) -> dict:
     """One seed's evaluations ``stats[(variant, step)]`` -> models (at n_kd / final summaries,
     with buckets), held-out curves, and paired differences at n_kd, at the end and per step."""
-    from salt.runtime.eval import evaluate
-
     models, curves = {}, {}
     for (name, step), st in sorted(stats.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         s = evaluate.summarize(st, teacher_stats)
@@ -375,7 +374,6 @@ def _cloze_claim(cz: dict) -> dict:
 def ablated(cfg: dict) -> list[str]:
     """The distillation settings of a reproduction config that differ from the paper's
     (ω = 0.667, ρ = 0.25, step transition, full-vocabulary KD), as ``"ρ = 1.0 (paper 0.25)"``."""
-    from salt.reference.config import PAPER_OMEGA, PAPER_RHO
     paper = {"omega": ("ω", PAPER_OMEGA), "rho": ("ρ", PAPER_RHO), "transition": ("transition", "step")}
     changed = [f"{sym} = {cfg[key]} (paper {value})" for key, (sym, value) in paper.items()
                if key in cfg and cfg[key] != value]

@@ -10,6 +10,7 @@ import pathlib
 
 import numpy as np
 
+from salt.core import outputs
 from salt.reference.config import PAPER_RHO
 from salt.runtime.experiments import report as R
 from salt.runtime.experiments.report import (BUCKETS, PAPER, PAPER_TABLE11, VARIANTS, lead_lines, train_rows,
@@ -28,7 +29,6 @@ def _plt():
 
 
 def _savefig_atomic(fig, path: pathlib.Path) -> None:
-    from salt.core import outputs
 
     outputs.write_bytes(path, lambda f: fig.savefig(f, format="png"))
 
@@ -450,7 +450,6 @@ def _cloze_section(results: dict) -> list[str]:
 
 
 def write_report(results: dict, out_dir) -> str:
-    from salt.core import outputs
 
     path = pathlib.Path(out_dir) / "report.md"
     text = render_report(results)

@@ -32,6 +32,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from salt.core import outputs
+from salt.runtime.model.transformer import abstract_params
+from salt.data.store import file_sha256  # one streaming sha256 (the store's)
 from salt.reference.config import ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -96,17 +98,12 @@ def latest_step(run_dir) -> int | None:
 
 # --------------------------------------------------------------------------- manifests
 
-def _file_sha256(path: pathlib.Path) -> str:
-    from salt.data.store import file_sha256  # one streaming sha256 (the store's)
-    return file_sha256(path)
-
-
 def _content(directory: pathlib.Path) -> dict:
     files = {}
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             rel = p.relative_to(directory).as_posix()
-            files[rel] = {"sha256": _file_sha256(p), "size": p.stat().st_size}
+            files[rel] = {"sha256": file_sha256(p), "size": p.stat().st_size}
     return files
 
 
@@ -120,7 +117,7 @@ def write_manifest(directory) -> str:
 
 
 def manifest_sha256(directory) -> str:
-    return _file_sha256(pathlib.Path(directory) / MANIFEST)
+    return file_sha256(pathlib.Path(directory) / MANIFEST)
 
 
 def verify(run_dir, step: int) -> str:
@@ -330,7 +327,6 @@ def load_params(path, step: int | None = None, *, shardings=None):
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptCheckpoint(f"checkpoint {step_dir(run_dir, step)}: bad model config in its "
                                 f"metadata ({e})") from None
-    from salt.runtime.model.transformer import abstract_params
     abstract = abstract_params(config)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

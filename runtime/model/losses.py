@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from salt.reference.schedule import TRANSITIONS  # noqa: F401 (one list of transitions)
+from salt.kernels.fused_linear_kd import fused_linear_ce_loss, fused_linear_kd_loss
+from salt.kernels.topk_kd import fused_linear_topk_kd_loss, topk_kd_loss_from_teacher_topk
+from salt.kernels.vocab_parallel import local_loss
 
 LOSS_IMPLS = ("naive", "xla", "pallas")
 
@@ -38,8 +41,6 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
     ``teacher_topk``, and either ``vocab_chunks`` (its static chunk count) is given or the
     embeddings hold at least :data:`VOCAB_PARALLEL_MIN_BYTES` (``vocab_chunks`` None: the module's
     default count); otherwise the embeddings replicated, their gradient summed."""
-    from salt.kernels.fused_linear_kd import fused_linear_ce_loss, fused_linear_kd_loss
-    from salt.kernels.topk_kd import fused_linear_topk_kd_loss, topk_kd_loss_from_teacher_topk
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl must be one of {LOSS_IMPLS}, got {impl!r}")
     B, T, _ = hidden_BxTxD.shape
@@ -102,7 +103,6 @@ def _vocab_parallel(hidden_BxTxD, embed_VxD, labels_BxT, teacher, omega, rho, im
     ``data`` (the parameters' FSDP layout), the vocabulary-parallel kernels per chip."""
     from jax.sharding import PartitionSpec as P
 
-    from salt.kernels.vocab_parallel import local_loss
     B, T, _ = hidden_BxTxD.shape
     n = mesh.shape["data"]
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salt.reference.config import ModelConfig, embed_multiplier, flatten_params, param_shapes, rope_inv_freq
+from salt.kernels.attention import mqa_attention
 
 ATTENTION_IMPLS = ("naive", "xla", "pallas")
 
@@ -163,7 +164,6 @@ def attention_mask(T: int, prefix_len_B=None):
 def _attention(q, k, v, prefix_len_B, impl: str, mesh=None):
     """Attention through :func:`salt.kernels.mqa_attention` (its ``naive`` path is the plain
     full-size softmax, the cross-check of the ``xla`` and ``pallas`` kernels)."""
-    from salt.kernels.attention import mqa_attention
     if impl == "naive":
         return mqa_attention(q, k, v, prefix_len=prefix_len_B, impl="naive").astype(jnp.float32)
     kernel_impl = impl

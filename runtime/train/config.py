@@ -227,7 +227,9 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if not _type_ok(value, hints[f.name]):
-                self._bad(f.name, f"must be {_type_name(hints[f.name])}")
+                bound = f" >= {meta['min']}" if meta["min"] is not None else ""
+                self._bad(f.name, "must be " + _type_name(hints[f.name]).replace("an integer", "an integer" + bound)
+                          .replace("a number", "a number" + bound))
             if value is None or isinstance(value, (bool, str, tuple)):
                 if meta["choices"] is not None and value not in meta["choices"]:
                     self._bad(f.name, f"must be one of {meta['choices']}")

@@ -26,7 +26,8 @@ REQUIRED = ("data", "out", "steps")  # as flags or in --config (and --preset or 
 @click.option("--progress/--no-progress", default=True, hidden=True)  # older spelling of --quiet
 def train(as_json, quiet, progress, config_file, start_over, **options):
     """Train a student (or a teacher: --kd-steps 0) and write checkpoints and metrics.jsonl."""
-    from salt.runtime.train.config import COMPILE_CACHE_OFF, default_compile_cache, load_config_file
+    from salt.runtime.train.config import COMPILE_CACHE_OFF, default_compile_cache
+    from salt.runtime.train.config_file import load_config_file
     from salt.runtime.train.trainer import TrainError, train as run_train
 
     if config_file is not None:  # the file's settings, under the flags given explicitly

@@ -8,7 +8,8 @@ import yaml
 from click.testing import CliRunner
 
 from salt.cli.main import cli
-from salt.runtime.train.config import GROUPS, TrainConfig, TrainError, load_config_file
+from salt.runtime.train.config import GROUPS, TrainConfig, TrainError
+from salt.runtime.train.config_file import load_config_file
 from tiny_corpus import make_tiny_corpus
 
 
@@ -81,8 +82,8 @@ def test_yaml_groups_flags_override_and_rerun_from_run_config_is_bit_identical(r
     ({"optimzer": {"lr": 0.1}}, "unknown key 'optimzer' (did you mean 'optimizer'?)"),
     ({"optimizer": {"learning_rate": 0.1}}, "optimizer: unknown key 'learning_rate'"),
     ({"model": {"steps": 3}}, "key model.steps belongs in group 'optimizer'"),
-    ({"optimizer": {"steps": "3"}}, "optimizer.steps = '3' is not of type int"),
-    ({"optimizer": {"lr": True}}, "optimizer.lr = True is not of type float"),
+    ({"optimizer": {"steps": "3"}}, "optimizer.steps = '3' is not an integer"),
+    ({"optimizer": {"lr": True}}, "optimizer.lr = True is not a number"),
     ({"run": {"keep_checkpoints": [1, "x"]}}, "run.keep_checkpoints"),
     ({"kd": [1, 2]}, "group 'kd' must be a mapping"),
     ([1, 2], "expected a mapping of groups"),

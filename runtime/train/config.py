@@ -7,12 +7,9 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
-import json
 import math
 import os
-import pathlib
 import types
 import typing
 
@@ -226,9 +223,9 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
-            if not _type_ok(value, hints[f.name]):
+            if not type_ok(value, hints[f.name]):
                 bound = f" >= {meta['min']}" if meta["min"] is not None else ""
-                self._bad(f.name, "must be " + _type_name(hints[f.name]).replace("an integer", "an integer" + bound)
+                self._bad(f.name, "must be " + type_name(hints[f.name]).replace("an integer", "an integer" + bound)
                           .replace("a number", "a number" + bound))
             if value is None or isinstance(value, (bool, str, tuple)):
                 if meta["choices"] is not None and value not in meta["choices"]:
@@ -316,20 +313,10 @@ class TrainConfig:
                 self._bad("wandb", "needs the optional dependency wandb (pip install 'salt[wandb]')")
 
 
-# ----------------------------------------------------------------------------- config files
-# The groups of a `salt train --config FILE` (YAML or JSON), from the fields' metadata.
-GROUPS = {group: tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == group)
-          for group in ("model", "data", "kd", "optimizer", "run")}
-
-
-def _field_types() -> dict:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
-
-
-def _type_ok(value, hint) -> bool:
+def type_ok(value, hint) -> bool:
+    """Whether ``value`` has the type of a field annotated ``hint`` (bool is not an int here)."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -346,68 +333,15 @@ def _type_ok(value, hint) -> bool:
     return False
 
 
-def _type_name(hint) -> str:
+def type_name(hint) -> str:
     if hint is tuple:
         return "a list of step numbers"
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+        return " or ".join(type_name(h) for h in typing.get_args(hint))
     return {type(None): "None", bool: "true or false", int: "an integer", float: "a number",
             str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def _unknown(key: str, known, where: str) -> TrainError:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return TrainError(f"{where}: unknown key {key!r}{hint}; known: {', '.join(known)}")
-
-
-def load_config_file(path) -> dict:
-    """The TrainConfig fields a ``--config`` file sets, flat, type-checked: nested groups
-    (:data:`GROUPS`; YAML for ``*.yaml`` / ``*.yml``, else JSON), or a run's ``run_config.json``
-    (its flat ``train`` record: re-run a run).  An unknown key, a key in the wrong group or a
-    value of the wrong type is a :class:`TrainError` naming it."""
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TrainError(f"--config {str(path)!r}: unreadable ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            doc = yaml.safe_load(text)
-        else:
-            doc = json.loads(text)
-    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError, RecursionError
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
-        raise TrainError(f"--config {str(path)!r}: not valid {kind} ({first})") from None
-    if not isinstance(doc, dict):
-        raise TrainError(f"--config {str(path)!r}: expected a mapping of groups ({', '.join(GROUPS)})")
-    types_ = _field_types()
-    flat: dict = {}
-    if isinstance(doc.get("train"), dict) and "model" in doc and "tokenizer_sha256" in doc:  # a run_config.json
-        items = [(f"train.{k}", k, v) for k, v in doc["train"].items()]
-        for where, key, _ in items:
-            if key not in types_:
-                raise _unknown(key, types_, f"--config {str(path)!r}: {where}")
-    else:
-        items = []
-        for group, body in doc.items():
-            if group not in GROUPS:
-                raise _unknown(group, GROUPS, f"--config {str(path)!r}")
-            if not isinstance(body, dict):
-                raise TrainError(f"--config {str(path)!r}: group {group!r} must be a mapping of keys")
-            for key, value in body.items():
-                if key not in GROUPS[group]:
-                    owner = next((g for g, names in GROUPS.items() if key in names), None)
-                    if owner is not None:
-                        raise TrainError(f"--config {str(path)!r}: key {group}.{key} belongs in group {owner!r}")
-                    raise _unknown(key, GROUPS[group], f"--config {str(path)!r}: {group}")
-                items.append((f"{group}.{key}", key, value))
-    for where, key, value in items:
-        if not _type_ok(value, types_[key]):
-            want = getattr(types_[key], "__name__", str(types_[key]))
-            want = "a list of step numbers" if key == "keep_checkpoints" else want
-            raise TrainError(f"--config {str(path)!r}: {where} = {value!r} is not of type {want}")
-        flat[key] = tuple(value) if key == "keep_checkpoints" else value
-    return flat
+# The groups of a `salt train --config FILE` (salt.runtime.train.config_file), from the fields' metadata.
+GROUPS = {group: tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == group)
+          for group in ("model", "data", "kd", "optimizer", "run")}

@@ -33,20 +33,33 @@ mesh.  Reported:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
+import types
 
 import click
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from salt.reference.config import ModelConfig, get_preset, param_count
+from salt.runtime.model import sharding, transformer as model
+from salt.runtime.train import optim, step as step_mod, teacher_cache
+from salt.runtime.train.batches import cached_batch_abstract, cached_step_batch
+from salt.runtime.train.config import TrainConfig, resolve_kernels
+from salt.runtime.train.teacher_cache import bytes_per_token
 
 
 def restrict_cores(n: int) -> None:
     """Pin this process to the first ``n`` CPU cores it may use, before JAX starts its backend (XLA
     sizes its CPU thread pool from the cores it may run on)."""
-    import os
-
     allowed = sorted(os.sched_getaffinity(0))
     if n > len(allowed):
         raise click.BadParameter(f"{n} cores asked for, this process may use {len(allowed)}",
@@ -59,9 +72,6 @@ def restrict_cores(n: int) -> None:
 
 def measure_matmul_rate(n: int = 1024, iters: int = 10) -> float:
     """float32 FLOP/s of a jitted ``[n, n] @ [n, n]`` on the default device (median)."""
-    import jax
-    import jax.numpy as jnp
-
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
@@ -74,24 +84,26 @@ def measure_matmul_rate(n: int = 1024, iters: int = 10) -> float:
     return 2.0 * n ** 3 / statistics.median(times)
 
 
-def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: int, seq_len: int,
-                  optimizer: str = "adafactor", dtype: str = "float32", iters: int = 10,
-                  warmup: int = 2, transition: str = "step", matmul_n: int = 1024,
-                  kernels: str = "auto", loss_kernels: str | None = None,
-                  kd_topk: int | None = None, gradients: bool = False, progress: bool = True) -> dict:
-    import os
-    import tempfile
+@dataclasses.dataclass
+class _Setup:
+    """Random parameters of both presets on one device, the optimizer state, random windows and
+    the config whose hyperparameters the steps take."""
 
-    import jax
-    import numpy as np
-    from tqdm import tqdm
+    student: ModelConfig
+    teacher: ModelConfig
+    mesh: object
+    params: dict
+    t_params: dict
+    opt_state: object
+    params_abs: dict
+    opt_abs: object
+    windows: object
+    cfg: TrainConfig
+    hyper: dict
 
-    from salt.reference.config import get_preset, param_count
-    from salt.runtime.model import transformer as model, sharding
-    from salt.runtime.train import optim
-    from salt.runtime.train import step as step_mod
-    from salt.runtime.train.config import TrainConfig, resolve_kernels
 
+def _setup(student_name, teacher_name, *, vocab, batch, seq_len, optimizer, dtype, transition, kernels,
+           kd_topk) -> _Setup:
     student = get_preset(student_name).replace(vocab_size=vocab)
     teacher = get_preset(teacher_name).replace(vocab_size=vocab)
     mesh = sharding.make_mesh("data=1,model=1")
@@ -106,84 +118,111 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         sharding.batch_sharding(mesh))
     steps_total = 10 ** 6
     cfg = TrainConfig(preset=student_name, data="-", out="-", teacher="-", kd_steps=steps_total,
-                            steps=steps_total, batch=batch, seq_len=seq_len, optimizer=optimizer,
-                            dtype=dtype, warmup=0, transition=transition, kernels=kernels,
-                            kd_steps1=steps_total if transition != "step" else None, kd_topk=kd_topk)
+                      steps=steps_total, batch=batch, seq_len=seq_len, optimizer=optimizer,
+                      dtype=dtype, warmup=0, transition=transition, kernels=kernels,
+                      kd_steps1=steps_total if transition != "step" else None, kd_topk=kd_topk)
     hyper = jax.device_put(step_mod.hyperparameters(cfg), sharding.replicated(mesh))
-    kinds = [("standard", None, None, step_mod.abstract_of(windows)),
-             ("kd", teacher, step_mod.abstract_of(t_params), step_mod.abstract_of(windows))]
-    tmp = None
-    if kd_topk is not None:
-        import types
+    return _Setup(student, teacher, mesh, params, t_params, opt_state, params_abs, opt_abs, windows, cfg, hyper)
 
-        from salt.runtime.train.batches import cached_batch_abstract, cached_step_batch
-        one_process = types.SimpleNamespace(process_index=0, local_batch=batch)  # the loader's sharding fields
-        kinds.append(("cached", None, None, cached_batch_abstract(cfg, mesh)))
-        tmp = tempfile.TemporaryDirectory(prefix="salt-bench-cache-")
-        caches = _one_step_caches(tmp.name, t_params, teacher, windows, kd_topk, vocab, kernels)
-    compiled = {}
+
+def _compile(s: _Setup, kinds, *, loss_kernels, gradients: bool) -> dict:
+    """The compiled steps of ``kinds`` (name, teacher config, teacher abstract, windows abstract):
+    the trainer's own executables, or with ``loss_kernels`` the same step with that loss; their
+    compile times; with ``gradients`` the jitted gradient computations alone."""
+    cfg, compiled = s.cfg, {}
+    kernels = resolve_kernels(cfg.kernels)
     for kind, t_cfg, t_abs, w_abs in kinds:
         start = time.perf_counter()
         if loss_kernels is None:  # the trainer's own executable
-            compiled[kind] = step_mod.compiled_step(student, t_cfg, cfg, mesh, params_abs, opt_abs, t_abs, w_abs)
+            compiled[kind] = step_mod.compiled_step(s.student, t_cfg, cfg, s.mesh, s.params_abs, s.opt_abs, t_abs,
+                                                    w_abs)
         else:
-            fn = step_mod.make_step_fn(student, t_cfg, optimizer, transition=transition, rho=cfg.rho,
-                                       dtype=dtype, kernels=resolve_kernels(kernels), mesh=mesh,
-                                       loss_kernels=loss_kernels, kd_topk=kd_topk if t_cfg else None)
-            out_sh = (step_mod.shardings_of(params_abs), step_mod.shardings_of(opt_abs),
-                      sharding.replicated(mesh))
-            compiled[kind] = step_mod.compile_step(fn, params_abs, opt_abs, t_abs, w_abs,
-                                                   mesh=mesh, out_shardings=out_sh)
+            fn = step_mod.make_step_fn(s.student, t_cfg, cfg.optimizer, transition=cfg.transition, rho=cfg.rho,
+                                       dtype=cfg.dtype, kernels=kernels, mesh=s.mesh, loss_kernels=loss_kernels,
+                                       kd_topk=cfg.kd_topk if t_cfg else None)
+            out_sh = (step_mod.shardings_of(s.params_abs), step_mod.shardings_of(s.opt_abs),
+                      sharding.replicated(s.mesh))
+            compiled[kind] = step_mod.compile_step(fn, s.params_abs, s.opt_abs, t_abs, w_abs,
+                                                   mesh=s.mesh, out_shardings=out_sh)
         compiled[kind + "_compile_s"] = time.perf_counter() - start
-    if kd_topk is not None:
+    if cfg.kd_topk is not None:
         compiled["cached_bf16"] = compiled["cached"]  # the same step, from the uncompressed cache
     if gradients:  # the gradient computations alone: what the FLOP counts describe (no optimizer update)
-        for kind, t_cfg in (("standard_grad", None), ("kd_grad", teacher)):
+        for kind, t_cfg in (("standard_grad", None), ("kd_grad", s.teacher)):
             compiled[kind] = jax.jit(step_mod.make_grad_fn(
-                student, t_cfg, transition=transition, rho=cfg.rho, dtype=dtype, kernels=resolve_kernels(kernels),
-                mesh=mesh, loss_kernels=loss_kernels, kd_topk=kd_topk if t_cfg else None))
+                s.student, t_cfg, transition=cfg.transition, rho=cfg.rho, dtype=cfg.dtype, kernels=kernels,
+                mesh=s.mesh, loss_kernels=loss_kernels, kd_topk=cfg.kd_topk if t_cfg else None))
+    return compiled
 
-    step_arr = jax.device_put(np.int32(1), sharding.replicated(mesh))
-    state = {"params": params, "opt": opt_state}
+
+def _time_interleaved(s: _Setup, compiled: dict, names: list, caches: dict, *, iters: int, warmup: int,
+                      progress: bool):
+    """Each step of ``names`` called in turn, ``warmup`` untimed rounds then ``iters`` timed ones:
+    (wall times, per-process CPU times, cache read times) per step kind."""
+    step_arr = jax.device_put(np.int32(1), sharding.replicated(s.mesh))
+    state = {"params": s.params, "opt": s.opt_state}
+    one_process = types.SimpleNamespace(process_index=0, local_batch=s.cfg.batch)  # the loader's sharding fields
+    read_s = {"cached": [], "cached_bf16": []}
 
     def call(kind):
-        t_arg = t_params if kind.startswith("kd") else None
+        t_arg = s.t_params if kind.startswith("kd") else None
         if kind.endswith("_grad"):
-            jax.block_until_ready(compiled[kind](state["params"], t_arg, windows, step_arr, hyper))
+            jax.block_until_ready(compiled[kind](state["params"], t_arg, s.windows, step_arr, s.hyper))
             return
-        inputs = windows
+        inputs = s.windows
         if kind.startswith("cached"):  # the trainer's per-step work: read + decode the step, then upload
             t = time.perf_counter()
-            inputs = cached_step_batch(cfg, caches[kind], one_process, 0, windows, mesh)
+            inputs = cached_step_batch(s.cfg, caches[kind], one_process, 0, s.windows, s.mesh)
             jax.block_until_ready(inputs)
             read_s[kind].append(time.perf_counter() - t)
-        p, o, m = compiled[kind](state["params"], state["opt"], t_arg, inputs, step_arr, hyper)
+        p, o, m = compiled[kind](state["params"], state["opt"], t_arg, inputs, step_arr, s.hyper)
         jax.block_until_ready((p, o, m))
         state["params"], state["opt"] = p, o  # the step donates its inputs
 
+    for kind in names:
+        if kind.endswith("_grad"):
+            call(kind)  # jit-compiles it outside the timed calls even with --warmup 0
+    for _ in range(warmup):
+        for kind in names:
+            call(kind)
+    times = {kind: [] for kind in names}
+    cpu_times = {kind: [] for kind in names}
+    for _ in tqdm(range(iters), desc="bench step", file=sys.stderr, disable=not progress):
+        for kind in names:
+            t, c = time.perf_counter(), time.process_time()
+            call(kind)
+            times[kind].append(time.perf_counter() - t)
+            cpu_times[kind].append(time.process_time() - c)
+    return times, cpu_times, read_s
+
+
+def _memory(c):
+    m = c.memory_analysis()
+    return None if m is None else int(m.temp_size_in_bytes)
+
+
+def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: int, seq_len: int,
+                  optimizer: str = "adafactor", dtype: str = "float32", iters: int = 10,
+                  warmup: int = 2, transition: str = "step", matmul_n: int = 1024,
+                  kernels: str = "auto", loss_kernels: str | None = None,
+                  kd_topk: int | None = None, gradients: bool = False, progress: bool = True) -> dict:
+    s = _setup(student_name, teacher_name, vocab=vocab, batch=batch, seq_len=seq_len, optimizer=optimizer,
+               dtype=dtype, transition=transition, kernels=kernels, kd_topk=kd_topk)
+    kinds = [("standard", None, None, step_mod.abstract_of(s.windows)),
+             ("kd", s.teacher, step_mod.abstract_of(s.t_params), step_mod.abstract_of(s.windows))]
+    if kd_topk is not None:
+        kinds.append(("cached", None, None, cached_batch_abstract(s.cfg, s.mesh)))
+    compiled = _compile(s, kinds, loss_kernels=loss_kernels, gradients=gradients)
     names = [k[0] for k in kinds] + (["cached_bf16"] if kd_topk is not None else []) + \
         (["standard_grad", "kd_grad"] if gradients else [])
-    read_s = {"cached": [], "cached_bf16": []}
-    try:
-        for kind in names:
-            if kind.endswith("_grad"):
-                call(kind)  # jit-compiles it outside the timed calls even with --warmup 0
-        for _ in range(warmup):
-            for kind in names:
-                call(kind)
-        times = {kind: [] for kind in names}
-        cpu_times = {kind: [] for kind in names}
-        for _ in tqdm(range(iters), desc="bench step", file=sys.stderr, disable=not progress):
-            for kind in names:
-                t, c = time.perf_counter(), time.process_time()
-                call(kind)
-                times[kind].append(time.perf_counter() - t)
-                cpu_times[kind].append(time.process_time() - c)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="salt-bench-cache-") as tmp:
+        caches = (_one_step_caches(tmp, s.t_params, s.teacher, s.windows, kd_topk, vocab, kernels)
+                  if kd_topk is not None else {})
+        times, cpu_times, read_s = _time_interleaved(s, compiled, names, caches, iters=iters, warmup=warmup,
+                                                     progress=progress)
     matmul_rate = measure_matmul_rate(matmul_n)
 
+    student, teacher = s.student, s.teacher
     student_flops = model.train_step_flops(student, batch, seq_len)
     teacher_flops = model.forward_flops(teacher, batch, seq_len)
     t_std = statistics.median(times["standard"])
@@ -191,11 +230,6 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     predicted = 1.0 + teacher_flops / student_flops
     measured = t_kd / t_std
     tokens = batch * seq_len
-
-    def memory(c):
-        m = c.memory_analysis()
-        return None if m is None else int(m.temp_size_in_bytes)
-
     result = {
         "student": student.to_dict(), "teacher": teacher.to_dict(), "kd_topk": kd_topk,
         "student_params": param_count(student), "teacher_params": param_count(teacher),
@@ -218,8 +252,8 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
         "matmul_flops_per_s": matmul_rate,
         "standard_fraction_of_matmul": student_flops / t_std / matmul_rate,
         "kd_fraction_of_matmul": (student_flops + teacher_flops) / t_kd / matmul_rate,
-        "standard_temp_bytes": memory(compiled["standard"]),
-        "kd_temp_bytes": memory(compiled["kd"]),
+        "standard_temp_bytes": _memory(compiled["standard"]),
+        "kd_temp_bytes": _memory(compiled["kd"]),
         "standard_compile_s": compiled["standard_compile_s"],
         "kd_compile_s": compiled["kd_compile_s"],
         "xla_standard_flops": _xla_flops(compiled["standard"]),
@@ -231,23 +265,29 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
                        "paired_grad_ratio": paired_ratio(times["kd_grad"], times["standard_grad"]),
                        "grad_difference_pp": 100.0 * (g_kd / g_std - predicted)})
     if kd_topk is not None:
-        from salt.runtime.train.teacher_cache import bytes_per_token
-        t_cached = statistics.median(times["cached"])
-        t_bf16 = statistics.median(times["cached_bf16"])
-        result.update({
-            "cached_step_s": t_cached, "cached_ratio": t_cached / t_std, "cached_vs_online": t_cached / t_kd,
-            "cache_read_s": statistics.median(read_s["cached"][-iters:]),
-            "cached_bf16_step_s": t_bf16, "cache_bf16_read_s": statistics.median(read_s["cached_bf16"][-iters:]),
-            "cached_vs_bf16": t_cached / t_bf16,
-            "paired_cached_vs_bf16": paired_ratio(times["cached"], times["cached_bf16"]),
-            "cached_tokens_per_s": tokens / t_cached, "cached_temp_bytes": memory(compiled["cached"]),
-            "cached_compile_s": compiled["cached_compile_s"],
-            "cache_bytes_per_token": {str(v): {str(k): bytes_per_token(k, v, batch=batch, seq_len=seq_len)
-                                               for k in CACHE_KS} for v in sorted({vocab, PAPER_VOCAB})},
-            "cache_bf16_bytes_per_token": {
-                str(v): {str(k): bytes_per_token(k, v, values_dtype="bfloat16", batch=batch, seq_len=seq_len)
-                         for k in CACHE_KS} for v in sorted({vocab, PAPER_VOCAB})}})
+        result.update(_cached_result(times, read_s, compiled, iters=iters, vocab=vocab, batch=batch,
+                                     seq_len=seq_len, t_std=t_std, t_kd=t_kd))
     return result
+
+
+def _cached_result(times, read_s, compiled, *, iters, vocab, batch, seq_len, t_std, t_kd) -> dict:
+    """The teacher-cache step's figures: its time against the standard and online-KD steps, the
+    read time, the uncompressed layout beside it, and the cache's bytes per token."""
+    t_cached = statistics.median(times["cached"])
+    t_bf16 = statistics.median(times["cached_bf16"])
+    return {
+        "cached_step_s": t_cached, "cached_ratio": t_cached / t_std, "cached_vs_online": t_cached / t_kd,
+        "cache_read_s": statistics.median(read_s["cached"][-iters:]),
+        "cached_bf16_step_s": t_bf16, "cache_bf16_read_s": statistics.median(read_s["cached_bf16"][-iters:]),
+        "cached_vs_bf16": t_cached / t_bf16,
+        "paired_cached_vs_bf16": paired_ratio(times["cached"], times["cached_bf16"]),
+        "cached_tokens_per_s": batch * seq_len / t_cached, "cached_temp_bytes": _memory(compiled["cached"]),
+        "cached_compile_s": compiled["cached_compile_s"],
+        "cache_bytes_per_token": {str(v): {str(k): bytes_per_token(k, v, batch=batch, seq_len=seq_len)
+                                           for k in CACHE_KS} for v in sorted({vocab, PAPER_VOCAB})},
+        "cache_bf16_bytes_per_token": {
+            str(v): {str(k): bytes_per_token(k, v, values_dtype="bfloat16", batch=batch, seq_len=seq_len)
+                     for k in CACHE_KS} for v in sorted({vocab, PAPER_VOCAB})}}
 
 
 def robust_times(cpu_times: dict) -> dict:
@@ -284,11 +324,6 @@ PAPER_VOCAB = 256_000
 def _one_step_caches(path, t_params, teacher, windows, k, vocab, kernels):
     """Real one-step teacher caches of the teacher on ``windows``, opened: ``cached`` in the
     default compact layout, ``cached_bf16`` uncompressed (bfloat16 logits)."""
-    import jax
-
-    from salt.runtime.train import teacher_cache
-    from salt.runtime.train.config import resolve_kernels
-
     run = teacher_cache.make_topk_fn(teacher, vocab, k, resolve_kernels(kernels))
     top, ids, lse = jax.device_get(run(t_params, windows))
     identity = {"path": "random parameters (salt bench step)", "step": 0, "manifest_sha256": None}

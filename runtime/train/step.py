@@ -96,21 +96,31 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
                                        teacher=(t_hidden, model.head_matrix(teacher_params)), omega=omega,
                                        rho=rho, impl=loss_impl, mesh=mesh, kd_topk=kd_topk, vocab=vocab,
                                        vocab_chunks=vocab_chunks)
-        if mask_BxT is None:
-            mean = losses.batch_mean
-        else:  # loss and KD on the target positions only; ``n_valid``: the whole batch's count
-            m = mask_BxT.astype(jnp.float32)
-            denominator = jnp.maximum(jnp.sum(m), 1.0) if n_valid is None else n_valid
-
-            def mean(v):
-                return jnp.sum(v.astype(jnp.float32) * m) / denominator
+        mean = _position_mean(mask_BxT, n_valid)
         metrics = {k: mean(parts[k]) for k in ("loss", "ce", "kd", "kl") if k in parts}
         metrics["accuracy"] = mean(parts["correct"])
         metrics["omega"] = omega
         return metrics["loss"], metrics
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    return _accumulated(jax.grad(loss_fn, has_aux=True), grad_accum, mesh)
 
+
+def _position_mean(mask_BxT, n_valid):
+    """The batch mean of per-position values: over every position, or with a target mask over
+    the target positions only (``n_valid``: the whole batch's count, for microbatches)."""
+    if mask_BxT is None:
+        return losses.batch_mean
+    m = mask_BxT.astype(jnp.float32)
+    denominator = jnp.maximum(jnp.sum(m), 1.0) if n_valid is None else n_valid
+
+    def mean(v):
+        return jnp.sum(v.astype(jnp.float32) * m) / denominator
+    return mean
+
+
+def _accumulated(grad_fn, grad_accum: int, mesh):
+    """``grad_fn`` over ``grad_accum`` microbatches in a ``lax.scan``, gradients and metrics
+    averaged (see :func:`make_grad_fn`)."""
     def accumulated_grads(params, teacher_params, batch, step, hyper):
         if grad_accum == 1:
             return grad_fn(params, teacher_params, batch, step, hyper)
@@ -143,7 +153,6 @@ def make_grad_fn(student: ModelConfig, teacher: ModelConfig | None, *, transitio
             grads, metrics = total
             return grads, dict(metrics, omega=metrics["omega"] / grad_accum)
         return jax.tree.map(lambda x: x / grad_accum, total)
-
     return accumulated_grads
 
 

@@ -78,7 +78,8 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
                   optimizer: str = "adafactor", dtype: str = "float32", iters: int = 10,
                   warmup: int = 2, transition: str = "step", matmul_n: int = 1024,
                   kernels: str = "auto", loss_kernels: str | None = None,
-                  kd_topk: int | None = None, gradients: bool = False, progress: bool = True) -> dict:
+                  kd_topk: int | None = None, gradients: bool = False, progress: bool = True,
+                  teacher_config=None) -> dict:
     import os
     import tempfile
 
@@ -93,7 +94,8 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
     from salt.runtime.train.config import TrainConfig, resolve_kernels
 
     student = get_preset(student_name).replace(vocab_size=vocab)
-    teacher = get_preset(teacher_name).replace(vocab_size=vocab)
+    # teacher_config: a given model (an imported SLM) instead of the preset named teacher_name
+    teacher = (teacher_config or get_preset(teacher_name)).replace(vocab_size=vocab)
     mesh = sharding.make_mesh("data=1,model=1")
     params = sharding.shard_params(model.init_params_jax(student, 0), student, mesh)
     t_params = sharding.shard_params(model.init_params_jax(teacher, 1), teacher, mesh)

@@ -283,8 +283,9 @@ def test_kd_with_an_imported_teacher_end_to_end(work, hf_tokenizer, corpus):
     result = _invoke("eval", "--run", run, "--data", store, "--seq-len", "16", "--batch", "2", "--max-windows", "4")
     assert result.exit_code == 0, result.output
     result = _invoke("score", "--teacher", run, "--data", store, "--seq-len", "16", "--batch", "4",
-                     "--max-candidates", "8", "--no-exclude-teacher-seen", "--out", work / "scores-kd.npz")
-    assert result.exit_code == 0, result.output
+                     "--max-candidates", "8", "--out", work / "scores-kd.npz")
+    assert result.exit_code == 0, result.output  # no --no-exclude-teacher-seen: it saw none of this store
+    assert "(0 excluded)" in result.output and "imported from Hugging Face (llama)" in result.output
     assert len(np.load(work / "scores-kd.npz")["scores"]) == 8
     result = _invoke("teacher", "cache", "--teacher", run, "--data", store, "--steps", "2", "--batch", "2",
                      "--seq-len", "16", "--top-k", "4", "--out", work / "cache-kd", "--quiet")

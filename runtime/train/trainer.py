@@ -93,7 +93,20 @@ def student_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
 
 def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, mesh=None,
                  pinned: dict | None = None, tokenizer_vocab: int | None = None):
-    """(teacher config, params (sharded when ``mesh``), identity dict); checks tokenizer/vocab.
+    """(teacher config, params (sharded when ``mesh``), identity dict) of the checkpoint that
+    :func:`check_teacher` accepts."""
+    identity = check_teacher(cfg, student, tokenizer_sha256, pinned=pinned, tokenizer_vocab=tokenizer_vocab)
+    t_config = ModelConfig.from_dict(identity["config"])
+    shardings = sharding.param_shardings(t_config, mesh) if mesh is not None else None
+    t_config, t_params, _ = checkpoint.load_params(identity["path"], identity["step"], shardings=shardings)
+    return t_config, t_params, identity
+
+
+def check_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str,
+                  pinned: dict | None = None, tokenizer_vocab: int | None = None) -> dict:
+    """The identity dict (path, step, manifest sha256, config) of ``cfg.teacher``'s checkpoint
+    after checking its tokenizer and vocabulary against the data and the student; reads no
+    parameters.  TrainError naming the teacher otherwise.
 
     Teacher and student must share the data's tokenizer (sha256); their vocabulary sizes may differ
     when both hold the tokenizer's ``tokenizer_vocab`` ids (embeddings padded to different sizes:
@@ -134,11 +147,8 @@ def load_teacher(cfg: TrainConfig, student: ModelConfig, tokenizer_sha256: str, 
         if t_config.vocab_size < tokenizer_vocab:
             raise TrainError(f"teacher {cfg.teacher!r} (step {step}) has vocab_size={t_config.vocab_size}, "
                              f"fewer than the {tokenizer_vocab} ids of the shared tokenizer")
-    shardings = sharding.param_shardings(t_config, mesh) if mesh is not None else None
-    t_config, t_params, _ = checkpoint.load_params(run_dir, step, shardings=shardings)
-    identity = {"path": str(pathlib.Path(run_dir).absolute()), "step": int(step),
-                "manifest_sha256": digest, "config": t_config.to_dict()}
-    return t_config, t_params, identity
+    return {"path": str(pathlib.Path(run_dir).absolute()), "step": int(step),
+            "manifest_sha256": digest, "config": t_config.to_dict()}
 
 
 def padded_vocab(tokenizer_vocab: int, *configs) -> int | None:

@@ -584,6 +584,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     slm_dir = pathlib.Path(given["teacher"]["path"]) if given else runs / "SLM"
     slm_step = given["teacher"]["step"] if given else cfg.teacher_steps
     selecting = not given or given["early_teacher"] is not None
+    variants = VARIANTS if selecting else tuple(v for v in VARIANTS if v != "SALT_DS")
     if given:
         recorded = state.info("slm").get("teacher")
         if recorded is not None and (recorded["manifest_sha256"], recorded["step"]) != (
@@ -647,7 +648,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
         for rho in cfg.rhos():  # the extra ρ arms share BASELINE: it is trained once, in the lead arm
             arm_cfg, arm = dataclasses.replace(cfg, rho=rho), arm_suffix(cfg, rho)
             for name in ("BASELINE", "RKD", "SALT_DS", "SALT"):  # SALT last: it waits for RKD
-                if (name == "BASELINE" and arm) or (name == "SALT_DS" and not selecting):
+                if (name == "BASELINE" and arm) or name not in variants:
                     continue
                 run_dir = runs / f"{name}{arm}-seed{seed}"
                 order = "selected" if name == "SALT_DS" else "all"
@@ -721,7 +722,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
         per_seed = {}
         for seed in cfg.student_seeds():
             stats = {}
-            for name in VARIANTS:
+            for name in variants:
                 run_name = f"{name}{'' if name == 'BASELINE' else arm}"
                 run_dir = runs / f"{run_name}-seed{seed}"
                 for s in all_steps(run_dir):
@@ -743,7 +744,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     t0 = time.time()
     if not state.done("cloze"):
         _say("scoring the LAMBADA-style last-word task (held-out passages, SLM-difficulty buckets)")
-    cloze_result = cloze_stage.reproduce_stage(out, cfg, data_dir, VARIANTS, slm=(slm_dir, slm_step))
+    cloze_result = cloze_stage.reproduce_stage(out, cfg, data_dir, variants, slm=(slm_dir, slm_step))
     if not state.done("cloze"):
         state.finish("cloze", time.time() - t0, n_passages=cloze_result["n_passages"])
 
@@ -788,7 +789,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     results["rho_arms"] = report.rho_arms(results, {rho: arm for rho, arm in arms.items()})
     metrics = {}
     for seed in cfg.student_seeds():
-        for name in VARIANTS:
+        for name in variants:
             path = runs / f"{name}-seed{seed}" / "metrics.jsonl"
             if path.is_file():
                 metrics.setdefault(name, []).append(report.read_metrics(path))

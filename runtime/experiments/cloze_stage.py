@@ -67,8 +67,8 @@ def _cached_scores(path: pathlib.Path, sha: str, run_dir, step, passages, batch_
 def reproduce_stage(out, cfg, data_dir, variants, slm) -> dict:
     """``salt reproduce``'s cloze stage: score the final SLM (``slm``: its run directory and
     step) and every student (each seed) at n_kd and at the end on the passages (scores cached
-    in ``OUT/eval/cloze/``), bucket by the SLM, and return :func:`summarize`'s dict (``{"n_passages": P, "skipped": why}`` when fewer
-    than three passages)."""
+    in ``OUT/eval/cloze/``), bucket by the SLM, and return :func:`summarize`'s dict
+    (``{"n_passages": P, "skipped": why}`` when fewer than three passages)."""
     out, store = pathlib.Path(out), TokenStore(data_dir)
     passages = build_passages(store, cfg.seq_len)
     n = int(passages["windows_PxT1"].shape[0])

@@ -5,8 +5,13 @@ training stage resumes from its last checkpoint):
 
 1. ``data``      prepare the embedded corpus (``salt.data.prepare``) unless ``--data`` is given;
 2. ``slm``       train the SLM teacher, keeping its early checkpoint (one SLM for all seeds);
+                 with ``--teacher RUN`` (e.g. ``salt import hf``) that run's newest checkpoint is
+                 the SLM instead, checked against ``--data`` by the trainer's teacher rules before
+                 anything is written and pinned (path, step, manifest sha256) in the state;
 3. ``score``     score candidate training windows with the EARLY SLM checkpoint (eq. 11, the
-                 windows it saw excluded) and select the top m = n_kd x batch;
+                 windows it saw excluded) and select the top m = n_kd x batch; with ``--teacher``
+                 the ``--early-teacher`` run scores, and without one there is no selection and no
+                 SALT_DS (the report says so for the claims on SALT_DS);
 4. per student seed ``s`` (``OUT/runs/<VARIANT>-seed<s>/``): ``BASELINE``, ``RKD``, ``SALT``, ``SALT_DS``
    with identical data order (seed ``s``) and budget, checkpoints every ``eval_every`` steps.
    With the step transition SALT is RKD for its first n_kd steps (docs/design.md §1), so SALT

@@ -103,9 +103,10 @@ class _Setup:
 
 
 def _setup(student_name, teacher_name, *, vocab, batch, seq_len, optimizer, dtype, transition, kernels,
-           kd_topk) -> _Setup:
+           kd_topk, teacher_config=None) -> _Setup:
     student = get_preset(student_name).replace(vocab_size=vocab)
-    teacher = get_preset(teacher_name).replace(vocab_size=vocab)
+    # teacher_config: a given model (an imported SLM) instead of the preset named teacher_name
+    teacher = (teacher_config or get_preset(teacher_name)).replace(vocab_size=vocab)
     mesh = sharding.make_mesh("data=1,model=1")
     params = sharding.shard_params(model.init_params_jax(student, 0), student, mesh)
     t_params = sharding.shard_params(model.init_params_jax(teacher, 1), teacher, mesh)
@@ -205,9 +206,10 @@ def run_benchmark(student_name: str, teacher_name: str, *, vocab: int, batch: in
                   optimizer: str = "adafactor", dtype: str = "float32", iters: int = 10,
                   warmup: int = 2, transition: str = "step", matmul_n: int = 1024,
                   kernels: str = "auto", loss_kernels: str | None = None,
-                  kd_topk: int | None = None, gradients: bool = False, progress: bool = True) -> dict:
+                  kd_topk: int | None = None, gradients: bool = False, progress: bool = True,
+                  teacher_config: ModelConfig | None = None) -> dict:
     s = _setup(student_name, teacher_name, vocab=vocab, batch=batch, seq_len=seq_len, optimizer=optimizer,
-               dtype=dtype, transition=transition, kernels=kernels, kd_topk=kd_topk)
+               dtype=dtype, transition=transition, kernels=kernels, kd_topk=kd_topk, teacher_config=teacher_config)
     kinds = [("standard", None, None, step_mod.abstract_of(s.windows)),
              ("kd", s.teacher, step_mod.abstract_of(s.t_params), step_mod.abstract_of(s.windows))]
     if kd_topk is not None:

@@ -1,6 +1,8 @@
 """``salt reproduce``: the paper's whole comparison (SLM, BASELINE, RKD, SALT, SALT_DS) end to end."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from salt.runtime.experiments.presets import SIZES, TRANSITIONS
@@ -25,6 +27,12 @@ def _rho_list(value):
               help="Output directory (data, runs, scores, report.md, plots).")
 @click.option("--data", "data_dir", default=None, type=click.Path(),
               help="Use this prepared token store instead of preparing the embedded corpus.")
+@click.option("--teacher", "teacher", default=None, type=click.Path(),
+              help="Use this SLM run (e.g. made by `salt import hf`; its newest checkpoint) as the "
+                   "teacher instead of training one; needs --data prepared with its tokenizer.  "
+                   "Without --early-teacher the early-checkpoint selection and SALT_DS are not run.")
+@click.option("--early-teacher", "early_teacher", default=None, type=click.Path(),
+              help="With --teacher: the run whose newest checkpoint scores the windows for SALT_DS.")
 @click.option("--size", "size", type=click.Choice(sorted(SIZES)), default="small",
               show_default=True,
               help="Named experiment (salt.runtime.experiments.presets): small (the default: ρ = 1, "
@@ -92,6 +100,14 @@ def reproduce(out, data_dir, size, size_alias, tiny, overwrite, overwrite_alias,
         if overrides.get("kd_topk") is None:
             overrides["kd_topk"] = DEFAULT_CACHE_TOPK
     size = "tiny" if tiny else (size_alias or size)
+    for key in ("teacher", "early_teacher"):  # recorded absolute: a resume from elsewhere matches
+        if overrides.get(key) is not None:
+            overrides[key] = os.path.abspath(overrides[key])
+    if overrides.get("teacher") is not None:
+        for key in ("teacher_preset", "teacher_steps", "teacher_batch", "early_step"):
+            if overrides.get(key) is not None:
+                raise click.UsageError(f"--{key.replace('_', '-')} describes the SLM this command trains; "
+                                       "with --teacher none is trained")
     try:
         cfg = config_for(size, out=out, data=data_dir, **overrides)
         results = run(cfg, force=overwrite or overwrite_alias, progress=not quiet)

@@ -52,6 +52,8 @@ def score(teacher, teacher_step, data_dir, k, seq_len, exclude_runs, exclude_fil
         raise click.ClickException(str(e)) from None
     click.echo(f"scored {summary['n_scored']} windows ({summary['n_excluded']} excluded) with "
                f"{summary['teacher']}, k={k}, mode={topk_mode} -> {summary['out']}")
+    for note in summary["notes"]:
+        click.echo(f"note: {note}")
 
 
 @click.command("select")

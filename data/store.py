@@ -264,6 +264,19 @@ class TokenStore:
                                            self.num_documents(split) + 1)
         return self._offsets[split]
 
+    @property
+    def eos_id(self) -> int:
+        """The tokenizer's eos: the document separator, and the start and end of a generation."""
+        return int(self.special_ids["eos"])
+
+    @property
+    def pad_id(self) -> int:
+        """The id written at positions no loss or attention reads (padding of batches and
+        prompts): the tokenizer's pad, or its eos when it has none (many Hugging Face
+        tokenizers)."""
+        pad = self.special_ids.get("pad")
+        return self.eos_id if pad is None or int(pad) < 0 else int(pad)
+
     def processor(self):
         """The store's tokenizer: a ``sentencepiece.SentencePieceProcessor``, or for a Hugging Face
         ``tokenizer.json`` a :class:`salt.data.tokenizer.HFTokenizer` with the store's special ids."""

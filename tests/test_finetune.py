@@ -128,14 +128,14 @@ def test_sigterm_then_resume_is_bit_identical(setup, monkeypatch):
 def test_the_loss_mask_covers_the_completion_and_final_eos():
     encode = lambda s: [10 + ord(c) - ord("a") for c in s]
     ex = [{"prompt": "abc", "completion": "de", "line": 1}]
-    inputs, targets, mask = F.encode_examples(ex, encode, 8, "f.jsonl")
+    inputs, targets, mask = F.encode_examples(ex, encode, 8, "f.jsonl", eos_id=EOS_ID, pad_id=PAD_ID)
     ids = [EOS_ID] + encode("abc") + encode("de") + [EOS_ID]
     np.testing.assert_array_equal(inputs[0], ids[:-1] + [PAD_ID] * 2)
     np.testing.assert_array_equal(targets[0], ids[1:] + [PAD_ID] * 2)
     # targets d, e, EOS (positions 3, 4, 5) count; the prompt and the padding do not
     np.testing.assert_array_equal(mask[0], [0, 0, 0, 1, 1, 1, 0, 0])
     with pytest.raises(F.TrainError, match=r"f\.jsonl:1: the example has 6 tokens.*seq_len=5"):
-        F.encode_examples(ex, encode, 5, "f.jsonl")
+        F.encode_examples(ex, encode, 5, "f.jsonl", eos_id=EOS_ID, pad_id=PAD_ID)
 
 
 @pytest.mark.slow

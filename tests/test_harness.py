@@ -112,7 +112,7 @@ def test_loglikelihood_of_a_greedy_continuation_is_greedy(run, lm):
     decoding produced are the argmax at every position, and a changed last id is not."""
     from salt.runtime.model.generate import greedy_generate
     ctx = [EOS_ID] + lm.tok_encode("kalo mi ne")
-    new = greedy_generate(run["params"], run["config"], [ctx], 4)[0]
+    new = greedy_generate(run["params"], run["config"], [ctx], 4, eos_id=EOS_ID)[0]
     assert len(new) == 4
     (_, greedy), (_, other) = lm._loglikelihood_tokens(
         [(None, ctx, new), (None, ctx, new[:-1] + [(new[-1] + 1) % run["config"].vocab_size])])

@@ -283,8 +283,9 @@ def test_kd_with_an_imported_teacher_end_to_end(work, hf_tokenizer, corpus):
     result = _invoke("eval", "--run", run, "--data", store, "--seq-len", "16", "--batch", "2", "--max-windows", "4")
     assert result.exit_code == 0, result.output
     result = _invoke("score", "--teacher", run, "--data", store, "--seq-len", "16", "--batch", "4",
-                     "--max-candidates", "8", "--no-exclude-teacher-seen", "--out", work / "scores-kd.npz")
-    assert result.exit_code == 0, result.output
+                     "--max-candidates", "8", "--out", work / "scores-kd.npz")
+    assert result.exit_code == 0, result.output  # no --no-exclude-teacher-seen: it saw none of this store
+    assert "(0 excluded)" in result.output and "imported from Hugging Face (llama)" in result.output
     assert len(np.load(work / "scores-kd.npz")["scores"]) == 8
     result = _invoke("teacher", "cache", "--teacher", run, "--data", store, "--steps", "2", "--batch", "2",
                      "--seq-len", "16", "--top-k", "4", "--out", work / "cache-kd", "--quiet")
@@ -372,3 +373,80 @@ def test_continued_pretraining_from_an_imported_model(work, hf_tokenizer, corpus
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
     assert _invoke("train", "--init", run, "--preset", "tiny-student", "--data", store, "--out", work / "x",
                    "--steps", "1").exit_code != 0
+
+
+def _hf_store(work, hf_tokenizer, corpus):
+    store = work / "store-repro"
+    if not store.exists():
+        assert _invoke("data", "prepare", corpus, "--out", store, "--tokenizer", hf_tokenizer, "--quiet").exit_code == 0
+    return store
+
+
+def _imported(work, hf_tokenizer, family):
+    run = work / f"repro-teacher-{family}"
+    if not run.exists():
+        import_hf(_checkpoint(work, family, hf_tokenizer), run)
+    return run
+
+
+def test_reproduce_refuses_a_teacher_of_another_tokenizer_and_writes_nothing(work, hf_tokenizer, corpus):
+    """--teacher is checked by the trainer's teacher rules before anything is written: a store of
+    another tokenizer is refused, so is --teacher without --data and --early-teacher alone."""
+    teacher = _imported(work, hf_tokenizer, "llama3")
+    other = work / "store-repro-sp"
+    assert _invoke("data", "prepare", corpus, "--out", other, "--vocab-size", "330", "--quiet").exit_code == 0
+    out = work / "repro-never"
+    for args, message in (((("--data", other),), "tokenizer sha256"), ((), "needs data"),
+                          ((("--data", other), ("--early-teacher", teacher)), None),
+                          ((("--data", _hf_store(work, hf_tokenizer, corpus)), ("--teacher-steps", "5")),
+                           "with --teacher none is trained")):
+        flat = [x for pair in args for x in pair]
+        if message is None:  # --early-teacher without --teacher
+            result = _invoke("reproduce", "--tiny", "--early-teacher", teacher, *flat, "--out", out)
+            message = "needs teacher"
+        else:
+            result = _invoke("reproduce", "--tiny", "--teacher", teacher, *flat, "--out", out)
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.slow
+def test_reproduce_with_an_imported_teacher_end_to_end(work, hf_tokenizer, corpus):
+    """salt reproduce --teacher RUN_imported --data STORE_hf: no SLM is trained, no selection and no
+    SALT_DS without --early-teacher (the report says so instead of a verdict for claim (c)), the
+    report names the teacher; a resume with another --teacher is refused; with --early-teacher
+    SALT_DS runs on that model's selection (an imported model excludes no windows, as the report notes)."""
+    store, teacher = _hf_store(work, hf_tokenizer, corpus), _imported(work, hf_tokenizer, "llama3")
+    out = work / "repro"
+    result = _invoke("reproduce", "--tiny", "--sequential", "--quiet", "--teacher", teacher, "--data", store,
+                     "--out", out)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher"]["given"] and results["teacher"]["path"] == str(teacher.absolute())
+    assert results["teacher"]["source"].startswith("imported from Hugging Face (llama, ")
+    assert "SALT_DS" not in results["per_seed"]["0"]["models"] and "skipped" in results["selection"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["BASELINE-seed0", "RKD-seed0", "SALT-seed0"]
+    claim_c = [c for c in results["claims"] if c["id"] == "c"]
+    assert [c["status"] for c in claim_c] == ["not run"]
+    report = (out / "report.md").read_text()
+    assert f"GIVEN TEACHER (not trained by this reproduction): {teacher.absolute()} step 0" in report
+    assert "NO EARLY TEACHER" in report and "**not run**" in report
+    state = json.loads((out / "state.json").read_text())
+    assert state["stages"]["slm"]["teacher"]["path"] == str(teacher.absolute())
+    before = (out / "state.json").read_bytes()
+    result = _invoke("reproduce", "--tiny", "--sequential", "--teacher", _imported(work, hf_tokenizer, "qwen2"),
+                     "--data", store, "--out", out)
+    assert result.exit_code != 0 and "different settings (teacher)" in result.output, result.output
+    assert (out / "state.json").read_bytes() == before
+
+    early = _imported(work, hf_tokenizer, "smollm2")
+    out2 = work / "repro-early"
+    result = _invoke("reproduce", "--tiny", "--sequential", "--quiet", "--teacher", teacher, "--early-teacher", early,
+                     "--data", store, "--out", out2)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out2 / "results.json").read_text())
+    assert results["teacher"]["early_teacher"]["path"] == str(early.absolute())
+    assert "SALT_DS-seed0" in {p.name for p in (out2 / "runs").iterdir()}
+    assert results["selection"]["n_excluded"] == 0 and "imported from Hugging Face" in results["selection"]["notes"][0]
+    assert "SALT_DS" in results["per_seed"]["0"]["models"]
+    assert [c["status"] for c in results["claims"] if c["id"] == "c"] == ["too small to test"]

@@ -313,3 +313,19 @@ def test_exclude_file_and_exclude_run(tiny_setup, tmp_path):
     S.score(S.ScoreJob(out=str(tmp_path / "d.npz"), exclude_files=(str(tmp_path / "ex.npy"),), **base),
             progress=False)
     np.testing.assert_array_equal(S.load_scores(tmp_path / "d.npz")["window_ids"], pool[3:])
+
+
+def test_candidate_pool_of_an_imported_teacher_excludes_nothing_and_says_so(tiny_setup):
+    """A checkpoint imported from Hugging Face (metadata ``hf``, no run config) saw no window of the
+    store: nothing excluded, and a note says so; a SALT checkpoint without a run config is refused."""
+    t = tiny_setup
+    job = S.ScoreJob(teacher=str(t["teacher"]), data=str(t["data"]), out="unused.npz", seq_len=12)
+    pool, n_excluded, notes = S.candidate_pool(job, {"hf": {"model_type": "llama"}}, 0, 50)
+    assert n_excluded == 0 and pool.tolist() == list(range(50))
+    assert len(notes) == 1 and "imported from Hugging Face (llama)" in notes[0] and "none of its windows" in notes[0]
+    with pytest.raises(ValueError, match="records no run config"):
+        S.candidate_pool(job, {"config": {}}, 3, 50)
+    from salt.runtime.model import checkpoint
+
+    pool, n_excluded, notes = S.candidate_pool(job, checkpoint.read_meta(t["teacher"]), 3, 50)
+    assert n_excluded > 0 and notes == []

@@ -43,7 +43,6 @@ import re
 
 import numpy as np
 
-from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.runtime.model.tokens import WindowStats
 from salt.runtime.train.config import resolve_kernels
 
@@ -57,12 +56,12 @@ TARGET = re.compile(r"(?<= )([A-Za-z]{3,})(?=[.!?](?:\s|$))")
 
 def held_out_documents(store):
     """The validation split's documents as text, in store order, one at a time (the store's
-    tokenizer; the trailing EOS dropped)."""
+    tokenizer; the trailing EOS, the store's ``eos_id``, dropped)."""
     sp = store.processor()
     tokens, offsets = store.tokens("val"), store.doc_offsets("val")
     for d in range(offsets.size - 1):
         ids = np.asarray(tokens[offsets[d]:offsets[d + 1]]).tolist()
-        if ids and ids[-1] == EOS_ID:
+        if ids and ids[-1] == store.eos_id:
             ids = ids[:-1]
         yield sp.decode(ids)
 
@@ -88,7 +87,8 @@ def _context_start(encode, doc: str, end: int, budget: int) -> tuple[int, list[i
 def build_passages(store, seq_len: int, max_passages: int = MAX_PASSAGES) -> dict:
     """The task's passages for windows of ``seq_len + 1`` tokens (module docstring).
 
-    Returns ``windows_PxT1`` (int32, ``[EOS] + context + target`` then PAD), ``length_P``
+    Returns ``windows_PxT1`` (int32, ``[EOS] + context + target`` then PAD: the store's
+    ``eos_id`` and ``pad_id``), ``length_P``
     (tokens in use), ``n_target_P`` (target tokens, at the end), ``doc_P`` / ``char_P`` (the
     target's document in the validation split and its character offset), ``word_P`` (str) and
     ``n_candidates`` (sentence-final words in the documents read, before the fit/length rules and
@@ -115,7 +115,7 @@ def build_passages(store, seq_len: int, max_passages: int = MAX_PASSAGES) -> dic
                 continue
             if encode(doc[fit[0]:end] + " " + word) != fit[1] + target:
                 continue  # the target's tokens depend on the context: dropped
-            seq = [EOS_ID] + fit[1] + target
+            seq = [store.eos_id] + fit[1] + target
             key = tuple(seq)
             if key in seen:
                 continue
@@ -125,7 +125,7 @@ def build_passages(store, seq_len: int, max_passages: int = MAX_PASSAGES) -> dic
         keep = np.unique(np.round(np.linspace(0, len(found) - 1, max_passages)).astype(np.int64))
         found = [found[i] for i in keep]
     P = len(found)
-    windows = np.full((P, seq_len + 1), PAD_ID, np.int32)
+    windows = np.full((P, seq_len + 1), store.pad_id, np.int32)
     for i, (seq, *_rest) in enumerate(found):
         windows[i, :len(seq)] = seq
     return {"windows_PxT1": windows,

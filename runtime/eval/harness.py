@@ -40,7 +40,6 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from salt.core.platform import default_jax_platforms
-from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.runtime.model import checkpoint
 from salt.runtime.model.generate import LoadedModel, bucket_length, greedy_generate
 from salt.runtime.model.tokens import token_stats_fn
@@ -87,7 +86,7 @@ class SaltLM(TemplateLM):
     # ------------------------------------------------------------------ tokenizer
     @property
     def eot_token_id(self) -> int:
-        return EOS_ID
+        return self.loaded.eos_id  # the store's tokenizer's eos (SentencePiece: 3)
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         return self.loaded.encode(string)
@@ -103,7 +102,7 @@ class SaltLM(TemplateLM):
                 ctx, cont = self._encode_pair(context, continuation)
             else:
                 ctx, cont = [], self.tok_encode(continuation)
-            pairs.append(((context, continuation), [EOS_ID] + ctx, cont))
+            pairs.append(((context, continuation), [self.eot_token_id] + ctx, cont))
         return self._loglikelihood_tokens(pairs, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -131,8 +130,8 @@ class SaltLM(TemplateLM):
         for start in range(0, len(order), B):
             batch = order[start:start + B]
             T = bucket_length(len(rows[batch[0]][0]))
-            inputs_BxT = np.full((B, T), PAD_ID, np.int32)
-            targets_BxT = np.full((B, T), PAD_ID, np.int32)
+            inputs_BxT = np.full((B, T), self.loaded.pad_id, np.int32)
+            targets_BxT = np.full((B, T), self.loaded.pad_id, np.int32)
             for r, i in enumerate(batch):
                 inp, tgt, _ = rows[i]
                 inputs_BxT[r, :len(inp)] = inp
@@ -154,7 +153,7 @@ class SaltLM(TemplateLM):
         windows, owners = [], []
         for n, (text,) in enumerate(r.args for r in requests):
             for w in get_rolling_token_windows(token_list=self.tok_encode(text),
-                                               prefix_token=EOS_ID,
+                                               prefix_token=self.eot_token_id,
                                                max_seq_len=self.max_length, context_len=1):
                 ctx, cont = make_disjoint_window(w)
                 windows.append((None, ctx, cont))
@@ -176,13 +175,14 @@ class SaltLM(TemplateLM):
         out: list = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="salt generate_until", disable=disable_tqdm)
         for (until, budget), items in groups.items():
-            prompts = [[EOS_ID] + self.tok_encode(ctx) for _, ctx in items]
+            prompts = [[self.eot_token_id] + self.tok_encode(ctx) for _, ctx in items]
 
             def stop(ids, until=until):
                 text = self.tok_decode(ids)
                 return any(u in text for u in until)
 
             new = greedy_generate(self.loaded.params, self.loaded.config, prompts, budget,
+                                  eos_id=self.eot_token_id,
                                   batch_size=self.batch_size, max_length=self.max_length,
                                   stop=stop if until else None, dtype=self.dtype,
                                   attention_impl=self.kernels, progress=bar.update)

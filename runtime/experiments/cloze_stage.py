@@ -64,11 +64,11 @@ def _cached_scores(path: pathlib.Path, sha: str, run_dir, step, passages, batch_
     return s
 
 
-def reproduce_stage(out, cfg, data_dir, variants) -> dict:
-    """``salt reproduce``'s cloze stage: score the final SLM and every student (each seed) at
-    n_kd and at the end on the passages (scores cached in ``OUT/eval/cloze/``), bucket by the
-    SLM, and return :func:`summarize`'s dict (``{"n_passages": P, "skipped": why}`` when fewer
-    than three passages)."""
+def reproduce_stage(out, cfg, data_dir, variants, slm) -> dict:
+    """``salt reproduce``'s cloze stage: score the final SLM (``slm``: its run directory and
+    step) and every student (each seed) at n_kd and at the end on the passages (scores cached
+    in ``OUT/eval/cloze/``), bucket by the SLM, and return :func:`summarize`'s dict
+    (``{"n_passages": P, "skipped": why}`` when fewer than three passages)."""
     out, store = pathlib.Path(out), TokenStore(data_dir)
     passages = build_passages(store, cfg.seq_len)
     n = int(passages["windows_PxT1"].shape[0])
@@ -84,7 +84,7 @@ def reproduce_stage(out, cfg, data_dir, variants) -> dict:
         return _cached_scores(cache / f"{name}_{step}.npz", sha, run_dir, step, passages,
                               cfg.eval_batch)
 
-    slm = get("SLM", out / "runs" / "SLM", cfg.teacher_steps)
+    slm = get("SLM", *slm)
     scores = {}
     for seed in cfg.student_seeds():
         for name in variants:

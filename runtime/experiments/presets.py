@@ -49,6 +49,8 @@ class ReproduceConfig:
     side_by_side: bool = True        # students two at a time, one core each (else sequential)
     kd_topk: int | None = None       # top-K KD (paper eq. 13-14) for every KD run; None: full vocabulary
     teacher_cache: bool = False      # KD from teacher caches built once from the SLM (implies top-K KD)
+    teacher: str | None = None       # a given SLM run (e.g. `salt import hf`): used instead of training one
+    early_teacher: str | None = None  # with teacher: the run that scores for SALT_DS (None: no selection)
 
     def student_seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
@@ -94,6 +96,11 @@ class ReproduceConfig:
             raise ValueError(f"kd_topk must be a positive integer, got {self.kd_topk!r}")
         if self.teacher_cache and self.kd_topk is None:
             raise ValueError("teacher_cache holds the teacher's top-K only: it needs kd_topk (top-K KD)")
+        if self.early_teacher is not None and self.teacher is None:
+            raise ValueError("early_teacher scores for SALT_DS beside a given teacher: it needs teacher")
+        if self.teacher is not None and self.data is None:
+            raise ValueError("a given teacher needs data: the token store prepared with the teacher's "
+                             "tokenizer (salt data prepare --tokenizer)")
         if self.warmup > min(self.steps, self.teacher_steps):
             raise ValueError(f"warmup ({self.warmup}) must be <= steps and teacher_steps")
 

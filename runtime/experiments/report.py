@@ -299,6 +299,10 @@ def claims(results: dict) -> list[dict]:
     if not results.get("config", {}).get("claims_testable", True):
         for c in out:
             c["status"] = "too small to test"
+    skipped = (results.get("selection") or {}).get("skipped")
+    for c in out:  # claims on SALT_DS when it was not run: no verdict, and why
+        if skipped and "SALT_DS" in c["claim"]:
+            c["status"], c["here"] = "not run", skipped
     return out
 
 
@@ -393,6 +397,15 @@ def verdict_lines(results: dict) -> list[str]:
         lines.append(f"SIZE {results['config'].get('size')!r} IS TOO SMALL TO TEST THE CLAIMS: it is "
                      "a smoke run of the pipeline; read no verdict into its numbers.")
     lines[:0] = lead_lines(results)
+    teacher = results.get("teacher") or {}
+    if teacher.get("given"):
+        early = teacher.get("early_teacher")
+        lines.append(f"GIVEN TEACHER (not trained by this reproduction): {teacher['path']} step {teacher['step']}, "
+                     f"{teacher['source']}; {teacher['architecture']}. "
+                     + (f"Selection scores for SALT_DS from the early teacher {early['path']} step {early['step']} "
+                        f"({early['source']})." if early else
+                        "NO EARLY TEACHER: the early-checkpoint selection and SALT_DS were not run, so claim (c) "
+                        "has no verdict."))
     cfg = results.get("config", {})
     changed = [c for c in ablated(cfg) if not (cfg.get("rho_searched") and c.startswith("ρ ="))]
     if changed:

@@ -5,8 +5,13 @@ training stage resumes from its last checkpoint):
 
 1. ``data``      prepare the embedded corpus (``salt.data.prepare``) unless ``--data`` is given;
 2. ``slm``       train the SLM teacher, keeping its early checkpoint (one SLM for all seeds);
+                 with ``--teacher RUN`` (e.g. ``salt import hf``) that run's newest checkpoint is
+                 the SLM instead, checked against ``--data`` by the trainer's teacher rules before
+                 anything is written and pinned (path, step, manifest sha256) in the state;
 3. ``score``     score candidate training windows with the EARLY SLM checkpoint (eq. 11, the
-                 windows it saw excluded) and select the top m = n_kd x batch;
+                 windows it saw excluded) and select the top m = n_kd x batch; with ``--teacher``
+                 the ``--early-teacher`` run scores, and without one there is no selection and no
+                 SALT_DS (the report says so for the claims on SALT_DS);
 4. per student seed ``s`` (``OUT/runs/<VARIANT>-seed<s>/``): ``BASELINE``, ``RKD``, ``SALT``, ``SALT_DS``
    with identical data order (seed ``s``) and budget, checkpoints every ``eval_every`` steps.
    With the step transition SALT is RKD for its first n_kd steps (docs/design.md §1), so SALT
@@ -45,7 +50,11 @@ import numpy as np
 
 from salt.core.lock import LOCK_NAME
 from salt.runtime.experiments.presets import SIZES, ReproduceConfig, config_for  # noqa: F401 (re-exported)
+from salt.reference.config import ModelConfig, param_count
+from salt.runtime.model.checkpoint import read_meta
 from salt.runtime.train import metrics_log
+from salt.runtime.train.config import TrainError
+from salt.runtime.train.setup import check_teacher, student_config
 
 VARIANTS = ("BASELINE", "RKD", "SALT", "SALT_DS")
 
@@ -64,8 +73,8 @@ class _State:
         settings.pop("out")
         settings.pop("seeds")  # more --seeds extend a reproduction (stages are per seed)
         settings.pop("extra_rhos")  # so do more ρ arms (stages are per arm; the lead ρ must match)
-        for name, default in (("kd_topk", None), ("teacher_cache", False),
-                              ("rho_searched", False)):  # newer settings: a
+        for name, default in (("kd_topk", None), ("teacher_cache", False), ("rho_searched", False),
+                              ("teacher", None), ("early_teacher", None)):  # newer settings: a
             if settings.get(name) == default:  # reproduction from before they existed still matches
                 settings.pop(name)
         if self.path.is_file() and not force:
@@ -356,7 +365,8 @@ def teacher_sharpness(run_dir, step, data_dir, cfg) -> dict:
 def teacher_caches(cfg: ReproduceConfig, state, out, data_dir, slm_dir, selection_path, progress) -> dict:
     """Build (or resume) the teacher caches of the KD phases: per seed, one over the whole pool's
     order (``all``: RKD's ``n`` KD steps; SALT's first ``n_kd`` are the same windows) and one over
-    SALT_DS's selected order (``selected``: ``n_kd`` steps).  The final SLM, top-``cfg.kd_topk``,
+    SALT_DS's selected order (``selected``: ``n_kd`` steps; none when ``selection_path`` is None:
+    no SALT_DS).  The final SLM, top-``cfg.kd_topk``,
     the default compact layout.  Returns ``{(seed, order): cache directory}``; stage ``teacher cache/…``
     records each build's wall time and size."""
     from salt.runtime.train import teacher_cache
@@ -364,6 +374,8 @@ def teacher_caches(cfg: ReproduceConfig, state, out, data_dir, slm_dir, selectio
     caches = {}
     for seed in cfg.student_seeds():
         for order, steps, subset in (("all", cfg.steps, None), ("selected", cfg.kd_steps, selection_path)):
+            if subset is None and order == "selected":
+                continue  # no selection (--teacher without --early-teacher): no SALT_DS
             path = out / "teacher_cache" / f"{order}-seed{seed}"
             caches[(seed, order)] = path
             stage = f"teacher cache/{order}-seed{seed}"
@@ -379,6 +391,29 @@ def teacher_caches(cfg: ReproduceConfig, state, out, data_dir, slm_dir, selectio
     return caches
 
 
+def teacher_summary(given: dict, slm_dir, slm_step: int, cfg: ReproduceConfig) -> dict:
+    """What the report says about the SLM: trained here (preset, steps) or given (``--teacher``:
+    path, step, manifest sha256, architecture, where it came from), and the early teacher."""
+    def describe(identity):
+        c = ModelConfig.from_dict(identity["config"])
+        meta = read_meta(identity["path"], identity["step"])
+        hf, run_config = meta.get("hf"), meta.get("run_config") or {}
+        source = (f"imported from Hugging Face ({hf.get('model_type')}, {hf.get('dtype')}, from {hf.get('source')})"
+                  if isinstance(hf, dict) else f"trained by SALT (preset {run_config.get('preset') or c.name!r})")
+        return {"path": identity["path"], "step": identity["step"], "manifest_sha256": identity["manifest_sha256"],
+                "source": source, "name": c.name,
+                "architecture": (f"{c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads / {c.n_kv_heads} kv, "
+                                 f"d_ff {c.d_ff}, {c.activation}, {'tied' if c.tied_head else 'separate'} head, "
+                                 f"vocabulary {c.vocab_size}"),
+                "non_embedding_params": param_count(c, embedding=False)}
+
+    if not given:
+        return {"given": False, "path": str(slm_dir), "step": int(slm_step), "preset": cfg.teacher_preset,
+                "early_step": cfg.early_step}
+    return dict(describe(given["teacher"]), given=True,
+                early_teacher=describe(given["early_teacher"]) if given["early_teacher"] else None)
+
+
 def kd_summary(cfg: ReproduceConfig, state, overhead: dict, forked: bool) -> dict:
     """What the KD was (full vocabulary or top-K) and, with teacher caches, their measured cost
     and the wall time they saved: cache build time against the KD steps run from them times the
@@ -390,8 +425,10 @@ def kd_summary(cfg: ReproduceConfig, state, overhead: dict, forked: bool) -> dic
     builds = {stage: stages[stage] for stage in (f"teacher cache/{order}-seed{seed}" for seed in cfg.student_seeds()
                                                  for order in ("all", "selected")) if stage in stages}
     build_s = sum(info["seconds"] for info in builds.values())
-    # KD steps read from a cache, per seed: RKD's n, SALT_DS's n_kd, SALT's n_kd unless forked from RKD
-    cached_steps = len(cfg.student_seeds()) * (cfg.steps + cfg.kd_steps + (0 if forked else cfg.kd_steps))
+    # KD steps read from a cache, per seed: RKD's n, SALT_DS's n_kd (when selected), SALT's n_kd unless forked
+    selected = any(k.startswith("teacher cache/selected") for k in builds)
+    cached_steps = len(cfg.student_seeds()) * (cfg.steps + (cfg.kd_steps if selected else 0)
+                                               + (0 if forked else cfg.kd_steps))
     per_step = overhead["kd_step_s"] - overhead["cached_step_s"]
     kd["teacher_cache"] = {
         "build_s": build_s, "builds": {k: {"seconds": v["seconds"], "bytes": v["bytes"], "steps": v["steps"],
@@ -429,14 +466,16 @@ def check_settings(cfg: ReproduceConfig) -> None:
     from salt.runtime.train.config import TrainError
 
     cfg.validate()
-    for flag, name in (("--teacher-preset", cfg.teacher_preset), ("--student-preset", cfg.student_preset)):
+    for flag, name in ((("--teacher-preset", cfg.teacher_preset),) if cfg.teacher is None else ()) + (
+            ("--student-preset", cfg.student_preset),):
         try:
             get_preset(name)
         except ValueError as e:
             raise ValueError(f"{flag}: {e}") from None
     out, data = pathlib.Path(cfg.out), pathlib.Path(cfg.data) if cfg.data else None
-    runs = [train_config(cfg, out, data or out, preset=cfg.teacher_preset, steps=cfg.teacher_steps,
-                         kd_steps=0, seed=cfg.seed, batch=cfg.teacher_batch, checkpoint_every=cfg.early_step)]
+    runs = [] if cfg.teacher else [
+        train_config(cfg, out, data or out, preset=cfg.teacher_preset, steps=cfg.teacher_steps,
+                     kd_steps=0, seed=cfg.seed, batch=cfg.teacher_batch, checkpoint_every=cfg.early_step)]
     for seed in cfg.student_seeds():
         runs.append(train_config(cfg, out, data or out, preset=cfg.student_preset, steps=cfg.steps,
                                  kd_steps=cfg.kd_steps, seed=seed, checkpoint_every=cfg.eval_every,
@@ -452,9 +491,36 @@ def check_settings(cfg: ReproduceConfig) -> None:
         if not data.is_dir():
             raise ValueError(f"--data {str(data)!r} does not exist or is not a directory")
         try:
-            TokenStore(data)
+            store = TokenStore(data)
         except (ValueError, OSError) as e:
             raise ValueError(f"--data {str(data)!r} is not a usable token store: {e}") from None
+        given_teachers(cfg, store)
+
+
+def given_teachers(cfg: ReproduceConfig, store) -> dict:
+    """``{"teacher": identity, "early_teacher": identity or None}`` of the given SLM runs
+    (``--teacher`` / ``--early-teacher``; empty without them), checked against the store and the
+    student by the trainer's teacher rules (same tokenizer sha256; a teacher vocabulary padded
+    beyond the tokenizer's is allowed) before anything is written; ValueError naming the flag."""
+    if cfg.teacher is None:
+        return {}
+    tc = train_config(cfg, cfg.out, store.path, preset=cfg.student_preset, steps=cfg.steps,
+                      kd_steps=cfg.kd_steps, seed=cfg.seed, checkpoint_every=cfg.eval_every,
+                      teacher=cfg.teacher)
+    found = {"teacher": None, "early_teacher": None}
+    for key, flag in (("teacher", "--teacher"), ("early_teacher", "--early-teacher")):
+        path = getattr(cfg, key)
+        if path is None:
+            continue
+        try:
+            student_config(tc, store.vocab_size)  # the student's preset holds the store's vocabulary
+            found[key] = check_teacher(dataclasses.replace(tc, teacher=str(path)), store.tokenizer_sha256,
+                                       store.vocab_size)
+        except TrainError as e:
+            raise ValueError(f"{flag} {str(path)!r}: {e}") from None
+        if pathlib.Path(found[key]["path"]).resolve().is_relative_to(pathlib.Path(cfg.out).resolve()):
+            raise ValueError(f"{flag} {str(path)!r} lies inside --out {cfg.out!r}: give a run outside it")
+    return found
 
 
 def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
@@ -466,7 +532,7 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
     check_settings(cfg)
     out = pathlib.Path(cfg.out)
     outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
-                             inputs=[cfg.data] if force and cfg.data else ())
+                             inputs=[p for p in (cfg.data, cfg.teacher, cfg.early_teacher) if p] if force else ())
     with DirLock(out):
         return _run(cfg, force=force, progress=progress)
 
@@ -481,7 +547,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     out = pathlib.Path(cfg.out)
     from salt.core import outputs  # the output rule of docs/safety.md (OUT, OUT/data, OUT/runs/*)
     outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
-                             inputs=[cfg.data] if force and cfg.data else ())
+                             inputs=[p for p in (cfg.data, cfg.teacher, cfg.early_teacher) if p] if force else ())
     state = None
     if force and (out / "state.json").is_file():
         # checked above, file by file: everything in OUT is this command's own.  The fresh state
@@ -519,7 +585,21 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     store = TokenStore(data_dir)
 
     # 2. SLM teacher -----------------------------------------------------------------------
-    slm_dir = runs / "SLM"
+    given = given_teachers(cfg, store)  # --teacher: that run is the SLM, its newest checkpoint
+    slm_dir = pathlib.Path(given["teacher"]["path"]) if given else runs / "SLM"
+    slm_step = given["teacher"]["step"] if given else cfg.teacher_steps
+    selecting = not given or given["early_teacher"] is not None
+    variants = VARIANTS if selecting else tuple(v for v in VARIANTS if v != "SALT_DS")
+    if given:
+        recorded = state.info("slm").get("teacher")
+        if recorded is not None and (recorded["manifest_sha256"], recorded["step"]) != (
+                given["teacher"]["manifest_sha256"], given["teacher"]["step"]):
+            raise ValueError(f"--teacher {cfg.teacher!r} is not the checkpoint this reproduction started with "
+                             f"({recorded['path']} step {recorded['step']}, manifest sha256 "
+                             f"{recorded['manifest_sha256'][:16]}...); use another --out or --overwrite")
+        if not state.done("slm"):
+            _say(f"using the given SLM {given['teacher']['path']} (step {slm_step}); not training one")
+            state.finish("slm", 0.0, teacher=given["teacher"], early_teacher=given["early_teacher"])
     if not state.done("slm"):
         t0 = time.time()
         _say(f"training the SLM teacher ({cfg.teacher_preset}, {cfg.teacher_steps} steps)")
@@ -531,10 +611,14 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
 
     # 3. score + select --------------------------------------------------------------------
     scores_path, selection_path = out / "scores.npz", out / "selection.npy"
-    if not state.done("score"):
+    scorer = (given["early_teacher"]["path"], given["early_teacher"]["step"]) if given and selecting \
+        else (str(slm_dir), cfg.early_step)
+    if not selecting:
+        _say("no --early-teacher: the early-checkpoint selection and SALT_DS are not run")
+    elif not state.done("score"):
         t0 = time.time()
-        _say(f"scoring candidate windows with the SLM's step-{cfg.early_step} checkpoint (k={cfg.k})")
-        job = score_mod.ScoreJob(teacher=str(slm_dir), teacher_step=cfg.early_step, data=str(data_dir),
+        _say(f"scoring candidate windows with {scorer[0]} step {scorer[1]} (k={cfg.k})")
+        job = score_mod.ScoreJob(teacher=scorer[0], teacher_step=scorer[1], data=str(data_dir),
                                  out=str(scores_path), k=cfg.k, seq_len=cfg.seq_len,
                                  batch=cfg.eval_batch, max_candidates=cfg.candidates, force=True)
         summary = score_mod.score(job, progress=progress)
@@ -546,7 +630,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
         outputs.save_npy(selection_path, ids)
         finite = z["scores"][np.isfinite(z["scores"])]
         selected = z["scores"][np.isin(z["window_ids"], ids)]
-        state.finish("score", time.time() - t0, n_scored=summary["n_scored"],
+        state.finish("score", time.time() - t0, n_scored=summary["n_scored"], notes=summary["notes"],
                      n_train_windows=summary["n_train_windows"],
                      n_excluded=summary["n_excluded"], m=int(m), clipped=bool(clipped),
                      score_median=float(np.median(finite)) if finite.size else math.nan,
@@ -555,8 +639,8 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
                      if np.isfinite(selected).any() else math.nan)
 
     # 3b. teacher caches: the SLM's top-K over every KD phase's windows, computed once ---------
-    caches = teacher_caches(cfg, state, out, data_dir, slm_dir, selection_path, progress) \
-        if cfg.teacher_cache else {}
+    caches = teacher_caches(cfg, state, out, data_dir, slm_dir, selection_path if selecting else None,
+                            progress) if cfg.teacher_cache else {}
 
     # 4. students, per seed ----------------------------------------------------------------
     plan = {"BASELINE": dict(kd_steps=0),
@@ -569,7 +653,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
         for rho in cfg.rhos():  # the extra ρ arms share BASELINE: it is trained once, in the lead arm
             arm_cfg, arm = dataclasses.replace(cfg, rho=rho), arm_suffix(cfg, rho)
             for name in ("BASELINE", "RKD", "SALT_DS", "SALT"):  # SALT last: it waits for RKD
-                if name == "BASELINE" and arm:
+                if (name == "BASELINE" and arm) or name not in variants:
                     continue
                 run_dir = runs / f"{name}{arm}-seed{seed}"
                 order = "selected" if name == "SALT_DS" else "all"
@@ -610,6 +694,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
         t0 = time.time()
         _say("timing KD and standard steps interleaved (salt bench step)")
         b = run_benchmark(cfg.student_preset, cfg.teacher_preset, vocab=store.vocab_size,
+                          teacher_config=ModelConfig.from_dict(given["teacher"]["config"]) if given else None,
                           batch=cfg.batch, seq_len=cfg.seq_len, optimizer=cfg.optimizer,
                           iters=cfg.overhead_iters, warmup=1, transition=cfg.transition,
                           kd_topk=cfg.kd_topk, progress=False)
@@ -625,23 +710,24 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     eval_dir = out / "eval"
     eval_dir.mkdir(exist_ok=True)
     _say("evaluating every kept checkpoint on the held-out split")
-    teacher_stats = _eval_stats(eval_dir / f"SLM_{cfg.teacher_steps}.npz", slm_dir,
-                                cfg.teacher_steps, data_dir, cfg)
-    slm_steps = sorted({s for s in all_steps(slm_dir) if s in (cfg.kd_steps, cfg.teacher_steps)})
+    teacher_stats = _eval_stats(eval_dir / f"SLM_{slm_step}.npz", slm_dir, slm_step, data_dir, cfg)
+    slm_steps = [slm_step] if given else sorted({s for s in all_steps(slm_dir) if s in (cfg.kd_steps, slm_step)})
     slm = {}
     for s in slm_steps:
         summary = evaluate.summarize(_eval_stats(eval_dir / f"SLM_{s}.npz", slm_dir, s, data_dir,
                                                  cfg), teacher_stats)
         summary["step"] = s
-        slm["final" if s == cfg.teacher_steps else "at_kd"] = summary
-    metrics_log.write_eval(slm_dir, {v["step"]: {k: x for k, x in v.items() if k != "step"} for v in slm.values()})
+        slm["final" if s == slm_step else "at_kd"] = summary
+    if not given:  # a given teacher's run is the user's: nothing is written into it
+        metrics_log.write_eval(slm_dir, {v["step"]: {k: x for k, x in v.items() if k != "step"}
+                                         for v in slm.values()})
     arms = {}  # per ρ: per-seed results of its RKD, SALT, SALT_DS against the shared BASELINE
     for rho in cfg.rhos():
         arm = arm_suffix(cfg, rho)
         per_seed = {}
         for seed in cfg.student_seeds():
             stats = {}
-            for name in VARIANTS:
+            for name in variants:
                 run_name = f"{name}{'' if name == 'BASELINE' else arm}"
                 run_dir = runs / f"{run_name}-seed{seed}"
                 for s in all_steps(run_dir):
@@ -654,7 +740,7 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
                                                       n_steps=cfg.steps)
         if not state.done(f"sharpness{arm}"):
             state.finish(f"sharpness{arm}", 0.0, **teacher_sharpness(
-                slm_dir, cfg.teacher_steps, data_dir, dataclasses.replace(cfg, rho=rho)))
+                slm_dir, slm_step, data_dir, dataclasses.replace(cfg, rho=rho)))
         arms[rho] = {"per_seed": per_seed, "sharpness": {k: v for k, v in state.info(f"sharpness{arm}").items()
                                                          if k != "seconds"}}
     per_seed = arms[cfg.rho]["per_seed"]
@@ -663,14 +749,15 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
     t0 = time.time()
     if not state.done("cloze"):
         _say("scoring the LAMBADA-style last-word task (held-out passages, SLM-difficulty buckets)")
-    cloze_result = cloze_stage.reproduce_stage(out, cfg, data_dir, VARIANTS)
+    cloze_result = cloze_stage.reproduce_stage(out, cfg, data_dir, variants, slm=(slm_dir, slm_step))
     if not state.done("cloze"):
         state.finish("cloze", time.time() - t0, n_passages=cloze_result["n_passages"])
 
     # 7. accounting + report ---------------------------------------------------------------
-    from salt.reference.config import get_preset, param_count
+    from salt.reference.config import get_preset
 
-    t_cfg = get_preset(cfg.teacher_preset).replace(vocab_size=store.vocab_size)
+    t_cfg = (ModelConfig.from_dict(given["teacher"]["config"]) if given
+             else get_preset(cfg.teacher_preset)).replace(vocab_size=store.vocab_size)
     s_cfg = get_preset(cfg.student_preset).replace(vocab_size=store.vocab_size)
     ov = state.info("overhead")
     overhead = {"kd_step_s": ov["kd_step_s"], "std_step_s": ov["standard_step_s"],
@@ -691,18 +778,23 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
                           "student_non_embedding": param_count(s_cfg, embedding=False),
                           "vocab_size": store.vocab_size},
                "tokens": {"student": cfg.steps * cfg.batch * cfg.seq_len,
-                          "teacher": cfg.teacher_steps * (cfg.teacher_batch or cfg.batch) * cfg.seq_len}}
+                          "teacher": None if given else  # a given teacher's training is unknown here
+                          cfg.teacher_steps * (cfg.teacher_batch or cfg.batch) * cfg.seq_len}}
+    results["teacher"] = teacher_summary(given, slm_dir, slm_step, cfg)
     sel = state.info("score")
     results["selection"] = {k: sel[k] for k in ("n_scored", "n_train_windows", "n_excluded", "m", "clipped",
-                                                "score_median", "selected_median", "zero_fraction")
+                                                "score_median", "selected_median", "zero_fraction", "notes")
                             if k in sel}
+    if not selecting:
+        results["selection"] = {"skipped": "no --early-teacher was given with --teacher: the early-checkpoint "
+                                           "selection (eq. 11) and SALT_DS were not run"}
     results["cloze"] = cloze_result
     results["kd"] = kd_summary(cfg, state, ov, fork)
     results["claims"] = report.claims(results)
     results["rho_arms"] = report.rho_arms(results, {rho: arm for rho, arm in arms.items()})
     metrics = {}
     for seed in cfg.student_seeds():
-        for name in VARIANTS:
+        for name in variants:
             path = runs / f"{name}-seed{seed}" / "metrics.jsonl"
             if path.is_file():
                 metrics.setdefault(name, []).append(report.read_metrics(path))

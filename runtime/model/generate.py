@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.reference.config import ModelConfig
 from salt.runtime.model import transformer as model
 
@@ -37,11 +36,12 @@ def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _chunk_fn(config: ModelConfig, dtype: str, attention_impl: str, steps: int):
-    """Compiled ``(params, tokens_BxT, cur_B, limit_B, done_B) -> (tokens_BxT, cur_B, done_B)``
-    running ``steps`` greedy steps; rows with ``done`` are left untouched."""
+    """Compiled ``(params, tokens_BxT, cur_B, limit_B, done_B, eos_id) -> (tokens_BxT, cur_B,
+    done_B)`` running ``steps`` greedy steps; rows with ``done`` are left untouched; a row is
+    done once it wrote ``eos_id``."""
     compute_dtype = jnp.dtype(dtype)
 
-    def run(params, tokens_BxT, cur_B, limit_B, done_B):
+    def run(params, tokens_BxT, cur_B, limit_B, done_B, eos_id):
         rows_B = jnp.arange(tokens_BxT.shape[0])
 
         def one_step(_, carry):
@@ -57,7 +57,7 @@ def _chunk_fn(config: ModelConfig, dtype: str, attention_impl: str, steps: int):
             old_B = tokens_BxT[rows_B, col_B]
             tokens_BxT = tokens_BxT.at[rows_B, col_B].set(jnp.where(write_B, next_B, old_B))
             cur_B = cur_B + write_B.astype(cur_B.dtype)
-            done_B = done_B | (write_B & (next_B == EOS_ID)) | (cur_B >= limit_B)
+            done_B = done_B | (write_B & (next_B == eos_id)) | (cur_B >= limit_B)
             return tokens_BxT, cur_B, done_B
 
         return jax.lax.fori_loop(0, steps, one_step, (tokens_BxT, cur_B, done_B))
@@ -66,13 +66,14 @@ def _chunk_fn(config: ModelConfig, dtype: str, attention_impl: str, steps: int):
 
 
 def greedy_generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
-                    max_new_tokens: int, *, batch_size: int = 8, max_length: int | None = None,
+                    max_new_tokens: int, *, eos_id: int, batch_size: int = 8, max_length: int | None = None,
                     stop: Callable[[list[int]], bool] | None = None, dtype: str = "float32",
                     attention_impl: str = "naive", progress: Callable[[int], None] | None = None
                     ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (lists of token ids), in the prompts' order.
 
-    Each continuation ends before the first EOS (which is not returned), after
+    Each continuation ends before the first ``eos_id`` (the tokenizer's eos, e.g.
+    ``TokenStore.eos_id``; not returned), after
     ``max_new_tokens`` tokens, or as soon as ``stop(new_ids)`` is true (checked every
     ``CHUNK`` tokens; the caller trims its stop string, e.g. lm-eval's ``until``).
     ``max_length``: when given, a prompt longer than ``max_length - max_new_tokens`` keeps
@@ -102,15 +103,16 @@ def greedy_generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]
         T = bucket_length(max(len(prompts[i]) for i in rows) + max_new_tokens)
         for i, new in zip(rows, _generate_batch(params, config, [prompts[i] for i in rows],
                                                  max_new_tokens, T, batch_size, stop, dtype,
-                                                 attention_impl)):
+                                                 attention_impl, eos_id)):
             out[i] = new
         if progress is not None:
             progress(len(rows))
     return out  # type: ignore[return-value]
 
 
-def _generate_batch(params, config, prompts, max_new_tokens, T, B, stop, dtype, attention_impl):
-    tokens_BxT = np.full((B, T), PAD_ID, np.int32)
+def _generate_batch(params, config, prompts, max_new_tokens, T, B, stop, dtype, attention_impl, eos_id):
+    # positions past a row's cursor are never attended (causal) before they are written: any id
+    tokens_BxT = np.full((B, T), eos_id, np.int32)
     cur_B = np.zeros(B, np.int32)
     limit_B = np.zeros(B, np.int32)
     done_B = np.ones(B, bool)  # padding rows stay done
@@ -122,18 +124,18 @@ def _generate_batch(params, config, prompts, max_new_tokens, T, B, stop, dtype, 
     fn = _chunk_fn(config, dtype, attention_impl, CHUNK)
     while not done_B.all():
         tokens_BxT, cur_B, done_B = (np.array(a) for a in jax.device_get(
-            fn(params, tokens_BxT, cur_B, limit_B, done_B)))
+            fn(params, tokens_BxT, cur_B, limit_B, done_B, np.int32(eos_id))))
         if stop is not None:
             for r, p in enumerate(prompts):
-                if not done_B[r] and stop(_new_ids(tokens_BxT[r], len(p), cur_B[r])):
+                if not done_B[r] and stop(_new_ids(tokens_BxT[r], len(p), cur_B[r], eos_id)):
                     done_B[r] = True
-    return [_new_ids(tokens_BxT[r], len(p), cur_B[r]) for r, p in enumerate(prompts)]
+    return [_new_ids(tokens_BxT[r], len(p), cur_B[r], eos_id) for r, p in enumerate(prompts)]
 
 
-def _new_ids(row_T, prompt_len: int, cur: int) -> list[int]:
+def _new_ids(row_T, prompt_len: int, cur: int, eos_id: int) -> list[int]:
     new = [int(t) for t in row_T[prompt_len:cur]]
-    if EOS_ID in new:
-        new = new[:new.index(EOS_ID)]
+    if eos_id in new:
+        new = new[:new.index(eos_id)]
     return new
 
 
@@ -165,6 +167,7 @@ class LoadedModel:
                              f"store {str(self.store.path)!r} uses {self.store.tokenizer_sha256}")
         self.config, self.params, self.meta = checkpoint.load_params(self.run_dir, self.step)
         self.sp = self.store.processor()
+        self.eos_id, self.pad_id = self.store.eos_id, self.store.pad_id
         self._space_mark = space_mark_byte_ids(self.sp)
         self.seq_len = int(run_config.get("seq_len") or 0) or None
 

@@ -180,10 +180,15 @@ def load_scores(path) -> dict:
 
 def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_windows: int):
     """Sorted candidate window ids (all training windows at ``job.seq_len`` minus the excluded
-    ones; with ``job.max_candidates`` a seeded uniform sample of that many of them) and the
-    number excluded."""
+    ones; with ``job.max_candidates`` a seeded uniform sample of that many of them), the
+    number excluded and notes for the user (what was not excluded, and why).
+
+    A model imported from Hugging Face (``salt import hf``: its checkpoint records the source,
+    no run config) was not trained by SALT on any window of this store, so it excludes none;
+    the note says so, since what it saw in its own pre-training is unknown to SALT.  A SALT run
+    without a run config is refused as before (its windows are unknown)."""
     excluded = [np.zeros(0, np.int64)]
-    sources = []
+    sources, notes = [], []
     if job.exclude_teacher_seen:
         sources.append((f"teacher {job.teacher!r}", teacher_meta, teacher_step))
     for run in job.exclude_runs:
@@ -191,6 +196,12 @@ def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_win
         sources.append((f"--exclude-run {run!r}", meta, int(meta["step"])))
     for what, meta, steps in sources:
         run_config = meta.get("run_config")
+        if run_config is None and isinstance(meta.get("hf"), dict):
+            notes.append(f"{what} was imported from Hugging Face ({meta['hf'].get('model_type')}) and "
+                         "never trained by SALT on this store: none of its windows is excluded as "
+                         "seen (its own pre-training data is unknown to SALT; --exclude FILE leaves "
+                         "out windows you know it saw)")
+            continue
         if not isinstance(run_config, dict):
             raise ValueError(f"{what}: the checkpoint records no run config, so the windows it "
                              "saw are unknown (use --no-exclude-teacher-seen / --exclude FILE)")
@@ -205,7 +216,7 @@ def candidate_pool(job: ScoreJob, teacher_meta: dict, teacher_step: int, num_win
     if job.max_candidates is not None and job.max_candidates < pool.size:
         rng = np.random.default_rng([job.sample_seed, pool.size])
         pool = np.sort(rng.choice(pool, size=job.max_candidates, replace=False))
-    return pool, int(excluded_E.size)
+    return pool, int(excluded_E.size), notes
 
 
 def _is_scores_file(path) -> bool:
@@ -247,7 +258,7 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
 
     loader = Loader(data_dir, seq_len=job.seq_len, global_batch=job.batch, seed=0, split="train")
     num_windows = int(loader.num_windows)
-    pool_N, n_excluded = candidate_pool(job, meta, teacher_step, num_windows)
+    pool_N, n_excluded, notes = candidate_pool(job, meta, teacher_step, num_windows)
     if pool_N.size == 0:
         raise ValueError("the candidate pool is empty (every training window was excluded)")
     ident = teacher_identity(job.teacher, teacher_step)
@@ -270,7 +281,8 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
     outputs.remove_tree(partial)
     return {"out": str(out), "n_scored": int(pool_N.size), "n_excluded": n_excluded,
             "n_train_windows": num_windows,
-            "resumed_chunks": int(done), "teacher": ident, "k": job.k, "mode": job.mode}
+            "resumed_chunks": int(done), "teacher": ident, "k": job.k, "mode": job.mode,
+            "notes": notes}
 
 
 def _check_job(job: ScoreJob, out: pathlib.Path) -> None:

@@ -38,7 +38,6 @@ import numpy as np
 from salt.core import outputs
 from salt.core.inputs import file_problem
 from salt.core.lock import DirLock, LockError
-from salt.data.tokenizer import EOS_ID, PAD_ID
 from salt.runtime.model import checkpoint, losses, tokens
 from salt.runtime.train import metrics_log, optim
 from salt.runtime.train.config import NonFiniteLoss, TrainError, resolve_kernels
@@ -163,16 +162,17 @@ def split_examples(examples, eval_fraction: float, seed: int):
             [e for i, e in enumerate(examples) if i in held])
 
 
-def encode_examples(examples, encode, seq_len: int, source: str):
+def encode_examples(examples, encode, seq_len: int, source: str, *, eos_id: int, pad_id: int):
     """``(inputs_NxT, targets_NxT, mask_NxT)`` int32 / float32: ``EOS prompt completion EOS``
-    shifted by one, the mask 1 where the target is a completion token or the final EOS."""
+    shifted by one, the mask 1 where the target is a completion token or the final EOS; the
+    tokenizer's ``eos_id``, ``pad_id`` after the example (masked)."""
     N = len(examples)
-    inputs = np.full((N, seq_len), PAD_ID, np.int32)
-    targets = np.full((N, seq_len), PAD_ID, np.int32)
+    inputs = np.full((N, seq_len), pad_id, np.int32)
+    targets = np.full((N, seq_len), pad_id, np.int32)
     mask = np.zeros((N, seq_len), np.float32)
     for i, ex in enumerate(examples):
         prompt, completion = encode(ex["prompt"]), encode(ex["completion"])
-        ids = [EOS_ID] + prompt + completion + [EOS_ID]
+        ids = [eos_id] + prompt + completion + [eos_id]
         n = len(ids) - 1
         if n > seq_len:
             raise TrainError(f"{source}:{ex['line']}: the example has {n} tokens (prompt "
@@ -284,9 +284,11 @@ def _finetune_locked(cfg: FinetuneConfig, out: pathlib.Path, progress: bool) -> 
         train_ex, eval_ex = examples, read_examples(cfg.eval_data)
     else:
         train_ex, eval_ex = split_examples(examples, cfg.eval_fraction, cfg.seed)
-    train_arrays = encode_examples(train_ex, base.encode, seq_len, cfg.data)
+    train_arrays = encode_examples(train_ex, base.encode, seq_len, cfg.data, eos_id=base.eos_id,
+                                   pad_id=base.pad_id)
     if eval_ex:
-        encode_examples(eval_ex, base.encode, seq_len, cfg.eval_data or cfg.data)  # length check
+        encode_examples(eval_ex, base.encode, seq_len, cfg.eval_data or cfg.data,  # length check
+                        eos_id=base.eos_id, pad_id=base.pad_id)
 
     config = base.config
     init = optim.make_direction(cfg.optimizer).init
@@ -360,10 +362,10 @@ def evaluate_examples(params, config, base: LoadedModel, examples, cfg: Finetune
     to ``OUT/eval.json`` and ``OUT/predictions.jsonl`` (temporary files renamed into place)."""
     from rouge_score import rouge_scorer
 
-    prompts = [[EOS_ID] + base.encode(ex["prompt"]) for ex in examples]
+    prompts = [[base.eos_id] + base.encode(ex["prompt"]) for ex in examples]
     longest = max(len(base.encode(ex["completion"])) for ex in examples)
     budget = cfg.max_new_tokens or longest + 1
-    new = greedy_generate(params, config, prompts, budget, batch_size=cfg.eval_batch,
+    new = greedy_generate(params, config, prompts, budget, eos_id=base.eos_id, batch_size=cfg.eval_batch,
                           dtype=cfg.dtype, attention_impl=_attention_impl(cfg.kernels))
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
     rows, totals = [], {k: 0.0 for k in ("exact_match",) + ROUGE_TYPES}

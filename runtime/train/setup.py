@@ -67,13 +67,26 @@ def student_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
 
 def load_teacher(cfg: TrainConfig, tokenizer_sha256: str, tokenizer_vocab: int, mesh=None,
                  pinned: dict | None = None):
-    """(teacher config, params (sharded when ``mesh``), identity dict); checks tokenizer/vocab.
+    """(teacher config, params (sharded when ``mesh``), identity dict) of the checkpoint that
+    :func:`check_teacher` accepts."""
+    identity = check_teacher(cfg, tokenizer_sha256, tokenizer_vocab, pinned=pinned)
+    t_config = ModelConfig.from_dict(identity["config"])
+    shardings = sharding.param_shardings(t_config, mesh) if mesh is not None else None
+    t_config, t_params, _ = checkpoint.load_params(identity["path"], identity["step"], shardings=shardings)
+    return t_config, t_params, identity
+
+
+def check_teacher(cfg: TrainConfig, tokenizer_sha256: str, tokenizer_vocab: int,
+                  pinned: dict | None = None) -> dict:
+    """The identity dict (path, step, manifest sha256, config) of ``cfg.teacher``'s checkpoint
+    after checking it against the data; reads no parameters.  TrainError naming the teacher
+    otherwise.
 
     The teacher must use the data's tokenizer (sha256) and hold all of its ``tokenizer_vocab``
     ids; its embedding may have more rows than the student's or the tokenizer's (padding: the
     padded columns get no probability, see :func:`padded_vocab`).
 
-    ``pinned``: the identity a resumed run recorded at its start; exactly that step is loaded and
+    ``pinned``: the identity a resumed run recorded at its start; exactly that step is used and
     its manifest hash must match (a teacher checkpoint that is gone or changed is refused)."""
     step = cfg.teacher_step
     if pinned is not None:
@@ -103,11 +116,8 @@ def load_teacher(cfg: TrainConfig, tokenizer_sha256: str, tokenizer_vocab: int, 
     if t_config.vocab_size < tokenizer_vocab:
         raise TrainError(f"teacher {cfg.teacher!r} (step {step}) has vocab_size={t_config.vocab_size}, "
                          f"fewer than the {tokenizer_vocab} ids of the shared tokenizer")
-    shardings = sharding.param_shardings(t_config, mesh) if mesh is not None else None
-    t_config, t_params, _ = checkpoint.load_params(run_dir, step, shardings=shardings)
-    identity = {"path": str(pathlib.Path(run_dir).absolute()), "step": int(step),
-                "manifest_sha256": digest, "config": t_config.to_dict()}
-    return t_config, t_params, identity
+    return {"path": str(pathlib.Path(run_dir).absolute()), "step": int(step),
+            "manifest_sha256": digest, "config": t_config.to_dict()}
 
 
 def padded_vocab(tokenizer_vocab: int, *configs) -> int | None:

@@ -28,12 +28,12 @@ training stage resumes from its last checkpoint):
                  so a reproduction finished before this stage existed runs just this stage;
 7. ``report``    ``OUT/report.md``, ``OUT/results.json`` and PNG plots (``salt.runtime.experiments.report``).
 
-Re-running with different settings in the same ``OUT`` is refused unless ``--overwrite`` (which
-starts over).  Students train two at a time, each process pinned to one core with single-threaded
-XLA (``side_by_side``; about 1.4x the throughput of one 2-thread run, docs/reproduction.md);
-``--sequential`` trains them one after the other in this process.  (One module of ~470 lines:
-the stages share the state file, the run layout and the fork; the statistics and the rendering
-live in ``report.py`` / ``report_render.py``.)
+Each stage is a small function over the shared :class:`_Run` (settings, OUT, state, what earlier
+stages found), listed in order in :data:`STAGES`.  Re-running with different settings in the same
+``OUT`` is refused unless ``--overwrite`` (which starts over).  Students train two at a time, each
+process pinned to one core with single-threaded XLA (``side_by_side``; about 1.4x the throughput
+of one 2-thread run, docs/reproduction.md); ``--sequential`` trains them one after the other in
+this process.  The statistics and the rendering live in ``report.py`` / ``report_render.py``.
 """
 from __future__ import annotations
 
@@ -43,18 +43,31 @@ import math
 import os
 import pathlib
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from salt.core.lock import LOCK_NAME
+from salt.bench.step import run_benchmark
+from salt.core import outputs
+from salt.core.lock import LOCK_NAME, DirLock
+from salt.data import TokenStore, prepare, validation_batches
+from salt.reference.config import ModelConfig, get_preset, param_count
+from salt.runtime.eval import evaluate
+from salt.runtime.experiments import cloze_stage, report, report_render
 from salt.runtime.experiments.presets import SIZES, ReproduceConfig, config_for  # noqa: F401 (re-exported)
-from salt.reference.config import ModelConfig, param_count
-from salt.runtime.model.checkpoint import read_meta
-from salt.runtime.train import metrics_log
-from salt.runtime.train.config import TrainError
+from salt.runtime.model import checkpoint, transformer as model
+from salt.runtime.model.checkpoint import all_steps, checkpoint_root, read_meta
+from salt.runtime.select import score as score_mod
+from salt.runtime.train import metrics_log, teacher_cache
+from salt.runtime.train.config import TrainConfig, TrainError
 from salt.runtime.train.setup import check_teacher, student_config
+from salt.runtime.train.trainer import train
 
 VARIANTS = ("BASELINE", "RKD", "SALT", "SALT_DS")
 
@@ -65,9 +78,8 @@ class _State:
     """``OUT/state.json``: the settings fingerprint, finished stages and their wall times."""
 
     def __init__(self, out: pathlib.Path, cfg: ReproduceConfig, force: bool):
-        from salt.runtime.model.checkpoint import write_json_atomic
 
-        self._write = write_json_atomic
+        self._write = outputs.write_json
         self.path = out / "state.json"
         settings = dataclasses.asdict(cfg)
         settings.pop("out")
@@ -124,7 +136,6 @@ def train_config(cfg: ReproduceConfig, run_dir, data_dir, *, preset: str, steps:
     ω is constant for the whole run whatever SALT's transition is).  A KD run is top-K KD when
     ``cfg.kd_topk`` is set; ``teacher_cache``: its KD phase reads that cache instead of running
     ``teacher``."""
-    from salt.runtime.train.trainer import TrainConfig
 
     transition = transition or cfg.transition
     if teacher_cache is not None:
@@ -145,7 +156,6 @@ def train_config(cfg: ReproduceConfig, run_dir, data_dir, *, preset: str, steps:
 
 
 def _train(tc, progress=True) -> dict:
-    from salt.runtime.train.trainer import train
 
     run_dir = pathlib.Path(tc.out)
     # a run this command started is continued from its newest intact checkpoint, or started over
@@ -166,7 +176,6 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
     Only valid when both runs are identical up to ``step`` (RKD and SALT with the step
     transition up to n_kd); the directory appears complete or not at all (temp dir + rename).
     """
-    from salt.runtime.model.checkpoint import all_steps, checkpoint_root, write_json_atomic
 
     src_run, dst_run = pathlib.Path(src_run), pathlib.Path(dst_run)
     if step not in all_steps(src_run):
@@ -180,11 +189,10 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
     record["train"] = tc.to_dict()
     record["forked_from"] = {"run": str(src_run.absolute()), "step": int(step)}
     tmp.mkdir(parents=True)
-    write_json_atomic(tmp / "run_config.json", record)  # first: tmp is a run directory throughout
+    outputs.write_json(tmp / "run_config.json", record)  # first: tmp is a run directory throughout
     for s in all_steps(src_run):  # every kept checkpoint up to the fork: a complete-looking run
         if s <= step:
             shutil.copytree(checkpoint_root(src_run) / str(s), checkpoint_root(tmp) / str(s))
-    from salt.runtime.experiments import report
 
     rows = [r for r in report.read_metrics(src_run / "metrics.jsonl") if r.get("step", 0) <= step]
     (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -197,7 +205,6 @@ ONE_CORE_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_th
 def _remove_own(path: pathlib.Path, kind: str) -> None:
     """Delete a directory this command wrote, after proving it holds nothing else (the output
     rule, file by file: salt.core.outputs.foreign_files); refused otherwise."""
-    from salt.core import outputs
 
     if path.exists():
         outputs.check_output_dir(path, kind, mode="replace", what="directory")
@@ -208,7 +215,6 @@ def _worker() -> None:
     """Child process of :func:`_side_by_side`: train the TrainConfig given as JSON on stdin.
     It dies with its parent (SIGTERM, so it saves a checkpoint first) and reports a user error
     as one line (exit 1); stopped by a signal it exits 143."""
-    import signal
 
     try:  # Linux: SIGTERM when the parent dies, even by kill -9
         import ctypes
@@ -218,7 +224,6 @@ def _worker() -> None:
     d = json.loads(sys.stdin.read())
     os.sched_setaffinity(0, {d.pop("core")})  # before XLA starts its threads
     d["keep_checkpoints"] = tuple(d["keep_checkpoints"])
-    from salt.runtime.train.trainer import TrainConfig
 
     try:
         _train(TrainConfig(**d), progress=False)
@@ -240,7 +245,6 @@ def _side_by_side(jobs, state, prepare_job) -> None:
     A job whose prerequisite stage is not done waits; a failed job raises after the others end.
     SIGTERM / SIGINT are forwarded to the workers, which save a checkpoint and exit; then this
     raises (re-run to resume)."""
-    import signal
 
     cores = sorted(os.sched_getaffinity(0))[:2]
     if len(cores) < 2:
@@ -278,8 +282,6 @@ def _side_by_side(jobs, state, prepare_job) -> None:
 def _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job) -> None:
     """:func:`_side_by_side`'s loop: start jobs on free cores, collect the finished ones; no new
     job once a signal came (``stopped``); returns when every worker has exited."""
-    import subprocess
-    import tempfile
 
     while pending or running:
         for core in cores:
@@ -317,7 +319,6 @@ def _run_workers(cores, env, pending, running, failed, stopped, state, prepare_j
 
 
 def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):
-    from salt.runtime.eval import evaluate
 
     if cache.is_file():
         return evaluate.load_stats(cache)
@@ -336,11 +337,7 @@ def arm_suffix(cfg: ReproduceConfig, rho: float) -> str:
 def teacher_sharpness(run_dir, step, data_dir, cfg) -> dict:
     """Entropy (nats) of the KD target softmax(ρ·t) and its top-10 mass, mean over held-out
     target positions, vs the uniform distribution's log V (how informative the target is)."""
-    import jax
-    import jax.numpy as jnp
 
-    from salt.data import validation_batches
-    from salt.runtime.model import checkpoint, transformer as model
 
     config, params, _ = checkpoint.load_params(run_dir, step)
 
@@ -369,7 +366,6 @@ def teacher_caches(cfg: ReproduceConfig, state, out, data_dir, slm_dir, selectio
     no SALT_DS).  The final SLM, top-``cfg.kd_topk``,
     the default compact layout.  Returns ``{(seed, order): cache directory}``; stage ``teacher cache/…``
     records each build's wall time and size."""
-    from salt.runtime.train import teacher_cache
 
     caches = {}
     for seed in cfg.student_seeds():
@@ -445,7 +441,6 @@ def kd_summary(cfg: ReproduceConfig, state, overhead: dict, forked: bool) -> dic
 def _same_corpus(out: pathlib.Path, cfg: ReproduceConfig) -> dict | None:
     """The finished ``data`` stage of the reproduction in ``out`` when ``cfg`` would prepare the
     same corpus (the embedded one, same vocabulary) and ``out/data`` is a store; else None."""
-    from salt.core import outputs
 
     try:
         old = json.loads((out / "state.json").read_text(encoding="utf-8"))
@@ -462,8 +457,6 @@ def check_settings(cfg: ReproduceConfig) -> None:
     """Everything about ``cfg`` that can be checked before a file is written: the fields, the
     presets, each run's training configuration and ``--data`` (a token store).  ValueError
     naming the setting otherwise."""
-    from salt.reference.config import get_preset
-    from salt.runtime.train.config import TrainError
 
     cfg.validate()
     for flag, name in ((("--teacher-preset", cfg.teacher_preset),) if cfg.teacher is None else ()) + (
@@ -486,7 +479,6 @@ def check_settings(cfg: ReproduceConfig) -> None:
         except TrainError as e:
             raise ValueError(f"settings: {e}") from None
     if data is not None:
-        from salt.data import TokenStore
 
         if not data.is_dir():
             raise ValueError(f"--data {str(data)!r} does not exist or is not a directory")
@@ -526,8 +518,6 @@ def given_teachers(cfg: ReproduceConfig, store) -> dict:
 def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the whole reproduction; returns the results dict (also in results.json).
     The settings are checked before anything is written; ``OUT`` is locked while it runs."""
-    from salt.core import outputs
-    from salt.core.lock import DirLock
 
     check_settings(cfg)
     out = pathlib.Path(cfg.out)
@@ -537,59 +527,85 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> 
         return _run(cfg, force=force, progress=progress)
 
 
-def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
-    from salt.runtime.eval import evaluate
-    from salt.runtime.experiments import cloze_stage
-    from salt.runtime.experiments import report, report_render
-    from salt.runtime.select import score as score_mod
-    from salt.runtime.model.checkpoint import all_steps, write_json_atomic
+@dataclasses.dataclass
+class _Run:
+    """What the stages of one reproduction share: its settings, output directory and state, and
+    what earlier stages found (the store, the given teachers, the arms' results)."""
 
-    out = pathlib.Path(cfg.out)
-    from salt.core import outputs  # the output rule of docs/safety.md (OUT, OUT/data, OUT/runs/*)
-    outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
-                             inputs=[p for p in (cfg.data, cfg.teacher, cfg.early_teacher) if p] if force else ())
-    state = None
-    if force and (out / "state.json").is_file():
-        # checked above, file by file: everything in OUT is this command's own.  The fresh state
-        # is written first, so a crash part-way leaves a state that redoes whatever is gone
-        kept_data = _same_corpus(out, cfg)
-        state = _State(out, cfg, force=True)
-        if kept_data is not None:  # the same prepared corpus: kept, with its stage
-            state.finish("data", kept_data["seconds"])
-        for child in sorted(out.iterdir()):
-            if child.name in ("state.json", LOCK_NAME) or (child.name == "data" and kept_data is not None):
-                continue
-            if child.is_dir():
-                outputs.remove_tree(child)
-            else:
-                child.unlink()
-    state = state or _State(out, cfg, force)
-    runs = out / "runs"
+    cfg: ReproduceConfig
+    out: pathlib.Path
+    state: _State
+    progress: bool
+    data_dir: pathlib.Path | None = None
+    store: TokenStore | None = None
+    given: dict = dataclasses.field(default_factory=dict)  # --teacher / --early-teacher identities
+    caches: dict = dataclasses.field(default_factory=dict)
+    arms: dict = dataclasses.field(default_factory=dict)  # per ρ: per-seed results, teacher sharpness
+    slm: dict = dataclasses.field(default_factory=dict)
+    teacher_stats: dict | None = None
+    cloze: dict | None = None
+    results: dict = dataclasses.field(default_factory=dict)
 
-    # 1. data ------------------------------------------------------------------------------
-    data_dir = pathlib.Path(cfg.data) if cfg.data else out / "data"
+    @property
+    def runs(self) -> pathlib.Path:
+        return self.out / "runs"
+
+    @property
+    def slm_dir(self) -> pathlib.Path:  # --teacher: that run is the SLM, its newest checkpoint
+        return pathlib.Path(self.given["teacher"]["path"]) if self.given else self.runs / "SLM"
+
+    @property
+    def slm_step(self) -> int:
+        return self.given["teacher"]["step"] if self.given else self.cfg.teacher_steps
+
+    @property
+    def selecting(self) -> bool:  # the early-checkpoint selection and SALT_DS run
+        return not self.given or self.given["early_teacher"] is not None
+
+    @property
+    def variants(self) -> tuple:
+        return VARIANTS if self.selecting else tuple(v for v in VARIANTS if v != "SALT_DS")
+
+
+def _reset_for_overwrite(out: pathlib.Path, cfg: ReproduceConfig) -> _State:
+    """``--overwrite`` of a reproduction: everything in OUT is this command's own (checked file by
+    file before); the fresh state is written first, so a crash part-way leaves a state that redoes
+    whatever is gone.  The same prepared corpus is kept, with its stage."""
+    kept_data = _same_corpus(out, cfg)
+    state = _State(out, cfg, force=True)
+    if kept_data is not None:
+        state.finish("data", kept_data["seconds"])
+    for child in sorted(out.iterdir()):
+        if child.name in ("state.json", LOCK_NAME) or (child.name == "data" and kept_data is not None):
+            continue
+        if child.is_dir():
+            outputs.remove_tree(child)
+        else:
+            child.unlink()
+    return state
+
+
+def _stage_data(r: _Run) -> None:
+    """1. The token store: ``--data``, or the embedded corpus prepared in OUT/data."""
+    cfg, state = r.cfg, r.state
+    r.data_dir = pathlib.Path(cfg.data) if cfg.data else r.out / "data"
     if cfg.data:
-        if not data_dir.is_dir():
-            raise ValueError(f"--data {str(data_dir)!r} does not exist")
+        if not r.data_dir.is_dir():
+            raise ValueError(f"--data {str(r.data_dir)!r} does not exist")
     elif not state.done("data"):
-        from salt.data import prepare
-
         t0 = time.time()
-        _say(f"preparing the embedded corpus in {data_dir}")
+        _say(f"preparing the embedded corpus in {r.data_dir}")
         kwargs = {} if cfg.vocab_size is None else {"vocab_size": cfg.vocab_size}
         # an own (or empty) store only: prepare's output rule, file by file
-        prepare(str(data_dir), progress=progress, overwrite=True, **kwargs)
+        prepare(str(r.data_dir), progress=r.progress, overwrite=True, **kwargs)
         state.finish("data", time.time() - t0)
-    from salt.data import TokenStore
+    r.store = TokenStore(r.data_dir)
+    r.given = given_teachers(cfg, r.store)
 
-    store = TokenStore(data_dir)
 
-    # 2. SLM teacher -----------------------------------------------------------------------
-    given = given_teachers(cfg, store)  # --teacher: that run is the SLM, its newest checkpoint
-    slm_dir = pathlib.Path(given["teacher"]["path"]) if given else runs / "SLM"
-    slm_step = given["teacher"]["step"] if given else cfg.teacher_steps
-    selecting = not given or given["early_teacher"] is not None
-    variants = VARIANTS if selecting else tuple(v for v in VARIANTS if v != "SALT_DS")
+def _stage_slm(r: _Run) -> None:
+    """2. The SLM teacher: trained here, or the given ``--teacher`` (pinned in the state)."""
+    cfg, state, given = r.cfg, r.state, r.given
     if given:
         recorded = state.info("slm").get("teacher")
         if recorded is not None and (recorded["manifest_sha256"], recorded["step"]) != (
@@ -598,72 +614,87 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
                              f"({recorded['path']} step {recorded['step']}, manifest sha256 "
                              f"{recorded['manifest_sha256'][:16]}...); use another --out or --overwrite")
         if not state.done("slm"):
-            _say(f"using the given SLM {given['teacher']['path']} (step {slm_step}); not training one")
+            _say(f"using the given SLM {given['teacher']['path']} (step {r.slm_step}); not training one")
             state.finish("slm", 0.0, teacher=given["teacher"], early_teacher=given["early_teacher"])
     if not state.done("slm"):
         t0 = time.time()
         _say(f"training the SLM teacher ({cfg.teacher_preset}, {cfg.teacher_steps} steps)")
-        _train(train_config(cfg, slm_dir, data_dir, preset=cfg.teacher_preset,
+        _train(train_config(cfg, r.slm_dir, r.data_dir, preset=cfg.teacher_preset,
                             steps=cfg.teacher_steps, kd_steps=0, seed=cfg.seed,
                             batch=cfg.teacher_batch,
-                            checkpoint_every=math.gcd(cfg.early_step, cfg.kd_steps)), progress)
+                            checkpoint_every=math.gcd(cfg.early_step, cfg.kd_steps)), r.progress)
         state.finish("slm", time.time() - t0)
 
-    # 3. score + select --------------------------------------------------------------------
-    scores_path, selection_path = out / "scores.npz", out / "selection.npy"
-    scorer = (given["early_teacher"]["path"], given["early_teacher"]["step"]) if given and selecting \
-        else (str(slm_dir), cfg.early_step)
-    if not selecting:
+
+def _stage_score(r: _Run) -> None:
+    """3. Score candidate windows with the early checkpoint (eq. 11) and select the top m."""
+    cfg, state, given = r.cfg, r.state, r.given
+    scores_path, selection_path = r.out / "scores.npz", r.out / "selection.npy"
+    scorer = (given["early_teacher"]["path"], given["early_teacher"]["step"]) if given and r.selecting \
+        else (str(r.slm_dir), cfg.early_step)
+    if not r.selecting:
         _say("no --early-teacher: the early-checkpoint selection and SALT_DS are not run")
-    elif not state.done("score"):
-        t0 = time.time()
-        _say(f"scoring candidate windows with {scorer[0]} step {scorer[1]} (k={cfg.k})")
-        job = score_mod.ScoreJob(teacher=scorer[0], teacher_step=scorer[1], data=str(data_dir),
-                                 out=str(scores_path), k=cfg.k, seq_len=cfg.seq_len,
-                                 batch=cfg.eval_batch, max_candidates=cfg.candidates, force=True)
-        summary = score_mod.score(job, progress=progress)
-        z = score_mod.load_scores(scores_path)
-        m = cfg.kd_steps * cfg.batch
-        clipped = m > z["window_ids"].size
-        m = min(m, int(z["window_ids"].size))
-        ids = score_mod.select_top_m(z["window_ids"], z["scores"], m)
-        outputs.save_npy(selection_path, ids)
-        finite = z["scores"][np.isfinite(z["scores"])]
-        selected = z["scores"][np.isin(z["window_ids"], ids)]
-        state.finish("score", time.time() - t0, n_scored=summary["n_scored"], notes=summary["notes"],
-                     n_train_windows=summary["n_train_windows"],
-                     n_excluded=summary["n_excluded"], m=int(m), clipped=bool(clipped),
-                     score_median=float(np.median(finite)) if finite.size else math.nan,
-                     zero_fraction=float(np.mean(z["scores"] == 0.0)),
-                     selected_median=float(np.median(selected[np.isfinite(selected)]))
-                     if np.isfinite(selected).any() else math.nan)
+        return
+    if state.done("score"):
+        return
+    t0 = time.time()
+    _say(f"scoring candidate windows with {scorer[0]} step {scorer[1]} (k={cfg.k})")
+    job = score_mod.ScoreJob(teacher=scorer[0], teacher_step=scorer[1], data=str(r.data_dir),
+                             out=str(scores_path), k=cfg.k, seq_len=cfg.seq_len,
+                             batch=cfg.eval_batch, max_candidates=cfg.candidates, force=True)
+    summary = score_mod.score(job, progress=r.progress)
+    z = score_mod.load_scores(scores_path)
+    m = cfg.kd_steps * cfg.batch
+    clipped = m > z["window_ids"].size
+    m = min(m, int(z["window_ids"].size))
+    ids = score_mod.select_top_m(z["window_ids"], z["scores"], m)
+    outputs.save_npy(selection_path, ids)
+    finite = z["scores"][np.isfinite(z["scores"])]
+    selected = z["scores"][np.isin(z["window_ids"], ids)]
+    state.finish("score", time.time() - t0, n_scored=summary["n_scored"], notes=summary["notes"],
+                 n_train_windows=summary["n_train_windows"],
+                 n_excluded=summary["n_excluded"], m=int(m), clipped=bool(clipped),
+                 score_median=float(np.median(finite)) if finite.size else math.nan,
+                 zero_fraction=float(np.mean(z["scores"] == 0.0)),
+                 selected_median=float(np.median(selected[np.isfinite(selected)]))
+                 if np.isfinite(selected).any() else math.nan)
 
-    # 3b. teacher caches: the SLM's top-K over every KD phase's windows, computed once ---------
-    caches = teacher_caches(cfg, state, out, data_dir, slm_dir, selection_path if selecting else None,
-                            progress) if cfg.teacher_cache else {}
 
-    # 4. students, per seed ----------------------------------------------------------------
+def _stage_caches(r: _Run) -> None:
+    """3b. Teacher caches: the SLM's top-K over every KD phase's windows, computed once."""
+    if r.cfg.teacher_cache:
+        r.caches = teacher_caches(r.cfg, r.state, r.out, r.data_dir, r.slm_dir,
+                                  r.out / "selection.npy" if r.selecting else None, r.progress)
+
+
+def _student_jobs(r: _Run) -> list:
+    """The unfinished student runs: ``(stage, TrainConfig, forked, stage it waits for)``."""
+    cfg = r.cfg
     plan = {"BASELINE": dict(kd_steps=0),
-            "RKD": dict(kd_steps=cfg.steps, teacher=slm_dir, transition="step"),
-            "SALT": dict(kd_steps=cfg.kd_steps, teacher=slm_dir),
-            "SALT_DS": dict(kd_steps=cfg.kd_steps, teacher=slm_dir, subset=selection_path)}
-    fork = cfg.transition == "step"
-    jobs = []  # (stage, TrainConfig, forked, stage it waits for)
+            "RKD": dict(kd_steps=cfg.steps, teacher=r.slm_dir, transition="step"),
+            "SALT": dict(kd_steps=cfg.kd_steps, teacher=r.slm_dir),
+            "SALT_DS": dict(kd_steps=cfg.kd_steps, teacher=r.slm_dir, subset=r.out / "selection.npy")}
+    jobs = []
     for seed in cfg.student_seeds():
         for rho in cfg.rhos():  # the extra ρ arms share BASELINE: it is trained once, in the lead arm
             arm_cfg, arm = dataclasses.replace(cfg, rho=rho), arm_suffix(cfg, rho)
             for name in ("BASELINE", "RKD", "SALT_DS", "SALT"):  # SALT last: it waits for RKD
-                if (name == "BASELINE" and arm) or name not in variants:
+                if (name == "BASELINE" and arm) or name not in r.variants:
                     continue
-                run_dir = runs / f"{name}{arm}-seed{seed}"
                 order = "selected" if name == "SALT_DS" else "all"
-                tc = train_config(arm_cfg, run_dir, data_dir, preset=cfg.student_preset, steps=cfg.steps,
-                                  checkpoint_every=cfg.eval_every, seed=seed,
-                                  teacher_cache=caches.get((seed, order)) if name != "BASELINE" else None,
+                tc = train_config(arm_cfg, r.runs / f"{name}{arm}-seed{seed}", r.data_dir, preset=cfg.student_preset,
+                                  steps=cfg.steps, checkpoint_every=cfg.eval_every, seed=seed,
+                                  teacher_cache=r.caches.get((seed, order)) if name != "BASELINE" else None,
                                   **plan[name])
-                forked = name == "SALT" and fork
+                forked = name == "SALT" and cfg.transition == "step"
                 jobs.append((f"{name}{arm}/seed{seed}", tc, forked, f"RKD{arm}/seed{seed}" if forked else None))
-    jobs = [j for j in jobs if not state.done(j[0])]
+    return [j for j in jobs if not r.state.done(j[0])]
+
+
+def _stage_students(r: _Run) -> None:
+    """4. BASELINE, RKD, SALT and SALT_DS per seed (and per extra ρ arm), two at a time."""
+    cfg, state = r.cfg, r.state
+    jobs = _student_jobs(r)
 
     def prepare_job(stage, tc, forked):
         run_dir = pathlib.Path(tc.out)
@@ -684,130 +715,165 @@ def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) ->
             continue
         t0 = time.time()
         prepare_job(stage, tc, forked)
-        _train(tc, progress)
+        _train(tc, r.progress)
         state.finish(stage, time.time() - t0, forked=forked)
 
-    # 5. KD-step overhead, interleaved in one process ---------------------------------------
-    if not state.done("overhead"):
-        from salt.bench.step import run_benchmark
 
-        t0 = time.time()
-        _say("timing KD and standard steps interleaved (salt bench step)")
-        b = run_benchmark(cfg.student_preset, cfg.teacher_preset, vocab=store.vocab_size,
-                          teacher_config=ModelConfig.from_dict(given["teacher"]["config"]) if given else None,
-                          batch=cfg.batch, seq_len=cfg.seq_len, optimizer=cfg.optimizer,
-                          iters=cfg.overhead_iters, warmup=1, transition=cfg.transition,
-                          kd_topk=cfg.kd_topk, progress=False)
-        keys = ("standard_step_s", "kd_step_s", "measured_ratio", "predicted_ratio",
-                "matmul_flops_per_s", "standard_fraction_of_matmul", "kd_fraction_of_matmul",
-                "standard_tokens_per_s", "iters", "standard_step_cpu_s", "kd_step_cpu_s", "cpu_ratio")
-        if cfg.kd_topk is not None:
-            keys += ("cached_step_s", "cached_ratio", "cached_vs_online", "cache_bytes_per_token")
-        state.finish("overhead", time.time() - t0, **{k: b[k] for k in keys})
-
-    # 6. evaluation ------------------------------------------------------------------------
+def _stage_overhead(r: _Run) -> None:
+    """5. KD-step overhead, the two steps interleaved in one process (``salt bench step``)."""
+    cfg, state = r.cfg, r.state
+    if state.done("overhead"):
+        return
     t0 = time.time()
-    eval_dir = out / "eval"
+    _say("timing KD and standard steps interleaved (salt bench step)")
+    b = run_benchmark(cfg.student_preset, cfg.teacher_preset, vocab=r.store.vocab_size,
+                      teacher_config=ModelConfig.from_dict(r.given["teacher"]["config"]) if r.given else None,
+                      batch=cfg.batch, seq_len=cfg.seq_len, optimizer=cfg.optimizer,
+                      iters=cfg.overhead_iters, warmup=1, transition=cfg.transition,
+                      kd_topk=cfg.kd_topk, progress=False)
+    keys = ("standard_step_s", "kd_step_s", "measured_ratio", "predicted_ratio",
+            "matmul_flops_per_s", "standard_fraction_of_matmul", "kd_fraction_of_matmul",
+            "standard_tokens_per_s", "iters", "standard_step_cpu_s", "kd_step_cpu_s", "cpu_ratio")
+    if cfg.kd_topk is not None:
+        keys += ("cached_step_s", "cached_ratio", "cached_vs_online", "cache_bytes_per_token")
+    state.finish("overhead", time.time() - t0, **{k: b[k] for k in keys})
+
+
+def _stage_eval(r: _Run) -> None:
+    """6. Held-out statistics of the SLM and of every kept student checkpoint, per ρ arm."""
+    cfg, state = r.cfg, r.state
+    t0 = time.time()
+    eval_dir = r.out / "eval"
     eval_dir.mkdir(exist_ok=True)
     _say("evaluating every kept checkpoint on the held-out split")
-    teacher_stats = _eval_stats(eval_dir / f"SLM_{slm_step}.npz", slm_dir, slm_step, data_dir, cfg)
-    slm_steps = [slm_step] if given else sorted({s for s in all_steps(slm_dir) if s in (cfg.kd_steps, slm_step)})
-    slm = {}
+    r.teacher_stats = _eval_stats(eval_dir / f"SLM_{r.slm_step}.npz", r.slm_dir, r.slm_step, r.data_dir, cfg)
+    slm_steps = [r.slm_step] if r.given else sorted({s for s in all_steps(r.slm_dir)
+                                                     if s in (cfg.kd_steps, r.slm_step)})
     for s in slm_steps:
-        summary = evaluate.summarize(_eval_stats(eval_dir / f"SLM_{s}.npz", slm_dir, s, data_dir,
-                                                 cfg), teacher_stats)
+        summary = evaluate.summarize(_eval_stats(eval_dir / f"SLM_{s}.npz", r.slm_dir, s, r.data_dir,
+                                                 cfg), r.teacher_stats)
         summary["step"] = s
-        slm["final" if s == slm_step else "at_kd"] = summary
-    if not given:  # a given teacher's run is the user's: nothing is written into it
-        metrics_log.write_eval(slm_dir, {v["step"]: {k: x for k, x in v.items() if k != "step"}
-                                         for v in slm.values()})
-    arms = {}  # per ρ: per-seed results of its RKD, SALT, SALT_DS against the shared BASELINE
-    for rho in cfg.rhos():
+        r.slm["final" if s == r.slm_step else "at_kd"] = summary
+    if not r.given:  # a given teacher's run is the user's: nothing is written into it
+        metrics_log.write_eval(r.slm_dir, {v["step"]: {k: x for k, x in v.items() if k != "step"}
+                                           for v in r.slm.values()})
+    for rho in cfg.rhos():  # per ρ: per-seed results of its RKD, SALT, SALT_DS against the shared BASELINE
         arm = arm_suffix(cfg, rho)
-        per_seed = {}
-        for seed in cfg.student_seeds():
-            stats = {}
-            for name in variants:
-                run_name = f"{name}{'' if name == 'BASELINE' else arm}"
-                run_dir = runs / f"{run_name}-seed{seed}"
-                for s in all_steps(run_dir):
-                    if s <= cfg.steps:
-                        stats[(name, s)] = _eval_stats(eval_dir / f"seed{seed}_{run_name}_{s}.npz",
-                                                       run_dir, s, data_dir, cfg)
-                metrics_log.write_eval(run_dir, {s: evaluate.summarize(stats[(name, s)], teacher_stats)
-                                                 for (n, s) in stats if n == name})
-            per_seed[str(seed)] = report.seed_results(stats, teacher_stats, n_kd=cfg.kd_steps,
-                                                      n_steps=cfg.steps)
+        per_seed = {str(seed): _seed_results(r, seed, arm, eval_dir) for seed in cfg.student_seeds()}
         if not state.done(f"sharpness{arm}"):
             state.finish(f"sharpness{arm}", 0.0, **teacher_sharpness(
-                slm_dir, slm_step, data_dir, dataclasses.replace(cfg, rho=rho)))
-        arms[rho] = {"per_seed": per_seed, "sharpness": {k: v for k, v in state.info(f"sharpness{arm}").items()
-                                                         if k != "seconds"}}
-    per_seed = arms[cfg.rho]["per_seed"]
+                r.slm_dir, r.slm_step, r.data_dir, dataclasses.replace(cfg, rho=rho)))
+        r.arms[rho] = {"per_seed": per_seed, "sharpness": {k: v for k, v in state.info(f"sharpness{arm}").items()
+                                                           if k != "seconds"}}
     if not state.done("eval"):
         state.finish("eval", time.time() - t0)
+
+
+def _seed_results(r: _Run, seed: int, arm: str, eval_dir: pathlib.Path) -> dict:
+    """One seed's evaluated variants of one ρ arm (:func:`report.seed_results`); each run's
+    evaluations also go to its TensorBoard files."""
+    stats = {}
+    for name in r.variants:
+        run_name = f"{name}{'' if name == 'BASELINE' else arm}"
+        run_dir = r.runs / f"{run_name}-seed{seed}"
+        for s in all_steps(run_dir):
+            if s <= r.cfg.steps:
+                stats[(name, s)] = _eval_stats(eval_dir / f"seed{seed}_{run_name}_{s}.npz",
+                                               run_dir, s, r.data_dir, r.cfg)
+        metrics_log.write_eval(run_dir, {s: evaluate.summarize(stats[(name, s)], r.teacher_stats)
+                                         for (n, s) in stats if n == name})
+    return report.seed_results(stats, r.teacher_stats, n_kd=r.cfg.kd_steps, n_steps=r.cfg.steps)
+
+
+def _stage_cloze(r: _Run) -> None:
+    """6b. The LAMBADA-style last-word task on held-out passages (appendix J)."""
     t0 = time.time()
-    if not state.done("cloze"):
+    if not r.state.done("cloze"):
         _say("scoring the LAMBADA-style last-word task (held-out passages, SLM-difficulty buckets)")
-    cloze_result = cloze_stage.reproduce_stage(out, cfg, data_dir, variants, slm=(slm_dir, slm_step))
-    if not state.done("cloze"):
-        state.finish("cloze", time.time() - t0, n_passages=cloze_result["n_passages"])
+    r.cloze = cloze_stage.reproduce_stage(r.out, r.cfg, r.data_dir, r.variants, slm=(r.slm_dir, r.slm_step))
+    if not r.state.done("cloze"):
+        r.state.finish("cloze", time.time() - t0, n_passages=r.cloze["n_passages"])
 
-    # 7. accounting + report ---------------------------------------------------------------
-    from salt.reference.config import get_preset
 
+def _overhead(ov: dict) -> dict:
+    """The report's KD-step overhead from the ``overhead`` stage's measurements."""
+    return {"kd_step_s": ov["kd_step_s"], "std_step_s": ov["standard_step_s"],
+            **report.overhead_estimate(ov), "predicted": ov["predicted_ratio"] - 1.0,
+            "matmul_flops_per_s": ov["matmul_flops_per_s"],
+            "standard_fraction_of_matmul": ov["standard_fraction_of_matmul"],
+            "kd_fraction_of_matmul": ov["kd_fraction_of_matmul"], "iters": ov["iters"],
+            **{k: ov[k] for k in ("cached_step_s", "cached_ratio", "cached_vs_online",
+                                  "cache_bytes_per_token") if k in ov}}
+
+
+def _stage_report(r: _Run) -> None:
+    """7. Accounting, verdicts, plots: OUT/results.json and OUT/report.md."""
+    cfg, state, given, store = r.cfg, r.state, r.given, r.store
     t_cfg = (ModelConfig.from_dict(given["teacher"]["config"]) if given
              else get_preset(cfg.teacher_preset)).replace(vocab_size=store.vocab_size)
     s_cfg = get_preset(cfg.student_preset).replace(vocab_size=store.vocab_size)
     ov = state.info("overhead")
-    overhead = {"kd_step_s": ov["kd_step_s"], "std_step_s": ov["standard_step_s"],
-                **report.overhead_estimate(ov), "predicted": ov["predicted_ratio"] - 1.0,
-                "matmul_flops_per_s": ov["matmul_flops_per_s"],
-                "standard_fraction_of_matmul": ov["standard_fraction_of_matmul"],
-                "kd_fraction_of_matmul": ov["kd_fraction_of_matmul"], "iters": ov["iters"],
-                **{k: ov[k] for k in ("cached_step_s", "cached_ratio", "cached_vs_online",
-                                      "cache_bytes_per_token") if k in ov}}
-    for arm in arms.values():
+    overhead = _overhead(ov)
+    for arm in r.arms.values():
         for seed_result in arm["per_seed"].values():
             report.add_efficiency(seed_result, cfg.kd_steps, cfg.steps, overhead["overhead"])
-    results = {"config": dataclasses.asdict(cfg), "seeds": cfg.student_seeds(), "slm": slm,
+    per_seed = r.arms[cfg.rho]["per_seed"]
+    results = {"config": dataclasses.asdict(cfg), "seeds": cfg.student_seeds(), "slm": r.slm,
                "per_seed": per_seed, "pooled": report.pool_seeds(per_seed),
-               "overhead": overhead, "eval_windows": int(teacher_stats["window_ids"].size),
-               "sharpness": arms[cfg.rho]["sharpness"],
+               "overhead": overhead, "eval_windows": int(r.teacher_stats["window_ids"].size),
+               "sharpness": r.arms[cfg.rho]["sharpness"],
                "params": {"teacher_non_embedding": param_count(t_cfg, embedding=False),
                           "student_non_embedding": param_count(s_cfg, embedding=False),
                           "vocab_size": store.vocab_size},
                "tokens": {"student": cfg.steps * cfg.batch * cfg.seq_len,
                           "teacher": None if given else  # a given teacher's training is unknown here
                           cfg.teacher_steps * (cfg.teacher_batch or cfg.batch) * cfg.seq_len}}
-    results["teacher"] = teacher_summary(given, slm_dir, slm_step, cfg)
+    results["teacher"] = teacher_summary(given, r.slm_dir, r.slm_step, cfg)
     sel = state.info("score")
     results["selection"] = {k: sel[k] for k in ("n_scored", "n_train_windows", "n_excluded", "m", "clipped",
                                                 "score_median", "selected_median", "zero_fraction", "notes")
                             if k in sel}
-    if not selecting:
+    if not r.selecting:
         results["selection"] = {"skipped": "no --early-teacher was given with --teacher: the early-checkpoint "
                                            "selection (eq. 11) and SALT_DS were not run"}
-    results["cloze"] = cloze_result
-    results["kd"] = kd_summary(cfg, state, ov, fork)
+    results["cloze"] = r.cloze
+    results["kd"] = kd_summary(cfg, state, ov, cfg.transition == "step")
     results["claims"] = report.claims(results)
-    results["rho_arms"] = report.rho_arms(results, {rho: arm for rho, arm in arms.items()})
+    results["rho_arms"] = report.rho_arms(results, dict(r.arms))
     metrics = {}
     for seed in cfg.student_seeds():
-        for name in variants:
-            path = runs / f"{name}-seed{seed}" / "metrics.jsonl"
+        for name in r.variants:
+            path = r.runs / f"{name}-seed{seed}" / "metrics.jsonl"
             if path.is_file():
                 metrics.setdefault(name, []).append(report.read_metrics(path))
-    results["plots"] = report_render.plot_all(results, metrics, out)
+    results["plots"] = report_render.plot_all(results, metrics, r.out)
     stages = state.data["stages"]
     results["timings"] = {stage: info["seconds"] for stage, info in stages.items()
                           if not stage.startswith("sharpness") and not info.get("side_by_side")}
     results["side_by_side_runs"] = {stage: info["seconds"] for stage, info in stages.items()
                                     if info.get("side_by_side")}
     results["machine"] = {"cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg())}
-    write_json_atomic(out / "results.json", results)
-    results["report"] = report_render.write_report(results, out)
+    outputs.write_json(r.out / "results.json", results)
+    results["report"] = report_render.write_report(results, r.out)
     _say(f"report written to {results['report']}")
     for line in report.verdict_lines(results):
         _say(line)
-    return results
+    r.results = results
+
+
+# The reproduction, stage by stage (each records itself in OUT/state.json when finished).
+STAGES = (("data", _stage_data), ("slm", _stage_slm), ("score", _stage_score), ("teacher caches", _stage_caches),
+          ("students", _stage_students), ("overhead", _stage_overhead), ("eval", _stage_eval),
+          ("cloze", _stage_cloze), ("report", _stage_report))
+
+
+def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
+    out = pathlib.Path(cfg.out)
+    # the output rule of docs/safety.md (OUT, OUT/data, OUT/runs/*), again, holding the lock
+    outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
+                             inputs=[p for p in (cfg.data, cfg.teacher, cfg.early_teacher) if p] if force else ())
+    state = _reset_for_overwrite(out, cfg) if force and (out / "state.json").is_file() else _State(out, cfg, force)
+    r = _Run(cfg, out, state, progress)
+    for _, stage in STAGES:
+        stage(r)
+    return r.results

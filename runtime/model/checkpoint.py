@@ -344,7 +344,3 @@ def load_params(path, step: int | None = None, *, shardings=None):
     finally:
         mngr.close()
     return config, out["params"], dict(meta, step=int(step), manifest_sha256=digest)
-
-
-# the one atomic JSON writer (salt.core.outputs); kept under this name for its callers
-write_json_atomic = outputs.write_json

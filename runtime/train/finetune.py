@@ -308,7 +308,7 @@ def _finetune_locked(cfg: FinetuneConfig, out: pathlib.Path, progress: bool) -> 
     store_path = str(pathlib.Path(base.store.path).absolute())
     identity = {"path": str(pathlib.Path(base.run_dir).absolute()), "step": int(base.step)}
     if start_step == 0 or not (out / "run_config.json").exists():
-        checkpoint.write_json_atomic(out / "run_config.json", {
+        outputs.write_json(out / "run_config.json", {
             "finetune": cfg.to_dict(), "model": config.to_dict(), "base": identity,
             "tokenizer_sha256": base.store.tokenizer_sha256, "seq_len": seq_len,
             "n_train": len(train_ex), "n_eval": len(eval_ex)})
@@ -384,7 +384,7 @@ def evaluate_examples(params, config, base: LoadedModel, examples, cfg: Finetune
                   f"{cfg.data} (held-out eval_fraction={cfg.eval_fraction}, seed={cfg.seed})")
     out = pathlib.Path(out)
     outputs.write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    checkpoint.write_json_atomic(out / "eval.json", result)
+    outputs.write_json(out / "eval.json", result)
     return result
 
 

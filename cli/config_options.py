@@ -36,8 +36,12 @@ def _step_list(ctx, param, value):
 def _option(field: dataclasses.Field, hint, required: bool):
     meta = field.metadata
     flag = meta.get("flag") or "--" + field.name.replace("_", "-")
-    default = None if required else field.default
     kwargs = dict(help=meta["help"], metavar=meta.get("metavar"))
+    default = None if required or field.default is dataclasses.MISSING else field.default
+    if field.default is dataclasses.MISSING and not required:
+        # no default and not filled in by the command (e.g. from --config); click 8.5 takes an
+        # explicit default=None as a given value, so a required option gets no default at all
+        kwargs["required"] = True
     base = _base(hint)
     if base is bool:  # a flag; "--x/--no-x" in the metadata for both forms
         if "/" in flag:
@@ -57,13 +61,15 @@ def _option(field: dataclasses.Field, hint, required: bool):
         kind = click.FloatRange(min=meta["min"])
     else:
         kind = base
-    return click.option(flag, field.name, type=kind, default=default,
-                        show_default=default is not None and default != "", **kwargs)
+    if not kwargs.get("required"):
+        kwargs.update(default=default, show_default=default is not None and default != "")
+    return click.option(flag, field.name, type=kind, **kwargs)
 
 
 def config_options(cls, *, required: tuple = ()):
-    """A decorator adding one click option per field of the dataclass ``cls`` (in field order);
-    the fields in ``required`` get no default on the command line (the command checks them)."""
+    """A decorator adding one click option per field of the dataclass ``cls`` (in field order).
+    A field without a default is a required option, unless it is in ``required``: then it has no
+    default on the command line and the command checks it (it may come from a file)."""
     hints = typing.get_type_hints(cls)
 
     def decorate(command):

@@ -91,7 +91,7 @@ class NonFiniteLoss(TrainError):
         super().__init__(f"non-finite loss {loss} at step {step}; training stopped; {kept}")
 
 
-def _opt(default, group: str, help: str, *, choices=None, min=None, max=None, path: bool = False,
+def setting(default, group: str, help: str, *, choices=None, min=None, max=None, path: bool = False,
          flag: str | None = None, metavar: str | None = None):
     """A :class:`TrainConfig` field with what the command line and ``--config`` files are built
     from: its group (model / data / kd / optimizer / run), help text, allowed values (``choices``,
@@ -103,79 +103,79 @@ def _opt(default, group: str, help: str, *, choices=None, min=None, max=None, pa
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """One training run.  Each field's metadata (:func:`_opt`) says its group, its help and its
+    """One training run.  Each field's metadata (:func:`setting`) says its group, its help and its
     allowed values; ``salt train``'s options and the ``--config`` groups are generated from them."""
 
     # --- model
-    preset: str = _opt(dataclasses.MISSING, "model",
+    preset: str = setting(dataclasses.MISSING, "model",
                        "Model preset of the student (see `salt presets`); required unless --init.")
-    init: str | None = _opt(None, "model", "Start from this run's newest checkpoint (its architecture and weights, "
+    init: str | None = setting(None, "model", "Start from this run's newest checkpoint (its architecture and weights, "
                             "e.g. from `salt import hf`) instead of a preset: continued pre-training.", path=True)
-    dtype: str = _opt("float32", "model", "Compute dtype (parameters and loss stay float32).", choices=DTYPES)
-    kernels: str = _opt("auto", "model", "Attention / KD-loss implementation: pallas (TPU), xla (chunked pure "
+    dtype: str = setting("float32", "model", "Compute dtype (parameters and loss stay float32).", choices=DTYPES)
+    kernels: str = setting("auto", "model", "Attention / KD-loss implementation: pallas (TPU), xla (chunked pure "
                         "JAX), naive (full-size maths); auto = pallas on TPU, xla elsewhere.", choices=KERNELS)
-    remat: bool = _opt(False, "model", "Recompute layer activations in the backward.", flag="--remat/--no-remat")
-    vocab_chunks: int | None = _opt(None, "model", "Vocabulary-parallel loss on a data-only mesh: the vocabulary in "
+    remat: bool = setting(False, "model", "Recompute layer activations in the backward.", flag="--remat/--no-remat")
+    vocab_chunks: int | None = setting(None, "model", "Vocabulary-parallel loss on a data-only mesh: the vocabulary in "
                                     "this many chunks, each gathered whole on every device in turn (fewer: faster, "
                                     "more memory). Default: on for embeddings of 64 MiB or more, about 8192 rows per "
                                     "chunk. Not with --kd-topk.", min=1)
     # --- data
-    data: str = _opt(dataclasses.MISSING, "data", "Token store (from `salt data prepare`). Required.", path=True)
-    seq_len: int = _opt(64, "data", "Tokens per window T.", min=1)
-    batch: int = _opt(8, "data", "Global batch (windows).", min=1)
-    subset: str | None = _opt(None, "data", "SALT_DS: selection file (.npy window ids) the KD phase draws from.",
+    data: str = setting(dataclasses.MISSING, "data", "Token store (from `salt data prepare`). Required.", path=True)
+    seq_len: int = setting(64, "data", "Tokens per window T.", min=1)
+    batch: int = setting(8, "data", "Global batch (windows).", min=1)
+    subset: str | None = setting(None, "data", "SALT_DS: selection file (.npy window ids) the KD phase draws from.",
                               path=True)
-    exclude: str | None = _opt(None, "data", ".npy window ids never trained on.", path=True)
-    objective: str = _opt("causal", "data", "causal: next-token LM; ul2: the paper's UL2 mixture (causal, prefix "
+    exclude: str | None = setting(None, "data", ".npy window ids never trained on.", path=True)
+    objective: str = setting("causal", "data", "causal: next-token LM; ul2: the paper's UL2 mixture (causal, prefix "
                           "LM, span corruption 15%/3 and 50%/32 at 6:2:1:1; loss and KD on targets only; needs a "
                           "store prepared with --sentinels).", choices=OBJECTIVES)
-    seed: int = _opt(0, "data", "Seed of the initial parameters and of the data order.", min=0, max=2**63 - 1)
+    seed: int = setting(0, "data", "Seed of the initial parameters and of the data order.", min=0, max=2**63 - 1)
     # --- kd
-    teacher: str | None = _opt(None, "kd", "Teacher run directory or checkpoint (needed when --kd-steps > 0).",
+    teacher: str | None = setting(None, "kd", "Teacher run directory or checkpoint (needed when --kd-steps > 0).",
                                path=True)
-    teacher_step: int | None = _opt(None, "kd", "Teacher checkpoint step (default: latest).")
-    kd_steps: int = _opt(0, "kd", "n_kd: steps of the KD phase (0 = BASELINE, = --steps for RKD).", min=0)
-    omega: float = _opt(PAPER_OMEGA, "kd", "Distillation weight ω in [0, 1].")
-    rho: float = _opt(PAPER_RHO, "kd", "Teacher temperature ρ > 0.")
-    kd_topk: int | None = _opt(None, "kd", "Top-k KD (paper eq. 13-14): P and Q restricted to the teacher's top-K "
+    teacher_step: int | None = setting(None, "kd", "Teacher checkpoint step (default: latest).")
+    kd_steps: int = setting(0, "kd", "n_kd: steps of the KD phase (0 = BASELINE, = --steps for RKD).", min=0)
+    omega: float = setting(PAPER_OMEGA, "kd", "Distillation weight ω in [0, 1].")
+    rho: float = setting(PAPER_RHO, "kd", "Teacher temperature ρ > 0.")
+    kd_topk: int | None = setting(None, "kd", "Top-k KD (paper eq. 13-14): P and Q restricted to the teacher's top-K "
                                "tokens and renormalised over them (default: full-vocabulary KD).", min=1)
-    teacher_cache: str | None = _opt(None, "kd", "A `salt teacher cache` directory: the KD phase reads the "
+    teacher_cache: str | None = setting(None, "kd", "A `salt teacher cache` directory: the KD phase reads the "
                                      "teacher's top-k from it (no teacher forward; needs --kd-topk K <= the "
                                      "cache's k; instead of --teacher).", path=True)
-    transition: str = _opt("step", "kd", "How ω goes to 0 at the end of the KD phase.", choices=losses.TRANSITIONS)
-    kd_steps1: int | None = _opt(None, "kd", "n_kd1: where the linear transitions start.", min=0)
+    transition: str = setting("step", "kd", "How ω goes to 0 at the end of the KD phase.", choices=losses.TRANSITIONS)
+    kd_steps1: int | None = setting(None, "kd", "n_kd1: where the linear transitions start.", min=0)
     # --- optimizer
-    optimizer: str = _opt("adafactor", "optimizer", "The optimizer.", choices=optim.OPTIMIZERS)
-    steps: int = _opt(100, "optimizer", "Total training steps n. Required.", min=1)
-    lr: float = _opt(1e-3, "optimizer", "Peak learning rate.", min=0)
-    final_lr: float = _opt(1e-4, "optimizer", "Learning rate at the last step.", min=0)
-    warmup: int = _opt(0, "optimizer", "Linear warm-up steps.", min=0)
-    clip: float = _opt(1.0, "optimizer", "Global-norm gradient clipping (0: off).", min=0)
-    weight_decay: float = _opt(0.0, "optimizer", "Decoupled weight decay.", min=0)
-    grad_accum: int = _opt(1, "optimizer", "Microbatches per step (gradients accumulated inside the compiled "
+    optimizer: str = setting("adafactor", "optimizer", "The optimizer.", choices=optim.OPTIMIZERS)
+    steps: int = setting(100, "optimizer", "Total training steps n. Required.", min=1)
+    lr: float = setting(1e-3, "optimizer", "Peak learning rate.", min=0)
+    final_lr: float = setting(1e-4, "optimizer", "Learning rate at the last step.", min=0)
+    warmup: int = setting(0, "optimizer", "Linear warm-up steps.", min=0)
+    clip: float = setting(1.0, "optimizer", "Global-norm gradient clipping (0: off).", min=0)
+    weight_decay: float = setting(0.0, "optimizer", "Decoupled weight decay.", min=0)
+    grad_accum: int = setting(1, "optimizer", "Microbatches per step (gradients accumulated inside the compiled "
                            "step, one update): the same step as the whole batch, on less memory. Must divide "
                            "--batch.", min=1)
     # --- run
-    out: str = _opt(dataclasses.MISSING, "run", "Run directory (checkpoints, metrics). Required.", path=True)
-    runtime: str = _opt("jax", "run", "tpu / gpu / cpu: the JAX runtime on that platform's devices (an error if "
+    out: str = setting(dataclasses.MISSING, "run", "Run directory (checkpoints, metrics). Required.", path=True)
+    runtime: str = setting("jax", "run", "tpu / gpu / cpu: the JAX runtime on that platform's devices (an error if "
                         "there are none); jax: JAX's default platform; reference: the NumPy reference trainer on "
                         "the same batches (tiny models).", choices=RUNTIMES)
-    mesh: str = _opt("data=1,model=1", "run", "Device mesh 'data=D,model=M' (data=-1: all devices).")
-    checkpoint_every: int = _opt(0, "run", "Save every N steps (always at the end, at n_kd and on SIGTERM).",
+    mesh: str = setting("data=1,model=1", "run", "Device mesh 'data=D,model=M' (data=-1: all devices).")
+    checkpoint_every: int = setting(0, "run", "Save every N steps (always at the end, at n_kd and on SIGTERM).",
                                  min=0)
-    log_every: int = _opt(10, "run", "Fetch the metrics from the device every N steps (and at checkpoints and the "
+    log_every: int = setting(10, "run", "Fetch the metrics from the device every N steps (and at checkpoints and the "
                           "phase switch): metrics.jsonl still has one row per step; the host does not wait for "
                           "the device each step.", min=1)
-    checkpoint_minutes: float = _opt(10.0, "run", "Also save when this many minutes passed since the last save "
+    checkpoint_minutes: float = setting(10.0, "run", "Also save when this many minutes passed since the last save "
                                      "(0: off), so an interrupted run loses at most that much.", min=0)
-    keep_checkpoints: tuple = _opt((), "run", "Comma-separated steps whose checkpoints are kept (besides the "
+    keep_checkpoints: tuple = setting((), "run", "Comma-separated steps whose checkpoints are kept (besides the "
                                    "latest and n_kd).", flag="--keep")
-    resume: bool = _opt(False, "run", "Continue the run in --out from its latest checkpoint.")
-    force: bool = _opt(False, "run", "Resume even if the configuration changed.")
-    compile_cache: str | None = _opt(None, "run", "JAX persistent compilation cache (reused across runs); 'off' "
+    resume: bool = setting(False, "run", "Continue the run in --out from its latest checkpoint.")
+    force: bool = setting(False, "run", "Resume even if the configuration changed.")
+    compile_cache: str | None = setting(None, "run", "JAX persistent compilation cache (reused across runs); 'off' "
                                      "disables it. Default: $SALT_COMPILE_CACHE, else ~/.cache/salt/jax-compile.",
                                      metavar="DIR")
-    wandb: str | None = _opt(None, "run", "Also log the metrics to this Weights & Biases project (optional "
+    wandb: str | None = setting(None, "run", "Also log the metrics to this Weights & Biases project (optional "
                              "dependency wandb; WANDB_MODE=offline works without a network). TensorBoard files "
                              "are always written.", metavar="PROJECT")
 
@@ -210,7 +210,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise TrainError naming the first bad field: each field against its metadata (type,
         allowed values, lower bound), then the rules that tie fields together."""
-        self._check_fields()
+        check_fields(self)
         self._check_model()
         self._check_kd()
         self._check_optimizer()
@@ -218,25 +218,6 @@ class TrainConfig:
 
     def _bad(self, field: str, why: str):
         raise TrainError(f"{field}={getattr(self, field)!r}: {why}")
-
-    def _check_fields(self) -> None:
-        hints = typing.get_type_hints(TrainConfig)
-        for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if not type_ok(value, hints[f.name]):
-                bound = f" >= {meta['min']}" if meta["min"] is not None else ""
-                self._bad(f.name, "must be " + type_name(hints[f.name]).replace("an integer", "an integer" + bound)
-                          .replace("a number", "a number" + bound))
-            if value is None or isinstance(value, (bool, str, tuple)):
-                if meta["choices"] is not None and value not in meta["choices"]:
-                    self._bad(f.name, f"must be one of {meta['choices']}")
-                continue
-            if isinstance(value, float) and not math.isfinite(value):
-                self._bad(f.name, "must be a finite number")
-            if meta["min"] is not None and value < meta["min"]:
-                self._bad(f.name, f"must be {'an integer' if isinstance(value, int) else 'a number'} >= {meta['min']}")
-            if meta.get("max") is not None and value > meta["max"]:
-                self._bad(f.name, f"must be <= {meta['max']}")
 
     def _check_model(self) -> None:
         if self.init is not None:
@@ -345,3 +326,28 @@ def type_name(hint) -> str:
 # The groups of a `salt train --config FILE` (salt.runtime.train.config_file), from the fields' metadata.
 GROUPS = {group: tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == group)
           for group in ("model", "data", "kd", "optimizer", "run")}
+
+
+def check_fields(config) -> None:
+    """Each field of the config dataclass ``config`` against its :func:`setting` metadata (type,
+    allowed values, bounds): TrainError naming the first bad one."""
+    hints = typing.get_type_hints(type(config))
+
+    def bad(name, why):
+        raise TrainError(f"{name}={getattr(config, name)!r}: {why}")
+    for f in dataclasses.fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if not type_ok(value, hints[f.name]):
+            bound = f" >= {meta['min']}" if meta.get("min") is not None else ""
+            bad(f.name, "must be " + type_name(hints[f.name]).replace("an integer", "an integer" + bound)
+                .replace("a number", "a number" + bound))
+        if value is None or isinstance(value, (bool, str, tuple)):
+            if meta.get("choices") is not None and value not in meta["choices"]:
+                bad(f.name, f"must be one of {meta['choices']}")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(f.name, "must be a finite number")
+        if meta.get("min") is not None and value < meta["min"]:
+            bad(f.name, f"must be {'an integer' if isinstance(value, int) else 'a number'} >= {meta['min']}")
+        if meta.get("max") is not None and value > meta["max"]:
+            bad(f.name, f"must be <= {meta['max']}")

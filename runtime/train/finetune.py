@@ -40,7 +40,7 @@ from salt.core.inputs import file_problem
 from salt.core.lock import DirLock, LockError
 from salt.runtime.model import checkpoint, losses, tokens
 from salt.runtime.train import metrics_log, optim
-from salt.runtime.train.config import NonFiniteLoss, TrainError, resolve_kernels
+from salt.runtime.train.config import DTYPES, NonFiniteLoss, TrainError, check_fields, resolve_kernels, setting
 from salt.runtime.model.generate import LoadedModel, greedy_generate
 from salt.runtime.train.metrics_log import MetricsSink
 from salt.runtime.train.stop import StopFlag
@@ -51,30 +51,38 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    run: str
-    data: str
-    out: str
-    step: int | None = None
-    store: str | None = None
-    eval_data: str | None = None
-    eval_fraction: float = 0.1
-    steps: int = 1000
-    batch: int = 8
-    seq_len: int | None = None
-    optimizer: str = "adafactor"
-    lr: float = 1e-4
-    final_lr: float = 1e-5
-    warmup: int = 200
-    clip: float = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    dtype: str = "float32"
-    kernels: str = "auto"
-    checkpoint_every: int = 0
-    max_new_tokens: int | None = None
-    eval_batch: int = 8
-    resume: bool = False
-    force: bool = False
+    """One fine-tuning run; ``salt finetune``'s options are generated from the fields' metadata."""
+
+    run: str = setting(dataclasses.MISSING, "model", "Run directory or checkpoint to start from.", path=True)
+    data: str = setting(dataclasses.MISSING, "data", 'JSONL file, one {"prompt": ..., "completion": ...} per line.',
+                        path=True)
+    out: str = setting(dataclasses.MISSING, "run", "Output run directory (checkpoints, metrics, eval).", path=True)
+    step: int | None = setting(None, "model", "Checkpoint step of --run (default: latest).")
+    store: str | None = setting(None, "data", "Token store whose tokenizer to use (default: the one --run was "
+                                "trained on).", path=True)
+    eval_data: str | None = setting(None, "data", "Held-out JSONL to evaluate on (default: --eval-fraction of "
+                                    "--data, never trained on).", path=True)
+    eval_fraction: float = setting(0.1, "data", "Share of --data held out for evaluation when --eval-data is not "
+                                   "given.", min=0)
+    steps: int = setting(1000, "optimizer", "Optimizer steps.", min=1)
+    batch: int = setting(8, "data", "Examples per step.", min=1)
+    seq_len: int | None = setting(None, "data", "Tokens per example, padded (default: the base run's seq_len).",
+                                  min=2)
+    optimizer: str = setting("adafactor", "optimizer", "The optimizer.", choices=optim.OPTIMIZERS)
+    lr: float = setting(1e-4, "optimizer", "Peak learning rate.", min=0)
+    final_lr: float = setting(1e-5, "optimizer", "Learning rate at the last step (cosine).", min=0)
+    warmup: int = setting(200, "optimizer", "Linear warm-up steps.", min=0)
+    clip: float = setting(1.0, "optimizer", "Global-norm gradient clipping (0: off).", min=0)
+    weight_decay: float = setting(0.0, "optimizer", "Decoupled weight decay.", min=0)
+    seed: int = setting(0, "data", "Seed of the example order and the held-out split.", min=0, max=2**63 - 1)
+    dtype: str = setting("float32", "model", "Compute dtype.", choices=DTYPES)
+    kernels: str = setting("auto", "model", "Attention implementation.", choices=("auto", "xla", "naive"))
+    checkpoint_every: int = setting(0, "run", "Save every N steps (always at the end and on SIGTERM).", min=0)
+    max_new_tokens: int | None = setting(None, "run", "Greedy decoding budget on the held-out split (default: "
+                                         "longest completion + 1).", min=1)
+    eval_batch: int = setting(8, "run", "Prompts per decoding batch.", min=1)
+    resume: bool = setting(False, "run", "Continue the run in --out from its latest checkpoint.")
+    force: bool = setting(False, "run", "Resume even if the configuration changed.")
 
     RESUMABLE_CHANGES = ("resume", "force", "checkpoint_every", "out", "eval_batch",
                          "max_new_tokens")
@@ -85,26 +93,12 @@ class FinetuneConfig:
     def validate(self) -> None:
         def bad(field, why):
             raise TrainError(f"{field}={getattr(self, field)!r}: {why}")
-        for field in ("steps", "batch", "eval_batch"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
-                bad(field, "must be an integer >= 1")
-        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 2):
-            bad("seq_len", "must be an integer >= 2")
-        if not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
+        check_fields(self)
+        if self.warmup > self.steps:
             bad("warmup", f"must be an integer in [0, steps={self.steps}] (the paper's recipe "
                           "warms up over 200 steps: pass --warmup for shorter runs)")
-        if not (0.0 <= self.eval_fraction < 1.0):
+        if not self.eval_fraction < 1.0:
             bad("eval_fraction", "must lie in [0, 1)")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be >= 1")
-        if self.optimizer not in optim.OPTIMIZERS:
-            bad("optimizer", f"must be one of {optim.OPTIMIZERS}")
-        if self.dtype not in ("float32", "bfloat16"):
-            bad("dtype", "must be float32 or bfloat16")
-        if self.kernels not in ("auto", "xla", "naive"):
-            bad("kernels", "must be auto, xla or naive")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            bad("checkpoint_every", "must be an integer >= 0 (0: only at the end)")
         try:
             optim.check_hyperparameters(lr=self.lr, final_lr=self.final_lr, warmup=self.warmup,
                                         clip=self.clip, weight_decay=self.weight_decay)

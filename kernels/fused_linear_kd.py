@@ -18,7 +18,7 @@ Implementations:
   logit tiles: (a) grid (token blocks, vocab blocks; vocab "arbitrary") accumulating ``d h_s`` in a
   ``[bt, D_s]`` f32 scratch; (b) grid (vocab blocks, token blocks; tokens "arbitrary")
   accumulating ``d E_s`` in a ``[bv, D_s]`` f32 scratch (for f32 outputs both accumulate in the
-  resident output block instead).  Default block sizes come from :func:`choose_blocks`.  Ragged N
+  resident output block instead).  Default block sizes come from :func:`tile_sizes`.  Ragged N
 and V by masking: columns past V
   get ``-inf`` logits and their (padded) embedding rows are zeroed; rows past N are zeroed.
   bf16 inputs are multiplied on the MXU with f32 accumulation; ``dS`` is cast to the embedding
@@ -48,21 +48,23 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from salt.kernels._common import NT as _NT
+from salt.kernels import _online
 from salt.kernels import fused_linear_kd_gpu as _gpu
-from salt.kernels import logits_kd as _kd
+from salt.kernels._checks import check_labels_mask, check_omega, check_rho, float_input
+from salt.kernels._common import (GPU_IMPL, LANES, NT, SUBLANES, bind, check_block, choose_blocks,
+                                  from_lanes, load_row, resolve_impl, row_outputs, row_scratch, row_spec,
+                                  to_lanes)
+from salt.kernels.logits_kd import loss_naive
 
-_GPU = "pallas_gpu"
-
-# Budget for the Pallas blocks when block sizes are not given, checked against :func:`vmem_estimate`:
-# below the smallest default scoped VMEM limit of the supported chips (16 MiB on v5e).  The TPU AOT
-# tests compile the default choice at the paper's shapes (Mosaic fails on a VMEM overflow).
-VMEM_BUDGET_BYTES = 15 * 1024 * 1024
+# Lane-dense row operands a kernel holds at most (labels, label logits, the backward's row inputs,
+# or the forward's statistics and carries), for :func:`vmem_estimate`.
+_ROW_OPERANDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class FusedKDBlockSizes:
-    """``block_tokens`` (multiple of 16) x ``block_vocab`` (multiple of 128) Pallas tiles;
+    """``block_tokens`` x ``block_vocab`` Pallas tiles (multiples of 8 and 128: the TPU tiling,
+    :func:`salt.kernels._common.check_block`; 16 rows fill bfloat16's packed tiles);
     ``chunk_vocab``: vocab columns per step of the ``xla`` scan; ``xla_block_tokens``: rows per
     block of the ``xla`` path (the vocabulary scan runs block by block, so its ``[rows,
     chunk_vocab]`` float32 tiles stay small; None: all rows at once).  ``None`` Pallas fields are
@@ -78,12 +80,8 @@ class FusedKDBlockSizes:
     gpu_chunk_tokens: int | None = None
 
     def __post_init__(self):
-        if self.block_tokens is not None and not (
-                isinstance(self.block_tokens, int) and self.block_tokens > 0 and self.block_tokens % 8 == 0):
-            raise ValueError(f"block_tokens must be a positive multiple of 8, got {self.block_tokens!r}")
-        if self.block_vocab is not None and not (
-                isinstance(self.block_vocab, int) and self.block_vocab > 0 and self.block_vocab % 128 == 0):
-            raise ValueError(f"block_vocab must be a positive multiple of 128, got {self.block_vocab!r}")
+        check_block("block_tokens", self.block_tokens, SUBLANES)
+        check_block("block_vocab", self.block_vocab, LANES)
         if not (isinstance(self.chunk_vocab, int) and self.chunk_vocab > 0):
             raise ValueError(f"chunk_vocab must be a positive integer, got {self.chunk_vocab!r}")
         if self.xla_block_tokens is not None and not (
@@ -101,7 +99,7 @@ def vmem_estimate(bt, bv, d_s, d_t, itemsize):
     double-buffered gradient output block plus its f32 accumulator (none when the output is
     f32: it accumulates in place), ``[bt, bv]`` f32 temporaries and the lane-padded row vectors."""
     inputs = 2 * (bt + bv) * (d_s + d_t) * itemsize
-    rows = 2 * 8 * bt * 128 * 4
+    rows = 2 * _ROW_OPERANDS * bt * LANES * 4
     temps = 10 * bt * bv * 4
     acc_per_row = d_s * (4 if itemsize != 4 else 0) + 2 * d_s * itemsize
     return inputs + rows + temps + max(bt, bv) * acc_per_row
@@ -111,22 +109,13 @@ _TOKEN_BLOCKS = (512, 256, 128, 64, 32, 16)
 _VOCAB_BLOCKS = (512, 256, 128)
 
 
-def choose_blocks(n, vocab, d_s, d_t, itemsize, block_sizes: FusedKDBlockSizes):
-    """(block_tokens, block_vocab): the given ones, else the largest tile area (ties: more tokens,
-    which raises the flops per embedding byte read) whose :func:`vmem_estimate` fits the budget."""
-    n_cap = -(-n // 16) * 16
-    v_cap = -(-vocab // 128) * 128
-    token_options = [block_sizes.block_tokens] if block_sizes.block_tokens else _TOKEN_BLOCKS
-    vocab_options = [block_sizes.block_vocab] if block_sizes.block_vocab else _VOCAB_BLOCKS
-    best = None
-    for bt in token_options:
-        for bv in vocab_options:
-            bt_eff, bv_eff = min(bt, n_cap), min(bv, v_cap)
-            fits = vmem_estimate(bt_eff, bv_eff, d_s, d_t, itemsize) <= VMEM_BUDGET_BYTES
-            key = (fits, bt_eff * bv_eff, bt_eff)
-            if best is None or key > best[0]:
-                best = (key, (bt_eff, bv_eff))
-    return best[1]
+def tile_sizes(n, vocab, d_s, d_t, itemsize, block_sizes: FusedKDBlockSizes):
+    """(block_tokens, block_vocab) of the Pallas TPU kernels: the given ones, else
+    :func:`salt.kernels._common.choose_blocks` over the options below (ties: more tokens, which
+    raises the flops per embedding byte read) with :func:`vmem_estimate`."""
+    return choose_blocks(n, vocab, block_sizes.block_tokens, block_sizes.block_vocab,
+                         token_options=_TOKEN_BLOCKS, vocab_options=_VOCAB_BLOCKS, prefer="tokens",
+                         vmem_bytes=lambda bt, bv: vmem_estimate(bt, bv, d_s, d_t, itemsize))
 
 
 def logits_flops(n, vocab, d_s, d_t):
@@ -146,10 +135,10 @@ def analytic_flops(n, vocab, d_s, d_t, *, backward=True, schedule="pallas"):
     ``"naive"``: one pass.  Plus ~20 (forward) and ~10 (per backward pass) elementwise flops per
     logit pair."""
     passes = {"pallas": 3, "xla": 2, "pallas_gpu": 2, "naive": 1}[schedule]
-    fwd = logits_flops(n, vocab, d_s, d_t) + _kd.fwd_flops(n, vocab)
+    fwd = logits_flops(n, vocab, d_s, d_t) + _online.fwd_flops(n, vocab)
     if not backward:
         return fwd
-    bwd_elementwise = (2 if schedule == "pallas" else 1) * _kd.bwd_flops(n, vocab)
+    bwd_elementwise = (2 if schedule == "pallas" else 1) * _online.bwd_flops(n, vocab)
     return (fwd + (passes - 1) * logits_flops(n, vocab, d_s, d_t) + grad_matmul_flops(n, vocab, d_s)
             + bwd_elementwise)
 
@@ -161,14 +150,14 @@ def analytic_flops(n, vocab, d_s, d_t, *, backward=True, schedule="pallas"):
 def _loss_naive(hs, es, teacher, y, omega, rho):
     s = jnp.dot(hs, es.T, preferred_element_type=jnp.float32)
     t = None if teacher is None else jnp.dot(teacher[0], teacher[1].T, preferred_element_type=jnp.float32)
-    return _kd.loss_naive(s, t, y, omega, rho)
+    return loss_naive(s, t, y, omega, rho)
 
 
 # ----------------------------------------------------------------------------------------------
 # xla
 # ----------------------------------------------------------------------------------------------
 
-def _label_logit(hs, es, y):
+def label_logit(hs, es, y):
     """``θ_n = h_n · E[y_n]`` in float32 (the threshold of the ``n_gt`` count)."""
     es_y = jnp.take(es, y, axis=0, mode="clip")
     return jnp.sum(hs.astype(jnp.float32) * es_y.astype(jnp.float32), axis=1)
@@ -177,12 +166,12 @@ def _label_logit(hs, es, y):
 def _chunk_logits(hs, es, teacher, j, chunk, vocab, rho):
     start = jnp.minimum(j * chunk, vocab - chunk)
     es_c = lax.dynamic_slice_in_dim(es, start, chunk, axis=0)
-    s_c = lax.dot_general(hs, es_c, _NT, preferred_element_type=jnp.float32)
+    s_c = lax.dot_general(hs, es_c, NT, preferred_element_type=jnp.float32)
     rt_c = None
     if teacher is not None:
         ht, et = teacher
         et_c = lax.dynamic_slice_in_dim(et, start, chunk, axis=0)
-        rt_c = rho * lax.dot_general(ht, et_c, _NT, preferred_element_type=jnp.float32)
+        rt_c = rho * lax.dot_general(ht, et_c, NT, preferred_element_type=jnp.float32)
     cols_1xC = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
     return start, es_c, s_c, rt_c, cols_1xC, cols_1xC >= j * chunk
 
@@ -206,7 +195,7 @@ def _stats_xla(hs, es, teacher, y, rho, chunk, theta=None, block=None):
     blocks, pad = _row_blocks(hs.shape[0], block)
     if blocks is None:
         return _stats_xla_rows(hs, es, teacher, y, rho, chunk, theta)
-    theta = _label_logit(hs, es, y) if theta is None else theta
+    theta = label_logit(hs, es, y) if theta is None else theta
     rows = (hs, y, theta) + (() if teacher is None else (teacher[0],))
     xs = [_blocked(a, blocks, pad) for a in rows]
 
@@ -220,16 +209,16 @@ def _stats_xla(hs, es, teacher, y, rho, chunk, theta=None, block=None):
 
 def _stats_xla_rows(hs, es, teacher, y, rho, chunk, theta=None):
     n, vocab = hs.shape[0], es.shape[0]
-    chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
-    theta = _label_logit(hs, es, y) if theta is None else theta
+    chunk, n_chunks = _online.chunk_plan(vocab, chunk)
+    theta = label_logit(hs, es, y) if theta is None else theta
     y_Nx1, theta_Nx1 = y[:, None], theta[:, None]
 
     def body(carry, j):
         _, _, s_c, rt_c, cols, valid = _chunk_logits(hs, es, teacher, j, chunk, vocab, rho)
-        return _kd.stats_update(carry, s_c, rt_c, valid, cols, y_Nx1, theta_Nx1), None
+        return _online.stats_update(carry, s_c, rt_c, valid, cols, y_Nx1, theta_Nx1), None
 
-    carry, _ = lax.scan(body, _kd.stats_init((n, 1), teacher=teacher is not None), jnp.arange(n_chunks))
-    return {k: v[:, 0] for k, v in _kd.stats_finish(carry).items()}
+    carry, _ = lax.scan(body, _online.stats_init((n, 1), teacher=teacher is not None), jnp.arange(n_chunks))
+    return {k: v[:, 0] for k, v in _online.stats_finish(carry).items()}
 
 
 def _grad_blocked(grad_rows_fn, hs, es, teacher, y, rows, f32_out=False, block=None):
@@ -259,7 +248,7 @@ def _grad_blocked(grad_rows_fn, hs, es, teacher, y, rows, f32_out=False, block=N
 
 def _grad_xla_rows(hs, es, teacher, y, rows, des_VxD, *, rho, chunk):
     vocab = es.shape[0]
-    chunk, n_chunks = _kd.chunk_plan(vocab, chunk)
+    chunk, n_chunks = _online.chunk_plan(vocab, chunk)
     rows = {k: v[:, None] for k, v in rows.items()}
     y_Nx1 = y[:, None]
     hs_clean = jnp.where(rows["g_p"] != 0.0, hs, jnp.zeros_like(hs))  # masked rows may hold garbage
@@ -267,7 +256,7 @@ def _grad_xla_rows(hs, es, teacher, y, rows, des_VxD, *, rho, chunk):
     def body(carry, j):
         dhs_NxD, des_VxD = carry
         start, es_c, s_c, rt_c, cols, valid = _chunk_logits(hs, es, teacher, j, chunk, vocab, rho)
-        ds_NxC = _kd.grad_tile(s_c, rt_c, cols == y_Nx1, rows)
+        ds_NxC = _online.grad_tile(s_c, rt_c, cols == y_Nx1, rows)
         ds_NxC = jnp.where(valid, ds_NxC, 0.0).astype(es.dtype)
         dhs_NxD = dhs_NxD + jnp.dot(ds_NxC, es_c, preferred_element_type=jnp.float32)
         des_CxD = lax.dot_general(ds_NxC, hs_clean, (((0,), (0,)), ((), ())),
@@ -290,18 +279,18 @@ def _matrix_names(teacher: bool) -> tuple:
 
 
 def _logit_tiles(ins, rho):
-    s = lax.dot_general(ins["hs"][...], ins["es"][...], _NT, preferred_element_type=jnp.float32)
+    s = lax.dot_general(ins["hs"][...], ins["es"][...], NT, preferred_element_type=jnp.float32)
     if "ht" not in ins:
         return s, None
-    rt = rho * lax.dot_general(ins["ht"][...], ins["et"][...], _NT, preferred_element_type=jnp.float32)
+    rt = rho * lax.dot_general(ins["ht"][...], ins["et"][...], NT, preferred_element_type=jnp.float32)
     return s, rt
 
 
 def _fwd_kernel(*refs, teacher, rho, vocab, block_vocab):
-    ins, outs, acc = _kd.bind(refs, _matrix_names(teacher) + ("y", "theta"), _kd.stat_names(teacher),
-                              _kd.carry_names(teacher))
+    ins, outs, acc = bind(refs, _matrix_names(teacher) + ("y", "theta"), _online.stat_names(teacher),
+                              _online.carry_names(teacher))
     s, rt = _logit_tiles(ins, rho)
-    _kd.stats_kernel_step(s, rt, ins, outs, acc, vocab=vocab, block_vocab=block_vocab)
+    _online.stats_kernel_step(s, rt, ins, outs, acc, vocab=vocab, block_vocab=block_vocab)
 
 
 def _grad_logits_tile(ins, rows, *, rho, row0, col0, n_tokens, vocab):
@@ -309,13 +298,13 @@ def _grad_logits_tile(ins, rows, *, rho, row0, col0, n_tokens, vocab):
     s, rt = _logit_tiles(ins, rho)
     cols = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     row_ids = row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    ds = _kd.grad_tile(s, rt, cols == _kd.load_row(ins["y"]), {k: _kd.load_row(r) for k, r in rows.items()})
+    ds = _online.grad_tile(s, rt, cols == load_row(ins["y"]), {k: load_row(r) for k, r in rows.items()})
     return jnp.where((cols < vocab) & (row_ids < n_tokens), ds, 0.0)
 
 
 def _bwd_hidden_kernel(*refs, teacher, row_names, acc_scratch, rho, n_tokens, vocab, block_tokens,
                        block_vocab):
-    ins, rows, outs, scratch = _kd.bind(refs, _matrix_names(teacher) + ("y",), row_names, ("dhs",),
+    ins, rows, outs, scratch = bind(refs, _matrix_names(teacher) + ("y",), row_names, ("dhs",),
                                         ("acc",) if acc_scratch else ())
     acc = scratch.get("acc", outs["dhs"])  # f32 output: accumulate in the resident output block
     i, j = pl.program_id(0), pl.program_id(1)
@@ -339,7 +328,7 @@ def _bwd_hidden_kernel(*refs, teacher, row_names, acc_scratch, rho, n_tokens, vo
 
 def _bwd_embed_kernel(*refs, teacher, row_names, acc_scratch, rho, n_tokens, vocab, block_tokens,
                       block_vocab):
-    ins, rows, outs, scratch = _kd.bind(refs, _matrix_names(teacher) + ("y",), row_names, ("des",),
+    ins, rows, outs, scratch = bind(refs, _matrix_names(teacher) + ("y",), row_names, ("des",),
                                         ("acc",) if acc_scratch else ())
     acc = scratch.get("acc", outs["des"])  # f32 output: accumulate in the resident output block
     j, i = pl.program_id(0), pl.program_id(1)  # grid (vocab blocks, token blocks)
@@ -352,7 +341,7 @@ def _bwd_embed_kernel(*refs, teacher, row_names, acc_scratch, rho, n_tokens, voc
                            n_tokens=n_tokens, vocab=vocab)
     hs = ins["hs"][...]
     hs_rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, (hs.shape[0], 1), 0)
-    keep = (hs_rows < n_tokens) & _kd.nonzero(_kd.load_row(rows["g_p"]))  # padded rows, zero-cotangent (masked) rows
+    keep = (hs_rows < n_tokens) & _online.nonzero(load_row(rows["g_p"]))  # padded rows, zero-cotangent (masked) rows
     hs = jnp.where(keep, hs, jnp.zeros_like(hs))
     acc[...] += jnp.dot(ds.T.astype(hs.dtype), hs, preferred_element_type=jnp.float32)
 
@@ -383,7 +372,7 @@ def _specs(bt, bv, d_s, d_t, token_axis):
     mats = [pl.BlockSpec((bt, d_s), tok), pl.BlockSpec((bv, d_s), voc)]
     if d_t:
         mats += [pl.BlockSpec((bt, d_t), tok), pl.BlockSpec((bv, d_t), voc)]
-    return mats, _kd.row_spec(bt, token_axis)
+    return mats, row_spec(bt, token_axis)
 
 
 def _dims(hs, es, teacher):
@@ -392,7 +381,7 @@ def _dims(hs, es, teacher):
 
 def _blocks_for(hs, es, teacher, block_sizes):
     n, vocab, d_s, d_t = _dims(hs, es, teacher)
-    return choose_blocks(n, vocab, d_s, d_t, max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
+    return tile_sizes(n, vocab, d_s, d_t, max(hs.dtype.itemsize, es.dtype.itemsize), block_sizes)
 
 
 def _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret, theta=None):
@@ -401,40 +390,40 @@ def _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret, theta=None):
     mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=0)
     n_tok_blocks = pl.cdiv(n, bt)
     has_teacher = teacher is not None
-    names = _kd.stat_names(has_teacher)
+    names = _online.stat_names(has_teacher)
     embeddings = (es,) if teacher is None else (es, teacher[1])
     outs = pl.pallas_call(
         functools.partial(_fwd_kernel, teacher=has_teacher, rho=rho, vocab=vocab, block_vocab=bv),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(n_tok_blocks, pl.cdiv(vocab, bv)),
             in_specs=mats + [rspec, rspec], out_specs=[rspec] * len(names),
-            scratch_shapes=_kd.row_scratch(bt, len(_kd.carry_names(has_teacher)))),
-        out_shape=_kd.row_outputs(n, len(names)),
+            scratch_shapes=row_scratch(bt, len(_online.carry_names(has_teacher)))),
+        out_shape=row_outputs(n, len(names)),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
             flops=int(analytic_flops(n, vocab, d_s, d_t, backward=False)),
             transcendentals=int((2 if has_teacher else 1) * n * vocab),
             bytes_accessed=int(_nbytes(hs, *(teacher or ())[:1]) + n_tok_blocks * _nbytes(*embeddings)
-                               + 4 * _kd.LANES * (2 + len(names)) * n)),
+                               + 4 * LANES * (2 + len(names)) * n)),
         interpret=interpret,
         name="fused_linear_kd_fwd" if has_teacher else "fused_linear_ce_fwd",
-    )(hs, es, *(teacher or ()), _kd.to_lanes(y), _kd.to_lanes(_label_logit(hs, es, y) if theta is None else theta))
-    return {k: _kd.from_lanes(o) for k, o in zip(names, outs)}
+    )(hs, es, *(teacher or ()), to_lanes(y), to_lanes(label_logit(hs, es, y) if theta is None else theta))
+    return {k: from_lanes(o) for k, o in zip(names, outs)}
 
 
 def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret, f32_out=False):
     n, vocab, d_s, d_t = _dims(hs, es, teacher)
     bt, bv = _blocks_for(hs, es, teacher, block_sizes)
     n_tok_blocks, n_voc_blocks = pl.cdiv(n, bt), pl.cdiv(vocab, bv)
-    row_names, row_operands = _kd.ordered_rows(rows)
-    operands = (hs, es, *(teacher or ()), _kd.to_lanes(y), *row_operands)
+    row_names, row_operands = _online.ordered_rows(rows)
+    operands = (hs, es, *(teacher or ()), to_lanes(y), *row_operands)
     has_teacher = teacher is not None
     one_kernel_flops = int(logits_flops(n, vocab, d_s, d_t) + grad_matmul_flops(n, vocab, d_s) // 2
-                           + _kd.bwd_flops(n, vocab))
+                           + _online.bwd_flops(n, vocab))
     hidden_bytes = _nbytes(hs, *(teacher or ())[:1])
     embed_bytes = _nbytes(es, *(teacher or ())[1:])
     prefix = "fused_linear_kd" if has_teacher else "fused_linear_ce"
-    row_bytes = 4 * _kd.LANES * (1 + len(row_names)) * n  # the lane-dense label and row operands
+    row_bytes = 4 * LANES * (1 + len(row_names)) * n  # the lane-dense label and row operands
 
     def call(kernel, grid, token_axis, out_spec, out, acc_shape, bytes_accessed, name):
         mats, rspec = _specs(bt, bv, d_s, d_t, token_axis=token_axis)
@@ -469,25 +458,28 @@ def _grad_pallas(hs, es, teacher, y, rows, rho, block_sizes, interpret, f32_out=
 # custom_vjp core (``teacher`` is ``(ht, et)`` or None: the cross-entropy alone)
 # ----------------------------------------------------------------------------------------------
 
-def _stats(hs, es, teacher, y, rho, cfg, theta=None):
-    """Row statistics (``theta``: the label logits when given, else ``h_n · E[y_n]``)."""
+def row_stats(hs, es, teacher, y, rho, cfg, theta=None):
+    """The online row statistics (:mod:`salt.kernels._online`) of the rows ``hs`` against the
+    vocabulary ``es`` (``teacher``: ``(ht, et)`` or None; ``cfg``: ``(impl, FusedKDBlockSizes,
+    interpret)``; ``theta``: the label logits when given, else ``h_n · E[y_n]``).  With
+    :func:`row_grads`, the building block :mod:`salt.kernels.vocab_parallel` runs per chunk."""
     impl, block_sizes, interpret = cfg
     if impl == "xla":
         return _stats_xla(hs, es, teacher, y, rho, block_sizes.chunk_vocab, theta, block_sizes.xla_block_tokens)
-    if impl == _GPU:
-        theta = _label_logit(hs, es, y) if theta is None else theta
+    if impl == GPU_IMPL:
+        theta = label_logit(hs, es, y) if theta is None else theta
         return _gpu.stats(hs, es, teacher, y, theta, rho, _gpu_blocks(hs, es, teacher, block_sizes), interpret)
     return _stats_pallas(hs, es, teacher, y, rho, block_sizes, interpret, theta)
 
 
-def _grads(hs, es, teacher, y, rows, rho, cfg, f32_out=False):
-    """``(d hs, d es)`` from the rows of :func:`salt.kernels.logits_kd.grad_rows` (``f32_out``:
-    float32 gradients, else in the inputs' dtypes)."""
+def row_grads(hs, es, teacher, y, rows, rho, cfg, f32_out=False):
+    """``(d hs, d es)`` from the rows of :func:`salt.kernels._online.grad_rows` (``f32_out``:
+    float32 gradients, else in the inputs' dtypes); arguments as :func:`row_stats`."""
     impl, block_sizes, interpret = cfg
     if impl == "xla":
         return _grad_blocked(functools.partial(_grad_xla_rows, rho=rho, chunk=block_sizes.chunk_vocab),
                              hs, es, teacher, y, rows, f32_out, block_sizes.xla_block_tokens)
-    if impl == _GPU:
+    if impl == GPU_IMPL:
         blk = _gpu_blocks(hs, es, teacher, block_sizes)
         return _grad_blocked(functools.partial(_gpu.grad_rows_block, rho=rho, blk=blk, interpret=interpret),
                              hs, es, teacher, y, rows, f32_out, blk.chunk)
@@ -500,29 +492,24 @@ def _gpu_blocks(hs, es, teacher, block_sizes):
                                   block_sizes.block_tokens, block_sizes.block_vocab, block_sizes.gpu_chunk_tokens)
 
 
-def _outputs(stats, y, omega):
-    loss, parts = _kd.loss_from_stats(stats, omega)
-    return loss, _kd.with_correct(parts, stats, y)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _loss_core(hs, es, teacher, y, omega, rho, cfg):
-    return _outputs(_stats(hs, es, teacher, y, rho, cfg), y, omega)
+    return _online.loss_and_parts(row_stats(hs, es, teacher, y, rho, cfg), y, omega)
 
 
 def _loss_core_fwd(hs, es, teacher, y, omega, rho, cfg):
-    stats = _stats(hs, es, teacher, y, rho, cfg)
-    return _outputs(stats, y, omega), (hs, es, teacher, y, omega, stats)
+    stats = row_stats(hs, es, teacher, y, rho, cfg)
+    return _online.loss_and_parts(stats, y, omega), (hs, es, teacher, y, omega, stats)
 
 
 def _loss_core_bwd(rho, cfg, res, cotangents):
     hs, es, teacher, y, omega, stats = res
     g = cotangents[0]  # the parts are monitoring values: their cotangents are ignored
-    dhs, des = _grads(hs, es, teacher, y, _kd.grad_rows(stats, g, omega), rho, cfg)
+    dhs, des = row_grads(hs, es, teacher, y, _online.grad_rows(stats, g, omega), rho, cfg)
     if teacher is None:
         return dhs, des, None, None, jnp.zeros_like(omega)
     # No gradient flows to the teacher: its cotangents are zero by definition.
-    return (dhs, des, jax.tree.map(jnp.zeros_like, teacher), None, _kd.omega_cotangent(g, stats, omega))
+    return (dhs, des, jax.tree.map(jnp.zeros_like, teacher), None, _online.omega_cotangent(g, stats, omega))
 
 
 _loss_core.defvjp(_loss_core_fwd, _loss_core_bwd)
@@ -533,7 +520,7 @@ _loss_core.defvjp(_loss_core_fwd, _loss_core_bwd)
 # ----------------------------------------------------------------------------------------------
 
 def _check_matrices(**arrays):
-    arrays = {k: _kd._float_input(k, v) for k, v in arrays.items()}
+    arrays = {k: float_input(k, v) for k, v in arrays.items()}
     for name, x in arrays.items():
         if x.ndim != 2 or 0 in x.shape:
             raise ValueError(f"{name} must be a non-empty 2-D array, got shape {x.shape}")
@@ -547,8 +534,8 @@ def _check_pair(hidden, embedding, who):
 
 
 def _run(hs, es, teacher, labels, mask, omega, rho, impl, interpret, block_sizes, return_parts):
-    labels, valid = _kd.check_labels_mask(labels, mask, (hs.shape[0],))
-    impl = _kd.check_impl(impl, gpu_kernel=True)
+    labels, valid = check_labels_mask(labels, mask, (hs.shape[0],))
+    impl = resolve_impl(impl, gpu_kernel=True)
     block_sizes = FusedKDBlockSizes() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, FusedKDBlockSizes):
         raise ValueError(f"block_sizes must be a FusedKDBlockSizes, got {type(block_sizes).__name__}")
@@ -559,7 +546,7 @@ def _run(hs, es, teacher, labels, mask, omega, rho, impl, interpret, block_sizes
         outputs = _loss_naive(jnp.where(keep_Nx1, hs, 0), es, teacher, labels, omega, rho)
     else:
         outputs = _loss_core(hs, es, teacher, labels, omega, rho, (impl, block_sizes, interpret))
-    return _kd.finish_output(outputs, valid, return_parts)
+    return _online.finish_output(outputs, valid, return_parts)
 
 
 def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teacher_embedding, labels,
@@ -592,8 +579,8 @@ def fused_linear_kd_loss(student_hidden, student_embedding, teacher_hidden, teac
         raise ValueError(f"student_hidden has {hs.shape[0]} tokens, teacher_hidden {ht.shape[0]}")
     if es.shape[0] != et.shape[0]:
         raise ValueError(f"student_embedding has vocab {es.shape[0]}, teacher_embedding {et.shape[0]}")
-    omega = jnp.asarray(_kd.check_omega(omega), jnp.float32)
-    return _run(hs, es, (ht, et), labels, mask, omega, _kd.check_rho(rho), impl, interpret, block_sizes,
+    omega = jnp.asarray(check_omega(omega), jnp.float32)
+    return _run(hs, es, (ht, et), labels, mask, omega, check_rho(rho), impl, interpret, block_sizes,
                 return_parts)
 
 

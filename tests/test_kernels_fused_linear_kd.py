@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from salt.kernels.fused_linear_kd import (FusedKDBlockSizes, choose_blocks, fused_linear_ce_loss,
+from salt.kernels._common import VMEM_BUDGET_BYTES
+from salt.kernels.fused_linear_kd import (FusedKDBlockSizes, fused_linear_ce_loss, tile_sizes, vmem_estimate,
                                           fused_linear_kd_loss)
 from salt.reference import losses as ref
 from salt.reference import score as ref_score
@@ -249,14 +250,12 @@ def test_analytic_flops_count_the_traced_matmuls(impl):
 
 
 def test_default_block_choice_fits_budget_and_prefers_token_rows():
-    from salt.kernels.fused_linear_kd import VMEM_BUDGET_BYTES, vmem_estimate
-
     for d_s, d_t, itemsize in ((1024, 1024, 2), (4096, 1024, 2), (4096, 1024, 4), (256, 128, 4)):
-        bt, bv = choose_blocks(8192, 256000, d_s, d_t, itemsize, FusedKDBlockSizes())
+        bt, bv = tile_sizes(8192, 256000, d_s, d_t, itemsize, FusedKDBlockSizes())
         assert bt % 16 == 0 and bv % 128 == 0
         assert vmem_estimate(bt, bv, d_s, d_t, itemsize) <= VMEM_BUDGET_BYTES
-    assert choose_blocks(40, 300, 64, 32, 4, FusedKDBlockSizes()) == (48, 384)  # capped to the problem
-    assert choose_blocks(8192, 256000, 64, 32, 4, FusedKDBlockSizes(block_tokens=32)) == (32, 512)
+    assert tile_sizes(40, 300, 64, 32, 4, FusedKDBlockSizes()) == (48, 384)  # capped to the problem
+    assert tile_sizes(8192, 256000, 64, 32, 4, FusedKDBlockSizes(block_tokens=32)) == (32, 512)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -47,6 +47,8 @@ GRAD_CHUNK_BYTES = 2 * 2**30
 # Forward programs wanted (token blocks x vocabulary splits): about two per SM of an H100/H200.
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
+# Triton's smallest ``tl.dot`` tile side: every tile dimension is a power of two at least this.
+MIN_TILE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +77,10 @@ def choose_gpu_blocks(n, vocab, d_s, d_t, itemsize, block_tokens=None, block_voc
     per pipeline stage; capped to the problem.  Given ``block_tokens``/``block_vocab`` must be
     powers of two >= 16."""
     for name, value in (("block_tokens", block_tokens), ("block_vocab", block_vocab)):
-        if value is not None and not (_pow2(value) and value >= 16):
-            raise ValueError(f"impl 'pallas_gpu' needs {name} a power of two >= 16 (Triton tiles), got {value}")
-    cap = lambda x: max(16, pl.next_power_of_2(x))  # noqa: E731
+        if value is not None and not (_pow2(value) and value >= MIN_TILE):
+            raise ValueError(f"impl 'pallas_gpu' needs {name} a power of two >= {MIN_TILE} (Triton tiles), "
+                             f"got {value}")
+    cap = lambda x: max(MIN_TILE, pl.next_power_of_2(x))  # noqa: E731
     bt = min(block_tokens or 128, cap(n))
     bv = min(block_vocab or 128, cap(vocab))
     bk = min(64 if itemsize <= 2 else 32, cap(min(d_s, d_t) if d_t else d_s))

@@ -77,11 +77,11 @@ def row_grads(hs, es, teacher, y, rows, rho, cfg, f32_out=False):
     impl, block_sizes, interpret = cfg
     if impl == "xla":
         return xla.grad_blocked(functools.partial(xla.grad_rows, rho=rho, chunk=block_sizes.chunk_vocab),
-                             hs, es, teacher, y, rows, f32_out, block_sizes.xla_block_tokens)
+                                hs, es, teacher, y, rows, f32_out, block_sizes.xla_block_tokens)
     if impl == GPU_IMPL:
         blk = _gpu_blocks(hs, es, teacher, block_sizes)
         return xla.grad_blocked(functools.partial(_gpu.grad_rows_block, rho=rho, blk=blk, interpret=interpret),
-                             hs, es, teacher, y, rows, f32_out, blk.chunk)
+                                hs, es, teacher, y, rows, f32_out, blk.chunk)
     return tpu.grads(hs, es, teacher, y, rows, rho, block_sizes, interpret, f32_out)
 
 

@@ -44,20 +44,20 @@ def stats(hs, es, teacher, y, rho, chunk, theta=None, block=None):
     """Row statistics, the rows in blocks of ``block`` (``lax.map``; padded rows dropped)."""
     blocks, pad = _row_blocks(hs.shape[0], block)
     if blocks is None:
-        return _stats_xla_rows(hs, es, teacher, y, rho, chunk, theta)
+        return _stats_rows(hs, es, teacher, y, rho, chunk, theta)
     theta = label_logit(hs, es, y) if theta is None else theta
     rows = (hs, y, theta) + (() if teacher is None else (teacher[0],))
     xs = [_blocked(a, blocks, pad) for a in rows]
 
     def one(x):
         h, yb, tb, *t = x
-        return _stats_xla_rows(h, es, None if teacher is None else (t[0], teacher[1]), yb, rho, chunk, tb)
+        return _stats_rows(h, es, None if teacher is None else (t[0], teacher[1]), yb, rho, chunk, tb)
 
     out = lax.map(one, xs)
     return {k: v.reshape(-1)[:hs.shape[0]] for k, v in out.items()}
 
 
-def _stats_xla_rows(hs, es, teacher, y, rho, chunk, theta=None):
+def _stats_rows(hs, es, teacher, y, rho, chunk, theta=None):
     n, vocab = hs.shape[0], es.shape[0]
     chunk, n_chunks = _online.chunk_plan(vocab, chunk)
     theta = label_logit(hs, es, y) if theta is None else theta

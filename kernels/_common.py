@@ -83,15 +83,16 @@ def check_block(name: str, value, multiple: int, optional: bool = True) -> None:
 
 
 def choose_blocks(n, vocab, block_tokens=None, block_vocab=None, *, token_options=(), vocab_options=(),
-                  vmem_bytes=None, prefer="tokens"):
+                  vmem_bytes=None, prefer="tokens", none_fit="smallest"):
     """``(block_tokens, block_vocab)`` of a (token blocks, vocabulary blocks) grid over ``n`` rows
     and ``vocab`` columns.  Each is the given value or one of its ``*_options``, capped at ``n``
     rounded up to :data:`PACKED_SUBLANES` and ``vocab`` rounded up to :data:`LANES` (a block never
     exceeds the array by more than one tile).  Among the candidates: those whose
     ``vmem_bytes(bt, bv)`` fits :data:`VMEM_BUDGET_BYTES` (all when ``vmem_bytes`` is None) first;
     of those the largest area, ties to the larger ``prefer`` side ("tokens": more flops per
-    embedding byte read; "vocab": fewer merge rounds per tile); if none fits, the smallest area
-    (Mosaic then reports the overflow)."""
+    embedding byte read; "vocab": fewer merge rounds per tile); if none fits, the ``none_fit``
+    ("smallest" or "largest") area (Mosaic then reports the overflow).  (The two policies are the
+    two callers' historical choices, kept so that no kernel's tiles, and so no result, change.)"""
     n_cap, v_cap = round_up(n, PACKED_SUBLANES), round_up(vocab, LANES)
     best = None
     for bt in [block_tokens] if block_tokens else token_options:
@@ -99,7 +100,8 @@ def choose_blocks(n, vocab, block_tokens=None, block_vocab=None, *, token_option
             bt_eff, bv_eff = min(bt, n_cap), min(bv, v_cap)
             fits = vmem_bytes is None or vmem_bytes(bt_eff, bv_eff) <= VMEM_BUDGET_BYTES
             area = bt_eff * bv_eff
-            key = (fits, area if fits else -area, bt_eff if prefer == "tokens" else bv_eff)
+            key = (fits, area if fits or none_fit == "largest" else -area,
+                   bt_eff if prefer == "tokens" else bv_eff)
             if best is None or key > best[0]:
                 best = (key, (bt_eff, bv_eff))
     return best[1]

@@ -46,10 +46,10 @@ _VOCAB_BLOCKS = (512, 256, 128)
 def tile_sizes(n, vocab, d_s, d_t, itemsize, block_sizes: FusedKDBlockSizes):
     """(block_tokens, block_vocab) of the Pallas TPU kernels: the given ones, else
     :func:`salt.kernels._common.choose_blocks` over the options below (ties: more tokens, which
-    raises the flops per embedding byte read) with :func:`vmem_estimate`."""
+    raises the flops per embedding byte read; none fitting: the largest) with :func:`vmem_estimate`."""
     return choose_blocks(n, vocab, block_sizes.block_tokens, block_sizes.block_vocab,
                          token_options=_TOKEN_BLOCKS, vocab_options=_VOCAB_BLOCKS, prefer="tokens",
-                         vmem_bytes=lambda bt, bv: vmem_estimate(bt, bv, d_s, d_t, itemsize))
+                         none_fit="largest", vmem_bytes=lambda bt, bv: vmem_estimate(bt, bv, d_s, d_t, itemsize))
 
 
 def _matrix_names(teacher: bool) -> tuple:

@@ -6,18 +6,18 @@ The functions here run INSIDE ``shard_map`` over one mesh axis of ``n`` chips (`
 tokens split over it (each chip its ``N`` rows) and each embedding ``[V, D]`` split over it along
 ``D`` (each chip ``[V, D/n]``: the FSDP layout of the parameters, so entering costs nothing).
 
-Letters: ``N``, ``V``, ``D`` as docs/design.md §9; the scalars ``n`` (chips), ``C`` (chunks) and
+Letters: ``N``, ``V``, ``D`` as docs/design.md §9; the scalars ``n`` (chips), ``n_chunks`` (chunks) and
 ``c`` (rows per chip per chunk) are this layout's own, so arrays split by them are named
-``e_local`` (``[V, D/n]``) and ``e_owned`` (``[C, c, D]``) rather than given shape suffixes.
+``e_local`` (``[V, D/n]``) and ``e_owned`` (``[n_chunks, c, D]``) rather than given shape suffixes.
 
-Layout.  ``V`` is padded to ``Vp = C·n·c`` rows (``C`` chunks of ``n·c`` rows); global row
+Layout.  ``V`` is padded to ``Vp = n_chunks·n·c`` rows (``n_chunks`` chunks of ``n·c`` rows); global row
 ``v = j·n·c + o·c + i`` (chunk ``j``, owner ``o``, ``i < c``) is owned by chip ``o``.  One
-``all_to_all`` turns the ``D``-split block into the owner's ``[C, c, D]`` rows (``V·D/n`` per
+``all_to_all`` turns the ``D``-split block into the owner's ``[n_chunks, c, D]`` rows (``V·D/n`` per
 chip each way).  Chunk ``j`` gathered over the axis is then ``[n·c, D]``: the contiguous global
 rows ``[j·n·c, (j+1)·n·c)``, so the kernels see an ordinary (narrower) vocabulary whose column
 ``k`` is token id ``j·n·c + k``; labels are shifted by ``j·n·c`` (a label outside the chunk
 matches no column).  The padding rows all fall in the last chunk, which is cut to its
-``V − (C−1)·n·c`` real rows (a static width), so padding never gets probability.
+``V − (n_chunks−1)·n·c`` real rows (a static width), so padding never gets probability.
 
 Forward: per chunk the kernels' row statistics (:func:`salt.kernels.fused_linear_kd.row_stats`,
 Pallas on TPU, the chunked ``xla`` scan elsewhere), merged across chunks by :func:`merge_stats`
@@ -49,8 +49,8 @@ DEFAULT_CHUNK_ROWS = 8192
 
 
 def chunk_layout(vocab: int, n: int, vocab_chunks: int | None = None) -> tuple:
-    """``(C, c)``: ``C`` chunks of ``c`` rows per chip (``n·c`` rows gathered per chunk) covering
-    ``vocab`` with the fewest padding rows; ``vocab_chunks`` None: about
+    """``(n_chunks, c)``: ``n_chunks`` chunks of ``c`` rows per chip (``n·c`` rows gathered per chunk)
+    covering ``vocab`` with the fewest padding rows; ``vocab_chunks`` None: about
     :data:`DEFAULT_CHUNK_ROWS` gathered rows per chunk."""
     if vocab_chunks is None:
         vocab_chunks = -(-vocab // DEFAULT_CHUNK_ROWS)
@@ -60,14 +60,14 @@ def chunk_layout(vocab: int, n: int, vocab_chunks: int | None = None) -> tuple:
     return -(-vocab // (n * c)), c
 
 
-def to_owner_rows(e_local, axis: str, n: int, C: int, c: int):
-    """The ``D``-split block ``e_local`` ``[V, D/n]`` -> this chip's rows ``[C, c, D]`` of the layout.  The
-    exchange runs on the transpose ``[D/n, V]``: ``D/n`` is small (4 at the paper's scale) and
-    a ``[V, D/n]`` intermediate would be padded to the TPU's 128 lanes."""
+def to_owner_rows(e_local, axis: str, n: int, n_chunks: int, c: int):
+    """The ``D``-split block ``e_local`` ``[V, D/n]`` -> this chip's rows ``[n_chunks, c, D]`` of the
+    layout.  The exchange runs on the transpose ``[D/n, V]``: ``D/n`` is small (4 at the paper's
+    scale) and a ``[V, D/n]`` intermediate would be padded to the TPU's 128 lanes."""
     V, Dn = e_local.shape
-    e = jnp.pad(e_local.T, ((0, 0), (0, C * n * c - V))).reshape(Dn, C, n, c)
-    e = lax.all_to_all(e, axis, 2, 0, tiled=True)                               # [n·D/n, C, 1, c]
-    return e.reshape(n * Dn, C, c).transpose(1, 2, 0)
+    e = jnp.pad(e_local.T, ((0, 0), (0, n_chunks * n * c - V))).reshape(Dn, n_chunks, n, c)
+    e = lax.all_to_all(e, axis, 2, 0, tiled=True)                               # [n·D/n, n_chunks, 1, c]
+    return e.reshape(n * Dn, n_chunks, c).transpose(1, 2, 0)
 
 
 def label_logits(h_NxD, e_local, y_N, axis: str, n: int):
@@ -81,7 +81,7 @@ def label_logits(h_NxD, e_local, y_N, axis: str, n: int):
 
 
 def _gathered(e_owned, j, axis):
-    """Chunk ``j`` of all owners (``e_owned``: this chip's ``[C, c, D]`` rows): the global rows
+    """Chunk ``j`` of all owners (``e_owned``: this chip's ``[n_chunks, c, D]`` rows): the global rows
     ``[j·n·c, (j+1)·n·c)`` as ``[n·c, D]``."""
     return lax.all_gather(lax.dynamic_index_in_dim(e_owned, j, 0, keepdims=False), axis, axis=0, tiled=True)
 
@@ -93,18 +93,18 @@ def _chunk_inputs(es, teacher, j, width, axis, n):
     return es_c, t_c, j * w_all
 
 
-def _over_chunks(fn, merge, C, width_last, init=None):
-    """``fn(j, width)`` over chunks ``0 … C−1`` (the last one first: it alone has a static, cut
+def _over_chunks(fn, merge, n_chunks, width_last, init=None):
+    """``fn(j, width)`` over chunks ``0 … n_chunks−1`` (the last one first: it alone has a static, cut
     width), folded with ``merge(acc, j, value)``."""
-    acc = merge(init, C - 1, fn(C - 1, width_last))
-    if C > 1:
-        acc, _ = lax.scan(lambda a, j: (merge(a, j, fn(j, None)), None), acc, jnp.arange(C - 1))
+    acc = merge(init, n_chunks - 1, fn(n_chunks - 1, width_last))
+    if n_chunks > 1:
+        acc, _ = lax.scan(lambda a, j: (merge(a, j, fn(j, None)), None), acc, jnp.arange(n_chunks - 1))
     return acc
 
 
 def _stats(hs, es, teacher, y, theta, rho, cfg):
     kcfg, axis, n, vocab = cfg
-    C, c = es.shape[:2]
+    n_chunks, c = es.shape[:2]
 
     def chunk(j, width):
         es_c, t_c, off = _chunk_inputs(es, teacher, j, width, axis, n)
@@ -112,14 +112,14 @@ def _stats(hs, es, teacher, y, theta, rho, cfg):
         st.pop("d_y")  # set from the exact label logit below
         return dict(st, arg=st["arg"] + jnp.asarray(off, jnp.float32))
 
-    stats = _over_chunks(chunk, lambda a, j, b: b if a is None else merge_stats(a, b), C,
-                         vocab - (C - 1) * n * c)
+    stats = _over_chunks(chunk, lambda a, j, b: b if a is None else merge_stats(a, b), n_chunks,
+                         vocab - (n_chunks - 1) * n * c)
     return dict(stats, d_y=stats["m_s"] - theta)
 
 
 def _grads(hs, es, teacher, y, rows, rho, cfg):
     kcfg, axis, n, vocab = cfg
-    C, c, D = es.shape
+    n_chunks, c, D = es.shape
 
     def chunk(j, width):
         es_c, t_c, off = _chunk_inputs(es, teacher, j, width, axis, n)
@@ -131,8 +131,8 @@ def _grads(hs, es, teacher, y, rows, rho, cfg):
         dhs, des = acc
         return dhs + value[0], lax.dynamic_update_index_in_dim(des, value[1].astype(es.dtype), j, 0)
 
-    init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros((C, c, D), es.dtype))
-    dhs, des = _over_chunks(chunk, merge, C, vocab - (C - 1) * n * c, init)
+    init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros((n_chunks, c, D), es.dtype))
+    dhs, des = _over_chunks(chunk, merge, n_chunks, vocab - (n_chunks - 1) * n * c, init)
     return dhs.astype(hs.dtype), des
 
 
@@ -165,22 +165,22 @@ def local_loss(hs_NxD, es_local, y_N, omega, teacher=None, *, rho=1.0, axis: str
     ``teacher = (ht_NxD, et_local)``) or ``fused_linear_ce_loss`` (``teacher`` None), parts
     ``ce, correct, n_greater`` (+ ``kd, kl``) under ``stop_gradient``.  ``es_local``/``et_local``:
     this chip's ``D``-split blocks of the embeddings (gradient: the student's, in that layout);
-    ``vocab_chunks``: ``C`` of :func:`chunk_layout`; ``impl``: "pallas" (on a GPU "pallas_gpu"),
+    ``vocab_chunks``: ``n_chunks`` of :func:`chunk_layout`; ``impl``: "pallas" (on a GPU "pallas_gpu"),
     "pallas_gpu" or "xla" per chunk."""
     if impl not in ("pallas", "pallas_gpu", "xla"):
         raise ValueError(f"the vocabulary-parallel loss runs impl 'pallas', 'pallas_gpu' or 'xla', got {impl!r}")
     impl = resolve_impl(impl, gpu_kernel=True)  # "pallas" on a GPU: the GPU kernel
     vocab = es_local.shape[0]
-    C, c = chunk_layout(vocab, n, vocab_chunks)
+    n_chunks, c = chunk_layout(vocab, n, vocab_chunks)
     block_sizes = FusedKDBlockSizes() if block_sizes is None else block_sizes
     y_N = y_N.astype(jnp.int32)
     theta = lax.stop_gradient(label_logits(hs_NxD, es_local, y_N, axis, n))
-    es = to_owner_rows(es_local, axis, n, C, c)
+    es = to_owner_rows(es_local, axis, n, n_chunks, c)
     if teacher is not None:
         ht, et = (lax.stop_gradient(x) for x in teacher)
         if et.shape[0] != vocab:
             raise ValueError(f"student embedding has vocab {vocab}, teacher embedding {et.shape[0]}")
-        teacher = (ht, to_owner_rows(et, axis, n, C, c))
+        teacher = (ht, to_owner_rows(et, axis, n, n_chunks, c))
     omega = jnp.asarray(omega, jnp.float32)
     outputs = _core(hs_NxD, es, teacher, y_N, theta, omega, rho, ((impl, block_sizes, interpret), axis, n, vocab))
     return finish_output(outputs, jnp.ones(y_N.shape, bool), True)

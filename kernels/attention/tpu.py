@@ -81,10 +81,11 @@ def make_config(T, R, scale, bs, interpret, count_blocks=False, head_dim=128):
 
 
 def layout(x, t_pad, head_dim):
-    """[B, T, N, d] -> zero-padded [B, t_pad, N * head_dim] (a free reshape when nothing pads)."""
-    B, T, N, d = x.shape
-    x = jnp.pad(x, ((0, 0), (0, t_pad - T), (0, 0), (0, head_dim - d)))
-    return x.reshape(B, t_pad, N * head_dim)
+    """``[B, T, heads, K]`` (``heads``: ``H`` or ``G``) -> zero-padded ``[B, t_pad, heads·head_dim]``
+    (a free reshape when nothing pads)."""
+    B, T, heads, K = x.shape
+    x = jnp.pad(x, ((0, 0), (0, t_pad - T), (0, 0), (0, head_dim - K)))
+    return x.reshape(B, t_pad, heads * head_dim)
 
 
 def attention(q, k, v, prefix_B, scale, bs, interpret):

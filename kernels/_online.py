@@ -200,6 +200,7 @@ def omega_cotangent(g, stats, omega):
     per_row = jnp.where(g != 0.0, g * (-stats["d_y"] - stats["qs_c"]), 0.0)  # masked rows: garbage stats
     return jnp.sum(per_row).astype(omega.dtype).reshape(omega.shape)
 
+
 def finish_output(outputs, valid_rows, return_parts):
     """Mask the loss and the parts' rows; parts are monitoring values without gradient."""
     loss, parts = outputs
@@ -208,6 +209,7 @@ def finish_output(outputs, valid_rows, return_parts):
         return loss
     parts = {name: lax.stop_gradient(jnp.where(valid_rows, value, 0.0)) for name, value in parts.items()}
     return loss, parts
+
 
 # The backward's per-row inputs (:func:`grad_rows`) in the order they are passed to a kernel.
 ROW_ORDER = ("m_s", "log_l_s", "m_t", "log_l_t", "g_p", "g_y", "g_q")
@@ -219,6 +221,7 @@ def ordered_rows(rows: dict) -> tuple:
     names = tuple(k for k in ROW_ORDER if k in rows)
     return names, tuple(to_lanes(rows[k].astype(jnp.float32)) for k in names)
 
+
 # ----------------------------------------------------------------------------------------------
 # The vocabulary walk of the xla scans and the body of the Pallas TPU forward kernels.
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +231,7 @@ def chunk_plan(vocab, chunk):
     only columns ``>= j·c`` (the last chunk is shifted left instead of padded)."""
     chunk = min(chunk, vocab)
     return chunk, -(-vocab // chunk)
+
 
 def stats_kernel_step(s, rt, ins, outs, acc, *, vocab, block_vocab):
     """Body of a forward statistics kernel on the grid (token blocks, vocab blocks ``"arbitrary"``),
@@ -252,6 +256,7 @@ def stats_kernel_step(s, rt, ins, outs, acc, *, vocab, block_vocab):
     def _finish():
         for name, value in stats_finish({k: load_row(r) for k, r in acc.items()}).items():
             store_row(outs[name], value)
+
 
 def fwd_flops(n, vocab):
     """Analytic flop count of the forward statistics: ~20 elementwise flops per logit pair."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from salt.kernels._common import VMEM_BUDGET_BYTES
+from salt.kernels._common import VMEM_BUDGET_BYTES, choose_blocks
 from salt.kernels.fused_linear_kd import FusedKDBlockSizes, fused_linear_ce_loss, fused_linear_kd_loss
 from salt.kernels.fused_linear_kd.tpu import tile_sizes, vmem_estimate
 from salt.reference import losses as ref
@@ -247,6 +247,19 @@ def test_analytic_flops_count_the_traced_matmuls(impl):
                           S((n, d_t), jnp.float32), S((vocab, d_t), jnp.float32), S((n,), jnp.int32))
     elementwise = fwd_flops(n, vocab) + (2 if impl == "pallas" else 1) * bwd_flops(n, vocab)
     assert F.analytic_flops(n, vocab, d_s, d_t, schedule=impl) - elementwise == traced
+
+
+def test_the_one_block_choice_rule():
+    """salt.kernels._common.choose_blocks, which every Pallas TPU loss kernel's default tiles come from."""
+    options = dict(token_options=(64, 32), vocab_options=(256, 128))
+    at_most = lambda area: lambda bt, bv: 0 if bt * bv <= area else VMEM_BUDGET_BYTES + 1  # noqa: E731
+    assert choose_blocks(4096, 4096, **options) == (64, 256)                       # all fit: the largest
+    assert choose_blocks(4096, 4096, **options, vmem_bytes=at_most(64 * 128), prefer="tokens") == (64, 128)
+    assert choose_blocks(4096, 4096, **options, vmem_bytes=at_most(64 * 128), prefer="vocab") == (32, 256)
+    assert choose_blocks(4096, 4096, **options, vmem_bytes=at_most(0)) == (32, 128)  # none fits: smallest
+    assert choose_blocks(4096, 4096, **options, vmem_bytes=at_most(0), none_fit="largest") == (64, 256)
+    assert choose_blocks(20, 200, **options) == (32, 256)        # capped at N, V rounded up to whole tiles
+    assert choose_blocks(20, 200, 16, 128, **options) == (16, 128)                # given sizes are kept
 
 
 def test_default_block_choice_fits_budget_and_prefers_token_rows():

@@ -6,14 +6,14 @@ Forward (``_stats_kernel``): grid ``(token blocks, vocabulary splits)``.  A prog
 and one contiguous range of vocabulary blocks; it walks them in a loop, forms each ``[bt, bv]``
 logit tile of the student (and ρ·teacher) with an inner loop over the hidden size in ``bk``-wide
 slices (``tl.dot``, float32 accumulation) and folds it into the online row statistics of
-:func:`salt.kernels.logits_kd.stats_update` (the same code as the TPU kernel and the xla scan).
+:func:`salt.kernels._online.stats_update` (the same code as the TPU kernel and the xla scan).
 Its finished statistics are written per split and merged across splits by
-:func:`salt.kernels.logits_kd.merge_stats` (a few ``[N]`` vectors; the splits only exist to give
+:func:`salt.kernels._online.merge_stats` (a few ``[N]`` vectors; the splits only exist to give
 the GPU enough programs when ``N / bt`` is below its SM count).  No ``[N, V]`` array exists.
 
 Backward (``_dlogits_kernel``): per chunk of token rows, grid ``(row blocks, vocabulary blocks)``
 recomputes the logit tiles the same way and writes ``dS = g·(P − (1−ω)·onehot − ω·Q)``
-(:func:`salt.kernels.logits_kd.grad_tile`) for the chunk in the embedding's dtype; the two
+(:func:`salt.kernels._online.grad_tile`) for the chunk in the embedding's dtype; the two
 gradient matmuls ``dS @ E_s`` and ``dSᵀ @ h_s`` are then plain XLA dots (cuBLAS).  Why not fused as
 on the TPU: a ``[bt, D_s]`` float32 accumulator of ``d h_s`` is 1 MiB at ``bt = 64, D_s = 4096``,
 four times an H100 SM's shared memory, and splitting ``D_s`` instead recomputes every logit tile
@@ -37,8 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from salt.kernels._common import NT as _NT
-from salt.kernels import logits_kd as _kd
+from salt.kernels import _online
+from salt.kernels._common import NT, bind, round_up
 
 
 # dS chunk budget of the backward: rows per chunk = the most whole token blocks whose
@@ -47,6 +47,8 @@ GRAD_CHUNK_BYTES = 2 * 2**30
 # Forward programs wanted (token blocks x vocabulary splits): about two per SM of an H100/H200.
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
+# Triton's smallest ``tl.dot`` tile side: every tile dimension is a power of two at least this.
+MIN_TILE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,29 +77,26 @@ def choose_gpu_blocks(n, vocab, d_s, d_t, itemsize, block_tokens=None, block_voc
     per pipeline stage; capped to the problem.  Given ``block_tokens``/``block_vocab`` must be
     powers of two >= 16."""
     for name, value in (("block_tokens", block_tokens), ("block_vocab", block_vocab)):
-        if value is not None and not (_pow2(value) and value >= 16):
-            raise ValueError(f"impl 'pallas_gpu' needs {name} a power of two >= 16 (Triton tiles), got {value}")
-    cap = lambda x: max(16, pl.next_power_of_2(x))  # noqa: E731
+        if value is not None and not (_pow2(value) and value >= MIN_TILE):
+            raise ValueError(f"impl 'pallas_gpu' needs {name} a power of two >= {MIN_TILE} (Triton tiles), "
+                             f"got {value}")
+    cap = lambda x: max(MIN_TILE, pl.next_power_of_2(x))  # noqa: E731
     bt = min(block_tokens or 128, cap(n))
     bv = min(block_vocab or 128, cap(vocab))
     bk = min(64 if itemsize <= 2 else 32, cap(min(d_s, d_t) if d_t else d_s))
-    v_pad = _round_up(vocab, bv)
+    v_pad = round_up(vocab, bv)
     if chunk_tokens is None:
         chunk = max(bt, GRAD_CHUNK_BYTES // (v_pad * itemsize) // bt * bt)
     else:
-        chunk = _round_up(chunk_tokens, bt)
+        chunk = round_up(chunk_tokens, bt)
     # Triton addresses an array with 32-bit offsets up to 2**32 elements: keep dS below 2**31
     chunk = min(chunk, max(bt, (2**31 - 1) // v_pad // bt * bt))
-    return GPUBlocks(bt, bv, bk, min(chunk, _round_up(n, bt)))
-
-
-def _round_up(x, m):
-    return -(-x // m) * m
+    return GPUBlocks(bt, bv, bk, min(chunk, round_up(n, bt)))
 
 
 def _pad_to(x, axis, multiple):
     """``x`` zero-padded along ``axis`` to a multiple of ``multiple`` (``x`` itself when aligned)."""
-    extra = _round_up(x.shape[axis], multiple) - x.shape[axis]
+    extra = round_up(x.shape[axis], multiple) - x.shape[axis]
     if extra == 0:
         return x
     pads = [(0, 0)] * x.ndim
@@ -113,7 +112,7 @@ def _tile_logits(refs, rows, j, blk: GPUBlocks, rho, d_pads):
     def matmul(h_ref, e_ref, d):
         def step(k, acc):
             ks = pl.ds(k * blk.bk, blk.bk)
-            return acc + lax.dot_general(h_ref[rows, ks], e_ref[cols, ks], _NT, preferred_element_type=jnp.float32)
+            return acc + lax.dot_general(h_ref[rows, ks], e_ref[cols, ks], NT, preferred_element_type=jnp.float32)
         return lax.fori_loop(0, d // blk.bk, step, jnp.zeros((blk.bt, blk.bv), jnp.float32))
 
     s = matmul(refs["hs"], refs["es"], d_pads[0])
@@ -133,7 +132,7 @@ def _load_col(ref, rows, bt):
 
 def _stats_kernel(*refs, teacher, rho, vocab, blk: GPUBlocks, d_pads, blocks_per_split, n_rows):
     names = ("hs", "es", "ht", "et") if teacher else ("hs", "es")
-    ins, outs = _kd.bind(refs, names + ("y", "theta"), _split_stat_names(teacher))
+    ins, outs = bind(refs, names + ("y", "theta"), _split_stat_names(teacher))
     i, split = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(i * blk.bt, blk.bt)
     y, theta = _load_col(ins["y"], rows, blk.bt), _load_col(ins["theta"], rows, blk.bt)
@@ -143,10 +142,10 @@ def _stats_kernel(*refs, teacher, rho, vocab, blk: GPUBlocks, d_pads, blocks_per
         j = split * blocks_per_split + jj
         s, rt = _tile_logits(ins, rows, jnp.minimum(j, last_block), blk, rho, d_pads)
         cols = _column_ids(j, blk.bv)
-        return _kd.stats_update(carry, s, rt, cols < vocab, cols, y, theta)
+        return _online.stats_update(carry, s, rt, cols < vocab, cols, y, theta)
 
-    carry = lax.fori_loop(0, blocks_per_split, step, _kd.stats_init((blk.bt, 1), teacher=teacher))
-    stats = _kd.stats_finish(carry)
+    carry = lax.fori_loop(0, blocks_per_split, step, _online.stats_init((blk.bt, 1), teacher=teacher))
+    stats = _online.stats_finish(carry)
     out_rows = pl.ds(split * n_rows + i * blk.bt, blk.bt)
     for name in _split_stat_names(teacher):
         outs[name][out_rows] = stats[name].reshape(blk.bt)
@@ -154,7 +153,7 @@ def _stats_kernel(*refs, teacher, rho, vocab, blk: GPUBlocks, d_pads, blocks_per
 
 def _split_stat_names(teacher):
     """The statistics the forward kernel writes per split (``d_y`` is set after the merge)."""
-    return tuple(k for k in _kd.stat_names(teacher) if k != "d_y")
+    return tuple(k for k in _online.stat_names(teacher) if k != "d_y")
 
 
 def _padded_operands(hs, es, teacher, blk: GPUBlocks, n_pad):
@@ -170,9 +169,9 @@ def _params(blk: GPUBlocks):
 
 
 def stats(hs, es, teacher, y, theta, rho, blk: GPUBlocks, interpret):
-    """Row statistics (the dict of :func:`salt.kernels.logits_kd.stat_names`), ``d_y = m_s − θ``."""
+    """Row statistics (the dict of :func:`salt.kernels._online.stat_names`), ``d_y = m_s − θ``."""
     n, vocab = hs.shape[0], es.shape[0]
-    n_pad = _round_up(n, blk.bt)
+    n_pad = round_up(n, blk.bt)
     row_blocks, vocab_blocks = n_pad // blk.bt, pl.cdiv(vocab, blk.bv)
     splits = max(1, min(vocab_blocks, MAX_SPLITS, TARGET_PROGRAMS // row_blocks))
     per_split = pl.cdiv(vocab_blocks, splits)
@@ -189,30 +188,30 @@ def stats(hs, es, teacher, y, theta, rho, blk: GPUBlocks, interpret):
         name="fused_linear_kd_fwd_gpu" if teacher is not None else "fused_linear_ce_fwd_gpu",
     )(*mats, _pad_to(y, 0, n_pad), _pad_to(theta.astype(jnp.float32), 0, n_pad))
     per_split_stats = [{k: o.reshape(splits, n_pad)[p, :n] for k, o in zip(names, outs)} for p in range(splits)]
-    merged = functools.reduce(_kd.merge_stats, per_split_stats)
+    merged = functools.reduce(_online.merge_stats, per_split_stats)
     return dict(merged, d_y=merged["m_s"] - theta)
 
 
 def _dlogits_kernel(*refs, teacher, row_names, rho, vocab, blk: GPUBlocks, d_pads):
     names = ("hs", "es", "ht", "et") if teacher else ("hs", "es")
-    ins, rows_in, outs = _kd.bind(refs, names + ("y",), row_names, ("ds",))
+    ins, rows_in, outs = bind(refs, names + ("y",), row_names, ("ds",))
     i, j = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(i * blk.bt, blk.bt)
     s, rt = _tile_logits(ins, rows, j, blk, rho, d_pads)
     cols = _column_ids(j, blk.bv)
     row_values = {k: _load_col(r, rows, blk.bt) for k, r in rows_in.items()}
-    ds = _kd.grad_tile(s, rt, cols == _load_col(ins["y"], rows, blk.bt), row_values)
+    ds = _online.grad_tile(s, rt, cols == _load_col(ins["y"], rows, blk.bt), row_values)
     # padded rows have g_p = 0 (grad_tile gives 0); padded columns are cut here
     outs["ds"][rows, pl.ds(j * blk.bv, blk.bv)] = jnp.where(cols < vocab, ds, 0.0).astype(outs["ds"].dtype)
 
 
 def dlogits(hs, es, teacher, y, rows, rho, blk: GPUBlocks, interpret):
     """``dS`` ``[N, V]`` in the student embedding's dtype for rows ``hs`` (one backward chunk;
-    ``rows``: the ``[N]`` vectors of :func:`salt.kernels.logits_kd.grad_rows`)."""
+    ``rows``: the ``[N]`` vectors of :func:`salt.kernels._online.grad_rows`)."""
     n, vocab = hs.shape[0], es.shape[0]
-    n_pad = _round_up(n, blk.bt)
+    n_pad = round_up(n, blk.bt)
     mats, d_pads = _padded_operands(hs, es, teacher, blk, n_pad)
-    row_names = tuple(k for k in _kd.ROW_ORDER if k in rows)
+    row_names = tuple(k for k in _online.ROW_ORDER if k in rows)
     row_ops = [_pad_to(rows[k].astype(jnp.float32), 0, n_pad) for k in row_names]  # padded rows: g_p = 0
     ds = pl.pallas_call(
         functools.partial(_dlogits_kernel, teacher=teacher is not None, row_names=row_names, rho=rho,

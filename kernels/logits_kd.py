@@ -1,7 +1,8 @@
 """Fused KD loss from student and teacher logits (docs/design.md §2): ``salt.kernels.kd_loss``.
 
-(The module is ``logits_kd`` so that the function ``salt.kernels.kd_loss`` does not shadow it; it
-also holds the online row statistics that :mod:`salt.kernels.fused_linear_kd` shares.)
+(The module is ``logits_kd`` so that the function ``salt.kernels.kd_loss`` does not shadow it.  The
+online row statistics it reduces each row to are those of every fused loss:
+:mod:`salt.kernels._online`.)
 
 Per target position, with student logits ``s``, teacher logits ``t``, label ``y``, weight ``ω``
 and teacher temperature ``ρ``::
@@ -13,7 +14,7 @@ and teacher temperature ``ρ``::
 
 The ``pallas`` and ``xla`` implementations reduce each row, in one online pass over vocabulary
 tiles, to seven *row statistics* kept relative to the running maxima (so float32 logits of
-magnitude 1e4 lose no precision; see the section comment below), from which the loss and its
+magnitude 1e4 lose no precision; see :mod:`salt.kernels._online`), from which the loss and its
 monitoring parts are cheap combinations.  ``(loss, ce, kd, kl)`` carry a ``custom_vjp`` whose
 backward recomputes ``P`` and ``Q`` tile by tile from the saved statistics and returns
 ``g·(P − (1−ω)·onehot − ω·Q)`` for the student logits, ``Σ g·(s_y − Σ Q·s)`` for ``omega``, and a
@@ -37,17 +38,12 @@ Implementations (``impl=``):
 
 ``omega`` may be a traced scalar (the trainer changes ω per step inside one compiled step);
 ``rho`` must be a Python number (static: it is baked into the kernels).
-
-Why one module of ~590 lines: as in JAX's own Pallas ops, the kernels, their pure-JAX chunked
-twin, the naive path, the custom_vjp and the frozen block sizes of one operation live together
-so they are read and tested side by side.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -55,14 +51,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from salt.kernels._common import IMPLS, default_impl, resolve_impl  # noqa: F401 (default_impl: public)
-
-_NEG_INF = float("-inf")
+from salt.kernels._checks import check_labels_mask, check_omega, check_rho, float_input
+from salt.kernels._common import (LANES, SUBLANES, bind, check_block, choose_blocks,
+                                  default_impl,  # noqa: F401 (public: the impl of ``impl=None``)
+                                  from_lanes, load_row, resolve_impl, row_outputs, row_scratch, row_spec,
+                                  to_lanes)
+from salt.kernels._online import (bwd_flops, fwd_flops,  # noqa: F401 (public: the op's flop estimates)
+                                  carry_names, chunk_plan, finish_output, grad_rows, grad_tile,
+                                  loss_and_parts, omega_cotangent, ordered_rows, stat_names, stats_finish,
+                                  stats_init, stats_kernel_step, stats_update)
 
 
 @dataclasses.dataclass(frozen=True)
 class KDBlockSizes:
-    """Tile sizes.  ``block_tokens``: rows per Pallas block (multiple of 8; 16 for bf16 is best);
+    """Tile sizes.  ``block_tokens``: rows per Pallas block (multiple of 8, the TPU tiling:
+    :func:`salt.kernels._common.check_block`; 16 fills bfloat16's packed tiles);
     ``block_vocab``: vocab columns per Pallas block (multiple of 128); ``chunk_vocab``: vocab
     columns per step of the ``xla`` scan."""
 
@@ -71,246 +74,10 @@ class KDBlockSizes:
     chunk_vocab: int = 2048
 
     def __post_init__(self):
-        if not (isinstance(self.block_tokens, int) and self.block_tokens > 0 and self.block_tokens % 8 == 0):
-            raise ValueError(f"block_tokens must be a positive multiple of 8, got {self.block_tokens!r}")
-        if not (isinstance(self.block_vocab, int) and self.block_vocab > 0 and self.block_vocab % 128 == 0):
-            raise ValueError(f"block_vocab must be a positive multiple of 128, got {self.block_vocab!r}")
+        check_block("block_tokens", self.block_tokens, SUBLANES, optional=False)
+        check_block("block_vocab", self.block_vocab, LANES, optional=False)
         if not (isinstance(self.chunk_vocab, int) and self.chunk_vocab > 0):
             raise ValueError(f"chunk_vocab must be a positive integer, got {self.chunk_vocab!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Online row statistics (shared by the Pallas kernels, the xla scans and fused_linear_kd).
-#
-# All sums are kept RELATIVE to the running maxima so that logits of magnitude 1e4 lose no
-# precision in float32: with m_s = max s and m_t = max ρt the statistics of a row are
-#   m_s, log_l_s  (lse(s) = m_s + log_l_s),     d_y  = m_s − s_y  (≥ 0),
-#   arg = first index of max s,                  n_gt = #{v ≠ y : s_v > θ}  (θ: the label's logit),
-#   qs_c = Σ Q·(s − m_s),                        m_t, log_l_t  (lse(ρt) = m_t + log_l_t),
-#   qrt_c = Σ Q·(ρt − m_t)
-# and  ce = log_l_s + d_y,  kd = log_l_s − qs_c,  H(Q) = log_l_t − qrt_c,  KL = kd − H(Q),
-# correct = (arg == y),  y in the top-k  ⇔  n_gt < k.
-# Without a teacher (the cross-entropy kernels) only the student statistics exist.
-# Statistics travel as dicts keyed by these names (kernel refs are looked up by name too).
-# ----------------------------------------------------------------------------------------------
-
-STUDENT_CARRY = ("m_s", "l_s", "s_y", "arg", "n_gt")
-TEACHER_CARRY = ("m_t", "l_t", "a_qs", "a_qrt")
-STUDENT_STATS = ("m_s", "log_l_s", "d_y", "arg", "n_gt")
-TEACHER_STATS = ("m_t", "log_l_t", "qs_c", "qrt_c")
-
-
-def carry_names(teacher: bool) -> tuple:
-    return STUDENT_CARRY + (TEACHER_CARRY if teacher else ())
-
-
-def stat_names(teacher: bool) -> tuple:
-    return STUDENT_STATS + (TEACHER_STATS if teacher else ())
-
-
-def stats_init(shape, teacher: bool) -> dict:
-    """Initial carry for rows of ``shape`` (see :func:`stats_update`)."""
-    init = {"m_s": _NEG_INF, "m_t": _NEG_INF}
-    return {k: jnp.full(shape, init.get(k, 0.0), jnp.float32) for k in carry_names(teacher)}
-
-
-def stats_update(carry, s_f32, rt_f32, valid, cols, y, theta):
-    """Fold one tile into the running statistics.
-
-    ``s_f32``/``rt_f32``: ``[n, c]`` student logits and ρ·teacher logits (float32, may hold garbage
-    where not ``valid``; ``rt_f32`` None without a teacher); ``valid``: broadcastable to ``[n, c]``
-    (column inside the vocabulary and not yet counted); ``cols``: int32 column indices
-    broadcastable to ``[n, c]``; ``y``/``theta``: ``[n, 1]`` labels and the label's logit (the
-    threshold of ``n_gt``).  Carry entries are ``[n, 1]``: running maxima ``m_s``, ``m_t``;
-    ``l_s = Σ exp(s − m_s)``; ``l_t = Σ exp(ρt − m_t)``; ``a_qs = Σ exp(ρt − m_t)·(s − m_s)``;
-    ``a_qrt = Σ exp(ρt − m_t)·(ρt − m_t)``; ``s_y``; ``arg`` (float32 index of the first maximum);
-    ``n_gt`` (float32 count).
-    """
-    out = {}
-    m_s = carry["m_s"]
-    s_valid = jnp.where(valid, s_f32, _NEG_INF)
-    tile_max = jnp.max(s_valid, axis=1, keepdims=True)
-    m_s_new = jnp.maximum(m_s, tile_max)
-    cols_f = jnp.broadcast_to(cols, s_f32.shape).astype(jnp.float32)
-    tile_arg = jnp.min(jnp.where(s_valid == tile_max, cols_f, jnp.inf), axis=1, keepdims=True)
-    out["arg"] = jnp.where(tile_max > m_s, tile_arg, carry["arg"])  # ties: the earlier index stays
-    onehot = jnp.logical_and(cols == y, valid)
-    above = jnp.logical_and(jnp.logical_and(valid, cols != y), s_f32 > theta)
-    out["n_gt"] = carry["n_gt"] + jnp.sum(above.astype(jnp.float32), axis=1, keepdims=True)
-    out["s_y"] = carry["s_y"] + jnp.sum(jnp.where(onehot, s_f32, 0.0), axis=1, keepdims=True)
-    out["l_s"] = carry["l_s"] * jnp.exp(m_s - m_s_new) + jnp.sum(jnp.exp(s_valid - m_s_new), axis=1,
-                                                                 keepdims=True)
-    out["m_s"] = m_s_new
-    if rt_f32 is None:
-        return out
-    m_t, l_t = carry["m_t"], carry["l_t"]
-    rt_valid = jnp.where(valid, rt_f32, _NEG_INF)
-    m_t_new = jnp.maximum(m_t, jnp.max(rt_valid, axis=1, keepdims=True))
-    alpha_t = jnp.exp(m_t - m_t_new)
-    # shifts of the reference points (0 before the first tile, where the sums are still 0)
-    shift_s = jnp.where(m_s == _NEG_INF, 0.0, m_s_new - m_s)
-    shift_t = jnp.where(m_t == _NEG_INF, 0.0, m_t_new - m_t)
-    p_t = jnp.exp(rt_valid - m_t_new)  # unnormalised teacher probabilities of the tile, 0 if invalid
-    s_c = jnp.where(valid, s_f32 - m_s_new, 0.0)
-    rt_c = jnp.where(valid, rt_f32 - m_t_new, 0.0)
-    out["a_qs"] = (carry["a_qs"] - shift_s * l_t) * alpha_t + jnp.sum(p_t * s_c, axis=1, keepdims=True)
-    out["a_qrt"] = (carry["a_qrt"] - shift_t * l_t) * alpha_t + jnp.sum(p_t * rt_c, axis=1, keepdims=True)
-    out["l_t"] = l_t * alpha_t + jnp.sum(p_t, axis=1, keepdims=True)
-    out["m_t"] = m_t_new
-    return out
-
-
-def stats_finish(carry) -> dict:
-    """Carry -> the statistics of the section comment (``STUDENT_STATS`` [+ ``TEACHER_STATS``])."""
-    stats = {"m_s": carry["m_s"], "log_l_s": jnp.log(carry["l_s"]), "d_y": carry["m_s"] - carry["s_y"],
-             "arg": carry["arg"], "n_gt": carry["n_gt"]}
-    if "m_t" in carry:
-        stats.update(m_t=carry["m_t"], log_l_t=jnp.log(carry["l_t"]), qs_c=carry["a_qs"] / carry["l_t"],
-                     qrt_c=carry["a_qrt"] / carry["l_t"])
-    return stats
-
-
-def merge_stats(a: dict, b: dict) -> dict:
-    """Merge the finished row statistics of two disjoint column sets (``m_s, log_l_s, arg, n_gt``
-    [+ ``m_t, log_l_t, qs_c, qrt_c``]; ``arg`` in global ids: ties go to the lower id).  ``d_y``
-    is not merged (it is ``m_s − θ`` with the exact label logit, set by the caller)."""
-    m_s = jnp.maximum(a["m_s"], b["m_s"])
-    out = {"m_s": m_s, "n_gt": a["n_gt"] + b["n_gt"],
-           "log_l_s": jnp.logaddexp(a["log_l_s"] + (a["m_s"] - m_s), b["log_l_s"] + (b["m_s"] - m_s)),
-           "arg": jnp.where(a["m_s"] > b["m_s"], a["arg"],
-                            jnp.where(b["m_s"] > a["m_s"], b["arg"], jnp.minimum(a["arg"], b["arg"])))}
-    if "m_t" not in a:
-        return out
-    m_t = jnp.maximum(a["m_t"], b["m_t"])
-    wa, wb = a["log_l_t"] + (a["m_t"] - m_t), b["log_l_t"] + (b["m_t"] - m_t)  # log teacher masses
-    log_l_t = jnp.logaddexp(wa, wb)
-    wa, wb = jnp.exp(wa - log_l_t), jnp.exp(wb - log_l_t)                      # their shares of Q
-    out.update(m_t=m_t, log_l_t=log_l_t,
-               qs_c=wa * (a["qs_c"] + (a["m_s"] - m_s)) + wb * (b["qs_c"] + (b["m_s"] - m_s)),
-               qrt_c=wa * (a["qrt_c"] + (a["m_t"] - m_t)) + wb * (b["qrt_c"] + (b["m_t"] - m_t)))
-    return out
-
-
-def grad_tile(s_f32, rt_f32, onehot, rows):
-    """``g_p·P − g_y·onehot − g_q·Q`` for one tile (``rows``: dict of ``[n, 1]`` row vectors
-    ``m_s, log_l_s, g_p, g_y`` [+ ``m_t, log_l_t, g_q``]); with ``g_p = g``, ``g_y = (1−ω)·g``,
-    ``g_q = ω·g`` this is ``g·(P − (1−ω)·onehot − ω·Q)``; without a teacher ``g·(P − onehot)``."""
-    p = jnp.exp((s_f32 - rows["m_s"]) - rows["log_l_s"])
-    ds = rows["g_p"] * p - jnp.where(onehot, rows["g_y"], 0.0)
-    if rt_f32 is not None:
-        ds = ds - rows["g_q"] * jnp.exp((rt_f32 - rows["m_t"]) - rows["log_l_t"])
-    # rows with a zero cotangent (masked rows, whose logits may be garbage) get exactly 0
-    return jnp.where(nonzero(rows["g_p"]), ds, 0.0)
-
-
-def nonzero(x):
-    """``x != 0`` (True for NaN) spelled as ``not (x == 0)``: Mosaic (libtpu 0.0.42) cannot lower
-    the unordered ``!=`` of floats (``arith.cmpf une``) but lowers ``==``."""
-    return jnp.logical_not(x == 0.0)
-
-
-GRAD_ROWS_STATS = ("m_s", "log_l_s", "m_t", "log_l_t")
-
-
-def grad_rows(stats, g, omega) -> dict:
-    """The per-row ``[N]`` inputs of :func:`grad_tile`: the statistics it needs and
-    ``(g_p, g_y, g_q) = (g, (1−ω)·g, ω·g)`` (no ``g_q`` and ``ω = 0`` without a teacher)."""
-    g = g.astype(jnp.float32)
-    rows = {k: stats[k] for k in GRAD_ROWS_STATS if k in stats}
-    if "m_t" in stats:
-        rows.update(g_p=g, g_y=(1.0 - omega) * g, g_q=omega * g)
-    else:
-        rows.update(g_p=g, g_y=g)
-    return rows
-
-
-def loss_from_stats(stats, omega):
-    """Row statistics -> ``(loss, parts)`` (each ``[N]`` float32, not masked); ``parts`` has
-    ``ce``, ``correct`` (1.0 where argmax == label), ``n_greater`` and, with a teacher, ``kd``, ``kl``.
-    Without a teacher the loss is ``ce`` (``omega`` is ignored)."""
-    ce = stats["log_l_s"] + stats["d_y"]
-    parts = {"ce": ce, "n_greater": stats["n_gt"]}
-    if "qs_c" not in stats:
-        return ce, parts
-    kd = stats["log_l_s"] - stats["qs_c"]
-    parts.update(kd=kd, kl=kd - (stats["log_l_t"] - stats["qrt_c"]))
-    loss = stats["log_l_s"] + (1.0 - omega) * stats["d_y"] - omega * stats["qs_c"]
-    return loss, parts
-
-
-def with_correct(parts, stats, labels_N):
-    """Add ``correct`` (float32 1.0 where the first argmax is the label) to ``parts``."""
-    return dict(parts, correct=(stats["arg"] == labels_N.astype(jnp.float32)).astype(jnp.float32))
-
-
-def omega_cotangent(g, stats, omega):
-    """``Σ_rows g·∂loss/∂ω = Σ g·(−d_y − qs_c)`` in ``omega``'s dtype and shape."""
-    g = g.astype(jnp.float32)
-    per_row = jnp.where(g != 0.0, g * (-stats["d_y"] - stats["qs_c"]), 0.0)  # masked rows: garbage stats
-    return jnp.sum(per_row).astype(omega.dtype).reshape(omega.shape)
-
-
-def finish_output(outputs, valid_rows, return_parts):
-    """Mask the loss and the parts' rows; parts are monitoring values without gradient."""
-    loss, parts = outputs
-    loss = jnp.where(valid_rows, loss, 0.0)
-    if not return_parts:
-        return loss
-    parts = {name: lax.stop_gradient(jnp.where(valid_rows, value, 0.0)) for name, value in parts.items()}
-    return loss, parts
-
-
-# ----------------------------------------------------------------------------------------------
-# Argument checking shared with fused_linear_kd.
-# ----------------------------------------------------------------------------------------------
-
-def check_impl(impl, gpu_kernel: bool = False):
-    """The implementation to run (:func:`salt.kernels._common.resolve_impl`); ``gpu_kernel``: the
-    caller has a Pallas GPU kernel."""
-    return resolve_impl(impl, gpu_kernel=gpu_kernel)
-
-
-def check_rho(rho) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
-        raise ValueError(f"rho must be a Python number (it is static), got {type(rho).__name__} {rho!r}")
-    rho = float(rho)
-    if not (rho > 0.0 and math.isfinite(rho)):
-        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
-    return rho
-
-
-def check_omega(omega):
-    if isinstance(omega, numbers.Real) and not isinstance(omega, bool):
-        if not 0.0 <= float(omega) <= 1.0:
-            raise ValueError(f"omega must be in [0, 1], got {omega!r}")
-        return float(omega)
-    omega = jnp.asarray(omega)
-    if omega.ndim != 0:
-        raise ValueError(f"omega must be a scalar, got shape {omega.shape}")
-    return omega
-
-
-def check_labels_mask(labels, mask, n_expected_shape):
-    labels = jnp.asarray(labels)
-    if tuple(labels.shape) != tuple(n_expected_shape):
-        raise ValueError(f"labels shape {labels.shape} must equal {tuple(n_expected_shape)}")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    if mask is None:
-        valid = jnp.ones(labels.shape, bool)
-    else:
-        mask = jnp.asarray(mask)
-        if tuple(mask.shape) != tuple(labels.shape):
-            raise ValueError(f"mask shape {mask.shape} must equal labels shape {labels.shape}")
-        valid = mask.astype(bool) if mask.dtype == bool else mask != 0
-    return labels.astype(jnp.int32), valid
-
-
-def _float_input(name, x):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating array, got dtype {x.dtype}")
-    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,13 +108,6 @@ def loss_naive(s_NxV, t_NxV, y_N, omega, rho):
 # ----------------------------------------------------------------------------------------------
 # xla: scan over vocab chunks
 # ----------------------------------------------------------------------------------------------
-
-def chunk_plan(vocab, chunk):
-    """(chunk size, number of chunks); chunk ``j`` covers ``[min(j·c, V−c), +c)`` and counts
-    only columns ``>= j·c`` (the last chunk is shifted left instead of padded)."""
-    chunk = min(chunk, vocab)
-    return chunk, -(-vocab // chunk)
-
 
 def label_logit(s_NxV, y_N):
     """``s[n, y_n]`` in float32 (clipped index: masked rows may hold any label)."""
@@ -383,97 +143,6 @@ def _grad_xla(s_NxV, t_NxV, y_N, rows, rho, chunk):
 # pallas (TPU / Mosaic)
 # ----------------------------------------------------------------------------------------------
 
-ROW_ORDER = ("m_s", "log_l_s", "m_t", "log_l_t", "g_p", "g_y", "g_q")
-
-# Per-row vectors (labels, label logits, statistics, running carries) cross the Pallas boundary
-# and live in VMEM scratch LANE-DENSE, as ``[rows, LANES]`` with the value repeated along the
-# lanes (JAX's own flash attention keeps its ``l``/``m`` the same way): a ``[rows, 1]`` block
-# would be padded to full lanes in VMEM anyway and moved by narrow, strided DMAs.  Kernels
-# load a block and use lane 0 (:func:`load_row`) and store a broadcast (:func:`store_row`).
-LANES = 128
-
-
-def to_lanes(x_N):
-    """``[N]`` -> the lane-dense ``[N, LANES]`` operand (the value repeated along the lanes)."""
-    return jnp.broadcast_to(x_N[:, None], (x_N.shape[0], LANES))
-
-
-def from_lanes(x_NxL):
-    """A lane-dense ``[N, LANES]`` kernel output -> ``[N]``."""
-    return x_NxL[:, 0]
-
-
-def load_row(ref):
-    """A lane-dense row block ``[bt, LANES]`` -> the ``[bt, 1]`` column of values."""
-    return ref[...][:, :1]
-
-
-def store_row(ref, value_Bx1):
-    """Store a ``[bt, 1]`` column into a lane-dense ``[bt, LANES]`` block (repeated along lanes)."""
-    ref[...] = jnp.broadcast_to(value_Bx1, ref.shape).astype(ref.dtype)
-
-
-def row_spec(block_tokens, token_axis=0):
-    """BlockSpec of a lane-dense per-row ``[N, LANES]`` operand on a 2-D grid whose axis
-    ``token_axis`` walks rows."""
-    if token_axis == 0:
-        return pl.BlockSpec((block_tokens, LANES), lambda i, j: (i, 0))
-    return pl.BlockSpec((block_tokens, LANES), lambda j, i: (i, 0))
-
-
-def row_scratch(block_tokens, n_rows):
-    """``n_rows`` lane-dense float32 VMEM scratch blocks ``[block_tokens, LANES]``."""
-    return [pltpu.VMEM((block_tokens, LANES), jnp.float32)] * n_rows
-
-
-def row_outputs(n, n_rows):
-    """Shapes of ``n_rows`` lane-dense float32 per-row outputs ``[N, LANES]``."""
-    return [jax.ShapeDtypeStruct((n, LANES), jnp.float32)] * n_rows
-
-
-def ordered_rows(rows: dict) -> tuple:
-    """``(names, lane-dense [N, LANES] float32 operands)`` of the backward's row inputs, in
-    :data:`ROW_ORDER`."""
-    names = tuple(k for k in ROW_ORDER if k in rows)
-    return names, tuple(to_lanes(rows[k].astype(jnp.float32)) for k in names)
-
-
-def bind(refs, *groups):
-    """A kernel's positional refs as one dict per group of names (the groups in call order)."""
-    out, i = [], 0
-    for names in groups:
-        out.append(dict(zip(names, refs[i:i + len(names)])))
-        i += len(names)
-    if i != len(refs):
-        raise ValueError(f"kernel got {len(refs)} refs, the names account for {i}")
-    return out
-
-
-def stats_kernel_step(s, rt, ins, outs, acc, *, vocab, block_vocab):
-    """Body of a forward statistics kernel on the grid (token blocks, vocab blocks ``"arbitrary"``),
-    given the tile's float32 logits ``s`` and ``rt = ρ·t`` (``[bt, bv]``; ``rt`` None without a
-    teacher).  ``ins`` holds the ``"y"`` and ``"theta"`` refs; ``outs`` the statistic output refs
-    and ``acc`` the VMEM scratch refs of the running carry, by name (all lane-dense
-    ``[bt, LANES]``)."""
-    j = pl.program_id(1)
-
-    @pl.when(j == 0)
-    def _init():
-        for name, value in stats_init((s.shape[0], 1), teacher=rt is not None).items():
-            store_row(acc[name], value)
-
-    cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    carry = stats_update({k: load_row(r) for k, r in acc.items()}, s, rt, cols < vocab, cols,
-                         load_row(ins["y"]), load_row(ins["theta"]))
-    for name, value in carry.items():
-        store_row(acc[name], value)
-
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _finish():
-        for name, value in stats_finish({k: load_row(r) for k, r in acc.items()}).items():
-            store_row(outs[name], value)
-
-
 def _fwd_kernel(*refs, rho, vocab, block_vocab):
     ins, outs, acc = bind(refs, ("s", "t", "y", "theta"), stat_names(True), carry_names(True))
     s = ins["s"][...].astype(jnp.float32)
@@ -492,25 +161,9 @@ def _bwd_kernel(*refs, row_names, rho, vocab, n_tokens, block_tokens, block_voca
     outs["ds"][...] = jnp.where((cols < vocab) & (row_ids < n_tokens), ds, 0.0).astype(outs["ds"].dtype)
 
 
-def fwd_flops(n, vocab):
-    """Analytic flop count of the forward statistics: ~20 elementwise flops per logit pair."""
-    return 20 * n * vocab
-
-
-def bwd_flops(n, vocab):
-    """Analytic flop count of the backward tile: ~10 elementwise flops per logit pair."""
-    return 10 * n * vocab
-
-
-def _blocks(n, vocab, bs: KDBlockSizes):
-    block_tokens = min(bs.block_tokens, -(-n // 16) * 16)  # 16: bf16 sublane packing
-    block_vocab = min(bs.block_vocab, -(-vocab // 128) * 128)
-    return block_tokens, block_vocab
-
-
 def _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
     n, vocab = s_NxV.shape
-    bt, bv = _blocks(n, vocab, block_sizes)
+    bt, bv = choose_blocks(n, vocab, block_sizes.block_tokens, block_sizes.block_vocab)
     tile_spec = pl.BlockSpec((bt, bv), lambda i, j: (i, j))
     in_bytes = s_NxV.size * s_NxV.dtype.itemsize + t_NxV.size * t_NxV.dtype.itemsize
     names = stat_names(True)
@@ -533,7 +186,7 @@ def _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret):
 
 def _grad_pallas(s_NxV, t_NxV, y_N, rows, rho, block_sizes, interpret):
     n, vocab = s_NxV.shape
-    bt, bv = _blocks(n, vocab, block_sizes)
+    bt, bv = choose_blocks(n, vocab, block_sizes.block_tokens, block_sizes.block_vocab)
     tile_spec = pl.BlockSpec((bt, bv), lambda i, j: (i, j))
     nbytes = 2 * s_NxV.size * s_NxV.dtype.itemsize + t_NxV.size * t_NxV.dtype.itemsize
     row_names, row_operands = ordered_rows(rows)
@@ -564,19 +217,14 @@ def _stats(s_NxV, t_NxV, y_N, rho, cfg):
     return _stats_pallas(s_NxV, t_NxV, y_N, rho, block_sizes, interpret)
 
 
-def _outputs(stats, y_N, omega):
-    loss, parts = loss_from_stats(stats, omega)
-    return loss, with_correct(parts, stats, y_N)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _loss_core(s_NxV, t_NxV, y_N, omega, rho, cfg):
-    return _outputs(_stats(s_NxV, t_NxV, y_N, rho, cfg), y_N, omega)
+    return loss_and_parts(_stats(s_NxV, t_NxV, y_N, rho, cfg), y_N, omega)
 
 
 def _loss_core_fwd(s_NxV, t_NxV, y_N, omega, rho, cfg):
     stats = _stats(s_NxV, t_NxV, y_N, rho, cfg)
-    return _outputs(stats, y_N, omega), (s_NxV, t_NxV, y_N, omega, stats)
+    return loss_and_parts(stats, y_N, omega), (s_NxV, t_NxV, y_N, omega, stats)
 
 
 def _loss_core_bwd(rho, cfg, res, cotangents):
@@ -623,8 +271,8 @@ def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, im
     gradient flows to the teacher).  The reduction is the caller's: docs/design.md's mean over valid
     positions is ``loss.sum() / mask.sum()``.
     """
-    student_logits = _float_input("student_logits", student_logits)
-    teacher_logits = _float_input("teacher_logits", teacher_logits)
+    student_logits = float_input("student_logits", student_logits)
+    teacher_logits = float_input("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits shape {student_logits.shape} != teacher_logits shape "
                          f"{teacher_logits.shape}")
@@ -633,7 +281,7 @@ def kd_loss(student_logits, teacher_logits, labels, omega, rho, mask=None, *, im
     lead_shape = student_logits.shape[:-1]
     labels, valid = check_labels_mask(labels, mask, lead_shape)
     omega = check_omega(omega)
-    impl = check_impl(impl)
+    impl = resolve_impl(impl)
     rho = check_rho(rho)
     block_sizes = KDBlockSizes() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, KDBlockSizes):

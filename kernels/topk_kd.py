@@ -11,6 +11,8 @@ Per token, with student logits ``s = h_s·E_sᵀ``, teacher logits ``t = h_t·E_
     kl     = KL(Q^T‖P^T)                                   (monitoring)
 
 The reference is :func:`salt.reference.losses.topk_kd_loss` (and ``topk_kd_loss_grad``).
+Shape letter ``Z``: the ``k`` entries of a token's top-k set (``t_NxZ``; docs/design.md §9, where
+``K`` is the head dimension).
 
 Implementations (``impl=``):
 
@@ -43,8 +45,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from salt.kernels._common import NT as _NT
-from salt.kernels import logits_kd as _kd
+from salt.kernels._checks import check_labels_mask, check_omega, check_rho, float_input
+from salt.kernels._common import NT, resolve_impl
+from salt.kernels._online import chunk_plan, finish_output, lse_step
+from salt.kernels.logits_kd import loss_naive
 from salt.kernels.fused_linear_kd import FusedKDBlockSizes, fused_linear_ce_loss
 from salt.kernels.topk_pallas import TopKKernelBlockSizes, teacher_topk_pallas
 
@@ -87,7 +91,7 @@ def check_k(k, vocab: int) -> int:
 
 def teacher_topk(ht_NxD, et_VxD, k, *, impl="xla", chunk_vocab=2048, with_lse=False, interpret=False,
                  block_sizes=None):
-    """``(t_NxK float32, ids_NxK int32)``: the k largest teacher logits ``h_t·E_tᵀ`` per row, in
+    """``(t_NxZ float32, ids_NxZ int32)``: the k largest teacher logits ``h_t·E_tᵀ`` per row, in
     descending order, ties to the lower id.  ``impl="naive"`` forms the full logits; ``"xla"`` a
     scan over vocabulary chunks of ``chunk_vocab`` columns holds only ``[N, k + chunk]``;
     ``"pallas"`` the Pallas TPU kernel (module docstring; ``interpret`` for Pallas interpret mode,
@@ -112,28 +116,26 @@ def teacher_topk(ht_NxD, et_VxD, k, *, impl="xla", chunk_vocab=2048, with_lse=Fa
 
 def _topk_scan(ht_NxD, et_VxD, k, chunk_vocab, with_lse):
     n, vocab = ht_NxD.shape[0], et_VxD.shape[0]
-    chunk, n_chunks = _kd.chunk_plan(vocab, chunk_vocab)
+    chunk, n_chunks = chunk_plan(vocab, chunk_vocab)
 
     def body(carry, j):
-        top_NxK, ids_NxK, m_N, l_N = carry
+        top_NxZ, ids_NxZ, m_Nx1, l_Nx1 = carry
         start = jnp.minimum(j * chunk, vocab - chunk)
         et_c = lax.dynamic_slice_in_dim(et_VxD, start, chunk, axis=0)
-        t_NxC = lax.dot_general(ht_NxD, et_c, _NT, preferred_element_type=jnp.float32)
+        t_NxC = lax.dot_general(ht_NxD, et_c, NT, preferred_element_type=jnp.float32)
         cols_1xC = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
         t_NxC = jnp.where(cols_1xC >= j * chunk, t_NxC, _NEG_INF)  # seen columns of a shifted chunk
         if with_lse:
-            m_new = jnp.maximum(m_N, jnp.max(t_NxC, axis=1))
-            l_N = l_N * jnp.exp(m_N - m_new) + jnp.sum(jnp.exp(t_NxC - m_new[:, None]), axis=1)
-            m_N = m_new
-        merged = jnp.concatenate([top_NxK, t_NxC], axis=1)
-        merged_ids = jnp.concatenate([ids_NxK, jnp.broadcast_to(cols_1xC, t_NxC.shape)], axis=1)
-        top_NxK, pos_NxK = lax.top_k(merged, k)
-        return (top_NxK, jnp.take_along_axis(merged_ids, pos_NxK, axis=1), m_N, l_N), None
+            m_Nx1, l_Nx1 = lse_step(m_Nx1, l_Nx1, t_NxC)
+        merged = jnp.concatenate([top_NxZ, t_NxC], axis=1)
+        merged_ids = jnp.concatenate([ids_NxZ, jnp.broadcast_to(cols_1xC, t_NxC.shape)], axis=1)
+        top_NxZ, pos_NxZ = lax.top_k(merged, k)
+        return (top_NxZ, jnp.take_along_axis(merged_ids, pos_NxZ, axis=1), m_Nx1, l_Nx1), None
 
     init = (jnp.full((n, k), _NEG_INF, jnp.float32), jnp.zeros((n, k), jnp.int32),
-            jnp.full((n,), _NEG_INF, jnp.float32), jnp.zeros((n,), jnp.float32))
+            jnp.full((n, 1), _NEG_INF, jnp.float32), jnp.zeros((n, 1), jnp.float32))
     (top, ids, m, l), _ = lax.scan(body, init, jnp.arange(n_chunks))
-    return (top, ids, m + jnp.log(l)) if with_lse else (top, ids)
+    return (top, ids, (m + jnp.log(l))[:, 0]) if with_lse else (top, ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,11 +160,11 @@ def _unchunked(x, n):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gathered_logits(hs_NxD, es_VxD, ids_NxK, gather_bytes=16 * 1024 * 1024):
-    """``s_NxK[n, j] = hs[n] · es[ids[n, j]]`` in float32, scanned over token chunks of at most
+def gathered_logits(hs_NxD, es_VxD, ids_NxZ, gather_bytes=16 * 1024 * 1024):
+    """``s_NxZ[n, j] = hs[n] · es[ids[n, j]]`` in float32, scanned over token chunks of at most
     ``gather_bytes`` of gathered rows.  Gradient: ``d hs = Σ_j g·es[ids]``; ``d es`` scatter-added
     at ``ids`` in float32 (then cast to ``es``'s dtype); none for ``ids``."""
-    return _gathered_fwd(hs_NxD, es_VxD, ids_NxK, gather_bytes)[0]
+    return _gathered_fwd(hs_NxD, es_VxD, ids_NxZ, gather_bytes)[0]
 
 
 def _gathered_fwd(hs, es, ids, gather_bytes):
@@ -178,13 +180,13 @@ def _gathered_fwd(hs, es, ids, gather_bytes):
     return _unchunked(s, n), (hs, es, ids)
 
 
-def _gathered_bwd(gather_bytes, res, g_NxK):
+def _gathered_bwd(gather_bytes, res, g_NxZ):
     hs, es, ids = res
     n, k = ids.shape
     d = hs.shape[1]
     c = _token_chunk(n, k, d, gather_bytes)
-    g_NxK = g_NxK.astype(jnp.float32)
-    hs = jnp.where(jnp.any(g_NxK != 0.0, axis=1, keepdims=True), hs, jnp.zeros_like(hs))  # masked rows
+    g_NxZ = g_NxZ.astype(jnp.float32)
+    hs = jnp.where(jnp.any(g_NxZ != 0.0, axis=1, keepdims=True), hs, jnp.zeros_like(hs))  # masked rows
 
     def body(des_VxD, args):
         hs_c, ids_c, g_c = args
@@ -194,7 +196,7 @@ def _gathered_bwd(gather_bytes, res, g_NxK):
         return des_VxD.at[ids_c.reshape(-1)].add(rows), dhs_c
 
     des, dhs = lax.scan(body, jnp.zeros(es.shape, jnp.float32),
-                        (_chunked(hs, c), _chunked(ids, c), _chunked(g_NxK, c)))
+                        (_chunked(hs, c), _chunked(ids, c), _chunked(g_NxZ, c)))
     return _unchunked(dhs, n).astype(hs.dtype), des.astype(es.dtype), None
 
 
@@ -205,10 +207,10 @@ gathered_logits.defvjp(_gathered_fwd, _gathered_bwd)
 # (4) the [N, k] maths
 # ----------------------------------------------------------------------------------------------
 
-def topk_terms(s_NxK, rt_NxK):
+def topk_terms(s_NxZ, rt_NxZ):
     """``(kd_T, kl)`` per row from the student's logits and ρ·teacher logits on the top-k set."""
-    log_p = jax.nn.log_softmax(s_NxK.astype(jnp.float32), axis=-1)
-    log_q = jax.nn.log_softmax(lax.stop_gradient(rt_NxK).astype(jnp.float32), axis=-1)
+    log_p = jax.nn.log_softmax(s_NxZ.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(lax.stop_gradient(rt_NxZ).astype(jnp.float32), axis=-1)
     q = jnp.exp(log_q)
     return -jnp.sum(q * log_p, axis=-1), jnp.sum(q * (log_q - log_p), axis=-1)
 
@@ -216,36 +218,36 @@ def topk_terms(s_NxK, rt_NxK):
 def _loss(hs, es, ht, et, y, valid, omega, rho, k, impl, interpret, block_sizes):
     keep_Nx1 = valid[:, None]  # masked rows may hold garbage: zero them for the top-k part
     ht = lax.stop_gradient(jnp.where(keep_Nx1, ht, jnp.zeros_like(ht)))
-    t_NxK, ids_NxK = teacher_topk(ht, lax.stop_gradient(et), k, impl=impl, chunk_vocab=block_sizes.chunk_vocab,
+    t_NxZ, ids_NxZ = teacher_topk(ht, lax.stop_gradient(et), k, impl=impl, chunk_vocab=block_sizes.chunk_vocab,
                                   interpret=interpret, block_sizes=block_sizes.topk)
-    return _loss_from_topk(hs, es, t_NxK, ids_NxK, y, valid, omega, rho, impl, interpret, block_sizes)
+    return _loss_from_topk(hs, es, t_NxZ, ids_NxZ, y, valid, omega, rho, impl, interpret, block_sizes)
 
 
-def _loss_from_topk(hs, es, t_NxK, ids_NxK, y, valid, omega, rho, impl, interpret, block_sizes):
+def _loss_from_topk(hs, es, t_NxZ, ids_NxZ, y, valid, omega, rho, impl, interpret, block_sizes):
     keep_Nx1 = valid[:, None]
-    t_NxK = lax.stop_gradient(jnp.where(keep_Nx1, t_NxK, 0.0).astype(jnp.float32))
-    ids_NxK = lax.stop_gradient(jnp.where(keep_Nx1, ids_NxK, 0).astype(jnp.int32))
+    t_NxZ = lax.stop_gradient(jnp.where(keep_Nx1, t_NxZ, 0.0).astype(jnp.float32))
+    ids_NxZ = lax.stop_gradient(jnp.where(keep_Nx1, ids_NxZ, 0).astype(jnp.int32))
     hs_clean = jnp.where(keep_Nx1, hs, jnp.zeros_like(hs))
     if impl == "naive":
         s_NxV = jnp.dot(hs_clean, es.T, preferred_element_type=jnp.float32)
-        s_NxK = jnp.take_along_axis(s_NxV, ids_NxK, axis=1)
-        ce, parts = _kd.loss_naive(s_NxV, None, y, omega, rho)
+        s_NxZ = jnp.take_along_axis(s_NxV, ids_NxZ, axis=1)
+        ce, parts = loss_naive(s_NxV, None, y, omega, rho)
     else:
-        s_NxK = gathered_logits(hs_clean, es, ids_NxK, block_sizes.gather_bytes)
+        s_NxZ = gathered_logits(hs_clean, es, ids_NxZ, block_sizes.gather_bytes)
         ce, parts = fused_linear_ce_loss(hs, es, y, valid, impl=impl, interpret=interpret,
                                          block_sizes=block_sizes.ce, return_parts=True)
-    kd, kl = topk_terms(s_NxK, rho * t_NxK)
+    kd, kl = topk_terms(s_NxZ, rho * t_NxZ)
     parts = dict(parts, kd=kd, kl=kl)
     return (1.0 - omega) * ce + omega * kd, parts
 
 
 def _common_args(labels, mask, n, omega, rho, impl, block_sizes):
-    labels, valid = _kd.check_labels_mask(labels, mask, (n,))
-    omega = jnp.asarray(_kd.check_omega(omega), jnp.float32)
+    labels, valid = check_labels_mask(labels, mask, (n,))
+    omega = jnp.asarray(check_omega(omega), jnp.float32)
     block_sizes = TopKBlockSizes() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, TopKBlockSizes):
         raise ValueError(f"block_sizes must be a TopKBlockSizes, got {type(block_sizes).__name__}")
-    return labels, valid, omega, _kd.check_rho(rho), _kd.check_impl(impl), block_sizes
+    return labels, valid, omega, check_rho(rho), resolve_impl(impl), block_sizes
 
 
 def topk_kd_loss_from_teacher_topk(student_hidden, student_embedding, teacher_topk_logits, teacher_topk_ids,
@@ -255,22 +257,22 @@ def topk_kd_loss_from_teacher_topk(student_hidden, student_embedding, teacher_to
     (e.g. from a teacher cache): ``teacher_topk_logits`` ``[N, k]`` (the teacher's raw logits on
     the set; any float dtype) and ``teacher_topk_ids`` ``[N, k]`` ints in ``[0, V)`` (not checked:
     they may be traced).  Same outputs and gradients (none for the teacher's arrays)."""
-    hs = _kd._float_input("student_hidden", student_hidden)
-    es = _kd._float_input("student_embedding", student_embedding)
-    t_NxK = _kd._float_input("teacher_topk_logits", teacher_topk_logits)
-    ids_NxK = jnp.asarray(teacher_topk_ids)
+    hs = float_input("student_hidden", student_hidden)
+    es = float_input("student_embedding", student_embedding)
+    t_NxZ = float_input("teacher_topk_logits", teacher_topk_logits)
+    ids_NxZ = jnp.asarray(teacher_topk_ids)
     if hs.ndim != 2 or es.ndim != 2 or hs.shape[1] != es.shape[1]:
         raise ValueError(f"student_hidden {hs.shape} and student_embedding {es.shape} must be [N, D] and [V, D]")
-    if t_NxK.ndim != 2 or t_NxK.shape[0] != hs.shape[0] or ids_NxK.shape != t_NxK.shape:
-        raise ValueError(f"teacher_topk_logits {t_NxK.shape} and teacher_topk_ids {ids_NxK.shape} must both "
+    if t_NxZ.ndim != 2 or t_NxZ.shape[0] != hs.shape[0] or ids_NxZ.shape != t_NxZ.shape:
+        raise ValueError(f"teacher_topk_logits {t_NxZ.shape} and teacher_topk_ids {ids_NxZ.shape} must both "
                          f"be [N={hs.shape[0]}, k]")
-    if not jnp.issubdtype(ids_NxK.dtype, jnp.integer):
-        raise ValueError(f"teacher_topk_ids must be integers, got dtype {ids_NxK.dtype}")
-    check_k(t_NxK.shape[1], es.shape[0])
+    if not jnp.issubdtype(ids_NxZ.dtype, jnp.integer):
+        raise ValueError(f"teacher_topk_ids must be integers, got dtype {ids_NxZ.dtype}")
+    check_k(t_NxZ.shape[1], es.shape[0])
     labels, valid, omega, rho, impl, block_sizes = _common_args(labels, mask, hs.shape[0], omega, rho, impl,
                                                                 block_sizes)
-    outputs = _loss_from_topk(hs, es, t_NxK, ids_NxK, labels, valid, omega, rho, impl, interpret, block_sizes)
-    return _kd.finish_output(outputs, valid, return_parts)
+    outputs = _loss_from_topk(hs, es, t_NxZ, ids_NxZ, labels, valid, omega, rho, impl, interpret, block_sizes)
+    return finish_output(outputs, valid, return_parts)
 
 
 def fused_linear_topk_kd_loss(student_hidden, student_embedding, teacher_hidden, teacher_embedding,
@@ -289,7 +291,7 @@ def fused_linear_topk_kd_loss(student_hidden, student_embedding, teacher_hidden,
     arrays = {}
     for name, x in (("student_hidden", student_hidden), ("student_embedding", student_embedding),
                     ("teacher_hidden", teacher_hidden), ("teacher_embedding", teacher_embedding)):
-        x = _kd._float_input(name, x)
+        x = float_input(name, x)
         if x.ndim != 2 or 0 in x.shape:
             raise ValueError(f"{name} must be a non-empty 2-D array, got shape {x.shape}")
         arrays[name] = x
@@ -306,4 +308,4 @@ def fused_linear_topk_kd_loss(student_hidden, student_embedding, teacher_hidden,
     labels, valid, omega, rho, impl, block_sizes = _common_args(labels, mask, hs.shape[0], omega, rho, impl,
                                                                 block_sizes)
     outputs = _loss(hs, es, ht, et, labels, valid, omega, rho, k, impl, interpret, block_sizes)
-    return _kd.finish_output(outputs, valid, return_parts)
+    return finish_output(outputs, valid, return_parts)

@@ -1,5 +1,5 @@
 """The teacher's top-k of top-k KD (paper eq. 13-14) as a fused-linear Pallas TPU kernel:
-``teacher_topk_pallas(ht_NxD, et_VxD, k)`` -> the k largest logits of ``h_t·E_tᵀ`` per row
+``teacher_topk_pallas(ht_NxD, et_VxD, k)`` -> the k largest logits (``[N, Z]``, ``Z`` = k) of ``h_t·E_tᵀ`` per row
 (float32, descending), their ids (int32; exactly k, ties to the LOWER id, as ``lax.top_k`` and
 :func:`salt.reference.losses.topk_indices`) and optionally the full-vocabulary ``lse`` ``[N]``,
 without a ``[tokens, vocab]`` buffer.
@@ -55,9 +55,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from salt.kernels._common import NT as _NT
-from salt.kernels import logits_kd as _kd
-from salt.kernels.fused_linear_kd import VMEM_BUDGET_BYTES
+from salt.kernels._common import (LANES, NT, SUBLANES, check_block, choose_blocks, from_lanes,
+                                  load_row, round_up, row_scratch, row_spec, store_row)
+from salt.kernels._online import lse_step
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
@@ -69,24 +69,21 @@ _VOCAB_BLOCKS = (512, 256, 128)
 
 @dataclasses.dataclass(frozen=True)
 class TopKKernelBlockSizes:
-    """``block_tokens`` (multiple of 16) x ``block_vocab`` (multiple of 128) tiles of the top-k
-    kernel; ``None`` fields are chosen so :func:`vmem_estimate` fits
-    :data:`salt.kernels.fused_linear_kd.VMEM_BUDGET_BYTES` (v5e's 16 MiB scoped default)."""
+    """``block_tokens`` x ``block_vocab`` tiles of the top-k kernel (multiples of 8 and 128: the TPU
+    tiling, :func:`salt.kernels._common.check_block`); ``None`` fields are chosen so :func:`vmem_estimate` fits
+    :data:`salt.kernels._common.VMEM_BUDGET_BYTES` (v5e's 16 MiB scoped default)."""
 
     block_tokens: int | None = None
     block_vocab: int | None = None
 
     def __post_init__(self):
-        for name, multiple in (("block_tokens", 16), ("block_vocab", 128)):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1
-                                      or value % multiple):
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+        check_block("block_tokens", self.block_tokens, SUBLANES)
+        check_block("block_vocab", self.block_vocab, LANES)
 
 
 def set_lanes(k: int) -> int:
-    """Lanes of the running set: k rounded up to a multiple of 128."""
-    return -(-k // _kd.LANES) * _kd.LANES
+    """Lanes of the running set: k rounded up to a multiple of :data:`LANES`."""
+    return round_up(k, LANES)
 
 
 def vmem_estimate(bt, bv, d, itemsize, k):
@@ -97,24 +94,17 @@ def vmem_estimate(bt, bv, d, itemsize, k):
     inputs = 2 * (bt + bv) * d * itemsize
     tiles = 7 * bt * bv * 4
     topk = (2 + 2 * 2) * bt * kp * 4
-    rows = (2 + 2) * bt * _kd.LANES * 4
+    rows = (2 + 2) * bt * LANES * 4
     return inputs + tiles + topk + rows
 
 
-def choose_blocks(n, vocab, d, itemsize, k, block_sizes: TopKKernelBlockSizes):
-    """(block_tokens, block_vocab): the given ones, else the largest tile area (ties: more vocab,
-    which keeps the max-over-rows merge rounds per tile low) that fits the VMEM budget; the
-    smallest tiles if none does (Mosaic then reports the overflow)."""
-    n_cap, v_cap = -(-n // 16) * 16, -(-vocab // 128) * 128
-    best = None
-    for bt in [block_sizes.block_tokens] if block_sizes.block_tokens else _TOKEN_BLOCKS:
-        for bv in [block_sizes.block_vocab] if block_sizes.block_vocab else _VOCAB_BLOCKS:
-            bt_eff, bv_eff = min(bt, n_cap), min(bv, v_cap)
-            fits = vmem_estimate(bt_eff, bv_eff, d, itemsize, k) <= VMEM_BUDGET_BYTES
-            key = (fits, bt_eff * bv_eff if fits else -bt_eff * bv_eff, bv_eff)
-            if best is None or key > best[0]:
-                best = (key, (bt_eff, bv_eff))
-    return best[1]
+def tile_sizes(n, vocab, d, itemsize, k, block_sizes: TopKKernelBlockSizes):
+    """(block_tokens, block_vocab): the given ones, else :func:`salt.kernels._common.choose_blocks`
+    over the options below (ties: more vocab, which keeps the max-over-rows merge rounds per tile
+    low) with :func:`vmem_estimate`."""
+    return choose_blocks(n, vocab, block_sizes.block_tokens, block_sizes.block_vocab,
+                         token_options=_TOKEN_BLOCKS, vocab_options=_VOCAB_BLOCKS, prefer="vocab",
+                         vmem_bytes=lambda bt, bv: vmem_estimate(bt, bv, d, itemsize, k))
 
 
 def _kernel(ht_ref, et_ref, top_ref, ids_ref, lse_ref, val_s, id_s, cand_s, m_s, l_s, *, k, n_tokens,
@@ -127,19 +117,17 @@ def _kernel(ht_ref, et_ref, top_ref, ids_ref, lse_ref, val_s, id_s, cand_s, m_s,
     def _init():
         val_s[...] = jnp.where(lane_f < k, _NEG_INF, _POS_INF)  # lanes >= k: never the minimum
         id_s[...] = -1.0 - lane_f  # distinct placeholder ids
-        _kd.store_row(m_s, jnp.full((bt, 1), _NEG_INF, jnp.float32))
-        _kd.store_row(l_s, jnp.zeros((bt, 1), jnp.float32))
+        store_row(m_s, jnp.full((bt, 1), _NEG_INF, jnp.float32))
+        store_row(l_s, jnp.zeros((bt, 1), jnp.float32))
 
-    t = lax.dot_general(ht_ref[...], et_ref[...], _NT, preferred_element_type=jnp.float32)
+    t = lax.dot_general(ht_ref[...], et_ref[...], NT, preferred_element_type=jnp.float32)
     cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, t.shape, 1)
     rows = i * block_tokens + lax.broadcasted_iota(jnp.int32, t.shape, 0)
     t = jnp.where(cols < vocab, t, _NEG_INF)  # padded embedding rows may hold garbage
 
-    m_old, l_old = _kd.load_row(m_s), _kd.load_row(l_s)
-    m_new = jnp.maximum(m_old, jnp.max(t, axis=1, keepdims=True))
-    l_new = l_old * jnp.exp(m_old - m_new) + jnp.sum(jnp.exp(t - m_new), axis=1, keepdims=True)
-    _kd.store_row(m_s, m_new)
-    _kd.store_row(l_s, l_new)
+    m_new, l_new = lse_step(load_row(m_s), load_row(l_s), t)
+    store_row(m_s, m_new)
+    store_row(l_s, l_new)
 
     kth = jnp.min(val_s[...], axis=1, keepdims=True)
     cand = jnp.where((rows < n_tokens) & (t > kth), t, _NEG_INF)
@@ -185,11 +173,11 @@ def _kernel(ht_ref, et_ref, top_ref, ids_ref, lse_ref, val_s, id_s, cand_s, m_s,
             return 0
 
         lax.fori_loop(0, k, extract, 0)
-        _kd.store_row(lse_ref, m_s[...][:, :1] + jnp.log(l_s[...][:, :1]))
+        store_row(lse_ref, m_s[...][:, :1] + jnp.log(l_s[...][:, :1]))
 
 
 def teacher_topk_pallas(ht_NxD, et_VxD, k, *, with_lse=False, block_sizes=None, interpret=False):
-    """``(t_NxK float32, ids_NxK int32[, lse_N float32])`` from the kernel (module docstring).
+    """``(t_NxZ float32, ids_NxZ int32[, lse_N float32])`` from the kernel (module docstring).
     ``k`` an int in [1, V] (checked by the caller); ``block_sizes`` a :class:`TopKKernelBlockSizes`.
     The outputs carry no gradient."""
     block_sizes = TopKKernelBlockSizes() if block_sizes is None else block_sizes
@@ -198,7 +186,7 @@ def teacher_topk_pallas(ht_NxD, et_VxD, k, *, with_lse=False, block_sizes=None, 
     ht_NxD, et_VxD = lax.stop_gradient(ht_NxD), lax.stop_gradient(et_VxD)
     (n, d), vocab = ht_NxD.shape, et_VxD.shape[0]
     itemsize = max(ht_NxD.dtype.itemsize, et_VxD.dtype.itemsize)
-    bt, bv = choose_blocks(n, vocab, d, itemsize, k, block_sizes)
+    bt, bv = tile_sizes(n, vocab, d, itemsize, k, block_sizes)
     kp = set_lanes(k)
     n_tok_blocks = pl.cdiv(n, bt)
     row_block = pl.BlockSpec((bt, kp), lambda i, j: (i, 0))
@@ -207,18 +195,18 @@ def teacher_topk_pallas(ht_NxD, et_VxD, k, *, with_lse=False, block_sizes=None, 
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0, grid=(n_tok_blocks, pl.cdiv(vocab, bv)),
             in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)), pl.BlockSpec((bv, d), lambda i, j: (j, 0))],
-            out_specs=[row_block, row_block, _kd.row_spec(bt)],
+            out_specs=[row_block, row_block, row_spec(bt)],
             scratch_shapes=[pltpu.VMEM((bt, kp), jnp.float32), pltpu.VMEM((bt, kp), jnp.float32),
-                            pltpu.VMEM((bt, bv), jnp.float32), *_kd.row_scratch(bt, 2)]),
+                            pltpu.VMEM((bt, bv), jnp.float32), *row_scratch(bt, 2)]),
         out_shape=[jax.ShapeDtypeStruct((n, kp), jnp.float32), jax.ShapeDtypeStruct((n, kp), jnp.int32),
-                   jax.ShapeDtypeStruct((n, _kd.LANES), jnp.float32)],
+                   jax.ShapeDtypeStruct((n, LANES), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
             flops=int(2 * n * vocab * d), transcendentals=int(n * vocab),
             bytes_accessed=int(ht_NxD.size * ht_NxD.dtype.itemsize
-                               + n_tok_blocks * et_VxD.size * et_VxD.dtype.itemsize + 4 * (2 * kp + 128) * n)),
+                               + n_tok_blocks * et_VxD.size * et_VxD.dtype.itemsize + 4 * (2 * kp + LANES) * n)),
         interpret=interpret,
         name="teacher_topk",
     )(ht_NxD, et_VxD)
     top, ids = top[:, :k], ids[:, :k]
-    return (top, ids, _kd.from_lanes(lse)) if with_lse else (top, ids)
+    return (top, ids, from_lanes(lse)) if with_lse else (top, ids)

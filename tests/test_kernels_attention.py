@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from salt.kernels import attention as attn
+from salt.kernels import default_impl
 from salt.kernels.attention import AttentionBlockSizes, mqa_attention
+from salt.kernels.attention import common as attn_common
+from salt.kernels.attention import tpu as attn_tpu
 from salt.reference.model import attention_mask
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -215,15 +217,15 @@ def test_pallas_tpu_config_with_padded_head_dim():
 
     B, T, H, KV, d = 2, 20, 2, 1, 64
     (q, k, v, do), (q64, k64, v64, do64) = make_inputs(6, B, T, H, KV, d, jnp.float32)
-    cfg, t_pad = attn._pallas_config(T, H // KV, 1.0 / math.sqrt(d), AttentionBlockSizes(),
+    cfg, t_pad = attn_tpu.make_config(T, H // KV, 1.0 / math.sqrt(d), AttentionBlockSizes(),
                                      interpret=False, head_dim=d)
     assert (cfg.head_dim, cfg.block_q, t_pad) == (128, 128, 128)
     cfg = dataclasses.replace(cfg, interpret=pltpu.InterpretParams())
     prefix = np.array([0, 9])
 
     def f(q, k, v):
-        q2, k2, v2 = (attn._pallas_layout(x, t_pad, cfg.head_dim) for x in (q, k, v))
-        out = attn._pallas_flash(q2, k2, v2, jnp.asarray(prefix, jnp.int32), cfg)
+        q2, k2, v2 = (attn_tpu.layout(x, t_pad, cfg.head_dim) for x in (q, k, v))
+        out = attn_tpu.flash(q2, k2, v2, jnp.asarray(prefix, jnp.int32), cfg)
         return out.reshape(B, t_pad, H, cfg.head_dim)[:, :T, :, :d]
 
     out, vjp = jax.vjp(f, q, k, v)
@@ -243,17 +245,17 @@ def test_pallas_race_detection():
     B, T, H, KV, d = 2, 14, 2, 1, 8
     blocks = AttentionBlockSizes(block_q=8, block_k=8, block_q_bwd=8, block_k_bwd=8)
     (q, k, v, do), _ = make_inputs(4, B, T, H, KV, d, jnp.float32)
-    cfg, t_pad, q2, k2, v2 = attn.pallas_kernel_inputs(q, k, v, blocks, params)
+    cfg, t_pad, q2, k2, v2 = attn_tpu.kernel_inputs(q, k, v, blocks, params)
     assert (t_pad // cfg.block_q, t_pad // cfg.block_k) == (2, 2)
-    do2 = attn._pallas_layout(do, t_pad, cfg.head_dim)
+    do2 = attn_tpu.layout(do, t_pad, cfg.head_dim)
     prefix = jnp.array([0, 9], jnp.int32)
-    o2, lse = attn._pallas_forward(q2, k2, v2, prefix, cfg)
+    o2, lse = attn_tpu.pallas_forward(q2, k2, v2, prefix, cfg)
     jax.block_until_ready(o2)
     assert not tpu_interpret.races.races_found, "race in the forward kernel"
-    di = attn._row_dot(do2, o2, cfg)
-    jax.block_until_ready(attn._pallas_dq(q2, k2, v2, do2, lse, di, prefix, cfg))
+    di = attn_tpu.row_dot(do2, o2, cfg)
+    jax.block_until_ready(attn_tpu.pallas_dq(q2, k2, v2, do2, lse, di, prefix, cfg))
     assert not tpu_interpret.races.races_found, "race in the dq kernel"
-    jax.block_until_ready(attn._pallas_dkv(q2, k2, v2, do2, lse, di, prefix, cfg))
+    jax.block_until_ready(attn_tpu.pallas_dkv(q2, k2, v2, do2, lse, di, prefix, cfg))
     assert not tpu_interpret.races.races_found, "race in the dk/dv kernel"
 
 
@@ -276,7 +278,7 @@ def test_pallas_skips_fully_masked_blocks():
     blocks = AttentionBlockSizes(block_q=8, block_k=8, block_h=1, block_q_bwd=16, block_k_bwd=8)
     (q, k, v, _), _ = make_inputs(5, B, T, H, KV, d, jnp.float32)
     prefix = np.array([0, 11, 21])
-    fwd, dq, dkv, cfg, t_pad = attn.pallas_block_counts(q, k, v, prefix, blocks)
+    fwd, dq, dkv, cfg, t_pad = attn_tpu.block_counts(q, k, v, prefix, blocks)
     n_hb = (H // KV) // cfg.block_h
     for b in range(B):
         vis_f = brute_force_block_visibility(T, t_pad, cfg.block_q, cfg.block_k, prefix[b])
@@ -305,9 +307,9 @@ def test_dma_clamping_fetches_only_visible_blocks(bq, bk):
         vis = brute_force_block_visibility(T, t_pad, bq, bk, prefix)
         for qi in range(nq):
             for kj in range(nk):
-                assert bool(attn.block_visible(qi, kj, prefix, bq, bk, T)) == vis[qi, kj]
+                assert bool(attn_common.block_visible(qi, kj, prefix, bq, bk, T)) == vis[qi, kj]
             # forward / dq: key blocks fetched while the k axis runs 0..nk-1
-            fetched = [int(attn.kv_block_index(qi, kj, prefix, bq, bk, T)) for kj in range(nk)]
+            fetched = [int(attn_common.kv_block_index(qi, kj, prefix, bq, bk, T)) for kj in range(nk)]
             assert fetched == sorted(fetched)  # monotone: a block is never fetched twice
             if vis[qi].any():
                 assert sorted(set(fetched)) == list(np.flatnonzero(vis[qi])), (prefix, qi)
@@ -315,7 +317,7 @@ def test_dma_clamping_fetches_only_visible_blocks(bq, bk):
                 assert len(set(fetched)) == 1 and qi * bq >= T
         for kj in range(nk):
             # dk/dv: query blocks fetched while the q axis runs 0..nq-1
-            fetched = [int(attn.q_block_index(qi, kj, prefix, bq, bk, T)) for qi in range(nq)]
+            fetched = [int(attn_common.q_block_index(qi, kj, prefix, bq, bk, T)) for qi in range(nq)]
             assert fetched == sorted(fetched)
             if vis[:, kj].any():
                 assert sorted(set(fetched)) == list(np.flatnonzero(vis[:, kj])), (prefix, kj)
@@ -356,7 +358,7 @@ def test_bad_input_raises_clear_errors():
 
 
 def test_default_impl_on_cpu_is_xla():
-    assert attn.default_impl() == "xla"
+    assert default_impl() == "xla"
 
 
 def test_tpu_block_fitting_limits_padding():
@@ -364,12 +366,12 @@ def test_tpu_block_fitting_limits_padding():
     default = AttentionBlockSizes()
     for T, block, t_pad in [(300, 128, 384), (1280, 256, 1280), (1100, 128, 1152), (100, 128, 128),
                             (129, 256, 256)]:
-        cfg, padded = attn._pallas_config(T, 4, 1.0, default, interpret=False)
+        cfg, padded = attn_tpu.make_config(T, 4, 1.0, default, interpret=False)
         assert (cfg.block_q, cfg.block_k, padded) == (block, block, t_pad), T
     # Head sizes are padded to whole lane tiles on the TPU only.
-    assert attn._pallas_config(64, 1, 1.0, default, interpret=False, head_dim=64)[0].head_dim == 128
-    assert attn._pallas_config(64, 1, 1.0, default, interpret=False, head_dim=256)[0].head_dim == 256
-    assert attn._pallas_config(64, 1, 1.0, default, interpret=True, head_dim=16)[0].head_dim == 16
+    assert attn_tpu.make_config(64, 1, 1.0, default, interpret=False, head_dim=64)[0].head_dim == 128
+    assert attn_tpu.make_config(64, 1, 1.0, default, interpret=False, head_dim=256)[0].head_dim == 256
+    assert attn_tpu.make_config(64, 1, 1.0, default, interpret=True, head_dim=16)[0].head_dim == 16
     # Interpret mode keeps the requested sizes (capped at T rounded up to 8).
-    cfg, padded = attn._pallas_config(19, 4, 1.0, SMALL_BLOCKS, interpret=True)
+    cfg, padded = attn_tpu.make_config(19, 4, 1.0, SMALL_BLOCKS, interpret=True)
     assert (cfg.block_q, cfg.block_k, cfg.block_q_bwd, cfg.block_k_bwd, padded) == (8, 16, 16, 8, 32)

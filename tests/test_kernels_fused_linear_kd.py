@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from salt.kernels.fused_linear_kd import (FusedKDBlockSizes, choose_blocks, fused_linear_ce_loss,
-                                          fused_linear_kd_loss)
+from salt.kernels._common import VMEM_BUDGET_BYTES, choose_blocks
+from salt.kernels.fused_linear_kd import FusedKDBlockSizes, fused_linear_ce_loss, fused_linear_kd_loss
+from salt.kernels.fused_linear_kd.tpu import tile_sizes, vmem_estimate
 from salt.reference import losses as ref
 from salt.reference import score as ref_score
 from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
@@ -248,15 +249,26 @@ def test_analytic_flops_count_the_traced_matmuls(impl):
     assert F.analytic_flops(n, vocab, d_s, d_t, schedule=impl) - elementwise == traced
 
 
-def test_default_block_choice_fits_budget_and_prefers_token_rows():
-    from salt.kernels.fused_linear_kd import VMEM_BUDGET_BYTES, vmem_estimate
+def test_the_one_block_choice_rule():
+    """salt.kernels._common.choose_blocks, which every Pallas TPU loss kernel's default tiles come from."""
+    options = dict(token_options=(64, 32), vocab_options=(256, 128))
+    at_most = lambda area: lambda bt, bv: 0 if bt * bv <= area else VMEM_BUDGET_BYTES + 1  # noqa: E731
+    assert choose_blocks(4096, 4096, **options) == (64, 256)                       # all fit: the largest
+    assert choose_blocks(4096, 4096, **options, vmem_bytes=at_most(64 * 128), prefer="tokens") == (64, 128)
+    assert choose_blocks(4096, 4096, **options, vmem_bytes=at_most(64 * 128), prefer="vocab") == (32, 256)
+    assert choose_blocks(4096, 4096, **options, vmem_bytes=at_most(0)) == (32, 128)  # none fits: smallest
+    assert choose_blocks(4096, 4096, **options, vmem_bytes=at_most(0), none_fit="largest") == (64, 256)
+    assert choose_blocks(20, 200, **options) == (32, 256)        # capped at N, V rounded up to whole tiles
+    assert choose_blocks(20, 200, 16, 128, **options) == (16, 128)                # given sizes are kept
 
+
+def test_default_block_choice_fits_budget_and_prefers_token_rows():
     for d_s, d_t, itemsize in ((1024, 1024, 2), (4096, 1024, 2), (4096, 1024, 4), (256, 128, 4)):
-        bt, bv = choose_blocks(8192, 256000, d_s, d_t, itemsize, FusedKDBlockSizes())
+        bt, bv = tile_sizes(8192, 256000, d_s, d_t, itemsize, FusedKDBlockSizes())
         assert bt % 16 == 0 and bv % 128 == 0
         assert vmem_estimate(bt, bv, d_s, d_t, itemsize) <= VMEM_BUDGET_BYTES
-    assert choose_blocks(40, 300, 64, 32, 4, FusedKDBlockSizes()) == (48, 384)  # capped to the problem
-    assert choose_blocks(8192, 256000, 64, 32, 4, FusedKDBlockSizes(block_tokens=32)) == (32, 512)
+    assert tile_sizes(40, 300, 64, 32, 4, FusedKDBlockSizes()) == (48, 384)  # capped to the problem
+    assert tile_sizes(8192, 256000, 64, 32, 4, FusedKDBlockSizes(block_tokens=32)) == (32, 512)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -17,7 +17,7 @@ import pytest
 from salt.kernels.fused_linear_kd import FusedKDBlockSizes
 from salt.kernels.topk_kd import (TopKBlockSizes, fused_linear_topk_kd_loss, teacher_topk,
                                    topk_kd_loss_from_teacher_topk)
-from salt.kernels.topk_pallas import TopKKernelBlockSizes, choose_blocks
+from salt.kernels.topk_pallas import TopKKernelBlockSizes, tile_sizes
 from salt.reference import losses as ref
 from kernel_tolerances import BF16_TOL, F32_TOL, assert_close
 
@@ -264,11 +264,11 @@ def test_pallas_without_interpret_off_tpu_is_the_scan():
 
 
 def test_topk_kernel_block_sizes():
-    for bad in ({"block_tokens": 8}, {"block_vocab": 100}, {"block_tokens": 0}, {"block_vocab": True}):
+    for bad in ({"block_tokens": 12}, {"block_vocab": 100}, {"block_tokens": 0}, {"block_vocab": True}):
         with pytest.raises(ValueError, match="multiple"):
             TopKKernelBlockSizes(**bad)
     with pytest.raises(ValueError, match="topk"):
         TopKBlockSizes(topk=FusedKDBlockSizes())
-    assert choose_blocks(37, 300, 16, 4, 7, TopKKernelBlockSizes()) == (48, 384)  # capped to the problem
-    assert choose_blocks(2560, 256000, 1024, 2, 64, TopKKernelBlockSizes()) == (256, 512)
-    assert choose_blocks(2560, 256000, 4096, 4, 64, TopKKernelBlockSizes()) == (128, 256)
+    assert tile_sizes(37, 300, 16, 4, 7, TopKKernelBlockSizes()) == (48, 384)  # capped to the problem
+    assert tile_sizes(2560, 256000, 1024, 2, 64, TopKKernelBlockSizes()) == (256, 512)
+    assert tile_sizes(2560, 256000, 4096, 4, 64, TopKKernelBlockSizes()) == (128, 256)

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from salt.kernels import fused_linear_kd, topk_pallas, tpu_aot
+from salt.kernels import _common, fused_linear_kd, topk_pallas, tpu_aot
 from salt.kernels.fused_linear_kd import fused_linear_kd_loss
 from salt.kernels.topk_kd import fused_linear_topk_kd_loss, teacher_topk
-from salt.kernels.logits_kd import bwd_flops, fwd_flops, kd_loss
+from salt.kernels.logits_kd import KDBlockSizes, bwd_flops, fwd_flops, kd_loss
+from salt.kernels.topk_pallas import TopKKernelBlockSizes, teacher_topk_pallas
 
 needs_libtpu = pytest.mark.skipif(not tpu_aot.libtpu_available(), reason="libtpu is not installed")
 S = jax.ShapeDtypeStruct
@@ -115,6 +116,32 @@ def test_tiny_ragged_shapes_compile(dtype):
     _compile_fused("v5e", n, vocab, d_s, d_t, dtype)
 
 
+
+@pytest.mark.tpu_aot
+@needs_libtpu
+def test_bf16_blocks_of_eight_rows_compile_and_four_do_not():
+    """The block-size checks (multiples of _common.SUBLANES rows, bf16 included) are what Mosaic needs:
+    bf16 blocks of 8 token rows compile for all three loss kernels, 4 rows are refused by Pallas."""
+    n, vocab, d = 64, 512, 128
+    def compile_all(rows):
+        fused = fused_linear_kd.FusedKDBlockSizes(block_tokens=8, block_vocab=128)
+        logits = KDBlockSizes(block_tokens=8, block_vocab=128)
+        topk = TopKKernelBlockSizes(block_tokens=8, block_vocab=128)
+        for sizes in (fused, logits, topk):
+            object.__setattr__(sizes, "block_tokens", rows)  # past the check, to show Mosaic's own limit
+        _compile_fused("v5e", n, vocab, d, d, jnp.bfloat16, block_sizes=fused)
+        kd = lambda s, t, y, w: jax.value_and_grad(  # noqa: E731
+            lambda s: kd_loss(s, t, y, w, 0.25, impl="pallas", block_sizes=logits).sum())(s)
+        tpu_aot.compile_for_topology(kd, S((n, vocab), jnp.bfloat16), S((n, vocab), jnp.bfloat16),
+                                     S((n,), jnp.int32), S((), jnp.float32), topology="v5e")
+        tpu_aot.compile_for_topology(lambda h, e: teacher_topk_pallas(h, e, 5, block_sizes=topk),
+                                     S((n, d), jnp.bfloat16), S((vocab, d), jnp.bfloat16), topology="v5e")
+
+    assert _common.SUBLANES == 8
+    compile_all(8)
+    with pytest.raises(Exception, match="divisible by 8"):
+        compile_all(4)
+
 # float32 only on v5e: the block choice depends on the dtype, not the chip, and v5e has the smallest
 # default scoped VMEM (16 MiB), so a float32 VMEM overflow would show there first.
 PAPER_CASES = [("v5e", 4096, jnp.bfloat16)] + [
@@ -166,10 +193,10 @@ def _compile_topk(n, vocab, d, k, dtype):
 
 def _check_topk_vmem(compiled, n, vocab, d, k, dtype):
     itemsize = jnp.dtype(dtype).itemsize
-    blocks = topk_pallas.choose_blocks(n, vocab, d, itemsize, k, topk_pallas.TopKKernelBlockSizes())
+    blocks = topk_pallas.tile_sizes(n, vocab, d, itemsize, k, topk_pallas.TopKKernelBlockSizes())
     estimate = topk_pallas.vmem_estimate(*blocks, d, itemsize, k)
     (used,) = _topk_kernel_vmem(compiled)  # the kernel, not the scan fallback, was compiled
-    assert used <= estimate <= fused_linear_kd.VMEM_BUDGET_BYTES, (used, estimate, blocks)
+    assert used <= estimate <= _common.VMEM_BUDGET_BYTES, (used, estimate, blocks)
     return used
 
 

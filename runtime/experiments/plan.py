@@ -172,12 +172,16 @@ def memory(compiled) -> dict:
 def step_flops(student: ModelConfig, teacher: ModelConfig | None, batch: int, seq_len: int,
                remat: bool) -> dict:
     """Analytic FLOPs of one step over the whole batch: ``model`` (3 student forwards + one
-    teacher forward) and ``executed`` (with remat, the student's layers run forward twice)."""
-    fwd = model.forward_flops(student, batch, seq_len)
-    head = 2.0 * batch * seq_len * student.d_model * student.vocab_size
+    teacher forward) and ``executed`` (with remat the backward runs the student's layers forward
+    again, all but each layer's MLP output projection: no gradient needs its result, only its
+    input, so it is dead code in the recomputation)."""
+    s = student
+    fwd = model.forward_flops(s, batch, seq_len)
+    head = 2.0 * batch * seq_len * s.d_model * s.vocab_size
+    mlp_out = 2.0 * batch * seq_len * s.d_model * s.d_ff * s.n_layers
     teacher_fwd = 0.0 if teacher is None else model.forward_flops(teacher, batch, seq_len)
     model_flops = 3.0 * fwd + teacher_fwd
-    return {"model": model_flops, "executed": model_flops + ((fwd - head) if remat else 0.0),
+    return {"model": model_flops, "executed": model_flops + ((fwd - head - mlp_out) if remat else 0.0),
             "teacher_forward": teacher_fwd}
 
 

@@ -209,6 +209,22 @@ def _slm_step(results: dict) -> int:
 
 
 def render_report(results: dict) -> str:
+    L = _header_lines(results)
+    L.extend(_verdict_section(results))
+    L.extend(rho_lines(results))
+    L.extend(_table1_section(results))
+    L.extend(_per_seed_section(results))
+    L.extend(_bucket_section(results))
+    L.extend(_cloze_section(results))
+    L.extend(_efficiency_section(results))
+    L.extend(_selection_section(results))
+    L.extend(_plots_section(results))
+    L.extend(_timing_section(results))
+    return "\n".join(L) + "\n"
+
+
+def _header_lines(results: dict) -> list[str]:
+    """The title, the lead lines, what was run, the sizes and the teacher's sharpness."""
     cfg = results["config"]
     n_kd, n = cfg["kd_steps"], cfg["steps"]
     seeds = results.get("seeds", [])
@@ -253,6 +269,12 @@ def render_report(results: dict) -> str:
                      "mostly as label smoothing (the paper's ρ = 0.25 acts on the logits of a 1.5B "
                      "model pre-trained at the paper's scale). docs/reproduction.md measures "
                      "`--rho 1` at this scale.")
+    return L
+
+
+def _verdict_section(results: dict) -> list[str]:
+    """One verdict per claim of the paper, and the claims table."""
+    L = []
     L.append("\n## Verdict per claim\n")
     L.extend(f"- {line}" for line in verdict_lines(results))
     L.append("\n| claim | paper (2.8B student, Table 1) | here | status |")
@@ -262,7 +284,15 @@ def render_report(results: dict) -> str:
     L.append("\nDifferences are paired over the same held-out windows (model − reference). The "
              "paper's log-ppl gain of SALT at the end is only 0.005 nats and its 70%-of-steps "
              "claim is about few-shot averages (Table 2), which a CPU run cannot evaluate.\n")
-    L.extend(rho_lines(results))
+    return L
+
+
+def _table1_section(results: dict) -> list[str]:
+    """Held-out accuracy and log-perplexity at n_kd and at the end (Table 1 style)."""
+    cfg = results["config"]
+    n_kd, n = cfg["kd_steps"], cfg["steps"]
+    seeds = results.get("seeds", [])
+    L = []
     L.append("## Held-out accuracy / log-perplexity (Table 1 style)\n")
     L.append(f"Validation split, {results.get('eval_windows', '?')} windows × {cfg['seq_len']} target "
              f"tokens; mean over {len(seeds)} seed(s). Accuracy in %, log-perplexity in nats.\n")
@@ -279,6 +309,12 @@ def render_report(results: dict) -> str:
         a1, l1 = _cell(_mean_summary(results, name, "final"))
         L.append(f"| {name} | {a0} | {l0} | {a1} | {l1} | {_paper('at_kd', name)} | "
                  f"{_paper('final', name)} |")
+    return L
+
+
+def _per_seed_section(results: dict) -> list[str]:
+    """Paired differences per seed."""
+    L = []
     L.append("\n### Per seed: paired differences (per-window mean ± s.e.)\n")
     L.append("| seed | comparison | log-ppl @ n_kd | log-ppl @ end | acc (points) @ n_kd | acc (points) @ end |")
     L.append("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -290,6 +326,13 @@ def render_report(results: dict) -> str:
                     d = r["paired"].get(phase, {}).get(key, {}).get(m)
                     cells.append("—" if not d else f"{scale * d['mean']:+.4f} ± {scale * d['se']:.4f}")
             L.append(f"| {seed} | {key} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    return L
+
+
+def _bucket_section(results: dict) -> list[str]:
+    """Accuracy and log-perplexity by the teacher's difficulty tertiles."""
+    slm = results.get("slm", {})
+    L = []
     L.append("\n## By difficulty bucket (paper §5.4 / appendix J)\n")
     L.append("Held-out windows ranked by the final SLM's mean per-window loss, split into tertiles "
              "(easy = lowest teacher loss); seed means. Accuracy % / log-perplexity.\n")
@@ -303,7 +346,13 @@ def render_report(results: dict) -> str:
             cells = "".join(f" {100 * s['buckets'][b]['accuracy']:.2f} | {s['buckets'][b]['log_ppl']:.4f} |"
                             for b in BUCKETS)
             L.append(f"| {name} | {s.get('step') or '?'} |{cells}")
-    L.extend(_cloze_section(results))
+    return L
+
+
+def _efficiency_section(results: dict) -> list[str]:
+    """The KD-step overhead, the teacher caches and the steps SALT needs to reach BASELINE."""
+    cfg = results["config"]
+    L = []
     L.append("\n## Efficiency accounting (paper §5.2)\n")
     ov = results.get("overhead", {})
     if ov:
@@ -333,6 +382,13 @@ def render_report(results: dict) -> str:
                          f"{e['steps_needed']:,.0f} + {min(e['steps_needed'], e['n_kd']):,.0f} × "
                          f"{e['overhead']:.3f} = {e['cost_steps']:,.1f} standard steps vs "
                          f"{e['n_steps']:,} → saving **{100 * e['saving']:.1f}%** (paper ≈28%).")
+    return L
+
+
+def _selection_section(results: dict) -> list[str]:
+    """What the early-checkpoint selection scored and kept (SALT_DS)."""
+    cfg = results["config"]
+    L = []
     if (results.get("selection") or {}).get("skipped"):
         L.append("\n## Data selection (SALT_DS)\n")
         L.append(f"Not run: {results['selection']['skipped']}.")
@@ -349,10 +405,22 @@ def render_report(results: dict) -> str:
                  f"{s['score_median']:.4f}, selected median {s['selected_median']:.4f}; "
                  f"{100 * s.get('zero_fraction', 0):.1f}% of scored windows score exactly 0.")
         L.extend(f"Note: {note}." for note in s.get("notes", []))
+    return L
+
+
+def _plots_section(results: dict) -> list[str]:
+    """The plots, as images."""
+    L = []
     L.append("\n## Plots\n")
     for png in results.get("plots", []):
         name = pathlib.Path(png).name
         L.append(f"![{name}]({name})")
+    return L
+
+
+def _timing_section(results: dict) -> list[str]:
+    """Wall time per stage and the machine's load."""
+    L = []
     if results.get("timings"):
         L.append("\n## Wall time\n")
         L.append("| stage | seconds |")
@@ -371,7 +439,7 @@ def render_report(results: dict) -> str:
                      "CPUs; load average (1/5/15 min) when this report was written: "
                      + "/".join(f"{x:.1f}" for x in m["loadavg"]) + ". A load above the CPU count "
                      "means other work shared the machine and the times are inflated.")
-    return "\n".join(L) + "\n"
+    return L
 
 
 def _kd_lines(results: dict) -> list[str]:

@@ -32,6 +32,9 @@ Forward/backward entry points:
 * ``loss_and_grad(params, tokens_BxT1, config, teacher_logits=None, omega=0.0, rho=1.0,
   mask=None, prefix_len=None)`` -> ``(loss, grads, metrics)`` with the docs/design.md §2
   loss averaged over valid target positions.
+
+Why one module of ~410 lines: the readable reference is the forward and its hand-written backward
+read top to bottom, layer by layer; splitting them would separate each op from its gradient.
 """
 from __future__ import annotations
 

@@ -252,27 +252,29 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
         raise TrainError(str(e)) from None
 
 
-def _finetune_locked(cfg: FinetuneConfig, out: pathlib.Path, progress: bool) -> dict:
+def _start_step(cfg: FinetuneConfig, out: pathlib.Path) -> int:
+    """0, or with ``--resume`` the newest intact checkpoint of ``out`` (same configuration unless
+    ``--force``); a run whose checkpoints are all damaged is refused."""
     saved_steps = checkpoint.all_steps(out)
     intact = checkpoint.newest_intact(out) if saved_steps else None
     if saved_steps and intact is None:
         raise TrainError(f"cannot resume {cfg.out!r}: none of its checkpoints {saved_steps} is intact "
                          "(see above); nothing was changed; restore a checkpoint or choose another --out")
-    if cfg.resume and saved_steps:
-        saved = _read_json(out / "run_config.json").get("finetune", {})
-        now = cfg.to_dict()
-        diffs = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now
-                 if k not in FinetuneConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
-        if diffs and not cfg.force:
-            raise TrainError(f"cannot resume {cfg.out!r} with a different configuration (pass "
-                             "--force to override): " + "; ".join(diffs))
-    try:
-        base = LoadedModel(cfg.run, cfg.step, cfg.store)
-    except (ValueError, OSError) as e:
-        raise TrainError(f"--run {cfg.run!r}: {e}") from None
-    seq_len = cfg.seq_len or base.seq_len
-    if seq_len is None:
-        raise TrainError(f"run {cfg.run!r} does not record its seq_len; pass --seq-len")
+    if not (cfg.resume and saved_steps):
+        return 0
+    saved = _read_json(out / "run_config.json").get("finetune", {})
+    now = cfg.to_dict()
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now
+             if k not in FinetuneConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diffs and not cfg.force:
+        raise TrainError(f"cannot resume {cfg.out!r} with a different configuration (pass "
+                         "--force to override): " + "; ".join(diffs))
+    return intact
+
+
+def _examples(cfg: FinetuneConfig, base: LoadedModel, seq_len: int):
+    """(training examples, held-out examples, the training arrays of :func:`encode_examples`);
+    the held-out ones are length-checked too."""
     examples = read_examples(cfg.data)
     if cfg.eval_data is not None:
         train_ex, eval_ex = examples, read_examples(cfg.eval_data)
@@ -283,10 +285,22 @@ def _finetune_locked(cfg: FinetuneConfig, out: pathlib.Path, progress: bool) -> 
     if eval_ex:
         encode_examples(eval_ex, base.encode, seq_len, cfg.eval_data or cfg.data,  # length check
                         eos_id=base.eos_id, pad_id=base.pad_id)
+    return train_ex, eval_ex, train_arrays
+
+
+def _finetune_locked(cfg: FinetuneConfig, out: pathlib.Path, progress: bool) -> dict:
+    start_step = _start_step(cfg, out)
+    try:
+        base = LoadedModel(cfg.run, cfg.step, cfg.store)
+    except (ValueError, OSError) as e:
+        raise TrainError(f"--run {cfg.run!r}: {e}") from None
+    seq_len = cfg.seq_len or base.seq_len
+    if seq_len is None:
+        raise TrainError(f"run {cfg.run!r} does not record its seq_len; pass --seq-len")
+    train_ex, eval_ex, train_arrays = _examples(cfg, base, seq_len)
 
     config = base.config
     init = optim.make_direction(cfg.optimizer).init
-    start_step = intact if cfg.resume and saved_steps else 0
     if start_step:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         params_abs, opt_abs = (jax.tree.map(

@@ -110,23 +110,10 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
     _check_out_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)  # fail now (OSError), not after the work
 
-    tokenizer_info: dict = {}
     special_ids, tokenizer_file = dict(SPECIAL_IDS), store_format.TOKENIZER_FILE
     if tokenizer is not None:
-        if sentinels:
-            raise ValueError(f"--sentinels applies to a tokenizer trained here; {os.fspath(tokenizer)!r} "
-                             "has its own (drop one of the two)")
-        model_bytes = None if pathlib.Path(tokenizer).is_dir() else _read_tokenizer(tokenizer)
-        if model_bytes is None or is_hf_tokenizer(model_bytes):  # Hugging Face tokenizer.json
-            model_bytes, special_ids, _ = read_hf_tokenizer(tokenizer)
-            tokenizer_file = HF_TOKENIZER_FILE
-        sp = load_tokenizer(model_bytes, special_ids, name=repr(os.fspath(tokenizer)))
-        if vocab_size is not None and vocab_size != sp.vocab_size():
-            raise ValueError(f"vocab_size={vocab_size} disagrees with tokenizer {os.fspath(tokenizer)!r}, "
-                             f"whose vocabulary has {sp.vocab_size()} pieces; drop one of the two")
-        tokenizer_info = {"trained": False, "source": os.fspath(tokenizer)}
-        if tokenizer_file != store_format.TOKENIZER_FILE:
-            tokenizer_info.update(kind="huggingface", file=tokenizer_file)
+        model_bytes, special_ids, tokenizer_file, tokenizer_info, sp = _given_tokenizer(
+            tokenizer, vocab_size, sentinels)
     else:
         model_bytes, tokenizer_info = _train_on_sample(
             corpus, vocab_size=vocab_size, text_field=text_field, val_fraction=val_fraction,
@@ -154,33 +141,10 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
         if stats.documents == 0:
             raise ValueError(f"empty corpus: no non-empty documents in {_describe(corpus)} "
                              f"(skipped: {_nonzero(stats.skipped_summary()) or 'nothing'})")
-        metadata = {
-            "format": store_format.FORMAT_NAME,
-            "format_version": store_format.FORMAT_VERSION,
-            "corpus": corpus.description,
-            "python_version": sys.version.split()[0],
-            "text_field": text_field,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "skip_invalid": skip_invalid,
-            "split_rule": "val iff int(blake2b(utf8(text), digest_size=16, key=seed as 8-byte "
-                          "big-endian signed)[:8], big-endian) / 2**64 < val_fraction",
-            "tokenizer": tokenizer_info,
-            "tokenizer_sha256": sha256_bytes(model_bytes),
-            "vocab_size": vocab,
-            "token_dtype": dtype.str,
-            "special_ids": special_ids,
-            "document_separator": "eos",
-            "splits": splits,
-            "totals": {k: splits["train"][k] + splits["val"][k] for k in ("documents", "tokens", "bytes")},
-            "input_files": stats.files,
-            "skipped": stats.skipped_summary(),
-            "roundtrip_failures": roundtrip_failures,
-            # content hashes of the data files, checked on first use (salt.data.store)
-            "files": {name: {"sha256": store_format.file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
-                      for split in store_format.SPLITS
-                      for name in (store_format.tokens_file(split), store_format.offsets_file(split))},
-        }
+        metadata = _metadata(tmp, corpus, stats, splits, roundtrip_failures, text_field=text_field,
+                             val_fraction=val_fraction, seed=seed, skip_invalid=skip_invalid,
+                             tokenizer_info=tokenizer_info, model_bytes=model_bytes, vocab=vocab, dtype=dtype,
+                             special_ids=special_ids)
         outputs.write_json(tmp / store_format.METADATA_FILE, metadata)
         outputs.fsync_dir(tmp)
         with DirLock(out, what="--out") if out.exists() else contextlib.nullcontext():
@@ -195,6 +159,60 @@ def prepare(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] | N
     if progress:
         _report(metadata, time.perf_counter() - started)
     return metadata
+
+
+def _given_tokenizer(tokenizer, vocab_size, sentinels):
+    """A tokenizer given with ``--tokenizer`` (SentencePiece model, or a Hugging Face
+    ``tokenizer.json`` / model directory): (its bytes, special ids, the store's file name for it,
+    the metadata's tokenizer record, a processor)."""
+    if sentinels:
+        raise ValueError(f"--sentinels applies to a tokenizer trained here; {os.fspath(tokenizer)!r} "
+                         "has its own (drop one of the two)")
+    special_ids, tokenizer_file = dict(SPECIAL_IDS), store_format.TOKENIZER_FILE
+    model_bytes = None if pathlib.Path(tokenizer).is_dir() else _read_tokenizer(tokenizer)
+    if model_bytes is None or is_hf_tokenizer(model_bytes):  # Hugging Face tokenizer.json
+        model_bytes, special_ids, _ = read_hf_tokenizer(tokenizer)
+        tokenizer_file = HF_TOKENIZER_FILE
+    sp = load_tokenizer(model_bytes, special_ids, name=repr(os.fspath(tokenizer)))
+    if vocab_size is not None and vocab_size != sp.vocab_size():
+        raise ValueError(f"vocab_size={vocab_size} disagrees with tokenizer {os.fspath(tokenizer)!r}, "
+                         f"whose vocabulary has {sp.vocab_size()} pieces; drop one of the two")
+    tokenizer_info = {"trained": False, "source": os.fspath(tokenizer)}
+    if tokenizer_file != store_format.TOKENIZER_FILE:
+        tokenizer_info.update(kind="huggingface", file=tokenizer_file)
+    return model_bytes, special_ids, tokenizer_file, tokenizer_info, sp
+
+
+def _metadata(tmp, corpus, stats, splits, roundtrip_failures, *, text_field, val_fraction, seed, skip_invalid,
+              tokenizer_info, model_bytes, vocab, dtype, special_ids) -> dict:
+    """The store's ``metadata.json`` (the data files in ``tmp`` hashed)."""
+    return {
+        "format": store_format.FORMAT_NAME,
+        "format_version": store_format.FORMAT_VERSION,
+        "corpus": corpus.description,
+        "python_version": sys.version.split()[0],
+        "text_field": text_field,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "skip_invalid": skip_invalid,
+        "split_rule": "val iff int(blake2b(utf8(text), digest_size=16, key=seed as 8-byte "
+                      "big-endian signed)[:8], big-endian) / 2**64 < val_fraction",
+        "tokenizer": tokenizer_info,
+        "tokenizer_sha256": sha256_bytes(model_bytes),
+        "vocab_size": vocab,
+        "token_dtype": dtype.str,
+        "special_ids": special_ids,
+        "document_separator": "eos",
+        "splits": splits,
+        "totals": {k: splits["train"][k] + splits["val"][k] for k in ("documents", "tokens", "bytes")},
+        "input_files": stats.files,
+        "skipped": stats.skipped_summary(),
+        "roundtrip_failures": roundtrip_failures,
+        # content hashes of the data files, checked on first use (salt.data.store)
+        "files": {name: {"sha256": store_format.file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
+                  for split in store_format.SPLITS
+                  for name in (store_format.tokens_file(split), store_format.offsets_file(split))},
+    }
 
 
 def _remove_stale_partials(out: pathlib.Path) -> None:

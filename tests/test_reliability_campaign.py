@@ -143,6 +143,49 @@ def test_lock_refuses_a_second_writer_with_the_holders_pid_and_frees_on_death(tm
     assert (d / lock.LOCK_NAME).read_text() == ""
 
 
+def _cache_args(world, out):
+    return ["teacher", "cache", "--teacher", world / "teacher", "--data", world / "data", "--steps", 2,
+            "--batch", 4, "--seq-len", 8, "--out", out, "--quiet"]
+
+
+def _score_args(world, out):
+    return ["score", "--teacher", world / "teacher", "--data", world / "data", "--seq-len", 8, "--out", out,
+            "--quiet"]
+
+
+@pytest.mark.parametrize("command", ["teacher cache", "score"])
+def test_a_second_cache_or_score_writer_is_refused_and_a_dead_writers_lock_is_taken_over(world, tmp_path,
+                                                                                          command):
+    """`salt teacher cache` locks its --out, `salt score` its OUT.partial/ (where it writes)."""
+    if command == "teacher cache":
+        out = locked = tmp_path / "cache"
+        args = _cache_args(world, out)
+    else:
+        out, locked = tmp_path / "scores.npz", tmp_path / "scores.npz.partial"
+        args = _score_args(world, out)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(locked)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another writer, alive
+        r = subprocess.run([sys.executable, "-m", "salt.cli.main", *map(str, args)], capture_output=True,
+                           text=True)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "being written by another SALT process" in errors[0]
+        assert f"pid {holder.pid}" in errors[0] and repr(str(locked)) in errors[0]
+        assert [p.name for p in tmp_path.iterdir()] == [locked.name]  # nothing written
+        assert [p.name for p in locked.iterdir()] == [lock.LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.is_stale(locked)  # its holder died: the next writer takes the lock over
+    r = _invoke(*args)
+    assert r.exit_code == 0, r.output
+    if command == "teacher cache":
+        assert outputs.kind_of(out) == "teacher_cache" and (out / lock.LOCK_NAME).read_text() == ""
+    else:
+        assert out.is_file() and not locked.exists()
+
+
 def test_a_failed_command_leaves_no_directory_behind(tmp_path):
     d = tmp_path / "new"
     with pytest.raises(RuntimeError):

@@ -348,3 +348,50 @@ def test_disk_full_during_a_checkpoint_is_one_error_naming_the_step(world, tmp_p
     monkeypatch.setattr(checkpoint, "_manager", lambda *a, **k: Full())
     with pytest.raises(checkpoint.CheckpointWriteError, match=r"run/checkpoints/5: No space left on device"):
         checkpoint.save(tmp_path / "run", 5, {}, {}, {})
+
+
+# a `salt` whose disk fills up during step 4's checkpoint: orbax's write of an item's _METADATA,
+# in one of its threads, fails with ENOSPC (on a real full disk, a 400 KiB tmpfs, that is where
+# it failed, and orbax logged that thread's traceback)
+_FULL_AT_STEP_4 = """
+import errno, sys
+from etils.epath import abstract_path
+real = abstract_path.Path.write_text
+def write_text(self, *args, **kwargs):
+    if "/checkpoints/4" in str(self) and self.name == "_METADATA":
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, *args, **kwargs)
+abstract_path.Path.write_text = write_text
+from salt.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_previous_step_stays_usable(world, tmp_path):
+    from salt.runtime.model import checkpoint
+    run = tmp_path / "run"
+    args = [str(a) for a in _train_args(world, run, "--steps", 4, "--checkpoint-every", 2, "--keep", "2")]
+    r = subprocess.run([sys.executable, "-c", _FULL_AT_STEP_4, *args], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and f"{run}/checkpoints/4: No space left on device" in errors[0], r.stderr
+    assert checkpoint.newest_intact(run) == 2  # the previous checkpoint, intact
+    r = _invoke(*_train_args(world, run, "--steps", 4, "--checkpoint-every", 2, "--keep", "2", "--resume"))
+    assert r.exit_code == 0, r.output  # space again: it resumes from step 2 and saves step 4
+    assert checkpoint.newest_intact(run) == 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_full_disk_in_an_atomic_write_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "metrics.jsonl"
+    with pytest.raises(OSError) as e:
+        outputs.write_text(target, "row\n")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []

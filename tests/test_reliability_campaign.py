@@ -93,7 +93,7 @@ def test_overwrite_resets_the_state_with_the_files_it_removes(world, tmp_path, m
     class Stop(Exception):
         pass
 
-    def stop(tc, progress=True):
+    def stop(tc, *args):
         raise Stop(tc.out)
     monkeypatch.setattr(reproduce, "_train", stop)
     with pytest.raises(Stop, match="runs/SLM"):  # the SLM is trained again: its stage was reset
@@ -247,6 +247,50 @@ def test_resume_without_an_intact_checkpoint_refuses_and_start_over_keeps_the_te
     assert checkpoint.meta_of(student, 3)["teacher"]["step"] == 2
 
 
+class _Stages:
+    """The two methods of reproduce's state that its worker pool uses."""
+
+    def __init__(self):
+        self.finished = []
+
+    def done(self, stage):
+        return stage in self.finished
+
+    def finish(self, stage, seconds, **info):
+        self.finished.append(stage)
+
+
+@pytest.mark.slow
+def test_reproduce_refuses_to_restart_a_stage_whose_checkpoints_are_all_damaged(world, tmp_path):
+    """A stage of `salt reproduce` that saved checkpoints, all damaged now: refused (one line
+    naming the run and --start-over), in the sequential loop and in a side-by-side worker;
+    --start-over trains it again from step 0.  (It used to warn and start over.)"""
+    from salt.runtime.experiments import reproduce
+    from salt.runtime.model import checkpoint
+    from salt.runtime.train.trainer import TrainConfig
+    run = tmp_path / "runs" / "BASELINE-seed0"
+    tc = TrainConfig(preset="tiny-teacher", data=str(world / "data"), out=str(run), steps=2, batch=4, seq_len=8,
+                     optimizer="adamw", checkpoint_every=1, keep_checkpoints=(1, 2))
+    reproduce._train(tc, progress=False)
+    _corrupt_all_steps(run)
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match="none of its checkpoints.*--start-over") as e:
+        reproduce._train(tc, progress=False)
+    assert str(run) in str(e.value) and _snapshot(run) == before
+    if len(os.sched_getaffinity(0)) >= 2:  # the side-by-side pool (one worker process per core)
+        stages = _Stages()
+        job = ("BASELINE/seed0", tc, False, None)
+        with pytest.raises(ValueError) as e:
+            reproduce._side_by_side([job], stages, lambda *job: None)
+        assert "\n" not in str(e.value) and str(run) in str(e.value) and "--start-over" in str(e.value)
+        assert _snapshot(run) == before and stages.finished == []
+        reproduce._side_by_side([job], stages, lambda *job: None, start_over=True)
+        assert stages.finished == ["BASELINE/seed0"]
+    else:
+        reproduce._train(tc, progress=False, start_over=True)
+    assert checkpoint.newest_intact(run) == 2 and any((run / "corrupt-checkpoints").iterdir())
+
+
 # --------------------------------------------------------------------------- signals
 
 def _marked(marker: str) -> list[int]:
@@ -263,7 +307,8 @@ def _marked(marker: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_reproduce_stops_its_workers_after_they_save(world, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_to_reproduce_stops_its_workers_after_they_save(world, tmp_path, sig):
     from salt.runtime.model import checkpoint
     out, marker = tmp_path / "R", f"SALT_TEST_MARK={uuid.uuid4().hex}"
     env = dict(os.environ, SALT_TEST_MARK=marker.split("=")[1])
@@ -275,9 +320,10 @@ def test_sigterm_to_reproduce_stops_its_workers_after_they_save(world, tmp_path)
     while parent.poll() is None and not all(m.is_file() and m.stat().st_size for m in metrics):
         time.sleep(0.2)  # both workers are training
     assert parent.poll() is None, parent.communicate()[0]
-    parent.send_signal(signal.SIGTERM)
+    parent.send_signal(sig)
     output = parent.communicate(timeout=300)[0]
-    assert parent.returncode != 0 and "stopped by SIGTERM" in output and "Traceback" not in output
+    assert parent.returncode == 128 + sig, output  # 143 / 130, as a `salt train` stopped by it
+    assert f"stopped by {sig.name}" in output and "Traceback" not in output
     assert _marked(marker) == []  # no worker outlives the command
     for m in metrics:  # each saved a checkpoint when asked, and its metrics end there
         run = m.parent

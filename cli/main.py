@@ -6,6 +6,7 @@ To add a command, add its ``"name": "module:attribute"`` to ``COMMANDS``.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -166,7 +167,8 @@ def main(argv=None):
         sys.exit(143)
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
-        _error(f"cannot access{where}: {e.strerror or e}", 1)
+        verb = "cannot write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "cannot access"
+        _error(f"{verb}{where}: {e.strerror or e}", 1)
     except MemoryError:
         _error("out of host memory; try a smaller --batch", 1)
     except Exception as e:  # noqa: BLE001

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -81,8 +82,11 @@ def _rho_list(value):
 @click.option("--overwrite", is_flag=True,
               help="Start over in --out (a reproduction SALT wrote) even if its settings differ.")
 @click.option("--force", "overwrite_alias", is_flag=True, hidden=True)  # older spelling of --overwrite
+@click.option("--start-over", "start_over", is_flag=True,
+              help="When a run of the reproduction saved checkpoints and none of them is intact, train "
+                   "it again from step 0 in place (the damaged steps are kept aside) instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def reproduce(out, data_dir, size, size_alias, tiny, overwrite, overwrite_alias, quiet, **overrides):
+def reproduce(out, data_dir, size, size_alias, tiny, overwrite, overwrite_alias, start_over, quiet, **overrides):
     """Run the paper's comparison end to end and write OUT/report.md.
 
     Prepares data (unless --data), trains the SLM (keeping an early checkpoint), scores and
@@ -93,7 +97,7 @@ def reproduce(out, data_dir, size, size_alias, tiny, overwrite, overwrite_alias,
     stages.
     """
     from salt.runtime.experiments.presets import config_for
-    from salt.runtime.experiments.reproduce import run
+    from salt.runtime.experiments.reproduce import Interrupted, run
 
     if overrides.get("teacher_cache"):
         overrides["teacher_cache"] = True
@@ -110,7 +114,10 @@ def reproduce(out, data_dir, size, size_alias, tiny, overwrite, overwrite_alias,
                                        "with --teacher none is trained")
     try:
         cfg = config_for(size, out=out, data=data_dir, **overrides)
-        results = run(cfg, force=overwrite or overwrite_alias, progress=not quiet)
+        results = run(cfg, force=overwrite or overwrite_alias, progress=not quiet, start_over=start_over)
+    except Interrupted as e:  # the students saved their checkpoints: 143 (SIGTERM) / 130 (Ctrl-C)
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"report: {results['report']}")

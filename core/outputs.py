@@ -86,6 +86,11 @@ def write_bytes(path, data) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a failed write or fsync (a full disk) names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise

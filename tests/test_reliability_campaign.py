@@ -93,7 +93,7 @@ def test_overwrite_resets_the_state_with_the_files_it_removes(world, tmp_path, m
     class Stop(Exception):
         pass
 
-    def stop(tc, progress=True):
+    def stop(tc, *args):
         raise Stop(tc.out)
     monkeypatch.setattr(reproduce, "_train", stop)
     with pytest.raises(Stop, match="runs/SLM"):  # the SLM is trained again: its stage was reset
@@ -141,6 +141,49 @@ def test_lock_refuses_a_second_writer_with_the_holders_pid_and_frees_on_death(tm
     with lock.DirLock(d):
         assert json.loads((d / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
     assert (d / lock.LOCK_NAME).read_text() == ""
+
+
+def _cache_args(world, out):
+    return ["teacher", "cache", "--teacher", world / "teacher", "--data", world / "data", "--steps", 2,
+            "--batch", 4, "--seq-len", 8, "--out", out, "--quiet"]
+
+
+def _score_args(world, out):
+    return ["score", "--teacher", world / "teacher", "--data", world / "data", "--seq-len", 8, "--out", out,
+            "--quiet"]
+
+
+@pytest.mark.parametrize("command", ["teacher cache", "score"])
+def test_a_second_cache_or_score_writer_is_refused_and_a_dead_writers_lock_is_taken_over(world, tmp_path,
+                                                                                          command):
+    """`salt teacher cache` locks its --out, `salt score` its OUT.partial/ (where it writes)."""
+    if command == "teacher cache":
+        out = locked = tmp_path / "cache"
+        args = _cache_args(world, out)
+    else:
+        out, locked = tmp_path / "scores.npz", tmp_path / "scores.npz.partial"
+        args = _score_args(world, out)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(locked)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another writer, alive
+        r = subprocess.run([sys.executable, "-m", "salt.cli.main", *map(str, args)], capture_output=True,
+                           text=True)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "being written by another SALT process" in errors[0]
+        assert f"pid {holder.pid}" in errors[0] and repr(str(locked)) in errors[0]
+        assert [p.name for p in tmp_path.iterdir()] == [locked.name]  # nothing written
+        assert [p.name for p in locked.iterdir()] == [lock.LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.is_stale(locked)  # its holder died: the next writer takes the lock over
+    r = _invoke(*args)
+    assert r.exit_code == 0, r.output
+    if command == "teacher cache":
+        assert outputs.kind_of(out) == "teacher_cache" and (out / lock.LOCK_NAME).read_text() == ""
+    else:
+        assert out.is_file() and not locked.exists()
 
 
 def test_a_failed_command_leaves_no_directory_behind(tmp_path):
@@ -204,6 +247,50 @@ def test_resume_without_an_intact_checkpoint_refuses_and_start_over_keeps_the_te
     assert checkpoint.meta_of(student, 3)["teacher"]["step"] == 2
 
 
+class _Stages:
+    """The two methods of reproduce's state that its worker pool uses."""
+
+    def __init__(self):
+        self.finished = []
+
+    def done(self, stage):
+        return stage in self.finished
+
+    def finish(self, stage, seconds, **info):
+        self.finished.append(stage)
+
+
+@pytest.mark.slow
+def test_reproduce_refuses_to_restart_a_stage_whose_checkpoints_are_all_damaged(world, tmp_path):
+    """A stage of `salt reproduce` that saved checkpoints, all damaged now: refused (one line
+    naming the run and --start-over), in the sequential loop and in a side-by-side worker;
+    --start-over trains it again from step 0.  (It used to warn and start over.)"""
+    from salt.runtime.experiments import reproduce
+    from salt.runtime.model import checkpoint
+    from salt.runtime.train.trainer import TrainConfig
+    run = tmp_path / "runs" / "BASELINE-seed0"
+    tc = TrainConfig(preset="tiny-teacher", data=str(world / "data"), out=str(run), steps=2, batch=4, seq_len=8,
+                     optimizer="adamw", checkpoint_every=1, keep_checkpoints=(1, 2))
+    reproduce._train(tc, progress=False)
+    _corrupt_all_steps(run)
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match="none of its checkpoints.*--start-over") as e:
+        reproduce._train(tc, progress=False)
+    assert str(run) in str(e.value) and _snapshot(run) == before
+    if len(os.sched_getaffinity(0)) >= 2:  # the side-by-side pool (one worker process per core)
+        stages = _Stages()
+        job = ("BASELINE/seed0", tc, False, None)
+        with pytest.raises(ValueError) as e:
+            reproduce._side_by_side([job], stages, lambda *job: None)
+        assert "\n" not in str(e.value) and str(run) in str(e.value) and "--start-over" in str(e.value)
+        assert _snapshot(run) == before and stages.finished == []
+        reproduce._side_by_side([job], stages, lambda *job: None, start_over=True)
+        assert stages.finished == ["BASELINE/seed0"]
+    else:
+        reproduce._train(tc, progress=False, start_over=True)
+    assert checkpoint.newest_intact(run) == 2 and any((run / "corrupt-checkpoints").iterdir())
+
+
 # --------------------------------------------------------------------------- signals
 
 def _marked(marker: str) -> list[int]:
@@ -220,7 +307,8 @@ def _marked(marker: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_reproduce_stops_its_workers_after_they_save(world, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_to_reproduce_stops_its_workers_after_they_save(world, tmp_path, sig):
     from salt.runtime.model import checkpoint
     out, marker = tmp_path / "R", f"SALT_TEST_MARK={uuid.uuid4().hex}"
     env = dict(os.environ, SALT_TEST_MARK=marker.split("=")[1])
@@ -232,9 +320,10 @@ def test_sigterm_to_reproduce_stops_its_workers_after_they_save(world, tmp_path)
     while parent.poll() is None and not all(m.is_file() and m.stat().st_size for m in metrics):
         time.sleep(0.2)  # both workers are training
     assert parent.poll() is None, parent.communicate()[0]
-    parent.send_signal(signal.SIGTERM)
+    parent.send_signal(sig)
     output = parent.communicate(timeout=300)[0]
-    assert parent.returncode != 0 and "stopped by SIGTERM" in output and "Traceback" not in output
+    assert parent.returncode == 128 + sig, output  # 143 / 130, as a `salt train` stopped by it
+    assert f"stopped by {sig.name}" in output and "Traceback" not in output
     assert _marked(marker) == []  # no worker outlives the command
     for m in metrics:  # each saved a checkpoint when asked, and its metrics end there
         run = m.parent
@@ -305,3 +394,50 @@ def test_disk_full_during_a_checkpoint_is_one_error_naming_the_step(world, tmp_p
     monkeypatch.setattr(checkpoint, "_manager", lambda *a, **k: Full())
     with pytest.raises(checkpoint.CheckpointWriteError, match=r"run/checkpoints/5: No space left on device"):
         checkpoint.save(tmp_path / "run", 5, {}, {}, {})
+
+
+# a `salt` whose disk fills up during step 4's checkpoint: orbax's write of an item's _METADATA,
+# in one of its threads, fails with ENOSPC (on a real full disk, a 400 KiB tmpfs, that is where
+# it failed, and orbax logged that thread's traceback)
+_FULL_AT_STEP_4 = """
+import errno, sys
+from etils.epath import abstract_path
+real = abstract_path.Path.write_text
+def write_text(self, *args, **kwargs):
+    if "/checkpoints/4" in str(self) and self.name == "_METADATA":
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, *args, **kwargs)
+abstract_path.Path.write_text = write_text
+from salt.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_previous_step_stays_usable(world, tmp_path):
+    from salt.runtime.model import checkpoint
+    run = tmp_path / "run"
+    args = [str(a) for a in _train_args(world, run, "--steps", 4, "--checkpoint-every", 2, "--keep", "2")]
+    r = subprocess.run([sys.executable, "-c", _FULL_AT_STEP_4, *args], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and f"{run}/checkpoints/4: No space left on device" in errors[0], r.stderr
+    assert checkpoint.newest_intact(run) == 2  # the previous checkpoint, intact
+    r = _invoke(*_train_args(world, run, "--steps", 4, "--checkpoint-every", 2, "--keep", "2", "--resume"))
+    assert r.exit_code == 0, r.output  # space again: it resumes from step 2 and saves step 4
+    assert checkpoint.newest_intact(run) == 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_full_disk_in_an_atomic_write_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "metrics.jsonl"
+    with pytest.raises(OSError) as e:
+        outputs.write_text(target, "row\n")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []

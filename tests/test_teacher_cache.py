@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from salt.cli.main import cli
+from salt.core.lock import LOCK_NAME
 from tiny_corpus import make_tiny_corpus
 
 K, STEPS, BATCH, SEQ = 8, 20, 4, 8
@@ -132,8 +133,8 @@ def test_kill_during_build_then_resume_is_byte_identical(setup, tmp_path):
     assert not (killed / f"step_{steps:06d}.rows.npy").exists()
     assert _cli(*_cache_args(root, killed, steps)).exit_code == 0  # resume
     assert _cli(*_cache_args(root, fresh, steps)).exit_code == 0
-    names = sorted(p.name for p in fresh.iterdir())
-    assert names == sorted(p.name for p in killed.iterdir())  # no temporary file left behind
+    names = sorted(p.name for p in fresh.iterdir() if p.name != LOCK_NAME)  # (the lock file stays, empty)
+    assert names == sorted(p.name for p in killed.iterdir() if p.name != LOCK_NAME)  # no temporary left
     assert len(names) == steps + 1  # the compact layout: one file per step
     for name in names:
         assert (fresh / name).read_bytes() == (killed / name).read_bytes(), name
@@ -167,7 +168,7 @@ def test_cache_refuses_foreign_out_and_bad_k(setup, tmp_path):
     (killed / ".cache.json.x1y2.tmp").write_text('{"form')
     assert _cli(*_cache_args(root, killed, 2)).exit_code == 0
     assert sorted(p.name for p in killed.iterdir()) == sorted(
-        ["cache.json"] + [f"step_{s:06d}.rows.npy" for s in (1, 2)])
+        [LOCK_NAME, "cache.json"] + [f"step_{s:06d}.rows.npy" for s in (1, 2)])
     result = _cli(*_cache_args(root, tmp_path / "k", 2, "--top-k", 301))  # the later --top-k wins
     assert result.exit_code != 0 and "--top-k" in result.output and not (tmp_path / "k").exists()
     result = _cli("train", "--preset", "tiny-student", "--data", root / "data", "--out", tmp_path / "r",

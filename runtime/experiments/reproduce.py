@@ -155,16 +155,18 @@ def train_config(cfg: ReproduceConfig, run_dir, data_dir, *, preset: str, steps:
                        resume=resume)
 
 
-def _train(tc, progress=True) -> dict:
+def _train(tc, progress=True, start_over=False) -> dict:
 
     run_dir = pathlib.Path(tc.out)
-    # a run this command started is continued from its newest intact checkpoint, or started over
-    # in place when it died before its first one (its files are kept: docs/safety.md)
+    # a run this command started is continued from its newest intact checkpoint, or from step 0
+    # when it died before its first one; when it saved checkpoints and none is intact it is
+    # refused unless ``start_over`` (--start-over), never silently restarted (docs/safety.md)
     resume = run_dir.is_dir() and any(run_dir.iterdir())
-    summary = train(dataclasses.replace(tc, resume=resume), progress=progress, start_over=resume)
-    if summary["interrupted"]:  # SIGTERM: checkpoint saved; the stage is not finished
-        raise _Interrupted(f"training of {str(run_dir)!r} was stopped at step {summary['last_step']} "
-                         "(checkpoint saved); re-run the same command to resume")
+    summary = train(dataclasses.replace(tc, resume=resume), progress=progress, start_over=resume and start_over)
+    if summary["interrupted"]:  # SIGTERM / SIGINT: checkpoint saved; the stage is not finished
+        raise Interrupted(f"training of {str(run_dir)!r} was stopped at step {summary['last_step']} "
+                          "(checkpoint saved); re-run the same command to resume",
+                          signal.Signals[summary["interrupted_by"]])
     return summary
 
 
@@ -205,7 +207,6 @@ ONE_CORE_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_th
 def _remove_own(path: pathlib.Path, kind: str) -> None:
     """Delete a directory this command wrote, after proving it holds nothing else (the output
     rule, file by file: salt.core.outputs.foreign_files); refused otherwise."""
-
     if path.exists():
         outputs.check_output_dir(path, kind, mode="replace", what="directory")
         outputs.remove_tree(path)
@@ -215,19 +216,18 @@ def _worker() -> None:
     """Child process of :func:`_side_by_side`: train the TrainConfig given as JSON on stdin.
     It dies with its parent (SIGTERM, so it saves a checkpoint first) and reports a user error
     as one line (exit 1); stopped by a signal it exits 143."""
-
     try:  # Linux: SIGTERM when the parent dies, even by kill -9
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     d = json.loads(sys.stdin.read())
+    start_over = d.pop("start_over")
     os.sched_setaffinity(0, {d.pop("core")})  # before XLA starts its threads
     d["keep_checkpoints"] = tuple(d["keep_checkpoints"])
-
     try:
-        _train(TrainConfig(**d), progress=False)
-    except _Interrupted as e:
+        _train(TrainConfig(**d), progress=False, start_over=start_over)
+    except Interrupted as e:
         print(e, file=sys.stderr, flush=True)
         sys.exit(143)
     except (ValueError, OSError) as e:
@@ -235,11 +235,16 @@ def _worker() -> None:
         sys.exit(1)
 
 
-class _Interrupted(ValueError):
-    """A training stage stopped by SIGTERM / SIGINT after saving its checkpoint."""
+class Interrupted(ValueError):
+    """A training stage stopped by SIGTERM / SIGINT after saving its checkpoint; ``exit_code``
+    is 128 + the signal's number (143 / 130, as a `salt` command stopped by it)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
-def _side_by_side(jobs, state, prepare_job) -> None:
+def _side_by_side(jobs, state, prepare_job, start_over=False) -> None:
     """Train ``jobs`` two at a time, each process pinned to one core with single-threaded XLA
     (measured ~1.4x the throughput of one 2-thread run on 2 cores, docs/reproduction.md).
     A job whose prerequisite stage is not done waits; a failed job raises after the others end.
@@ -268,18 +273,18 @@ def _side_by_side(jobs, state, prepare_job) -> None:
         except ValueError:  # not the main thread: the caller's handlers stay
             pass
     try:
-        _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job)
+        _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job, start_over)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
     if stopped:
-        raise _Interrupted(f"stopped by {signal.Signals(stopped[0]).name}: the students saved their "
-                           "checkpoints; re-run the same command to resume")
+        raise Interrupted(f"stopped by {signal.Signals(stopped[0]).name}: the students saved their "
+                          "checkpoints; re-run the same command to resume", stopped[0])
     if failed:
         raise ValueError("; ".join(failed))
 
 
-def _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job) -> None:
+def _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job, start_over) -> None:
     """:func:`_side_by_side`'s loop: start jobs on free cores, collect the finished ones; no new
     job once a signal came (``stopped``); returns when every worker has exited."""
 
@@ -297,7 +302,7 @@ def _run_workers(cores, env, pending, running, failed, stopped, state, prepare_j
             proc = subprocess.Popen(  # its own session: a terminal's Ctrl-C reaches it through us only
                 [sys.executable, "-c", "from salt.runtime.experiments.reproduce import _worker; _worker()"],
                 stdin=subprocess.PIPE, stdout=log, stderr=log, env=env, start_new_session=True)
-            proc.stdin.write(json.dumps(dict(job[1].to_dict(), core=core)).encode())
+            proc.stdin.write(json.dumps(dict(job[1].to_dict(), core=core, start_over=start_over)).encode())
             proc.stdin.close()
             running[core] = (job, proc, time.time(), log)
             if stopped:  # the signal came while it started
@@ -314,8 +319,9 @@ def _run_workers(cores, env, pending, running, failed, stopped, state, prepare_j
             del running[core]
             if proc.returncode == 0:
                 state.finish(job[0], time.time() - t0, forked=job[2], side_by_side=True, core=core)
-            elif not stopped:
-                failed.append(f"{job[0]} failed (exit {proc.returncode}): {err.strip()[-2000:]}")
+            elif not stopped:  # a user error: its one line; else the end of its output
+                why = [line[len("Error: "):] for line in err.splitlines() if line.startswith("Error: ")]
+                failed.append(f"{job[0]} failed (exit {proc.returncode}): {why[-1] if why else err.strip()[-2000:]}")
 
 
 def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):
@@ -515,16 +521,18 @@ def given_teachers(cfg: ReproduceConfig, store) -> dict:
     return found
 
 
-def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
+def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True, start_over: bool = False) -> dict:
     """Run (or resume) the whole reproduction; returns the results dict (also in results.json).
-    The settings are checked before anything is written; ``OUT`` is locked while it runs."""
+    The settings are checked before anything is written; ``OUT`` is locked while it runs.
+    ``start_over``: a run whose checkpoints are all damaged is trained again from step 0 (else
+    refused, naming it).  A stage stopped by SIGTERM / SIGINT raises :class:`Interrupted`."""
 
     check_settings(cfg)
     out = pathlib.Path(cfg.out)
     outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
                              inputs=[p for p in (cfg.data, cfg.teacher, cfg.early_teacher) if p] if force else ())
     with DirLock(out):
-        return _run(cfg, force=force, progress=progress)
+        return _run(cfg, force=force, progress=progress, start_over=start_over)
 
 
 @dataclasses.dataclass
@@ -536,6 +544,7 @@ class _Run:
     out: pathlib.Path
     state: _State
     progress: bool
+    start_over: bool = False  # --start-over: a run whose checkpoints are all damaged trains again
     data_dir: pathlib.Path | None = None
     store: TokenStore | None = None
     given: dict = dataclasses.field(default_factory=dict)  # --teacher / --early-teacher identities
@@ -622,7 +631,7 @@ def _stage_slm(r: _Run) -> None:
         _train(train_config(cfg, r.slm_dir, r.data_dir, preset=cfg.teacher_preset,
                             steps=cfg.teacher_steps, kd_steps=0, seed=cfg.seed,
                             batch=cfg.teacher_batch,
-                            checkpoint_every=math.gcd(cfg.early_step, cfg.kd_steps)), r.progress)
+                            checkpoint_every=math.gcd(cfg.early_step, cfg.kd_steps)), r.progress, r.start_over)
         state.finish("slm", time.time() - t0)
 
 
@@ -708,14 +717,14 @@ def _stage_students(r: _Run) -> None:
 
     if cfg.side_by_side and jobs:
         t0 = time.time()
-        _side_by_side(jobs, state, prepare_job)
+        _side_by_side(jobs, state, prepare_job, r.start_over)
         state.finish("students side by side", time.time() - t0)
     for stage, tc, forked, _ in jobs:  # sequential (or what the side-by-side pool left)
         if state.done(stage):
             continue
         t0 = time.time()
         prepare_job(stage, tc, forked)
-        _train(tc, r.progress)
+        _train(tc, r.progress, r.start_over)
         state.finish(stage, time.time() - t0, forked=forked)
 
 
@@ -867,13 +876,13 @@ STAGES = (("data", _stage_data), ("slm", _stage_slm), ("score", _stage_score), (
           ("cloze", _stage_cloze), ("report", _stage_report))
 
 
-def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True) -> dict:
+def _run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True, start_over: bool = False) -> dict:
     out = pathlib.Path(cfg.out)
     # the output rule of docs/safety.md (OUT, OUT/data, OUT/runs/*), again, holding the lock
     outputs.check_output_dir(out, "reproduction", mode="replace" if force else "resume",
                              inputs=[p for p in (cfg.data, cfg.teacher, cfg.early_teacher) if p] if force else ())
     state = _reset_for_overwrite(out, cfg) if force and (out / "state.json").is_file() else _State(out, cfg, force)
-    r = _Run(cfg, out, state, progress)
+    r = _Run(cfg, out, state, progress, start_over)
     for _, stage in STAGES:
         stage(r)
     return r.results

@@ -22,6 +22,7 @@ half-deleted step never counts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -61,6 +62,26 @@ def _os_reason(e: BaseException) -> str:
         seen = seen.__cause__ or seen.__context__
     text = str(e).strip().splitlines()
     return "No space left on device" if "No space left" in str(e) else (text[0][:200] if text else type(e).__name__)
+
+
+class _HoldBackErrors(logging.Filter):
+    """Holds back the error records orbax logs while a save runs.  A write that fails in one of
+    its threads (a full disk) is logged there with that thread's traceback and then raised to
+    :func:`save`, which reports it in one line naming the step; when the save succeeds after
+    all, the held records are logged as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.records.append(record)
+            return False
+        return True
+
+
+_ORBAX_LOG = logging.getLogger("absl")  # orbax logs through absl's logger
 
 
 def _manager(ckpt_root: pathlib.Path, *, create: bool) -> ocp.CheckpointManager:
@@ -222,6 +243,8 @@ def save(run_dir, step: int, params, opt_state, meta: dict, *, keep: set[int] | 
     """Save step ``step`` and its manifest; then delete older steps except those in ``keep``
     (the newest checkpoint is always kept). Returns the manifest sha256."""
     meta = dict(meta, step=int(step))
+    held = _HoldBackErrors()
+    _ORBAX_LOG.addFilter(held)
     try:
         mngr = _manager(checkpoint_root(run_dir), create=True)
         mngr.save(int(step), args=ocp.args.Composite(
@@ -237,6 +260,10 @@ def save(run_dir, step: int, params, opt_state, meta: dict, *, keep: set[int] | 
         raise CheckpointWriteError(f"cannot save checkpoint {step_dir(run_dir, step)}: {_os_reason(e)}; the "
                                    "step stays incomplete (skipped on resume); free space and resume "
                                    "with --resume") from None
+    finally:
+        _ORBAX_LOG.removeFilter(held)
+    for record in held.records:  # the save succeeded: nothing to hide
+        _ORBAX_LOG.handle(record)
     if jax.process_index() == 0 and keep is not None:
         for old in _step_dirs(run_dir):
             if old != step and old not in keep:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from salt.core import outputs
 from salt.core.inputs import file_problem
+from salt.core.lock import LOCK_NAME, DirLock
 from salt.data import Loader, TokenStore
 from salt.data.ids import load_window_ids, numpy_file_kind
 from salt.kernels.logits_kd import loss_naive
@@ -267,18 +268,22 @@ def score(job: ScoreJob, progress: bool = True) -> dict:
         mode=job.mode, seq_len=job.seq_len, batch=job.batch, chunk_batches=job.chunk_batches,
         n_candidates=int(num_windows),
         pool=hashlib.sha256(pool_N.tobytes()).hexdigest(), **({"vocab": store.vocab_size} if padded else {}))
-    partial = _open_partial(out, job, {"fingerprint": fingerprint, "teacher": ident, "n_pool": int(pool_N.size)})
-
-    stats = WindowStats(params, config, batch_size=job.batch, impl=resolve_kernels("auto"),
-                        vocab=store.vocab_size if padded else None)
-    chunk_paths, done = _score_chunks(job, stats, loader, pool_N, partial, progress)
-    scores_N = np.concatenate([_read_chunk(path) for path in chunk_paths])
-    outputs.save_npz(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
-                     mode=np.str_(job.mode), teacher=np.str_(ident), teacher_step=np.int64(teacher_step),
-                     tokenizer_sha256=np.str_(store.tokenizer_sha256), seq_len=np.int64(job.seq_len),
-                     n_excluded=np.int64(n_excluded), n_train_windows=np.int64(num_windows),
-                     format=np.str_(SCORES_FORMAT))
-    outputs.remove_tree(partial)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():  # the output rule before the lock writes into it
+        outputs.check_output_dir(partial, "score", mode="replace", what="partial results")
+    with DirLock(partial, what="partial results"):  # one scorer per --out (docs/safety.md §3)
+        outputs.check_output_file(out, force=job.force, is_own=_is_scores_file)  # again, holding it
+        _open_partial(partial, job, {"fingerprint": fingerprint, "teacher": ident, "n_pool": int(pool_N.size)})
+        stats = WindowStats(params, config, batch_size=job.batch, impl=resolve_kernels("auto"),
+                            vocab=store.vocab_size if padded else None)
+        chunk_paths, done = _score_chunks(job, stats, loader, pool_N, partial, progress)
+        scores_N = np.concatenate([_read_chunk(path) for path in chunk_paths])
+        outputs.save_npz(out, window_ids=pool_N, scores=scores_N, k=np.int64(job.k),
+                         mode=np.str_(job.mode), teacher=np.str_(ident), teacher_step=np.int64(teacher_step),
+                         tokenizer_sha256=np.str_(store.tokenizer_sha256), seq_len=np.int64(job.seq_len),
+                         n_excluded=np.int64(n_excluded), n_train_windows=np.int64(num_windows),
+                         format=np.str_(SCORES_FORMAT))
+        outputs.remove_tree(partial)
     return {"out": str(out), "n_scored": int(pool_N.size), "n_excluded": n_excluded,
             "n_train_windows": num_windows,
             "resumed_chunks": int(done), "teacher": ident, "k": job.k, "mode": job.mode,
@@ -312,23 +317,26 @@ def _check_teacher(job: ScoreJob, store, config, meta: dict) -> None:
         raise ValueError(f"k must be in [1, {store.vocab_size}] (the tokenizer's vocabulary), got {job.k}")
 
 
-def _open_partial(out: pathlib.Path, job: ScoreJob, state: dict) -> pathlib.Path:
-    """``OUT.partial/``: the resumable chunks of this job (``job.json`` holds its fingerprint); the
-    partial results of a different job are refused unless ``--overwrite``."""
-    partial = out.with_name(out.name + ".partial")
+def _open_partial(partial: pathlib.Path, job: ScoreJob, state: dict) -> None:
+    """``OUT.partial/`` (locked by the caller): the resumable chunks of this job (``job.json``
+    holds its fingerprint); the partial results of a different job are refused unless
+    ``--overwrite``, and then deleted file by file (the lock file stays: it is held)."""
     state_path = partial / "job.json"
-    if partial.exists():
-        outputs.check_output_dir(partial, "score", mode="replace", what="partial results")
+    if outputs.check_output_dir(partial, "score", mode="replace", what="partial results") == "own":
         old = json.loads(state_path.read_text())  # valid: checked just above
         if old.get("fingerprint") != state["fingerprint"]:
             if not job.force:
                 raise ValueError(f"{str(partial)!r} holds partial scores of a different job "
                                  "(teacher, data, k, mode, seq_len, batch or pool differ); "
                                  "remove it or use --overwrite")
-            outputs.remove_tree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
+            # checked above: every entry is this command's; job.json last (a crash part-way
+            # leaves a directory that is still refused as another job's)
+            for child in sorted(partial.iterdir(), key=lambda p: p.name == "job.json"):
+                if child.is_dir():
+                    outputs.remove_tree(child)
+                elif child.name != LOCK_NAME:
+                    child.unlink()
     outputs.write_bytes(state_path, lambda f: f.write(json.dumps(state).encode()))
-    return partial
 
 
 def _score_chunks(job: ScoreJob, stats: WindowStats, loader, pool_N: np.ndarray, partial: pathlib.Path,

@@ -34,11 +34,16 @@ import io
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from salt.core import outputs
+from salt.core.lock import LOCK_NAME, DirLock
+from salt.kernels.topk_kd import teacher_topk
+from salt.runtime.model import transformer as model
 from salt.runtime.train import cache_codec, setup
-from salt.runtime.train.config import TrainError
+from salt.runtime.train.config import TrainError, resolve_kernels
 from salt.runtime.train.run_dir import jsonable
 
 CACHE_FORMAT = "salt-teacher-cache-v2"
@@ -161,10 +166,6 @@ def make_topk_fn(t_config, vocab: int, k: int, attention: str):
     teacher's top-k logits (descending, ties to the lower id), their ids and the full-vocabulary
     lse over the tokenizer's ``vocab`` ids, from the same hidden states and streaming top-k
     (:func:`salt.kernels.topk_kd.teacher_topk`) as the online top-k KD step."""
-    import jax
-
-    from salt.kernels.topk_kd import teacher_topk
-    from salt.runtime.model import transformer as model
 
     @jax.jit
     def run(params, windows_BxT1):
@@ -181,10 +182,6 @@ def build(cfg, *, top_k: int, out, values_dtype: str = DEFAULT_VALUES, logit_bit
     """Build (or resume building) the cache ``out`` for the KD phase of ``cfg`` (a
     :class:`salt.runtime.train.config.TrainConfig`: teacher, teacher_step, data, batch, seq_len, seed,
     subset, exclude; ``kd_steps`` is the number of steps cached).  Returns the manifest."""
-    import jax
-    import jax.numpy as jnp
-
-
     if values_dtype not in VALUE_DTYPES:
         raise CacheError(f"--values-dtype must be one of {VALUE_DTYPES}, got {values_dtype!r}")
     if values_dtype == "compact" and not (isinstance(logit_bits, int) and 1 <= logit_bits <= 16):
@@ -212,29 +209,46 @@ def build(cfg, *, top_k: int, out, values_dtype: str = DEFAULT_VALUES, logit_bit
            "ids_dtype": ids_dtype(store.vocab_size).name}
     if values_dtype == "compact":
         key["logit_bits"] = int(logit_bits)
-    manifest_path = out / MANIFEST
-    own_tmp = [*out.glob(".step_*.npy.*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")] if out.is_dir() else []
-    if own_tmp and set(out.iterdir()) == set(own_tmp):  # killed while writing the first cache.json
-        for tmp in own_tmp:
-            tmp.unlink()
-    try:  # the output rule of docs/safety.md: absent, empty, or a teacher cache (resumed)
-        state = outputs.check_output_dir(out, "teacher_cache", mode="resume")
+    run = make_topk_fn(t_config, store.vocab_size, top_k, resolve_kernels(cfg.kernels))  # the KD step's attention
+    _check_out(out)  # before the lock writes anything into --out
+    # one writer per cache directory (docs/safety.md §3); a dead holder's lock is taken over
+    with DirLock(out):
+        return _build_locked(out, key, cfg, run, t_params, kd_loader, vocab=store.vocab_size,
+                             values_dtype=values_dtype, logit_bits=logit_bits, progress=progress)
+
+
+def _own_temporaries(out: pathlib.Path) -> list[pathlib.Path]:
+    """The temporary files a killed build left in ``out`` (never anything else)."""
+    return [*out.glob(".step_*.npy.*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")] if out.is_dir() else []
+
+
+def _check_out(out: pathlib.Path) -> str:
+    """The output rule of docs/safety.md: absent, empty, or a teacher cache (resumed); a
+    directory holding nothing but the temporaries of a build killed while it wrote its first
+    cache.json counts as empty."""
+    own_tmp = _own_temporaries(out)
+    if own_tmp and {p for p in out.iterdir() if p.name != LOCK_NAME} == set(own_tmp):
+        return "empty"
+    try:
+        return outputs.check_output_dir(out, "teacher_cache", mode="resume")
     except outputs.OutputError as e:
         raise CacheError(str(e)) from None
-    if state == "own":
+
+
+def _build_locked(out: pathlib.Path, key: dict, cfg, run, t_params, kd_loader, *, vocab: int,
+                  values_dtype: str, logit_bits: int, progress: bool) -> dict:
+    """:func:`build`'s writing part, holding ``out``'s lock: the output rule again, then every
+    missing step."""
+    manifest_path = out / MANIFEST
+    if _check_out(out) == "own":
         old = _read_manifest(out)
         diffs = [k for k in key if old.get(k) != key[k]]
         if diffs:
             raise CacheError(f"--out {str(out)!r} holds a teacher cache of other settings ({', '.join(diffs)} "
                              "differ); choose another --out")
-        for tmp in own_tmp:
-            tmp.unlink()  # our own temporaries, left by a killed build
+    for tmp in _own_temporaries(out):
+        tmp.unlink()  # our own temporaries, left by a killed build
     outputs.write_json(manifest_path, dict(key, complete=False))
-
-    vocab = store.vocab_size
-
-    from salt.runtime.train.config import resolve_kernels
-    run = make_topk_fn(t_config, vocab, top_k, resolve_kernels(cfg.kernels))  # the KD step's attention
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.kd_steps, desc="teacher cache", disable=not progress, dynamic_ncols=True)

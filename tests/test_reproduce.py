@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from salt.runtime.experiments import report as R
 from salt.runtime.experiments import report_render as RR
+from salt.runtime.train.metrics_log import read_metrics
 from tiny_corpus import make_tiny_corpus
 
 
@@ -38,7 +39,7 @@ def test_read_metrics_names_bad_line(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1, "ce": 2.0}\nnot json\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
-        R.read_metrics(p)
+        read_metrics(p)
 
 
 def test_paired_difference_log_ppl_and_accuracy():
@@ -223,7 +224,7 @@ def test_salt_forked_from_rkd_is_bit_identical_to_salt_from_scratch(tmp_path, ti
 
     def rows(run):
         return [{k: v for k, v in r.items() if k != "tokens_per_s"}
-                for r in R.read_metrics(tmp_path / run / "metrics.jsonl")]
+                for r in read_metrics(tmp_path / run / "metrics.jsonl")]
     assert rows("FORK") == rows("SALT") and len(rows("FORK")) == 8
     record = json.loads((tmp_path / "FORK" / "run_config.json").read_text())
     assert record["train"]["kd_steps"] == 4 and record["forked_from"]["step"] == 4

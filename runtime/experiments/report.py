@@ -15,9 +15,7 @@ claims built from them are read together; the rendering lives in ``report_render
 """
 from __future__ import annotations
 
-import json
 import math
-import pathlib
 
 import numpy as np
 
@@ -46,25 +44,6 @@ PAPER_TABLE11 = {"final": {"SLM": (0.87, 0.00, 0.00), "BASELINE": (0.70, 0.29, 0
 
 
 # --------------------------------------------------------------------------- inputs
-
-def read_metrics(path) -> list[dict]:
-    """Rows of a run's ``metrics.jsonl`` (lines that are not JSON objects are an error)."""
-    rows = []
-    path = pathlib.Path(path)
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            rows.append(row)
-    return rows
-
 
 def train_rows(rows: list[dict]) -> list[dict]:
     """Per-step training rows (those with a step and a loss), last one wins per step (resumes)."""

@@ -196,7 +196,7 @@ def fork_run(src_run, step: int, dst_run, tc) -> None:
         if s <= step:
             shutil.copytree(checkpoint_root(src_run) / str(s), checkpoint_root(tmp) / str(s))
 
-    rows = [r for r in report.read_metrics(src_run / "metrics.jsonl") if r.get("step", 0) <= step]
+    rows = [r for r in metrics_log.read_metrics(src_run / "metrics.jsonl") if r.get("step", 0) <= step]
     (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, dst_run)
 
@@ -854,7 +854,7 @@ def _stage_report(r: _Run) -> None:
         for name in r.variants:
             path = r.runs / f"{name}-seed{seed}" / "metrics.jsonl"
             if path.is_file():
-                metrics.setdefault(name, []).append(report.read_metrics(path))
+                metrics.setdefault(name, []).append(metrics_log.read_metrics(path))
     results["plots"] = report_render.plot_all(results, metrics, r.out)
     stages = state.data["stages"]
     results["timings"] = {stage: info["seconds"] for stage, info in stages.items()

@@ -126,16 +126,30 @@ def scalars_of(record: dict, prefix: str) -> dict:
     return out
 
 
-def _read_rows(path: pathlib.Path) -> list[dict]:
+def read_metrics(path, *, strict: bool = True) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` (a missing file: none).  A line that is not a JSON
+    object with an integer ``step`` (e.g. cut short by a kill) is a ValueError naming
+    ``path:line`` when ``strict``, else reported on stderr and dropped."""
+    path = pathlib.Path(path)
     rows = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):
-                continue  # the trainer reports (and drops) such lines itself
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
+    if not path.is_file():
+        return rows
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+        except (ValueError, RecursionError):
+            ok = False
+        if ok:
+            rows.append(row)
+        elif strict:
+            raise ValueError(f"{path}:{lineno}: not a metrics row (a JSON object with an integer step): "
+                             f"{line[:80]!r}")
+        else:
+            print(f"warning: {path}:{lineno}: not a metrics record, dropped: {line[:80]!r}",
+                  file=sys.stderr, flush=True)
     return rows
 
 
@@ -147,7 +161,7 @@ class RunLog:
                  config: dict | None = None):
         self.run_dir = pathlib.Path(run_dir)
         self.path = self.run_dir / TB_DIR / TRAIN_EVENTS
-        rows = _read_rows(self.run_dir / metrics_file)
+        rows = read_metrics(self.run_dir / metrics_file, strict=False)
         outputs.write_bytes(self.path, _header() + b"".join(
             _record(event(r["step"], scalars_of(r, "train"))) for r in rows))
         self._file = open(self.path, "ab")
@@ -205,23 +219,12 @@ def finite_or_none(record: dict) -> dict:
 
 
 def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-    """Drop metric lines past ``last_step`` (written after the checkpoint a run resumes from).
+    """Drop metric rows past ``last_step`` (written after the checkpoint a run resumes from).
     A line that is not a step record (e.g. cut short by a kill) is reported and dropped."""
     if not path.exists():
         return
-    keep = []
-    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        try:
-            step = json.loads(line)["step"]
-            if not isinstance(step, int):
-                raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
-            print(f"warning: {path}:{lineno}: not a metrics record, dropped: {line[:80]!r}",
-                  file=sys.stderr, flush=True)
-            continue
-        if step <= last_step:
-            keep.append(line)
-    outputs.write_text(path, "".join(l + "\n" for l in keep))
+    rows = [r for r in read_metrics(path, strict=False) if r["step"] <= last_step]
+    outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class MetricsSink:

@@ -68,8 +68,8 @@ def estimate(windows_NxT1, sample_fn: SampleFn, loss_fn: LossFn, *, n_com: int, 
              batch_rows: int = 256) -> XiEstimate:
     """Plug-in ξ̂ for each window (rows ``w_0 … w_T``).
 
-    ``sample_fn(tokens_BxN, prefix_len_B, keys_Bx2)`` returns the rows with positions
-    ``>= prefix_len`` sampled from the oracle; ``loss_fn(tokens_BxN)`` returns the student's mean
+    ``sample_fn(tokens_BxT1, prefix_len_B, keys_Bx2)`` returns the rows with positions
+    ``>= prefix_len`` sampled from the oracle; ``loss_fn(tokens_BxT1)`` returns the student's mean
     log-loss ``ℓ`` per row ``[B]``. Rows go through both in batches of exactly ``batch_rows``
     (the last one padded), so each compiles once."""
     windows = np.asarray(windows_NxT1, dtype=np.int32)

@@ -33,7 +33,7 @@ def token_parts(hidden_BxTxD, embed_VxD, labels_BxT, *, teacher=None, omega=0.0,
                 vocab_chunks: int | None = None, teacher_topk=None) -> dict:
     """Per-position ``[B, T]`` float32 dict ``loss, ce, correct, n_greater`` (+ ``kd, kl`` with a
     teacher).  ``teacher``: ``(teacher_hidden_BxTxD_t, teacher_embed_VxD_t)`` or None (plain CE);
-    ``omega`` may be traced, ``rho`` is static.  ``teacher_topk``: ``(logits_BxTxK, ids_BxTxK)``, the
+    ``omega`` may be traced, ``rho`` is static.  ``teacher_topk``: ``(logits_BxTxZ, ids_BxTxZ)``, the
     teacher's top-k set given (a teacher cache) instead of ``teacher``: top-k KD over it.
     ``mesh``: with more than one device the kernels run under ``shard_map`` with the batch over
     ``data``: vocabulary-parallel (:mod:`salt.kernels.vocab_parallel`, docs/design.md §11) when the

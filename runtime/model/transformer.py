@@ -131,22 +131,22 @@ def silu(x):
 ACTIVATIONS = {"gelu_tanh": gelu_tanh, "silu": silu}
 
 
-def rope(x_BxTxNxK, base: float, inv_freq=None, positions_T=None):
-    """Rotary embedding, half-split convention, positions 0..T-1 (computed in float32), or the
-    integer positions ``positions_T`` (a KV-cache decoder's tokens after the cached ones).
+def rope(x_BxTxHxK, base: float, inv_freq=None, positions_T=None):
+    """Rotary embedding of ``H`` heads (query or key/value), half-split convention, positions
+    0..T-1 (computed in float32), or the integer positions ``positions_T`` (a KV-cache decoder's tokens after the cached ones).
     ``inv_freq``: the frequencies (NumPy, ``salt.reference.config.rope_inv_freq``) when they are
     not ``base ** (-2 i / K)``."""
-    T, K = x_BxTxNxK.shape[1], x_BxTxNxK.shape[3]
+    T, K = x_BxTxHxK.shape[1], x_BxTxHxK.shape[3]
     half = K // 2
     if inv_freq is None:
-        inv_freq_H = base ** (-2.0 * jnp.arange(half, dtype=jnp.float32) / K)
+        inv_freq_J = base ** (-2.0 * jnp.arange(half, dtype=jnp.float32) / K)
     else:
-        inv_freq_H = jnp.asarray(np.asarray(inv_freq, np.float32))
+        inv_freq_J = jnp.asarray(np.asarray(inv_freq, np.float32))
     pos_T = jnp.arange(T, dtype=jnp.float32) if positions_T is None else positions_T.astype(jnp.float32)
-    angle_TxH = pos_T[:, None] * inv_freq_H[None, :]
-    cos = jnp.cos(angle_TxH)[None, :, None, :]
-    sin = jnp.sin(angle_TxH)[None, :, None, :]
-    x = x_BxTxNxK.astype(jnp.float32)
+    angle_TxJ = pos_T[:, None] * inv_freq_J[None, :]
+    cos = jnp.cos(angle_TxJ)[None, :, None, :]
+    sin = jnp.sin(angle_TxJ)[None, :, None, :]
+    x = x_BxTxHxK.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 

@@ -85,20 +85,20 @@ def _shard(data: bytes) -> list:
     return [len(data), hashlib.sha256(data).hexdigest()]
 
 
-def write_step(cache, step0: int, top_BxTxK, ids_BxTxK, lse_BxT, *, values_dtype: str, ids_dtype=None,
+def write_step(cache, step0: int, top_BxTxZ, ids_BxTxZ, lse_BxT, *, values_dtype: str, ids_dtype=None,
                vocab: int | None = None, logit_bits: int = DEFAULT_LOGIT_BITS) -> dict:
     """Write 0-based step ``step0``'s files, each atomically (temp + rename), the one that marks
     the step done last; returns ``{file name: [size, sha256]}``.  ``compact`` needs ``vocab``
     (and ``logit_bits``), the uncompressed layouts ``ids_dtype``."""
     paths = _paths(pathlib.Path(cache), step0, values_dtype)
     if values_dtype == "compact":
-        B, T, k = np.shape(top_BxTxK)
-        rows = cache_codec.encode(np.reshape(top_BxTxK, (B * T, k)), np.reshape(ids_BxTxK, (B * T, k)),
+        B, T, k = np.shape(top_BxTxZ)
+        rows = cache_codec.encode(np.reshape(top_BxTxZ, (B * T, k)), np.reshape(ids_BxTxZ, (B * T, k)),
                                   np.reshape(lse_BxT, B * T), vocab=vocab, logit_bits=logit_bits)
         arrays = {"rows": rows.reshape(B, T, -1)}
     else:
-        arrays = {"logits": _encode_logits(np.asarray(top_BxTxK, np.float32), values_dtype),
-                  "ids": np.asarray(ids_BxTxK).astype(ids_dtype), "lse": np.asarray(lse_BxT, np.float32)}
+        arrays = {"logits": _encode_logits(np.asarray(top_BxTxZ, np.float32), values_dtype),
+                  "ids": np.asarray(ids_BxTxZ).astype(ids_dtype), "lse": np.asarray(lse_BxT, np.float32)}
     shards = {}
     for name, path in paths.items():
         data = _npy_bytes(arrays[name])
@@ -107,17 +107,17 @@ def write_step(cache, step0: int, top_BxTxK, ids_BxTxK, lse_BxT, *, values_dtype
     return shards
 
 
-def write_one_step(path, top_BxTxK, ids_BxTxK, lse_BxT, *, vocab: int, teacher: dict,
+def write_one_step(path, top_BxTxZ, ids_BxTxZ, lse_BxT, *, vocab: int, teacher: dict,
                    values_dtype: str = DEFAULT_VALUES, logit_bits: int = DEFAULT_LOGIT_BITS) -> "TeacherCache":
     """A complete one-step cache of these arrays in the (empty) directory ``path``, opened (for
     ``salt bench step``, which times the cached step's read from real files)."""
-    B, T, k = np.shape(top_BxTxK)
+    B, T, k = np.shape(top_BxTxZ)
     manifest = {"format": CACHE_FORMAT, "vocab": vocab, "top_k": k, "steps": 1, "batch": B, "seq_len": T,
                 "values_dtype": values_dtype, "ids_dtype": ids_dtype(vocab).name, "teacher": teacher,
                 "complete": True}
     if values_dtype == "compact":
         manifest["logit_bits"] = logit_bits
-    manifest["shards"] = write_step(path, 0, top_BxTxK, ids_BxTxK, lse_BxT, values_dtype=values_dtype,
+    manifest["shards"] = write_step(path, 0, top_BxTxZ, ids_BxTxZ, lse_BxT, values_dtype=values_dtype,
                                     ids_dtype=manifest["ids_dtype"], vocab=vocab, logit_bits=logit_bits)
     outputs.write_json(pathlib.Path(path) / MANIFEST, manifest)
     return TeacherCache(path)
@@ -147,11 +147,11 @@ def bytes_per_token(top_k: int, vocab: int, *, values_dtype: str = DEFAULT_VALUE
     return size / (batch * seq_len)
 
 
-def _encode_logits(top_BxTxK: np.ndarray, values_dtype: str) -> np.ndarray:
+def _encode_logits(top_BxTxZ: np.ndarray, values_dtype: str) -> np.ndarray:
     if values_dtype in ("float16", "float32"):
-        return top_BxTxK.astype(values_dtype)
+        return top_BxTxZ.astype(values_dtype)
     import ml_dtypes
-    return top_BxTxK.astype(ml_dtypes.bfloat16).view(np.uint16)
+    return top_BxTxZ.astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 def _decode_logits(stored: np.ndarray, values_dtype: str) -> np.ndarray:
@@ -162,7 +162,7 @@ def _decode_logits(stored: np.ndarray, values_dtype: str) -> np.ndarray:
 
 
 def make_topk_fn(t_config, vocab: int, k: int, attention: str):
-    """``jit((teacher_params, windows_BxT1) -> (top_BxTxK f32, ids_BxTxK i32, lse_BxT f32))``: the
+    """``jit((teacher_params, windows_BxT1) -> (top_BxTxZ f32, ids_BxTxZ i32, lse_BxT f32))``: the
     teacher's top-k logits (descending, ties to the lower id), their ids and the full-vocabulary
     lse over the tokenizer's ``vocab`` ids, from the same hidden states and streaming top-k
     (:func:`salt.kernels.topk_kd.teacher_topk`) as the online top-k KD step."""
@@ -357,7 +357,7 @@ class TeacherCache:
                              f"with K <= {m.get('top_k')}, got {cfg.kd_topk}")
 
     def batch(self, step0: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(logits_BxTxK float32, ids_BxTxK int32)`` of 0-based step ``step0``, the first ``k``
+        """``(logits_BxTxZ float32, ids_BxTxZ int32)`` of 0-based step ``step0``, the first ``k``
         (descending logits, ties to the lower id)."""
         m = self.manifest
         paths = _paths(self.path, step0, m["values_dtype"])

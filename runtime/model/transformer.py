@@ -133,7 +133,8 @@ ACTIVATIONS = {"gelu_tanh": gelu_tanh, "silu": silu}
 
 def rope(x_BxTxHxK, base: float, inv_freq=None, positions_T=None):
     """Rotary embedding of ``H`` heads (query or key/value), half-split convention, positions
-    0..T-1 (computed in float32), or the integer positions ``positions_T`` (a KV-cache decoder's tokens after the cached ones).
+    0..T-1 (computed in float32), or the integer positions ``positions_T`` (a KV-cache decoder's
+    tokens after the cached ones).
     ``inv_freq``: the frequencies (NumPy, ``salt.reference.config.rope_inv_freq``) when they are
     not ``base ** (-2 i / K)``."""
     T, K = x_BxTxHxK.shape[1], x_BxTxHxK.shape[3]

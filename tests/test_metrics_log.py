@@ -2,6 +2,7 @@
 tensorboard's own reader (the oracle): every metrics row is a point of every curve, the phase
 switch is a curve, a resumed run continues the same curves with no duplicate step, evaluation
 results land in ``eval/*``; `salt train --wandb` in offline mode writes a W&B run."""
+import errno
 import json
 import math
 import os
@@ -153,3 +154,21 @@ def test_reproduce_opens_in_tensorboard_with_every_curve(tmp_path):
             assert curves["train/kd"] and 1.0 in [v for _, v in curves["train/kd_phase"]], run
         assert curves["eval/log_ppl"] and curves["eval/accuracy"], run
         assert {s for s, _ in curves["eval/log_ppl"]} <= {s for s, _ in curves["train/loss"]}
+
+
+def test_a_full_disk_while_writing_metrics_names_the_file(tmp_path):
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    with metrics_log.MetricsSink(tmp_path, 0) as sink:
+        sink._file = Full()
+        with pytest.raises(OSError) as info:
+            sink.write([{"step": 1, "loss": 1.0}])
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "metrics.jsonl")

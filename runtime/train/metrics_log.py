@@ -244,8 +244,11 @@ class MetricsSink:
     def write(self, rows: list[dict]) -> None:
         if self._file is None:
             return
-        self._file.write("".join(json.dumps(finite_or_none(r)) + "\n" for r in rows))
-        self._file.flush()
+        try:
+            self._file.write("".join(json.dumps(finite_or_none(r)) + "\n" for r in rows))
+            self._file.flush()
+        except OSError as e:  # e.g. a full disk: the error names the file (the CLI prints one line)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         for r in rows:
             self._log.write(r)
 

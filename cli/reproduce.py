@@ -97,7 +97,8 @@ def reproduce(out, data_dir, size, size_alias, tiny, overwrite, overwrite_alias,
     stages.
     """
     from salt.runtime.experiments.presets import config_for
-    from salt.runtime.experiments.reproduce import Interrupted, run
+    from salt.runtime.experiments.reproduce import run
+    from salt.runtime.experiments.students import Interrupted
 
     if overrides.get("teacher_cache"):
         overrides["teacher_cache"] = True

@@ -265,29 +265,29 @@ def test_reproduce_refuses_to_restart_a_stage_whose_checkpoints_are_all_damaged(
     """A stage of `salt reproduce` that saved checkpoints, all damaged now: refused (one line
     naming the run and --start-over), in the sequential loop and in a side-by-side worker;
     --start-over trains it again from step 0.  (It used to warn and start over.)"""
-    from salt.runtime.experiments import reproduce
+    from salt.runtime.experiments import students
     from salt.runtime.model import checkpoint
     from salt.runtime.train.trainer import TrainConfig
     run = tmp_path / "runs" / "BASELINE-seed0"
     tc = TrainConfig(preset="tiny-teacher", data=str(world / "data"), out=str(run), steps=2, batch=4, seq_len=8,
                      optimizer="adamw", checkpoint_every=1, keep_checkpoints=(1, 2))
-    reproduce._train(tc, progress=False)
+    students.train_stage(tc, progress=False)
     _corrupt_all_steps(run)
     before = _snapshot(run)
     with pytest.raises(ValueError, match="none of its checkpoints.*--start-over") as e:
-        reproduce._train(tc, progress=False)
+        students.train_stage(tc, progress=False)
     assert str(run) in str(e.value) and _snapshot(run) == before
     if len(os.sched_getaffinity(0)) >= 2:  # the side-by-side pool (one worker process per core)
         stages = _Stages()
         job = ("BASELINE/seed0", tc, False, None)
         with pytest.raises(ValueError) as e:
-            reproduce._side_by_side([job], stages, lambda *job: None)
+            students.side_by_side([job], stages, lambda *job: None)
         assert "\n" not in str(e.value) and str(run) in str(e.value) and "--start-over" in str(e.value)
         assert _snapshot(run) == before and stages.finished == []
-        reproduce._side_by_side([job], stages, lambda *job: None, start_over=True)
+        students.side_by_side([job], stages, lambda *job: None, start_over=True)
         assert stages.finished == ["BASELINE/seed0"]
     else:
-        reproduce._train(tc, progress=False, start_over=True)
+        students.train_stage(tc, progress=False, start_over=True)
     assert checkpoint.newest_intact(run) == 2 and any((run / "corrupt-checkpoints").iterdir())
 
 

@@ -200,19 +200,19 @@ def tiny_data(tmp_path_factory):
 def test_salt_forked_from_rkd_is_bit_identical_to_salt_from_scratch(tmp_path, tiny_data):
     from salt.runtime.model import checkpoint
     from salt.runtime.experiments.presets import config_for
-    from salt.runtime.experiments.reproduce import _train, fork_run, train_config
+    from salt.runtime.experiments.students import fork_run, train_config, train_stage
 
     cfg = config_for("tiny", data=str(tiny_data), out=str(tmp_path))
     slm = tmp_path / "SLM"
-    _train(train_config(cfg, slm, tiny_data, preset="tiny-teacher", steps=4, kd_steps=0,
+    train_stage(train_config(cfg, slm, tiny_data, preset="tiny-teacher", steps=4, kd_steps=0,
                         checkpoint_every=4, seed=0), progress=False)
     common = dict(preset="tiny-student", steps=8, checkpoint_every=2, seed=3, teacher=slm)
-    _train(train_config(cfg, tmp_path / "RKD", tiny_data, kd_steps=8, **common), progress=False)
-    _train(train_config(cfg, tmp_path / "SALT", tiny_data, kd_steps=4, **common), progress=False)
+    train_stage(train_config(cfg, tmp_path / "RKD", tiny_data, kd_steps=8, **common), progress=False)
+    train_stage(train_config(cfg, tmp_path / "SALT", tiny_data, kd_steps=4, **common), progress=False)
     fork_tc = train_config(cfg, tmp_path / "FORK", tiny_data, kd_steps=4, **common)
     fork_run(tmp_path / "RKD", 4, tmp_path / "FORK", fork_tc)
     assert checkpoint.all_steps(tmp_path / "FORK") == [2, 4]
-    summary = _train(fork_tc, progress=False)
+    summary = train_stage(fork_tc, progress=False)
     assert summary["start_step"] == 4 and summary["last_step"] == 8
     _, p_scratch, _ = checkpoint.load_params(tmp_path / "SALT", 8)
     _, p_fork, meta = checkpoint.load_params(tmp_path / "FORK", 8)

@@ -29,11 +29,14 @@ training stage resumes from its last checkpoint):
 7. ``report``    ``OUT/report.md``, ``OUT/results.json`` and PNG plots (``salt.runtime.experiments.report``).
 
 Each stage is a small function over the shared :class:`_Run` (settings, OUT, state, what earlier
-stages found), listed in order in :data:`STAGES`.  Re-running with different settings in the same
+stages found), listed in order in :data:`STAGES`; the student runs (their configs, the fork, the
+side-by-side worker pool) are :mod:`salt.runtime.experiments.students`'.  Re-running with different settings in the same
 ``OUT`` is refused unless ``--overwrite`` (which starts over).  Students train two at a time, each
 process pinned to one core with single-threaded XLA (``side_by_side``; about 1.4x the throughput
 of one 2-thread run, docs/reproduction.md); ``--sequential`` trains them one after the other in
 this process.  The statistics and the rendering live in ``report.py`` / ``report_render.py``.
+Why one module of ~680 lines: the stages, their shared run record and the measurements only they
+make (sharpness, caches, overhead) read top to bottom in the order the reproduction runs them.
 """
 from __future__ import annotations
 
@@ -42,11 +45,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import jax
@@ -61,13 +59,13 @@ from salt.reference.config import ModelConfig, get_preset, param_count
 from salt.runtime.eval import evaluate
 from salt.runtime.experiments import cloze_stage, report, report_render
 from salt.runtime.experiments.presets import SIZES, ReproduceConfig, config_for  # noqa: F401 (re-exported)
+from salt.runtime.experiments.students import fork_run, remove_own, say, side_by_side, train_config, train_stage
 from salt.runtime.model import checkpoint, transformer as model
-from salt.runtime.model.checkpoint import all_steps, checkpoint_root, read_meta
+from salt.runtime.model.checkpoint import all_steps, read_meta
 from salt.runtime.select import score as score_mod
 from salt.runtime.train import metrics_log, teacher_cache
-from salt.runtime.train.config import TrainConfig, TrainError
+from salt.runtime.train.config import TrainError
 from salt.runtime.train.setup import check_teacher, student_config
-from salt.runtime.train.trainer import train
 
 VARIANTS = ("BASELINE", "RKD", "SALT", "SALT_DS")
 
@@ -121,207 +119,6 @@ class _State:
 
     def save(self) -> None:
         self._write(self.path, self.data)
-
-
-def _say(msg: str) -> None:
-    print(f"[salt reproduce] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- training
-
-def train_config(cfg: ReproduceConfig, run_dir, data_dir, *, preset: str, steps: int, kd_steps: int,
-                 checkpoint_every: int, seed: int, batch: int | None = None, teacher=None,
-                 subset=None, resume: bool = False, transition: str | None = None, teacher_cache=None):
-    """The TrainConfig of one run of the reproduction (``transition`` overrides cfg's: RKD's
-    ω is constant for the whole run whatever SALT's transition is).  A KD run is top-K KD when
-    ``cfg.kd_topk`` is set; ``teacher_cache``: its KD phase reads that cache instead of running
-    ``teacher``."""
-
-    transition = transition or cfg.transition
-    if teacher_cache is not None:
-        teacher = None
-    return TrainConfig(preset=preset, data=str(data_dir), out=str(run_dir),
-                       teacher=None if teacher is None else str(teacher), kd_steps=kd_steps,
-                       kd_topk=cfg.kd_topk if kd_steps else None,
-                       teacher_cache=None if teacher_cache is None else str(teacher_cache),
-                       omega=cfg.omega, rho=cfg.rho, transition=transition,
-                       kd_steps1=cfg.kd_steps1 if kd_steps and transition != "step" else None,
-                       steps=steps, batch=batch or cfg.batch, seq_len=cfg.seq_len,
-                       optimizer=cfg.optimizer, lr=cfg.lr, final_lr=cfg.final_lr,
-                       warmup=cfg.warmup, seed=seed,
-                       subset=None if subset is None else str(subset),
-                       checkpoint_every=checkpoint_every,
-                       keep_checkpoints=tuple(range(checkpoint_every, steps + 1, checkpoint_every)),
-                       resume=resume)
-
-
-def _train(tc, progress=True, start_over=False) -> dict:
-
-    run_dir = pathlib.Path(tc.out)
-    # a run this command started is continued from its newest intact checkpoint, or from step 0
-    # when it died before its first one; when it saved checkpoints and none is intact it is
-    # refused unless ``start_over`` (--start-over), never silently restarted (docs/safety.md)
-    resume = run_dir.is_dir() and any(run_dir.iterdir())
-    summary = train(dataclasses.replace(tc, resume=resume), progress=progress, start_over=resume and start_over)
-    if summary["interrupted"]:  # SIGTERM / SIGINT: checkpoint saved; the stage is not finished
-        raise Interrupted(f"training of {str(run_dir)!r} was stopped at step {summary['last_step']} "
-                          "(checkpoint saved); re-run the same command to resume",
-                          signal.Signals[summary["interrupted_by"]])
-    return summary
-
-
-def fork_run(src_run, step: int, dst_run, tc) -> None:
-    """Start run ``dst_run`` (TrainConfig ``tc``) from ``src_run``'s checkpoint at ``step``.
-
-    Copies the checkpoints up to ``step`` and the metrics rows up to ``step`` and writes ``tc`` as the run's
-    ``run_config.json`` (with ``forked_from``), so that ``train(tc, resume=True)`` continues it.
-    Only valid when both runs are identical up to ``step`` (RKD and SALT with the step
-    transition up to n_kd); the directory appears complete or not at all (temp dir + rename).
-    """
-
-    src_run, dst_run = pathlib.Path(src_run), pathlib.Path(dst_run)
-    if step not in all_steps(src_run):
-        raise ValueError(f"cannot fork {str(dst_run)!r}: {str(src_run)!r} has no checkpoint of "
-                         f"step {step}")
-    if dst_run.exists():
-        raise ValueError(f"cannot fork into {str(dst_run)!r}: it exists")
-    tmp = dst_run.with_name(dst_run.name + ".fork-tmp")
-    _remove_own(tmp, "run")  # left by an interrupted fork of this function
-    record = json.loads((src_run / "run_config.json").read_text())
-    record["train"] = tc.to_dict()
-    record["forked_from"] = {"run": str(src_run.absolute()), "step": int(step)}
-    tmp.mkdir(parents=True)
-    outputs.write_json(tmp / "run_config.json", record)  # first: tmp is a run directory throughout
-    for s in all_steps(src_run):  # every kept checkpoint up to the fork: a complete-looking run
-        if s <= step:
-            shutil.copytree(checkpoint_root(src_run) / str(s), checkpoint_root(tmp) / str(s))
-
-    rows = [r for r in metrics_log.read_metrics(src_run / "metrics.jsonl") if r.get("step", 0) <= step]
-    (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, dst_run)
-
-
-ONE_CORE_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-
-def _remove_own(path: pathlib.Path, kind: str) -> None:
-    """Delete a directory this command wrote, after proving it holds nothing else (the output
-    rule, file by file: salt.core.outputs.foreign_files); refused otherwise."""
-    if path.exists():
-        outputs.check_output_dir(path, kind, mode="replace", what="directory")
-        outputs.remove_tree(path)
-
-
-def _worker() -> None:
-    """Child process of :func:`_side_by_side`: train the TrainConfig given as JSON on stdin.
-    It dies with its parent (SIGTERM, so it saves a checkpoint first) and reports a user error
-    as one line (exit 1); stopped by a signal it exits 143."""
-    try:  # Linux: SIGTERM when the parent dies, even by kill -9
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    d = json.loads(sys.stdin.read())
-    start_over = d.pop("start_over")
-    os.sched_setaffinity(0, {d.pop("core")})  # before XLA starts its threads
-    d["keep_checkpoints"] = tuple(d["keep_checkpoints"])
-    try:
-        _train(TrainConfig(**d), progress=False, start_over=start_over)
-    except Interrupted as e:
-        print(e, file=sys.stderr, flush=True)
-        sys.exit(143)
-    except (ValueError, OSError) as e:
-        print(f"Error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
-class Interrupted(ValueError):
-    """A training stage stopped by SIGTERM / SIGINT after saving its checkpoint; ``exit_code``
-    is 128 + the signal's number (143 / 130, as a `salt` command stopped by it)."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + int(signum)
-
-
-def _side_by_side(jobs, state, prepare_job, start_over=False) -> None:
-    """Train ``jobs`` two at a time, each process pinned to one core with single-threaded XLA
-    (measured ~1.4x the throughput of one 2-thread run on 2 cores, docs/reproduction.md).
-    A job whose prerequisite stage is not done waits; a failed job raises after the others end.
-    SIGTERM / SIGINT are forwarded to the workers, which save a checkpoint and exit; then this
-    raises (re-run to resume)."""
-
-    cores = sorted(os.sched_getaffinity(0))[:2]
-    if len(cores) < 2:
-        return  # one core: the sequential loop trains everything
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + ONE_CORE_XLA_FLAGS).strip())
-    pending, running, failed = list(jobs), {}, []
-    stopped = []  # the signals received: forwarded to the workers, which save and exit
-
-    def forward(signum, frame):
-        if not stopped:
-            _say(f"{signal.Signals(signum).name}: asking the students to save a checkpoint and stop")
-        stopped.append(signum)
-        for _, proc, _, _ in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            old[sig] = signal.signal(sig, forward)
-        except ValueError:  # not the main thread: the caller's handlers stay
-            pass
-    try:
-        _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job, start_over)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    if stopped:
-        raise Interrupted(f"stopped by {signal.Signals(stopped[0]).name}: the students saved their "
-                          "checkpoints; re-run the same command to resume", stopped[0])
-    if failed:
-        raise ValueError("; ".join(failed))
-
-
-def _run_workers(cores, env, pending, running, failed, stopped, state, prepare_job, start_over) -> None:
-    """:func:`_side_by_side`'s loop: start jobs on free cores, collect the finished ones; no new
-    job once a signal came (``stopped``); returns when every worker has exited."""
-
-    while pending or running:
-        for core in cores:
-            if core in running or failed or stopped:
-                continue
-            ready = [j for j in pending if j[3] is None or state.done(j[3])]
-            if not ready:
-                break
-            job = ready[0]
-            pending.remove(job)
-            prepare_job(job[0], job[1], job[2])
-            log = tempfile.TemporaryFile()  # the child's output (a file: no pipe to fill)
-            proc = subprocess.Popen(  # its own session: a terminal's Ctrl-C reaches it through us only
-                [sys.executable, "-c", "from salt.runtime.experiments.reproduce import _worker; _worker()"],
-                stdin=subprocess.PIPE, stdout=log, stderr=log, env=env, start_new_session=True)
-            proc.stdin.write(json.dumps(dict(job[1].to_dict(), core=core, start_over=start_over)).encode())
-            proc.stdin.close()
-            running[core] = (job, proc, time.time(), log)
-            if stopped:  # the signal came while it started
-                proc.send_signal(stopped[0])
-        if not running:
-            break
-        time.sleep(0.5)
-        for core, (job, proc, t0, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.seek(0)
-            err = log.read().decode(errors="replace")
-            log.close()
-            del running[core]
-            if proc.returncode == 0:
-                state.finish(job[0], time.time() - t0, forked=job[2], side_by_side=True, core=core)
-            elif not stopped:  # a user error: its one line; else the end of its output
-                why = [line[len("Error: "):] for line in err.splitlines() if line.startswith("Error: ")]
-                failed.append(f"{job[0]} failed (exit {proc.returncode}): {why[-1] if why else err.strip()[-2000:]}")
 
 
 def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):
@@ -384,7 +181,7 @@ def teacher_caches(cfg: ReproduceConfig, state, out, data_dir, slm_dir, selectio
             if state.done(stage):
                 continue
             t0 = time.time()
-            _say(f"caching the SLM's top-{cfg.kd_topk} over {steps} KD steps ({order} windows, seed {seed})")
+            say(f"caching the SLM's top-{cfg.kd_topk} over {steps} KD steps ({order} windows, seed {seed})")
             tc = train_config(cfg, path, data_dir, preset=cfg.student_preset, steps=steps, kd_steps=steps,
                               checkpoint_every=cfg.eval_every, seed=seed, teacher=slm_dir, subset=subset)
             teacher_cache.build(tc, top_k=cfg.kd_topk, out=path, progress=progress)  # resumes a killed build
@@ -525,7 +322,8 @@ def run(cfg: ReproduceConfig, *, force: bool = False, progress: bool = True, sta
     """Run (or resume) the whole reproduction; returns the results dict (also in results.json).
     The settings are checked before anything is written; ``OUT`` is locked while it runs.
     ``start_over``: a run whose checkpoints are all damaged is trained again from step 0 (else
-    refused, naming it).  A stage stopped by SIGTERM / SIGINT raises :class:`Interrupted`."""
+    refused, naming it).  A stage stopped by SIGTERM / SIGINT raises
+    :class:`salt.runtime.experiments.students.Interrupted`."""
 
     check_settings(cfg)
     out = pathlib.Path(cfg.out)
@@ -603,7 +401,7 @@ def _stage_data(r: _Run) -> None:
             raise ValueError(f"--data {str(r.data_dir)!r} does not exist")
     elif not state.done("data"):
         t0 = time.time()
-        _say(f"preparing the embedded corpus in {r.data_dir}")
+        say(f"preparing the embedded corpus in {r.data_dir}")
         kwargs = {} if cfg.vocab_size is None else {"vocab_size": cfg.vocab_size}
         # an own (or empty) store only: prepare's output rule, file by file
         prepare(str(r.data_dir), progress=r.progress, overwrite=True, **kwargs)
@@ -623,12 +421,12 @@ def _stage_slm(r: _Run) -> None:
                              f"({recorded['path']} step {recorded['step']}, manifest sha256 "
                              f"{recorded['manifest_sha256'][:16]}...); use another --out or --overwrite")
         if not state.done("slm"):
-            _say(f"using the given SLM {given['teacher']['path']} (step {r.slm_step}); not training one")
+            say(f"using the given SLM {given['teacher']['path']} (step {r.slm_step}); not training one")
             state.finish("slm", 0.0, teacher=given["teacher"], early_teacher=given["early_teacher"])
     if not state.done("slm"):
         t0 = time.time()
-        _say(f"training the SLM teacher ({cfg.teacher_preset}, {cfg.teacher_steps} steps)")
-        _train(train_config(cfg, r.slm_dir, r.data_dir, preset=cfg.teacher_preset,
+        say(f"training the SLM teacher ({cfg.teacher_preset}, {cfg.teacher_steps} steps)")
+        train_stage(train_config(cfg, r.slm_dir, r.data_dir, preset=cfg.teacher_preset,
                             steps=cfg.teacher_steps, kd_steps=0, seed=cfg.seed,
                             batch=cfg.teacher_batch,
                             checkpoint_every=math.gcd(cfg.early_step, cfg.kd_steps)), r.progress, r.start_over)
@@ -642,12 +440,12 @@ def _stage_score(r: _Run) -> None:
     scorer = (given["early_teacher"]["path"], given["early_teacher"]["step"]) if given and r.selecting \
         else (str(r.slm_dir), cfg.early_step)
     if not r.selecting:
-        _say("no --early-teacher: the early-checkpoint selection and SALT_DS are not run")
+        say("no --early-teacher: the early-checkpoint selection and SALT_DS are not run")
         return
     if state.done("score"):
         return
     t0 = time.time()
-    _say(f"scoring candidate windows with {scorer[0]} step {scorer[1]} (k={cfg.k})")
+    say(f"scoring candidate windows with {scorer[0]} step {scorer[1]} (k={cfg.k})")
     job = score_mod.ScoreJob(teacher=scorer[0], teacher_step=scorer[1], data=str(r.data_dir),
                              out=str(scores_path), k=cfg.k, seq_len=cfg.seq_len,
                              batch=cfg.eval_batch, max_candidates=cfg.candidates, force=True)
@@ -708,23 +506,23 @@ def _stage_students(r: _Run) -> None:
     def prepare_job(stage, tc, forked):
         run_dir = pathlib.Path(tc.out)
         if forked and all_steps(run_dir) == []:
-            _remove_own(run_dir, "run")  # an earlier fork of ours that never got to train
+            remove_own(run_dir, "run")  # an earlier fork of ours that never got to train
             fork_run(run_dir.with_name(run_dir.name.replace("SALT-", "RKD-", 1)), cfg.kd_steps,
                      run_dir, tc)
-        _say(f"training {stage} ({cfg.student_preset}, {cfg.steps} steps, n_kd = {tc.kd_steps}"
+        say(f"training {stage} ({cfg.student_preset}, {cfg.steps} steps, n_kd = {tc.kd_steps}"
              + (f"; forked from RKD at step {cfg.kd_steps}" if forked else "")
              + ("; one core" if cfg.side_by_side else "") + ")")
 
     if cfg.side_by_side and jobs:
         t0 = time.time()
-        _side_by_side(jobs, state, prepare_job, r.start_over)
+        side_by_side(jobs, state, prepare_job, r.start_over)
         state.finish("students side by side", time.time() - t0)
     for stage, tc, forked, _ in jobs:  # sequential (or what the side-by-side pool left)
         if state.done(stage):
             continue
         t0 = time.time()
         prepare_job(stage, tc, forked)
-        _train(tc, r.progress, r.start_over)
+        train_stage(tc, r.progress, r.start_over)
         state.finish(stage, time.time() - t0, forked=forked)
 
 
@@ -734,7 +532,7 @@ def _stage_overhead(r: _Run) -> None:
     if state.done("overhead"):
         return
     t0 = time.time()
-    _say("timing KD and standard steps interleaved (salt bench step)")
+    say("timing KD and standard steps interleaved (salt bench step)")
     b = run_benchmark(cfg.student_preset, cfg.teacher_preset, vocab=r.store.vocab_size,
                       teacher_config=ModelConfig.from_dict(r.given["teacher"]["config"]) if r.given else None,
                       batch=cfg.batch, seq_len=cfg.seq_len, optimizer=cfg.optimizer,
@@ -754,7 +552,7 @@ def _stage_eval(r: _Run) -> None:
     t0 = time.time()
     eval_dir = r.out / "eval"
     eval_dir.mkdir(exist_ok=True)
-    _say("evaluating every kept checkpoint on the held-out split")
+    say("evaluating every kept checkpoint on the held-out split")
     r.teacher_stats = _eval_stats(eval_dir / f"SLM_{r.slm_step}.npz", r.slm_dir, r.slm_step, r.data_dir, cfg)
     slm_steps = [r.slm_step] if r.given else sorted({s for s in all_steps(r.slm_dir)
                                                      if s in (cfg.kd_steps, r.slm_step)})
@@ -798,7 +596,7 @@ def _stage_cloze(r: _Run) -> None:
     """6b. The LAMBADA-style last-word task on held-out passages (appendix J)."""
     t0 = time.time()
     if not r.state.done("cloze"):
-        _say("scoring the LAMBADA-style last-word task (held-out passages, SLM-difficulty buckets)")
+        say("scoring the LAMBADA-style last-word task (held-out passages, SLM-difficulty buckets)")
     r.cloze = cloze_stage.reproduce_stage(r.out, r.cfg, r.data_dir, r.variants, slm=(r.slm_dir, r.slm_step))
     if not r.state.done("cloze"):
         r.state.finish("cloze", time.time() - t0, n_passages=r.cloze["n_passages"])
@@ -864,9 +662,9 @@ def _stage_report(r: _Run) -> None:
     results["machine"] = {"cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg())}
     outputs.write_json(r.out / "results.json", results)
     results["report"] = report_render.write_report(results, r.out)
-    _say(f"report written to {results['report']}")
+    say(f"report written to {results['report']}")
     for line in report.verdict_lines(results):
-        _say(line)
+        say(line)
     r.results = results
 
 

@@ -197,7 +197,7 @@ def _run_workers(cores, env, pending, running, failed, stopped, state, prepare_j
             prepare_job(job[0], job[1], job[2])
             log = tempfile.TemporaryFile()  # the child's output (a file: no pipe to fill)
             proc = subprocess.Popen(  # its own session: a terminal's Ctrl-C reaches it through us only
-                [sys.executable, "-c", "from salt.runtime.experiments.students import _worker; worker()"],
+                [sys.executable, "-c", "from salt.runtime.experiments.students import worker; worker()"],
                 stdin=subprocess.PIPE, stdout=log, stderr=log, env=env, start_new_session=True)
             proc.stdin.write(json.dumps(dict(job[1].to_dict(), core=core, start_over=start_over)).encode())
             proc.stdin.close()

@@ -28,6 +28,12 @@ import sys
 import time
 
 import click
+import jax
+import jax.numpy as jnp
+
+from salt.kernels import fused_linear_kd, resolve_impl, tpu_aot
+from salt.kernels.fused_linear_kd import fused_linear_kd_loss
+from salt.kernels.logits_kd import bwd_flops, fwd_flops, kd_loss
 
 DEFAULT_SHAPES = ("2048,32768,1024,1024",)
 
@@ -52,8 +58,6 @@ def _parse_shape(text: str):
 def executed_flops(kind, impl, n, vocab, d_s, d_t, platform=None):
     """Analytic flops the implementation executes (the fused ones recompute logits backward;
     ``impl`` as resolved on ``platform``, e.g. "pallas" on a GPU runs "pallas_gpu")."""
-    from salt.kernels import fused_linear_kd, resolve_impl
-    from salt.kernels.logits_kd import bwd_flops, fwd_flops
 
     if kind == "logits":
         return fwd_flops(n, vocab) + bwd_flops(n, vocab)
@@ -76,7 +80,6 @@ def byte_floor(kind, n, vocab, d_s, d_t, itemsize):
 
 
 def _inputs(kind, n, vocab, d_s, d_t, dtype, seed):
-    import jax.numpy as jnp
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -91,9 +94,6 @@ def _inputs(kind, n, vocab, d_s, d_t, dtype, seed):
 
 
 def _fwd_bwd(kind, impl, omega=0.667, rho=0.25, block_sizes=None):
-    import jax
-    from salt.kernels.fused_linear_kd import fused_linear_kd_loss
-    from salt.kernels.logits_kd import kd_loss
 
     if kind == "logits":
         def f(s, t, y):
@@ -110,8 +110,6 @@ def _fwd_bwd(kind, impl, omega=0.667, rho=0.25, block_sizes=None):
 def measure_backend_peaks(size=2048, repeats=3, dtype_name="float32"):
     """(matmul FLOP/s, elementwise bytes/s) measured on the default backend (the matmul in
     ``dtype_name``, the elementwise pass in float32)."""
-    import jax
-    import jax.numpy as jnp
 
     a = jnp.ones((size, size), jnp.dtype(dtype_name))
     mm = jax.jit(lambda x: x @ x)
@@ -135,8 +133,6 @@ def measure_backend_peaks(size=2048, repeats=3, dtype_name="float32"):
 
 
 def run_benchmark(kind, shape, impls, dtype_name="float32", repeats=3, seed=0, peaks=None) -> list:
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     n, vocab, d_s, d_t = shape
@@ -176,10 +172,7 @@ def run_benchmark(kind, shape, impls, dtype_name="float32", repeats=3, seed=0, p
 
 
 def run_topology(kind, shape, impls, dtype_name, topology) -> list:
-    import jax
-    import jax.numpy as jnp
 
-    from salt.kernels import tpu_aot
 
     n, vocab, d_s, d_t = shape
     dtype = jnp.dtype(dtype_name)
@@ -246,14 +239,12 @@ def cli(shapes, kinds, impls, dtype_name, repeats, topology, as_json):
 
     parsed = [_parse_shape(s) for s in shapes]
     if topology is None and {"pallas", "pallas_gpu"} & set(impls):
-        import jax
         backend = jax.default_backend()
         if backend not in ("tpu", "gpu") or ("pallas_gpu" in impls and backend != "gpu"):
             raise click.BadParameter(f"the Pallas kernels run on a TPU (pallas) or a GPU (pallas, pallas_gpu), "
                                      f"not on {backend}; use --topology to compile them for a TPU, or --impl "
                                      "naive/xla here", param_hint="--impl")
     if topology is not None:
-        from salt.kernels import tpu_aot
         if not tpu_aot.libtpu_available():
             raise click.ClickException("--topology needs the 'libtpu' package")
         try:

@@ -3,7 +3,7 @@
 Pure functions of the ``results`` dict built by ``salt.runtime.experiments.reproduce`` (numbers from
 ``salt.runtime.experiments.report``) and the runs' metrics rows; nothing here trains or evaluates.
 
-Why one module of ~480 lines: one function per report section and per plot, all reading the same
+Why one module of ~550 lines: one function per report section and per plot, all reading the same
 ``results`` dict; the statistics are ``report.py``'s.
 """
 from __future__ import annotations

@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from salt.data import TokenStore
+from salt.data.tokenizer import encode_document, space_mark_byte_ids
 from salt.reference.config import ModelConfig
-from salt.runtime.model import transformer as model
+from salt.runtime.model import checkpoint, transformer as model
 
 CHUNK = 8
 MIN_BUCKET = 16
@@ -145,9 +147,6 @@ class LoadedModel:
     the run's token store, and the training window length (the default context length)."""
 
     def __init__(self, run, step: int | None = None, store=None):
-        from salt.data import TokenStore
-        from salt.data.tokenizer import space_mark_byte_ids
-        from salt.runtime.model import checkpoint
 
         self.run_dir, self.step = checkpoint.resolve(run, step)
         meta = checkpoint.read_meta(self.run_dir, self.step)
@@ -172,7 +171,6 @@ class LoadedModel:
         self.seq_len = int(run_config.get("seq_len") or 0) or None
 
     def encode(self, text: str) -> list[int]:
-        from salt.data.tokenizer import encode_document
         return encode_document(self.sp, text, self._space_mark)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -19,6 +19,8 @@ Writes ``OUT_DIR/device_check.json`` after every section (a run cut short keeps 
 
 Only jax and numpy are needed (plus click, for the :mod:`salt.bench.kd_loss` helpers: carried as a
 wheel when the image lacks it, see bench/prepare_device_wheels.sh).  No ``salt.reference`` (numba).
+Each section imports what it uses inside its own function, on purpose: a first-contact check must
+record a broken jaxlib, Triton or kernel import as that section's failure and go on with the others.
 """
 from __future__ import annotations
 

@@ -42,6 +42,8 @@ def init_params(config: ModelConfig, seed: int) -> dict:
 
 
 def _reference_init() -> Callable | None:
+    # imported here, guarded: ``salt.reference`` imports numba (the eq. 11 twin), which an image
+    # may lack (the GPU device check's); models are then initialised by init_params_jax
     try:
         from salt.reference.model import init_params as ref_init
     except ImportError:

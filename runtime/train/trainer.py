@@ -204,6 +204,14 @@ class MetricsHook:
         if len(self.pending) >= self.cfg.log_every:
             self.flush()
 
+    def flush_after_error(self) -> None:
+        """Write the rows of the steps that completed before an error stopped the loop (a row
+        that cannot be fetched or is not finite is left out: the error already stops the run)."""
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 (the loop's own error is the one reported)
+            self.pending = []
+
     def flush(self) -> None:
         if not self.pending:
             return
@@ -290,23 +298,27 @@ def _train_jax(cfg, config, store, mesh, loaders, teacher: Teacher, run_dir, sta
     saver = CheckpointHook(cfg, run_dir, metrics, meta_for, keep, start_step)
     try:
         with StopFlag() as stop, sink:
-            for step in range(start_step + 1, cfg.steps + 1):
-                kd_phase = step <= cfg.kd_steps
-                if not kd_phase and (teacher.params is not None or steps.kd is not None):
-                    teacher.params = steps.kd = None  # the switch: drop the teacher
-                    gc.collect()
-                loader = kd_loader if kd_phase else full_loader
-                windows = step_batch(cfg, loader, step - 1, mesh, sentinels)
-                if kd_phase and teacher.cache is not None:
-                    windows = cached_step_batch(cfg, teacher.cache, loader, step - 1, windows, mesh)
-                step_arr = jax.device_put(np.int32(step), step_sharding)
-                run_step = steps.kd if kd_phase else steps.standard
-                params, opt_state, m = run_step(params, opt_state, teacher.params if kd_phase else None,
-                                                windows, step_arr, hyper)
-                metrics.after_step(step, "kd" if kd_phase else "standard", m)
-                saver.after_step(step, (params, opt_state), stop.requested is not None)
-                if stop.requested:
-                    break
+            try:
+                for step in range(start_step + 1, cfg.steps + 1):
+                    kd_phase = step <= cfg.kd_steps
+                    if not kd_phase and (teacher.params is not None or steps.kd is not None):
+                        teacher.params = steps.kd = None  # the switch: drop the teacher
+                        gc.collect()
+                    loader = kd_loader if kd_phase else full_loader
+                    windows = step_batch(cfg, loader, step - 1, mesh, sentinels)
+                    if kd_phase and teacher.cache is not None:
+                        windows = cached_step_batch(cfg, teacher.cache, loader, step - 1, windows, mesh)
+                    step_arr = jax.device_put(np.int32(step), step_sharding)
+                    run_step = steps.kd if kd_phase else steps.standard
+                    params, opt_state, m = run_step(params, opt_state, teacher.params if kd_phase else None,
+                                                    windows, step_arr, hyper)
+                    metrics.after_step(step, "kd" if kd_phase else "standard", m)
+                    saver.after_step(step, (params, opt_state), stop.requested is not None)
+                    if stop.requested:
+                        break
+            except BaseException:
+                metrics.flush_after_error()  # e.g. a damaged cache shard at the next step
+                raise
     finally:
         bar.close()
     interrupted = step < cfg.steps

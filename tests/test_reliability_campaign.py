@@ -95,7 +95,7 @@ def test_overwrite_resets_the_state_with_the_files_it_removes(world, tmp_path, m
 
     def stop(tc, *args):
         raise Stop(tc.out)
-    monkeypatch.setattr(reproduce, "_train", stop)
+    monkeypatch.setattr(reproduce, "train_stage", stop)
     with pytest.raises(Stop, match="runs/SLM"):  # the SLM is trained again: its stage was reset
         reproduce.run(cfg, force=True, progress=False)
     state = json.loads((out / "state.json").read_text())

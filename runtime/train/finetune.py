@@ -46,6 +46,7 @@ from salt.runtime.train import metrics_log, optim
 from salt.runtime.train.config import DTYPES, NonFiniteLoss, TrainError, check_fields, resolve_kernels, setting
 from salt.runtime.model.generate import LoadedModel, greedy_generate
 from salt.runtime.train.metrics_log import MetricsSink
+from salt.runtime.train.run_dir import config_changes
 from salt.runtime.train.stop import StopFlag
 
 HYPER_FIELDS = ("lr", "final_lr", "warmup", "steps", "clip", "weight_decay")
@@ -265,10 +266,7 @@ def _start_step(cfg: FinetuneConfig, out: pathlib.Path) -> int:
                          "(see above); nothing was changed; restore a checkpoint or choose another --out")
     if not (cfg.resume and saved_steps):
         return 0
-    saved = _read_json(out / "run_config.json").get("finetune", {})
-    now = cfg.to_dict()
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now
-             if k not in FinetuneConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    diffs = config_changes(_read_json(out / "run_config.json").get("finetune", {}), cfg)
     if diffs and not cfg.force:
         raise TrainError(f"cannot resume {cfg.out!r} with a different configuration (pass "
                          "--force to override): " + "; ".join(diffs))

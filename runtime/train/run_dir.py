@@ -61,13 +61,14 @@ def _field_default(f: dataclasses.Field):
     return "(not recorded)"
 
 
-def config_changes(saved: dict, cfg: TrainConfig) -> list[str]:
-    """The fields a resume would change (``saved``: the run's recorded ``train`` object; fields
-    newer than the run compare with their defaults)."""
+def config_changes(saved: dict, cfg) -> list[str]:
+    """The fields a resume would change (``cfg``: a TrainConfig or FinetuneConfig; ``saved``: the
+    configuration the run recorded; fields newer than the run compare with their defaults;
+    ``RESUMABLE_CHANGES`` of the config's class may differ)."""
     now = cfg.to_dict()
-    defaults = {f.name: _field_default(f) for f in dataclasses.fields(TrainConfig)}
+    defaults = {f.name: _field_default(f) for f in dataclasses.fields(cfg)}
     return [f"{k}: saved {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
-            if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]]
+            if k not in type(cfg).RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,7 @@ COMMANDS = {
     "import": ("salt.cli.interop", "import_", "Import a Hugging Face checkpoint as a SALT run."),
     "export": ("salt.cli.interop", "export", "Export a SALT run as a Hugging Face checkpoint."),
     "xi": ("salt.cli.xi", "xi", "Martingale differences of a run's loss (appendix L)."),
+    "ds-study": ("salt.cli.ds_study", "ds_study", "SALT_DS per selection setting on a reproduction (claim c)."),
 }
 
 

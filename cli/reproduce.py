@@ -47,7 +47,9 @@ def _rho_list(value):
 @click.option("--tiny", is_flag=True, help="Shorthand for --size tiny (for tests).")
 @click.option("--seeds", type=int, default=None,
               help="Independent student seeds (initialisation and data order): seed, seed+1, ...")
-@click.option("--seed", type=click.IntRange(min=0, max=2**62), default=None, help="First seed (also the SLM's).")
+@click.option("--seed", type=click.IntRange(min=0, max=2**62), default=None,
+              help="First seed (also the SLM's) [default: 1 for small and small-rho1, whose "
+                   "search used seeds 0 and 101; else 0].")
 @click.option("--omega", type=float, default=None, help="Distillation weight ω (paper 0.667).")
 @click.option("--rho", default=None, callback=lambda ctx, param, value: _rho_list(value),
               help="Teacher temperature factor ρ (paper 0.25), or a comma-separated list: one arm "

@@ -194,16 +194,22 @@ def _is_hf_export(d: pathlib.Path) -> bool:
     return marker is not None and marker.get("format") == "salt-hf-export-v1"
 
 
+def _is_ds_study(d: pathlib.Path) -> bool:
+    study = _json_object(d / "study.json")
+    return study is not None and study.get("format") == "salt-ds-study-v1"
+
+
 def _is_finetune(d: pathlib.Path) -> bool:
     cfg = _json_object(d / "run_config.json")
     return cfg is not None and isinstance(cfg.get("finetune"), dict)
 
 
 MARKERS = {"store": _is_store, "run": _is_run, "finetune": _is_finetune, "reproduction": _is_reproduction,
-           "score": _is_score_job, "teacher_cache": _is_teacher_cache, "hf_export": _is_hf_export}
+           "score": _is_score_job, "teacher_cache": _is_teacher_cache, "hf_export": _is_hf_export,
+           "ds_study": _is_ds_study}
 MARKER_FILES = {"store": "metadata.json", "run": "run_config.json", "finetune": "run_config.json",
                 "reproduction": "state.json", "score": "job.json", "teacher_cache": "cache.json",
-                "hf_export": "salt_export.json"}
+                "hf_export": "salt_export.json", "ds_study": "study.json"}
 _RUN_NAMES = r"run_config\.json|metrics\.jsonl|checkpoints|\.trash|corrupt-checkpoints|tensorboard|wandb"
 # names each kind writes (regular expressions over the top-level entries)
 OWN_NAMES = {
@@ -216,10 +222,12 @@ OWN_NAMES = {
     "teacher_cache": r"cache\.json|step_\d{6}\.(logits|ids|lse|rows)\.npy",
     "hf_export": r"salt_export\.json|config\.json|model\.safetensors|tokenizer\.json|tokenizer_config\.json"
                  r"|special_tokens_map\.json|generation_config\.json",
+    "ds_study": r"study\.json|scores|selections|runs|eval|table\.md|results\.json",
 }
 MODES = ("create", "resume", "replace")
 # sub-directories an own directory of a kind holds, and the kind each must be (or absent/empty)
-NESTED = {"reproduction": (("data", "store"), ("runs/*", "run"), ("teacher_cache/*", "teacher_cache"))}
+NESTED = {"reproduction": (("data", "store"), ("runs/*", "run"), ("teacher_cache/*", "teacher_cache")),
+          "ds_study": (("runs/*", "run"),)}
 # what an own directory's sub-directories hold, below the top level (for the file-granular check
 # of ``replace``): a kind (checked in turn), or one of the layouts of ``_FOREIGN_IN``
 SUBDIRS = {

@@ -367,6 +367,7 @@ def test_rho_list_config_and_cli_parsing():
     from salt.runtime.experiments.presets import PAPER_RHO, config_for
 
     small = config_for("small")
+    assert small.seed == 1 and config_for("small-rho1").seed == 1  # the search used seeds 0 and 101
     assert small.rhos() == [1.0, PAPER_RHO] and small.rho_searched
     cfg = config_for("small", rho=[1.0, 0.25, 0.5])
     assert cfg.rho == 1.0 and cfg.extra_rhos == (0.25, 0.5) and cfg.rho_searched  # the searched ρ leads
@@ -398,8 +399,14 @@ def _with_arms(res, lead=1.0, searched=True):
 def test_report_leads_with_searched_rho_and_shows_the_paper_arm(tmp_path):
     res = _with_arms(_synthetic_results({"BASELINE": (0.0, 0.0), "RKD": (0.1, 0.3), "SALT": (0.1, -0.02),
                                          "SALT_DS": (0.1, -0.03)}))
+    res["seeds"] = [1]
     lines = R.verdict_lines(res)
     assert lines[0].startswith("ρ = 1 WAS CHOSEN BY SEARCH AT THIS SCALE") and "0.25" in lines[0]
+    assert "on seeds 0, 101, none of which this run's verdicts use (seeds 1)" in lines[0]
+    # a run on a seed the search used says so in its first line
+    res["seeds"] = [0, 1, 2]
+    assert "WARNING, this run uses seed 0, so its verdicts are not independent" in R.verdict_lines(res)[0]
+    res["seeds"] = [1]
     assert lines[1].startswith("ρ = 0.25 ARM (THE PAPER’S ρ)") and "entropy 7.90" in lines[1]
     assert "against 4.20 at ρ = 1" in lines[1] and "SALT − BASELINE log-ppl +0.03" in lines[1]
     assert not any(line.startswith("ABLATION") for line in lines)   # the searched ρ is no ablation

@@ -105,6 +105,11 @@ class ReproduceConfig:
             raise ValueError(f"warmup ({self.warmup}) must be <= steps and teacher_steps")
 
 
+# The seeds the search of the default's ρ and SLM budget used (docs/reproduction.md rows R3-R5):
+# R3 ran on seed 0 (exploratory), R4 and R5 on tuning seed 101.  The default's verdicts use other
+# seeds (its first seed is 1); the report says so, or warns when a run uses one of these.
+SEARCH_SEEDS = (0, 101)
+
 SIZES = {
     # The default (``--size small``): SALT at ρ = 1, chosen by search at this scale together with
     # the SLM's budget (batch 8; on tuning seed 101, docs/reproduction.md rows R3-R5), as the paper
@@ -112,7 +117,7 @@ SIZES = {
     # ρ = 0.25) sharing the SLM, the selection and BASELINE.  At ρ = 0.25 SALT ends worse than
     # BASELINE at this scale (rows R1 and "small"): the SLM's target is near-uniform there.
     "small": ReproduceConfig(size="small", rho=1.0, extra_rhos=(PAPER_RHO,), rho_searched=True,
-                             teacher_batch=8),
+                             teacher_batch=8, seed=1),
     # 4x the student compute (SLM small-teacher, students repro-student: 4L d192 MQA, 720 steps of
     # 32 x 128 tokens, n_kd = 120): 1 h 45 min measured on 2 CPU cores, and SALT still ends worse
     # than BASELINE (+0.040 nats; docs/reproduction.md, row "medium").
@@ -123,7 +128,7 @@ SIZES = {
     # ρ = 0.25 leaves this small LM's target near-uniform) and an SLM trained on a quarter of
     # small's SLM tokens, so that it ends worse than BASELINE as in the paper.  About 13 minutes;
     # chosen on tuning seed 101, confirmed on seeds 1-3 (docs/reproduction.md, rows R3-R5).
-    "small-rho1": ReproduceConfig(size="small-rho1", rho=1.0, teacher_batch=8),
+    "small-rho1": ReproduceConfig(size="small-rho1", rho=1.0, teacher_batch=8, seed=1),
     # A smoke run (a few minutes): the whole pipeline, far too small to test any claim.
     "quick": ReproduceConfig(size="quick", steps=150, kd_steps=25, teacher_steps=150,
                              early_step=25, teacher_batch=16, batch=8, warmup=8, eval_every=25,

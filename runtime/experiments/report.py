@@ -21,6 +21,7 @@ import numpy as np
 
 from salt.reference.config import PAPER_OMEGA, PAPER_RHO
 from salt.runtime.eval import evaluate
+from salt.runtime.experiments.presets import SEARCH_SEEDS
 
 VARIANTS = ("BASELINE", "RKD", "SALT", "SALT_DS")
 BUCKETS = ("easy", "medium", "hard")
@@ -313,9 +314,15 @@ def lead_lines(results: dict) -> list[str]:
     arms = results.get("rho_arms") or []
     lines = []
     if cfg.get("rho_searched"):
-        lines.append(f"ρ = {cfg['rho']:g} WAS CHOSEN BY SEARCH AT THIS SCALE (on tuning seeds no verdict "
-                     f"here uses; docs/reproduction.md), as the paper chose ρ = 0.25 by search at its own "
-                     f"scale; the verdicts below are at ρ = {cfg['rho']:g}.")
+        seeds = results.get("seeds", [])
+        used = [s for s in seeds if s in SEARCH_SEEDS]
+        which = (f"on seeds {', '.join(map(str, SEARCH_SEEDS))}, none of which this run's verdicts use "
+                 f"(seeds {', '.join(map(str, seeds))})" if not used else
+                 f"on seeds {', '.join(map(str, SEARCH_SEEDS))}: WARNING, this run uses seed "
+                 f"{', '.join(map(str, used))}, so its verdicts are not independent of that search")
+        lines.append(f"ρ = {cfg['rho']:g} WAS CHOSEN BY SEARCH AT THIS SCALE ({which}; docs/reproduction.md), "
+                     f"as the paper chose ρ = 0.25 by search at its own scale; the verdicts below are at "
+                     f"ρ = {cfg['rho']:g}.")
     for arm in arms:
         if arm["lead"]:
             continue

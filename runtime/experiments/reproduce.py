@@ -121,7 +121,7 @@ class _State:
         self._write(self.path, self.data)
 
 
-def _eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):
+def eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):
 
     if cache.is_file():
         return evaluate.load_stats(cache)
@@ -553,11 +553,11 @@ def _stage_eval(r: _Run) -> None:
     eval_dir = r.out / "eval"
     eval_dir.mkdir(exist_ok=True)
     say("evaluating every kept checkpoint on the held-out split")
-    r.teacher_stats = _eval_stats(eval_dir / f"SLM_{r.slm_step}.npz", r.slm_dir, r.slm_step, r.data_dir, cfg)
+    r.teacher_stats = eval_stats(eval_dir / f"SLM_{r.slm_step}.npz", r.slm_dir, r.slm_step, r.data_dir, cfg)
     slm_steps = [r.slm_step] if r.given else sorted({s for s in all_steps(r.slm_dir)
                                                      if s in (cfg.kd_steps, r.slm_step)})
     for s in slm_steps:
-        summary = evaluate.summarize(_eval_stats(eval_dir / f"SLM_{s}.npz", r.slm_dir, s, r.data_dir,
+        summary = evaluate.summarize(eval_stats(eval_dir / f"SLM_{s}.npz", r.slm_dir, s, r.data_dir,
                                                  cfg), r.teacher_stats)
         summary["step"] = s
         r.slm["final" if s == r.slm_step else "at_kd"] = summary
@@ -585,7 +585,7 @@ def _seed_results(r: _Run, seed: int, arm: str, eval_dir: pathlib.Path) -> dict:
         run_dir = r.runs / f"{run_name}-seed{seed}"
         for s in all_steps(run_dir):
             if s <= r.cfg.steps:
-                stats[(name, s)] = _eval_stats(eval_dir / f"seed{seed}_{run_name}_{s}.npz",
+                stats[(name, s)] = eval_stats(eval_dir / f"seed{seed}_{run_name}_{s}.npz",
                                                run_dir, s, r.data_dir, r.cfg)
         metrics_log.write_eval(run_dir, {s: evaluate.summarize(stats[(name, s)], r.teacher_stats)
                                          for (n, s) in stats if n == name})

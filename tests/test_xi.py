@@ -159,7 +159,10 @@ def test_cli_xi_writes_table_and_plots(runs):
     assert [s["T"] for s in res["by_T"]] == [4, 8]
     assert (out / "xi_hist_T4.png").stat().st_size > 0 and (out / "xi_hist_T8.png").exists()
     md = (out / "xi.md").read_text()
-    assert "| 8 | 3 |" in md and "t = 8" in md
+    assert "| 8 | 3 |" in md and "t = 8" in md and "| T | windows | t = 1 | t = 4 | t = 5 | t = 8 |" in md
+    # the paper's Tables 15-16 beside it
+    assert "| Table 15 (2.8B) | 64 | 0.338 | 0.133 | 0.106 | 0.087 | — | — | — |" in md
+    assert "| Table 16 (1.5B) | 1280 | 0.113 |" in md
     # L̂_T is the student's own held-out loss on those windows (salt eval's numbers)
     config, params, _ = X.checkpoint.load_params(runs / "baseline")
     stats = evaluate.window_stats(params, config, runs / "data", seq_len=8, max_windows=3)

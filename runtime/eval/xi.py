@@ -132,13 +132,23 @@ def held_out_windows(data_dir, T: int, n_windows: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- summaries
+# The paper's mean |ξ̂_t| (appendix L, Tables 15 and 16): BASELINE 2.8B and 1.5B students, the
+# 8.6B BASELINE as oracle, 64 completions, about 200K validation windows; {T: {t: value}}.
+PAPER_T = (1, 5, 10, 30, 100, 300, 640)
+PAPER_TABLES = {
+    "Table 15 (2.8B)": {64: (0.338, 0.133, 0.106, 0.087), 128: (0.261, 0.099, 0.074, 0.057, 0.042),
+                        256: (0.188, 0.082, 0.060, 0.044, 0.033), 512: (0.134, 0.071, 0.053, 0.039, 0.031, 0.019),
+                        1280: (0.109, 0.058, 0.041, 0.031, 0.027, 0.023, 0.016)},
+    "Table 16 (1.5B)": {64: (0.345, 0.135, 0.108, 0.087), 128: (0.267, 0.102, 0.076, 0.058, 0.042),
+                        256: (0.194, 0.085, 0.062, 0.045, 0.033), 512: (0.138, 0.074, 0.055, 0.040, 0.032, 0.019),
+                        1280: (0.113, 0.061, 0.043, 0.032, 0.028, 0.024, 0.017)},
+}
+
+
 def table_columns(T_values) -> list[int]:
-    """Prefix lengths shown in the table: 1, 2, 4, … up to the largest T."""
-    cols, t = [], 1
-    while t <= max(T_values):
-        cols.append(t)
-        t *= 2
-    return cols
+    """Prefix lengths shown in the table: the paper's (1, 5, 10, 30, …) up to the largest T, and
+    every T itself (its last prefix)."""
+    return sorted({t for t in PAPER_T if t <= max(T_values)} | set(T_values))
 
 
 def summary(est: XiEstimate) -> dict:
@@ -187,6 +197,13 @@ def render_markdown(results: dict) -> str:
     for s in per_T:
         lines.append(f"| {s['T']} | " + " | ".join(
             f"{s['rms_xi_corrected'][t - 1]:.4f}" if t <= s["T"] else "" for t in cols) + " |")
+    lines += ["", "The paper's mean |ξ̂_t| beside it (appendix L; BASELINE 2.8B and 1.5B, the 8.6B BASELINE as "
+              "oracle, 64 completions, ~200K windows; models, data and T differ from this run's):", "",
+              "| paper | T | " + " | ".join(f"t = {t}" for t in PAPER_T) + " |", "|---|---|" + "---|" * len(PAPER_T)]
+    for name, table in PAPER_TABLES.items():
+        for T, row in table.items():
+            lines.append(f"| {name} | {T} | " + " | ".join(f"{row[i]:.3f}" if i < len(row) else "—"
+                                                         for i in range(len(PAPER_T))) + " |")
     lines += ["", "L̂_0 (mean over windows) and ℓ = L_T: "
               + "; ".join(f"T = {s['T']}: {s['L0_mean']:.4f} / {s['LT_mean']:.4f}" for s in per_T), ""]
     lines += [f"![ξ̂_t histograms, T = {s['T']}](xi_hist_T{s['T']}.png)" for s in per_T] + [""]

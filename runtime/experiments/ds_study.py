@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -35,9 +36,13 @@ from salt.data.loader import Loader
 from salt.runtime.experiments import report
 from salt.runtime.experiments.presets import ReproduceConfig
 from salt.runtime.experiments.reproduce import eval_stats
-from salt.runtime.experiments.students import say, side_by_side, train_config, train_stage
+from salt.runtime.experiments.students import side_by_side, train_config, train_stage
 from salt.runtime.model.checkpoint import all_steps, read_meta
 from salt.runtime.select import score as score_mod
+
+def say(msg: str) -> None:
+    print(f"[salt ds-study] {msg}", file=sys.stderr, flush=True)
+
 
 DEFAULT_SETTINGS = ("random", "k=100", "mode=exclude", "step=300", "step=600", "pool=16384", "m=800")
 
@@ -281,8 +286,9 @@ def _score_profile(ids, scores, selected, base_sel) -> dict:
             "overlap_with_reproduction": float(np.isin(selected, base_sel).mean()) if np.size(selected) else nan}
 
 
-def _fmt(p: dict) -> str:
-    return f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]"
+def _fmt(p: dict, per_seed: bool = False) -> str:
+    seeds = f" (per seed {', '.join(f'{x:+.4f}' for x in p['per_seed'])})" if per_seed and p["n"] > 1 else ""
+    return f"{p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]{seeds}"
 
 
 def render_table(results: dict) -> str:
@@ -306,5 +312,5 @@ def render_table(results: dict) -> str:
                      f"{num('median_score', '.3f')} | {num('lowest_selected_score', '.3f')} | "
                      f"{num('overlap_with_reproduction', '.2f')} | {100 * row['digits']:.1f}% | "
                      f"{row['distinct_tokens']:.1f} | {_fmt(row['minus_SALT_at_kd'])} | "
-                     f"{_fmt(row['minus_SALT_final'])} | {_fmt(row['minus_BASELINE_final'])} |")
+                     f"{_fmt(row['minus_SALT_final'], per_seed=True)} | {_fmt(row['minus_BASELINE_final'])} |")
     return "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ def tiny_repro(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("dss")
     prepare(root / "data", [make_tiny_corpus(root / "src")], vocab_size=300, val_fraction=0.2, progress=False)
-    r = CliRunner().invoke(cli, ["reproduce", "--tiny", "--seed", "3", "--data", str(root / "data"),
+    r = CliRunner().invoke(cli, ["reproduce", "--tiny", "--seed", "3", "--seeds", "2", "--data", str(root / "data"),
                                  "--out", str(root / "rep"), "--quiet"])
     assert r.exit_code == 0, r.output
     return root / "rep"
@@ -54,6 +54,9 @@ def test_ds_study_on_a_tiny_reproduction(tmp_path, tiny_repro):
     assert files(tiny_repro) == repro_files  # the reproduction is an input: nothing written there
     res = json.loads((out / "results.json").read_text())
     assert [row["spec"] for row in res["rows"]] == ["reproduction", "m=16", "random"]
+    assert res["seeds"] == [3, 4]  # every seed of the reproduction (--seeds is not among its settings)
+    for name in ("m16", "random"):
+        assert all((out / "runs" / f"SALT_DS-{name}-seed{seed}" / "run_config.json").is_file() for seed in (3, 4))
     # m = n_kd x batch = 16 is the reproduction's own setting: the same selection, and a student
     # bit-identical to the reproduction's SALT_DS
     assert np.array_equal(np.load(out / "selections" / "m16.npy"), np.load(tiny_repro / "selection.npy"))
@@ -66,16 +69,17 @@ def test_ds_study_on_a_tiny_reproduction(tmp_path, tiny_repro):
     for key in ("minus_SALT_final", "minus_BASELINE_final", "minus_SALT_at_kd"):
         assert same[key]["mean"] == res["rows"][0][key]["mean"]
     # the reproduction's row: its own SALT_DS - SALT, recomputed from its evaluations
-    salt = evaluate.load_stats(tiny_repro / "eval" / "seed3_SALT_8.npz")
-    ds = evaluate.load_stats(tiny_repro / "eval" / "seed3_SALT_DS_8.npz")
-    assert res["rows"][0]["minus_SALT_final"]["mean"] == pytest.approx(R.paired_difference(ds, salt)["mean"], abs=1e-12)
+    per_seed = [R.paired_difference(evaluate.load_stats(tiny_repro / "eval" / f"seed{seed}_SALT_DS_8.npz"),
+                                    evaluate.load_stats(tiny_repro / "eval" / f"seed{seed}_SALT_8.npz"))["mean"]
+                for seed in (3, 4)]
+    assert res["rows"][0]["minus_SALT_final"]["per_seed"] == pytest.approx(per_seed, abs=1e-12)
     # the control: m windows of the pool, drawn without a score
     rand = np.load(out / "selections" / "random.npy")
     pool = np.load(tiny_repro / "scores.npz")["window_ids"]
     assert rand.size == 16 and np.unique(rand).size == 16 and np.isin(rand, pool).all()
     assert res["rows"][2]["zero_fraction"] != res["rows"][2]["zero_fraction"]  # no score: NaN
     table = (out / "table.md").read_text()
-    assert table.count("\n| ") == 5 and "| random | " in table
+    assert table.count("\n| ") == 5 and "| random | " in table and "(per seed " in table
     # a re-run resumes: nothing is trained again; a new setting extends the study
     before = files(out / "runs")
     r = CliRunner().invoke(cli, argv)

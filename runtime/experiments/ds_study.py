@@ -100,7 +100,14 @@ def reproduction_config(repro) -> ReproduceConfig:
                          "re-trains SALT_DS with the reproduction's own SLM online")
     if "eval" not in stages or "score" not in stages:
         raise ValueError(f"--reproduction {str(repro)!r} is not finished (no eval stage); run it to the end first")
-    return cfg
+    # its student seeds (not among the settings: more --seeds extend a reproduction): seed, seed + 1, ...
+    # as long as that seed's SALT and BASELINE were trained
+    seeds = 0
+    while all(f"{name}/seed{cfg.seed + seeds}" in stages for name in ("BASELINE", "SALT")):
+        seeds += 1
+    if not seeds:
+        raise ValueError(f"--reproduction {str(repro)!r} has no finished SALT and BASELINE to compare with")
+    return dataclasses.replace(cfg, seeds=seeds)
 
 
 class _StudyState:

@@ -36,7 +36,7 @@ from salt.data.loader import Loader
 from salt.runtime.experiments import report
 from salt.runtime.experiments.presets import ReproduceConfig
 from salt.runtime.experiments.reproduce import eval_stats
-from salt.runtime.experiments.students import side_by_side, train_config, train_stage
+from salt.runtime.experiments.students import StageRecord, side_by_side, train_config, train_stage
 from salt.runtime.model.checkpoint import all_steps, read_meta
 from salt.runtime.select import score as score_mod
 
@@ -110,9 +110,8 @@ def reproduction_config(repro) -> ReproduceConfig:
     return dataclasses.replace(cfg, seeds=seeds)
 
 
-class _StudyState:
-    """``OUT/study.json``: the reproduction read and the stages finished (the interface the
-    side-by-side pool expects: ``done`` / ``finish``)."""
+class _StudyState(StageRecord):
+    """``OUT/study.json``: the reproduction read and the stages finished."""
 
     def __init__(self, out: pathlib.Path, repro: pathlib.Path):
         self.path = out / "study.json"
@@ -125,16 +124,6 @@ class _StudyState:
         else:
             self.data = {"format": "salt-ds-study-v1", "reproduction": ident, "stages": {}}
             self.save()
-
-    def done(self, stage: str) -> bool:
-        return stage in self.data["stages"]
-
-    def finish(self, stage: str, seconds: float, **info) -> None:
-        self.data["stages"][stage] = dict(info, seconds=float(seconds))
-        self.save()
-
-    def save(self) -> None:
-        outputs.write_json(self.path, self.data)
 
 
 def _pool_and_scores(s: Setting, cfg: ReproduceConfig, repro: pathlib.Path, data_dir, out: pathlib.Path,

@@ -59,7 +59,8 @@ from salt.reference.config import ModelConfig, get_preset, param_count
 from salt.runtime.eval import evaluate
 from salt.runtime.experiments import cloze_stage, report, report_render
 from salt.runtime.experiments.presets import SIZES, ReproduceConfig, config_for  # noqa: F401 (re-exported)
-from salt.runtime.experiments.students import fork_run, remove_own, say, side_by_side, train_config, train_stage
+from salt.runtime.experiments.students import (StageRecord, fork_run, remove_own, say, side_by_side, train_config,
+                                               train_stage)
 from salt.runtime.model import checkpoint, transformer as model
 from salt.runtime.model.checkpoint import all_steps, read_meta
 from salt.runtime.select import score as score_mod
@@ -72,12 +73,11 @@ VARIANTS = ("BASELINE", "RKD", "SALT", "SALT_DS")
 
 # --------------------------------------------------------------------------- state
 
-class _State:
+class _State(StageRecord):
     """``OUT/state.json``: the settings fingerprint, finished stages and their wall times."""
 
     def __init__(self, out: pathlib.Path, cfg: ReproduceConfig, force: bool):
 
-        self._write = outputs.write_json
         self.path = out / "state.json"
         settings = dataclasses.asdict(cfg)
         settings.pop("out")
@@ -107,18 +107,6 @@ class _State:
         out.mkdir(parents=True, exist_ok=True)
         self.save()
 
-    def done(self, stage: str) -> bool:
-        return stage in self.data["stages"]
-
-    def finish(self, stage: str, seconds: float, **info) -> None:
-        self.data["stages"][stage] = dict(info, seconds=float(seconds))
-        self.save()
-
-    def info(self, stage: str) -> dict:
-        return self.data["stages"].get(stage, {})
-
-    def save(self) -> None:
-        self._write(self.path, self.data)
 
 
 def eval_stats(cache: pathlib.Path, run_dir, step, data_dir, cfg):

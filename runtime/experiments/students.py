@@ -22,6 +22,28 @@ from salt.runtime.train.config import TrainConfig
 from salt.runtime.train.trainer import train
 
 
+class StageRecord:
+    """A JSON file (``path``) recording finished stages under ``data["stages"]`` with their wall
+    times: the state of ``salt reproduce`` and of ``salt ds-study``, and what :func:`side_by_side`
+    reads (``done``) and writes (``finish``).  Subclasses set ``path`` and ``data``."""
+
+    path: pathlib.Path
+    data: dict
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["stages"]
+
+    def finish(self, stage: str, seconds: float, **info) -> None:
+        self.data["stages"][stage] = dict(info, seconds=float(seconds))
+        self.save()
+
+    def info(self, stage: str) -> dict:
+        return self.data["stages"].get(stage, {})
+
+    def save(self) -> None:
+        outputs.write_json(self.path, self.data)
+
+
 def say(msg: str) -> None:
     print(f"[salt reproduce] {msg}", file=sys.stderr, flush=True)
 
